@@ -1,0 +1,67 @@
+import { convert, type ConvertPlan } from '../plan/convert.js';
+import type { FormatName } from '../formats/index.js';
+import { dtypeFromTorch } from '../tensor/dtype.js';
+import { formatBytes, parseSize } from '../util/size.js';
+import { usage } from '../errors.js';
+import { progressPrinter } from './progress.js';
+
+interface Flags {
+  to: FormatName;
+  from?: FormatName;
+  maxMemory: string;
+  shardSize: string;
+  dcpFiles?: string;
+  dtype?: string;
+  overwrite?: boolean;
+  dryRun?: boolean;
+  json?: boolean;
+  quiet?: boolean;
+}
+
+export function describePlan(plan: ConvertPlan): string {
+  const lines = [
+    `source: ${plan.source.path} (${plan.source.format}, ${plan.source.tensors} tensors, ${formatBytes(plan.source.bytes)})`,
+    `target: ${plan.target.path} (${plan.target.format}, ${plan.target.kind === 'file' ? 'one file' : 'directory'})`,
+    ...plan.files.map((f) => `  ${f.path}  ${formatBytes(f.bytes)}${f.tensors ? `  ${f.tensors} tensors` : ''}`),
+  ];
+  if (plan.sideFiles.length) lines.push(`side files copied: ${plan.sideFiles.join(', ')}`);
+  for (const d of plan.dropped) lines.push(`not carried: ${d.name} (${d.reason})`);
+  return lines.join('\n');
+}
+
+export async function runConvert(src: string, out: string, f: Flags): Promise<void> {
+  const maxMemory = parseSize(f.maxMemory, '--max-memory');
+  const maxShardSize = parseSize(f.shardSize, '--shard-size');
+  let dcpFiles: number | undefined;
+  if (f.dcpFiles !== undefined) {
+    dcpFiles = Number(f.dcpFiles);
+    if (!Number.isInteger(dcpFiles) || dcpFiles < 1) throw usage(`--dcp-files: ${f.dcpFiles} is not a positive whole number`);
+  }
+  const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
+  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
+  const r = await convert(src, out, {
+    to: f.to,
+    from: f.from,
+    maxMemory,
+    maxShardSize,
+    dcpFiles,
+    dtype,
+    overwrite: f.overwrite,
+    dryRun: f.dryRun,
+    onProgress: progress?.update,
+  });
+  progress?.done();
+  if (f.json) {
+    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');
+    return;
+  }
+  for (const d of r.plan.dropped) process.stderr.write(`shardshift: warning: ${d.name} not carried: ${d.reason}\n`);
+  if (f.dryRun) {
+    process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
+    return;
+  }
+  const rate = r.seconds > 0 ? r.bytesWritten / r.seconds : 0;
+  process.stdout.write(
+    `wrote ${r.plan.target.path}: ${r.plan.files.length} file${r.plan.files.length === 1 ? '' : 's'}, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)\n`,
+  );
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env node
+/**
+ * The `shardshift` command. Exit codes: 0 ok, 1 conversion error (bad or unsupported input),
+ * 2 usage error (flags, paths), 3 verification failure.
+ */
+import { Command, Option, CommanderError } from 'commander';
+import { ShardshiftError } from '../errors.js';
+import { UnpicklingError } from '../pickle/index.js';
+import { FORMAT_NAMES } from '../formats/index.js';
+import { runInspect } from './inspect.js';
+import { runConvert } from './convert.js';
+import { VERSION } from '../version.js';
+
+export const EXIT = { ok: 0, error: 1, usage: 2, verify: 3 } as const;
+
+function program(): Command {
+  const p = new Command('shardshift')
+    .description('Convert large-model checkpoints between formats, byte-exactly, with no Python and no GPU.')
+    .version(VERSION)
+    .showHelpAfterError()
+    .exitOverride();
+
+  p.command('inspect')
+    .description('Show what a checkpoint holds (format, tensors, bytes, dtypes, side files) without reading tensor data.')
+    .argument('<path>', 'checkpoint file or directory')
+    .addOption(new Option('--format <format>', 'skip detection').choices([...FORMAT_NAMES]))
+    .option('--json', 'print one JSON document')
+    .option('--limit <n>', 'tensors to list (0 = all)', '50')
+    .addHelpText('after', '\nExample:\n  $ shardshift inspect examples/tiny-llama\n  $ shardshift inspect model.safetensors --json | jq .dtypes')
+    .action(runInspect);
+
+  p.command('convert')
+    .description('Convert a checkpoint to another format, streaming tensor by tensor within a memory budget.')
+    .argument('<src>', 'source checkpoint (file or directory; never modified)')
+    .argument('<out>', 'output directory (or a .safetensors / .bin / .pt file); must not exist')
+    .addOption(new Option('--to <format>', 'target format').choices([...FORMAT_NAMES]).makeOptionMandatory())
+    .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...FORMAT_NAMES]))
+    .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
+    .option('--shard-size <size>', 'largest output shard (safetensors, torch)', '5GB')
+    .option('--dcp-files <n>', 'number of .distcp files to write (default: one per 5 GB)')
+    .addOption(new Option('--dtype <dtype>', 'cast floating-point tensors').choices(['float32', 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2']))
+    .option('--overwrite', 'replace an existing output (the source is never touched)')
+    .option('--dry-run', 'print the plan and write nothing')
+    .option('--json', 'print the plan/result as JSON')
+    .option('-q, --quiet', 'no progress display')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB',
+    )
+    .action(runConvert);
+  return p;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const p = program();
+  try {
+    await p.parseAsync(argv, { from: 'user' });
+    return process.exitCode === undefined ? EXIT.ok : Number(process.exitCode);
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.ok;
+      return EXIT.usage;
+    }
+    if (e instanceof UnpicklingError) {
+      // The unpickler refused the input (a disallowed global, a malformed pickle): bad input.
+      process.stderr.write(`shardshift: error: ${e.message}\n`);
+      return EXIT.error;
+    }
+    if (e instanceof ShardshiftError) {
+      process.stderr.write(`shardshift: error: ${e.message}\n`);
+      return e.code === 'USAGE' ? EXIT.usage : EXIT.error;
+    }
+    const err = e as NodeJS.ErrnoException;
+    if (err && typeof err.code === 'string' && err.syscall) {
+      process.stderr.write(`shardshift: error: ${err.message}\n`);
+      return EXIT.error;
+    }
+    process.stderr.write(`shardshift: internal error (please report): ${(e as Error)?.stack ?? String(e)}\n`);
+    return EXIT.error;
+  }
+}
+
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+});

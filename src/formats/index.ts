@@ -1,0 +1,72 @@
+/**
+ * The format registry: detect a path's format, open it as a source, write targets in a format.
+ * A new format is one module plus one entry here.
+ */
+import { stat } from 'node:fs/promises';
+import { badInput, usage } from '../errors.js';
+import type { CheckpointSource, FormatName, TargetTensor, WriteReport } from './types.js';
+import type { PyValue } from '../pickle/values.js';
+import { isSafetensorsPath, openSafetensors, writeSafetensors } from './safetensors.js';
+import { isTorchPath, openTorch, writeTorch } from './torch.js';
+import { isDcpPath, openDcp, writeDcp } from './dcp.js';
+
+export interface FormatModule {
+  readonly name: FormatName;
+  readonly description: string;
+  detect(path: string): Promise<boolean>;
+  open(path: string): Promise<CheckpointSource>;
+}
+
+export const FORMATS: readonly FormatModule[] = [
+  { name: 'dcp', description: 'PyTorch Distributed Checkpoint (.metadata + *.distcp)', detect: isDcpPath, open: openDcp },
+  { name: 'safetensors', description: 'safetensors, single file or sharded with model.safetensors.index.json', detect: isSafetensorsPath, open: openSafetensors },
+  { name: 'torch', description: 'torch.save zip archive (pytorch_model.bin, *.pt), single or sharded with .bin.index.json', detect: isTorchPath, open: openTorch },
+];
+
+export const FORMAT_NAMES: readonly FormatName[] = FORMATS.map((f) => f.name);
+
+export async function detectFormat(path: string): Promise<FormatModule> {
+  try {
+    await stat(path);
+  } catch {
+    throw usage(`${path}: no such file or directory`);
+  }
+  for (const f of FORMATS) if (await f.detect(path)) return f;
+  throw badInput(`${path}: not a checkpoint shardshift recognises (${FORMATS.map((f) => f.name).join(', ')})`, path);
+}
+
+export async function openCheckpoint(path: string, format?: FormatName): Promise<CheckpointSource> {
+  const mod = format ? FORMATS.find((f) => f.name === format)! : await detectFormat(path);
+  return mod.open(path);
+}
+
+export interface WriteOptions {
+  maxShardSize?: number;
+  /** Single-file output with this name (safetensors, torch). */
+  singleFile?: string;
+  /** DCP: number of .distcp files. */
+  dcpFiles?: number;
+  /** Nesting of a torch/DCP source, for torch output. */
+  tree?: PyValue;
+  /** Non-tensor entries, for formats that can hold them. */
+  objects?: ReadonlyMap<string, PyValue>;
+  /** safetensors __metadata__. */
+  metadata?: ReadonlyMap<string, string>;
+}
+
+/** Lays out `tensors` in `format`; reports non-tensor entries the format cannot hold. */
+export function writeFormat(format: FormatName, tensors: readonly TargetTensor[], opts: WriteOptions): WriteReport {
+  switch (format) {
+    case 'safetensors': {
+      const r = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize, singleFile: opts.singleFile, metadata: opts.metadata });
+      const dropped = [...(opts.objects ?? new Map()).keys()].map((name) => ({ name, reason: 'safetensors holds only tensors' }));
+      return { files: r.files, dropped };
+    }
+    case 'torch':
+      return writeTorch(tensors, { maxShardSize: opts.maxShardSize, singleFile: opts.singleFile, tree: opts.tree, objects: opts.objects });
+    case 'dcp':
+      return writeDcp(tensors, { files: opts.dcpFiles, objects: opts.objects });
+  }
+}
+
+export type { CheckpointSource, FormatName, TargetTensor, WriteReport } from './types.js';

@@ -1,0 +1,48 @@
+/**
+ * Splitting a checkpoint into shard files and the Hugging Face `*.index.json` that maps each
+ * tensor to its shard — shared by the safetensors and torch writers.
+ */
+import type { OutputFile } from './types.js';
+
+/** transformers' `save_pretrained` default `max_shard_size` ("5GB" = 5·10⁹ bytes). */
+export const DEFAULT_MAX_SHARD_SIZE = 5_000_000_000;
+
+/**
+ * Splits tensors into shards the way huggingface_hub's `split_state_dict_into_shards` does
+ * (greedy in the given order; a tensor larger than the limit gets a shard of its own).
+ */
+export function planShards<T extends { byteLength: number }>(tensors: readonly T[], maxShardSize: number): T[][] {
+  const shards: T[][] = [];
+  let cur: T[] = [];
+  let size = 0;
+  for (const t of tensors) {
+    if (t.byteLength > maxShardSize) {
+      shards.push([t]);
+      continue;
+    }
+    if (cur.length && size + t.byteLength > maxShardSize) {
+      shards.push(cur);
+      cur = [];
+      size = 0;
+    }
+    cur.push(t);
+    size += t.byteLength;
+  }
+  if (cur.length) shards.push(cur);
+  return shards;
+}
+
+/** `model.safetensors` for one shard, `model-00002-of-00003.safetensors` for several. */
+export function shardName(prefix: string, ext: string, i: number, count: number): string {
+  if (count === 1) return `${prefix}.${ext}`;
+  const p5 = (n: number): string => String(n).padStart(5, '0');
+  return `${prefix}-${p5(i + 1)}-of-${p5(count)}.${ext}`;
+}
+
+/** The index file as transformers writes it (`json.dumps(index, indent=2, sort_keys=True) + "\n"`). */
+export function indexFile(relPath: string, weightMap: ReadonlyArray<[string, string]>, totalSize: number): OutputFile {
+  const sorted = [...weightMap].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  const index = { metadata: { total_size: totalSize }, weight_map: Object.fromEntries(sorted) };
+  const bytes = Buffer.from(JSON.stringify(index, null, 2) + '\n', 'utf8');
+  return { relPath, size: bytes.length, parts: [bytes] };
+}

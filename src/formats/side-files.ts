@@ -1,0 +1,25 @@
+/**
+ * Files that travel beside the weights (config.json, generation_config.json, tokenizer files,
+ * chat templates, training args ...). Sources list them; conversions copy them.
+ */
+import { readdir } from 'node:fs/promises';
+import { join, relative } from 'node:path';
+
+/** Relative paths of regular files under `dir` (two levels deep) for which `isData` is false. */
+export async function listSideFiles(dir: string, isData: (name: string, rel: string) => boolean, depth = 2): Promise<string[]> {
+  const out: string[] = [];
+  async function walk(d: string, left: number): Promise<void> {
+    const entries = await readdir(d, { withFileTypes: true });
+    for (const e of entries.sort((a, b) => (a.name < b.name ? -1 : 1))) {
+      const full = join(d, e.name);
+      const rel = relative(dir, full);
+      if (e.isDirectory()) {
+        if (left > 0 && !e.name.startsWith('.')) await walk(full, left - 1);
+      } else if (e.isFile() && !isData(e.name, rel) && !e.name.startsWith('.')) {
+        out.push(rel);
+      }
+    }
+  }
+  await walk(dir, depth - 1);
+  return out;
+}

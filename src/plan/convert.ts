@@ -1,0 +1,138 @@
+/**
+ * Format conversion (safetensors ↔ torch ↔ DCP): the plan — every target tensor, every output
+ * file, every entry that cannot be carried — built and checked before a byte is written, then run
+ * through the bounded-memory executor into an atomic output.
+ */
+import { stat } from 'node:fs/promises';
+import { dirname, extname, basename } from 'node:path';
+import { openCheckpoint, writeFormat, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
+import type { OutputFile } from '../formats/types.js';
+import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
+import { canCast, castBytes } from '../tensor/cast.js';
+import type { Box } from '../tensor/layout.js';
+import { usage, unsupported } from '../errors.js';
+import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
+import { abandonOutput, commitOutput, copySideFiles, prepareOutput } from './output.js';
+import type { PyValue } from '../pickle/values.js';
+
+export interface ConvertOptions {
+  to: FormatName;
+  /** Source format, when detection should be skipped. */
+  from?: FormatName;
+  maxMemory?: number;
+  maxShardSize?: number;
+  dcpFiles?: number;
+  /** Cast floating-point tensors to this dtype. */
+  dtype?: DType;
+  overwrite?: boolean;
+  dryRun?: boolean;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+export interface ConvertPlan {
+  readonly source: { path: string; format: FormatName; tensors: number; bytes: number };
+  readonly target: { path: string; format: FormatName; kind: 'dir' | 'file' };
+  readonly files: ReadonlyArray<{ path: string; bytes: number; tensors: number }>;
+  readonly dropped: ReadonlyArray<{ name: string; reason: string }>;
+  readonly sideFiles: readonly string[];
+  readonly totalBytes: number;
+}
+
+export interface ConvertResult {
+  readonly plan: ConvertPlan;
+  readonly seconds: number;
+  readonly bytesWritten: number;
+}
+
+/** Output kind from the destination's name: a known file extension means one file. */
+function outputKind(out: string, to: FormatName): { kind: 'dir' | 'file'; singleFile?: string } {
+  const ext = extname(out);
+  if (to === 'safetensors' && ext === '.safetensors') return { kind: 'file', singleFile: basename(out) };
+  if (to === 'torch' && ['.bin', '.pt', '.pth'].includes(ext)) return { kind: 'file', singleFile: basename(out) };
+  return { kind: 'dir' };
+}
+
+/** A target that copies a source tensor, optionally casting it. */
+function targetFor(src: CheckpointSource, name: string, dtype: DType | undefined): TargetTensor {
+  const s = src.tensors.get(name)!;
+  const to = dtype && s.dtype !== dtype && isFloat(s.dtype) ? dtype : s.dtype;
+  if (to === s.dtype) {
+    return { name, dtype: s.dtype, shape: s.shape, byteLength: s.byteLength, produce: (b, out) => s.read(b, out), describe: `${src.format}:${s.where}` };
+  }
+  if (!canCast(s.dtype, to)) throw unsupported(`tensor ${name}: casting ${s.dtype} to ${to} is not supported`, src.path, name);
+  const fromItem = byteLength(s.dtype, 1);
+  return {
+    name,
+    dtype: to,
+    shape: s.shape,
+    byteLength: byteLength(to, numelOf(s.shape)),
+    produce: async (b: Box, out: Uint8Array) => {
+      const tmp = new Uint8Array(numelOf(b.size) * fromItem);
+      await s.read(b, tmp);
+      castBytes(tmp, s.dtype, to, out);
+    },
+    describe: `cast(${s.dtype}→${to}) ${src.format}:${s.where}`,
+  };
+}
+
+function isFloat(d: DType): boolean {
+  return d === 'F32' || d === 'F16' || d === 'BF16' || d === 'F64' || d === 'F8_E4M3' || d === 'F8_E5M2';
+}
+
+export async function convert(srcPath: string, outPath: string, opts: ConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  const src = await openCheckpoint(srcPath, opts.from);
+  try {
+    const { kind, singleFile } = outputKind(outPath, opts.to);
+    const targets = [...src.tensors.keys()].map((n) => targetFor(src, n, opts.dtype));
+    const objects = new Map<string, PyValue>();
+    for (const [n, o] of src.objects) objects.set(n, o.value);
+    const report = writeFormat(opts.to, targets, {
+      maxShardSize: opts.maxShardSize,
+      singleFile,
+      dcpFiles: opts.dcpFiles,
+      tree: opts.to === 'torch' ? src.tree : undefined,
+      objects,
+      metadata: src.format === 'safetensors' && src.metadata.size ? src.metadata : undefined,
+    });
+    if (kind === 'file' && report.files.length !== 1) throw usage(`${outPath}: this output needs ${report.files.length} files; give a directory path`);
+    checkComplete(targets, report.files);
+    const srcIsDir = (await stat(srcPath)).isDirectory();
+    const sideFiles = kind === 'dir' && srcIsDir ? src.sideFiles : [];
+    const plan: ConvertPlan = {
+      source: { path: srcPath, format: src.format, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
+      target: { path: outPath, format: opts.to, kind },
+      files: report.files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length })),
+      dropped: report.dropped,
+      sideFiles,
+      totalBytes: report.files.reduce((s, f) => s + f.size, 0),
+    };
+    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+    const out = await prepareOutput(srcPath, outPath, { overwrite: opts.overwrite ?? false, kind });
+    try {
+      const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
+      if (kind === 'file') {
+        await ex.writeFile(out.temp, report.files[0]!);
+      } else {
+        await ex.writeAll(out.temp, report.files);
+        await copySideFiles(srcIsDir ? srcPath : dirname(srcPath), sideFiles, out.temp);
+      }
+      await commitOutput(out);
+    } catch (e) {
+      await abandonOutput(out);
+      throw e;
+    }
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+  } finally {
+    await src.close();
+  }
+}
+
+/** Every target tensor must appear in exactly one output file. */
+function checkComplete(targets: readonly TargetTensor[], files: readonly OutputFile[]): void {
+  const seen = new Map<string, number>();
+  for (const f of files) for (const p of f.parts) if (typeof p === 'object' && 'kind' in p) seen.set(p.tensor.name, (seen.get(p.tensor.name) ?? 0) + 1);
+  const missing = targets.filter((t) => !seen.has(t.name)).map((t) => t.name);
+  const twice = [...seen].filter(([, n]) => n > 1).map(([k]) => k);
+  if (missing.length || twice.length) throw new Error(`internal: plan incomplete (missing ${missing.slice(0, 5).join(', ')}; written twice ${twice.slice(0, 5).join(', ')})`);
+}

@@ -1,0 +1,160 @@
+/**
+ * Bad input through the real CLI: each case gives one readable message naming the file (and the
+ * tensor or global where known), a non-zero exit, and no output left behind.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { cp, mkdtemp, readdir, readFile, rm, writeFile, truncate, mkdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../helpers/oracle.js';
+import { zipParts } from '../../src/io/zip.js';
+import { pickle } from '../../src/pickle/index.js';
+import { PyDict, StorageRef, TensorRef } from '../../src/pickle/values.js';
+import { encodeHeader } from '../../src/formats/safetensors.js';
+
+const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+const golden = join(repoRoot, 'test', 'fixtures', 'golden');
+let tmp: string;
+
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-bad-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    execFile(process.execPath, [cli, ...args], (err, stdout, stderr) => {
+      res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+/** Converts `src` and checks the failure: exit code, one message line matching `re`, no output. */
+async function expectFailure(src: string, re: RegExp, code = 1, to = 'safetensors'): Promise<string> {
+  const out = join(tmp, `out-${Math.random().toString(36).slice(2)}`);
+  const r = await run(['convert', '--to', to, src, out]);
+  assert.equal(r.code, code, `exit code (stderr: ${r.stderr})`);
+  const lines = r.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `one message line, got:\n${r.stderr}`);
+  assert.match(lines[0]!, /^shardshift: error: /);
+  assert.match(lines[0]!, re);
+  assert.ok(!/\n\s+at /.test(r.stderr), 'no stack trace');
+  assert.ok(!existsSync(out), 'no output left behind');
+  assert.deepEqual((await readdir(tmp)).filter((n) => n.includes('.partial-')), [], 'no partial output left behind');
+  return lines[0]!;
+}
+
+function torchZip(name: string, pkl: Uint8Array, storages: Array<[string, Uint8Array]> = []): Buffer {
+  const records = [{ name: `${name}/data.pkl`, data: pkl }, ...storages.map(([k, d]) => ({ name: `${name}/data/${k}`, data: d })), { name: `${name}/version`, data: Buffer.from('3\n') }];
+  const { parts } = zipParts(records);
+  return Buffer.concat(parts.map((p) => (p instanceof Uint8Array ? p : typeof p === 'function' ? p() : Buffer.alloc(0))));
+}
+
+test('truncated safetensors file', async () => {
+  const f = join(tmp, 'trunc.safetensors');
+  await cp(join(golden, 'all_dtypes.safetensors'), f);
+  const buf = await readFile(f);
+  await truncate(f, buf.length - 10);
+  const msg = await expectFailure(f, /trunc\.safetensors/, 1, 'torch');
+  assert.match(msg, /truncated|past|only/);
+});
+
+test('truncated zip', async () => {
+  const f = join(tmp, 'trunc.pt');
+  const buf = await readFile(join(golden, 'module_state.pt'));
+  await writeFile(f, buf.subarray(0, Math.floor(buf.length / 2)));
+  await expectFailure(f, /trunc\.pt.*(end-of-central-directory|truncated)/);
+});
+
+test('corrupt zip central directory', async () => {
+  const f = join(tmp, 'corrupt-cd.pt');
+  const buf = Buffer.from(await readFile(join(golden, 'module_state.pt')));
+  const at = buf.indexOf(Buffer.from([0x50, 0x4b, 0x01, 0x02]));
+  buf.writeUInt32LE(0xdeadbeef, buf.indexOf(Buffer.from([0x50, 0x4b, 0x01, 0x02]), at + 4));
+  await writeFile(f, buf);
+  await expectFailure(f, /corrupt-cd\.pt.*corrupt zip central directory/);
+});
+
+test('pickle calling os.system through __reduce__', async () => {
+  const f = join(tmp, 'evil.pt');
+  // cos\nsystem\n(S'echo pwned'\ntR.  — what a malicious __reduce__ pickles to.
+  await writeFile(f, torchZip('evil', Buffer.from("\x80\x02cos\nsystem\nq\x00X\n\x00\x00\x00echo pwnedq\x01\x85q\x02Rq\x03.", 'latin1')));
+  await expectFailure(f, /evil\.pt.*os\.system/);
+});
+
+test('pickle naming a look-alike global', async () => {
+  const f = join(tmp, 'lookalike.pt');
+  await writeFile(f, torchZip('lookalike', Buffer.from('\x80\x02ctorch._utils\nevil\nq\x00)Rq\x01.', 'latin1')));
+  await expectFailure(f, /lookalike\.pt.*torch\._utils\.evil/);
+});
+
+test('storage whose declared size disagrees with its zip entry', async () => {
+  const f = join(tmp, 'badsize.pt');
+  const st = new StorageRef('0', 'F32', 'cpu', 10, false);
+  const d = new PyDict();
+  d.set('w', new TensorRef(st, 0, [2], [1], 'F32'));
+  await writeFile(f, torchZip('badsize', pickle(d), [['0', new Uint8Array(8)]]));
+  await expectFailure(f, /badsize\.pt.*storage data\/0 declares 10 elements of F32 \(40 bytes\) but its zip record holds 8 bytes/);
+});
+
+test('DCP .metadata pointing past the end of a .distcp', async () => {
+  const d = join(tmp, 'dcp-trunc');
+  await cp(join(golden, 'dcp_single'), d, { recursive: true });
+  const f = join(d, '__0_0.distcp');
+  await truncate(f, (await readFile(f)).length - 100);
+  await expectFailure(d, /__0_0\.distcp.*\.metadata places [\w.]+ at bytes \d+\.\.\d+ but the file has \d+ bytes/);
+});
+
+async function safetensorsWith(name: string, entries: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>, dataLen: number): Promise<string> {
+  const json = Buffer.from(JSON.stringify(entries));
+  const pad = (8 - (json.length % 8)) % 8;
+  const head = Buffer.alloc(8);
+  head.writeBigUInt64LE(BigInt(json.length + pad));
+  const f = join(tmp, name);
+  await writeFile(f, Buffer.concat([head, json, Buffer.alloc(pad, 0x20), Buffer.alloc(dataLen)]));
+  return f;
+}
+
+test('safetensors header with overlapping offsets', async () => {
+  const f = await safetensorsWith('overlap.safetensors', {
+    a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+    b: { dtype: 'F32', shape: [2], data_offsets: [4, 12] },
+  }, 12);
+  await expectFailure(f, /overlap\.safetensors: tensor b .*overlaps/);
+});
+
+test('safetensors header with a hole', async () => {
+  const f = await safetensorsWith('hole.safetensors', {
+    a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+    b: { dtype: 'F32', shape: [2], data_offsets: [12, 20] },
+  }, 20);
+  await expectFailure(f, /hole\.safetensors: tensor b starts at data byte 12, leaving a hole/);
+});
+
+test('output path inside the source', async () => {
+  const d = join(tmp, 'src-dir');
+  await cp(join(golden, 'sharded'), d, { recursive: true });
+  const r = await run(['convert', '--to', 'torch', d, join(d, 'out')]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /^shardshift: error: output .*out is inside the source/);
+  assert.ok(!existsSync(join(d, 'out')));
+  assert.deepEqual((await readdir(d)).sort(), (await readdir(join(golden, 'sharded'))).sort(), 'source untouched');
+});
+
+test('output that already exists is refused without --overwrite', async () => {
+  const out = join(tmp, 'exists');
+  await mkdir(out);
+  const r = await run(['convert', '--to', 'torch', join(golden, 'all_dtypes.safetensors'), out]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /already exists; remove it or pass --overwrite/);
+});
+
+test('the header encoder agrees with the reader on a clean file', () => {
+  const h = encodeHeader([{ name: 'a', dtype: 'F32', shape: [2], byteLength: 8 }]);
+  assert.equal(h.length % 8, 0);
+});

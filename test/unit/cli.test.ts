@@ -1,0 +1,116 @@
+/** The CLI end to end: inspect (text and JSON), convert (dry run, JSON, single-file output), usage errors. */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm, readdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../helpers/oracle.js';
+import { VERSION } from '../../src/version.js';
+
+const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+const example = join(repoRoot, 'examples', 'tiny-llama');
+const golden = join(repoRoot, 'test', 'fixtures', 'golden');
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-cli-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    execFile(process.execPath, [cli, ...args], (err, stdout, stderr) => res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }));
+  });
+}
+
+test('inspect prints format, counts, dtype histogram, side files and a tensor table', async () => {
+  const r = await run(['inspect', example]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /format:\s+safetensors/);
+  assert.match(r.stdout, /tensors:\s+21/);
+  assert.match(r.stdout, /total bytes: 45376/);
+  assert.match(r.stdout, /BF16 ×21/);
+  assert.match(r.stdout, /side files:\s+config\.json, generation_config\.json/);
+  assert.match(r.stdout, /model\.layers\.0\.self_attn\.q_proj\.weight\s+BF16\s+\[32, 32\]\s+2048\s+model\.safetensors @\d+/);
+});
+
+test('inspect --json gives one document with the same facts', async () => {
+  const r = await run(['inspect', '--json', join(golden, 'assorted.pt')]);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.format, 'torch');
+  assert.equal(j.tensorCount, j.tensors.length);
+  assert.ok(j.dtypes.BF16.tensors >= 1);
+  const step = j.objects.find((o: { name: string }) => o.name === 'meta.step');
+  assert.equal(step.value, 5);
+  const t = j.tensors.find((x: { name: string }) => x.name === 'model.strided.transposed');
+  assert.deepEqual(t.shape, [4, 6]);
+});
+
+test('inspect of a DCP directory lists chunks and non-tensor entries', async () => {
+  const r = await run(['inspect', '--json', join(golden, 'dcp_multi')]);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.format, 'dcp');
+  assert.deepEqual(j.dataFiles, ['__0_0.distcp', '__1_0.distcp']);
+  assert.match(j.tensors.find((t: { name: string }) => t.name === 'rows').where, /2 chunks/);
+  assert.deepEqual(j.objects.map((o: { name: string }) => o.name), ['step']);
+});
+
+test('convert --dry-run --json prints the plan and writes nothing', async () => {
+  const out = join(tmp, 'dry');
+  const r = await run(['convert', '--to', 'dcp', '--dry-run', '--json', '--dcp-files', '2', example, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.dryRun, true);
+  assert.deepEqual(j.plan.files.map((f: { path: string }) => f.path), ['__0_0.distcp', '__0_1.distcp', '.metadata']);
+  assert.deepEqual(j.plan.sideFiles, ['config.json', 'generation_config.json']);
+  assert.ok(!existsSync(out));
+});
+
+test('convert to a single .safetensors file, reporting entries it cannot carry', async () => {
+  const out = join(tmp, 'one.safetensors');
+  const r = await run(['convert', '--to', 'safetensors', join(golden, 'dcp_single'), out]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /warning: step not carried: safetensors holds only tensors/);
+  assert.match(r.stdout, /wrote .*one\.safetensors: 1 file/);
+  assert.ok(existsSync(out));
+  assert.deepEqual((await readdir(tmp)).filter((n) => n.includes('partial')), []);
+});
+
+test('an fp32 cast within a 1 MiB budget', async () => {
+  // 1 MiB budget (the smallest chunk) against tensors of 4 KiB–… and an fp32 cast that doubles them.
+  const out = join(tmp, 'cast');
+  const r = await run(['convert', '--to', 'safetensors', '--dtype', 'float32', '--max-memory', '1MiB', example, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse((await run(['inspect', '--json', out])).stdout);
+  assert.equal(j.totalBytes, 45376 * 2);
+  assert.deepEqual(Object.keys(j.dtypes), ['F32']);
+});
+
+test('usage errors exit 2 with a message', async () => {
+  let r = await run(['convert', example, join(tmp, 'x')]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /--to <format>/);
+  r = await run(['convert', '--to', 'gguf', example, join(tmp, 'x')]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /Allowed choices are safetensors, torch, dcp|argument 'gguf' is invalid/);
+  r = await run(['convert', '--to', 'torch', '--max-memory', 'lots', example, join(tmp, 'x')]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /--max-memory: cannot read "lots" as a size/);
+  r = await run(['inspect', join(tmp, 'nope')]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /no such file or directory/);
+});
+
+test('--help shows worked examples; --version matches package.json', async () => {
+  const h = await run(['convert', '--help']);
+  assert.equal(h.code, 0);
+  assert.match(h.stdout, /Examples:\n\s+\$ shardshift convert --to safetensors/);
+  const v = await run(['--version']);
+  assert.equal(v.stdout.trim(), VERSION);
+  const pkg = JSON.parse((await import('node:fs')).readFileSync(join(repoRoot, 'package.json'), 'utf8'));
+  assert.equal(pkg.version, VERSION);
+});
