@@ -134,3 +134,9 @@ test('module state_dict → torch keeps the OrderedDict and its _metadata (modul
   assert.deepEqual(JSON.parse(b), JSON.parse(a));
   assert.equal(JSON.parse(b).type, 'OrderedDict');
 });
+
+test('a legacy (pre-1.6) torch.save file is recognised and refused by name', async () => {
+  const f = join(tmp, 'legacy.pt');
+  await runOracle('formats_oracle.py', ['legacy', f]);
+  await assert.rejects(convert(f, join(tmp, 'legacy-out'), { to: 'safetensors' }), /legacy\.pt: legacy \(pre-1\.6\) torch\.save pickle-stream format is not supported/);
+});

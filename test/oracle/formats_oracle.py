@@ -262,6 +262,8 @@ if __name__ == "__main__":
     elif cmd == "statedict_metadata":
         sd = torch.load(sys.argv[2], weights_only=True)
         print(json.dumps({"type": type(sd).__name__, "_metadata": {k: dict(v) for k, v in getattr(sd, "_metadata", {}).items()}}))
+    elif cmd == "legacy":
+        torch.save({"w": torch.ones(3)}, sys.argv[2], _use_new_zipfile_serialization=False)
     elif cmd == "zip64check":
         print(json.dumps(zip64check(sys.argv[2])))
     elif cmd == "zip64make":

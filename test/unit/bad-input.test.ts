@@ -158,3 +158,10 @@ test('the header encoder agrees with the reader on a clean file', () => {
   const h = encodeHeader([{ name: 'a', dtype: 'F32', shape: [2], byteLength: 8 }]);
   assert.equal(h.length % 8, 0);
 });
+
+test('legacy pre-1.6 torch file is refused by name', async () => {
+  const f = join(tmp, 'old.bin');
+  // A legacy file starts with the protocol-2 pickle of torch's magic number (LONG1, 10 bytes).
+  await writeFile(f, Buffer.concat([Buffer.from([0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e]), Buffer.alloc(64)]));
+  await expectFailure(f, /old\.bin: legacy \(pre-1\.6\) torch\.save pickle-stream format is not supported/);
+});
