@@ -273,8 +273,19 @@ export interface DcpWriteOptions {
   files?: number;
   /** Non-tensor entries (name → value), stored as torch.save bytes items. */
   objects?: ReadonlyMap<string, PyValue>;
-  /** Original nesting per name (planner_data); defaults to `(name,)`. */
+  /** Original nesting per name (planner_data); defaults to `(name,)`. Megatron writes none. */
   paths?: ReadonlyMap<string, ReadonlyArray<string | number>>;
+  /** Leave planner_data empty (Megatron's planner does not flatten). */
+  noPlannerData?: boolean;
+}
+
+/** A global tensor written as chunks (each its own item), as sharded savers write them. */
+export interface DcpTensorEntry {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  /** Each chunk's offset in the global tensor and a target of the chunk's own shape. */
+  readonly chunks: ReadonlyArray<{ readonly offsets: readonly number[]; readonly tensor: TargetTensor }>;
 }
 
 const DEFAULT_FILE_BYTES = 5_000_000_000;
@@ -283,19 +294,32 @@ interface Item {
   readonly fqn: string;
   readonly size: number;
   readonly parts: Part[];
-  readonly tensor?: TargetTensor;
+  /** For tensor chunks: the chunk's offsets. */
+  readonly offsets?: readonly number[];
 }
 
+/** One whole-tensor chunk per target: what `dcp.save` writes for plain tensors in one process. */
 export function writeDcp(tensors: readonly TargetTensor[], opts: DcpWriteOptions = {}): WriteReport {
+  return writeDcpChunked(
+    tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, chunks: [{ offsets: t.shape.map(() => 0), tensor: t }] })),
+    opts,
+  );
+}
+
+export function writeDcpChunked(entries: readonly DcpTensorEntry[], opts: DcpWriteOptions = {}): WriteReport {
   const items: Item[] = [];
   for (const [fqn, value] of opts.objects ?? []) {
     const a = torchArchiveParts('archive', value, []);
     items.push({ fqn, size: a.size, parts: a.parts });
   }
-  for (const t of tensors) {
-    if (!dtypeInfo(t.dtype).torchDtype) throw unsupported(`tensor ${t.name}: torch has no dtype for ${t.dtype}`, undefined, t.name);
-    const a = torchArchiveParts('archive', contiguousTensorRef('0', t), [{ key: '0', tensor: t }]);
-    items.push({ fqn: t.name, size: a.size, parts: a.parts, tensor: t });
+  for (const e of entries) {
+    if (!dtypeInfo(e.dtype).torchDtype) throw unsupported(`tensor ${e.name}: torch has no dtype for ${e.dtype}`, undefined, e.name);
+    checkTiling(e.name, e.shape, e.chunks.map((c) => ({ start: c.offsets, size: c.tensor.shape })), '(output)');
+    for (const c of e.chunks) {
+      if (c.tensor.dtype !== e.dtype) throw new Error(`internal: chunk of ${e.name} is ${c.tensor.dtype}, tensor is ${e.dtype}`);
+      const a = torchArchiveParts('archive', contiguousTensorRef('0', c.tensor), [{ key: '0', tensor: c.tensor }]);
+      items.push({ fqn: e.name, size: a.size, parts: a.parts, offsets: c.offsets });
+    }
   }
   const total = items.reduce((s, i) => s + i.size, 0);
   const nFiles = Math.max(1, Math.min(items.length, opts.files ?? Math.ceil(total / DEFAULT_FILE_BYTES)));
@@ -317,9 +341,9 @@ export function writeDcp(tensors: readonly TargetTensor[], opts: DcpWriteOptions
     let at = 0;
     for (const it of items) {
       if (fileOf.get(it) !== i) continue;
-      const zeros = new TorchSize(it.tensor ? it.tensor.shape.map(() => 0) : []);
-      const index = new PyObject(DCP_MODULE, 'MetadataIndex', PyDict.from({ fqn: it.fqn, offset: it.tensor ? zeros : null, index: it.tensor ? 0 : null }));
-      const info = new PyObject(FS_MODULE, '_StorageInfo', PyDict.from({ relative_path: rel, offset: at, length: it.size, transform_descriptors: null }));
+      // torch leaves None fields out of MetadataIndex and _StorageInfo states.
+      const index = new PyObject(DCP_MODULE, 'MetadataIndex', PyDict.from(it.offsets ? { fqn: it.fqn, offset: new TorchSize([...it.offsets]), index: 0 } : { fqn: it.fqn, index: null }));
+      const info = new PyObject(FS_MODULE, '_StorageInfo', PyDict.from({ relative_path: rel, offset: at, length: it.size }));
       storageData.set(index, info);
       parts.push(...it.parts);
       at += it.size;
@@ -329,22 +353,21 @@ export function writeDcp(tensors: readonly TargetTensor[], opts: DcpWriteOptions
   const sdm = new PyDict();
   const planner = new PyDict();
   const pathOf = (n: string): PyTuple => new PyTuple([...(opts.paths?.get(n) ?? [n])]);
-  for (const it of items) {
-    if (it.tensor) {
-      const t = it.tensor;
-      const props = new PyObject(DCP_MODULE, 'TensorProperties', new PyTuple([
-        new PyGlobal('torch', dtypeInfo(t.dtype).torchDtype!),
-        new PyGlobal('torch', 'strided'),
-        false,
-        new PyObject(DCP_MODULE, '_MEM_FORMAT_ENCODING', null, [0], 'call'),
-        false,
-      ]));
-      const chunk = new PyObject(DCP_MODULE, 'ChunkStorageMetadata', PyDict.from({ offsets: new TorchSize(t.shape.map(() => 0)), sizes: new TorchSize([...t.shape]) }));
-      sdm.set(it.fqn, new PyObject(DCP_MODULE, 'TensorStorageMetadata', PyDict.from({ properties: props, size: new TorchSize([...t.shape]), chunks: [chunk] })));
-    } else {
-      sdm.set(it.fqn, new PyObject(DCP_MODULE, 'BytesStorageMetadata', new PyDict()));
-    }
-    planner.set(it.fqn, pathOf(it.fqn));
+  for (const [fqn] of opts.objects ?? []) {
+    sdm.set(fqn, new PyObject(DCP_MODULE, 'BytesStorageMetadata', new PyDict()));
+    if (!opts.noPlannerData) planner.set(fqn, pathOf(fqn));
+  }
+  for (const e of entries) {
+    const props = new PyObject(DCP_MODULE, 'TensorProperties', new PyTuple([
+      new PyGlobal('torch', dtypeInfo(e.dtype).torchDtype!),
+      new PyGlobal('torch', 'strided'),
+      false,
+      new PyObject(DCP_MODULE, '_MEM_FORMAT_ENCODING', null, [0], 'call'),
+      false,
+    ]));
+    const chunks = e.chunks.map((c) => new PyObject(DCP_MODULE, 'ChunkStorageMetadata', PyDict.from({ offsets: new TorchSize([...c.offsets]), sizes: new TorchSize([...c.tensor.shape]) })));
+    sdm.set(e.name, new PyObject(DCP_MODULE, 'TensorStorageMetadata', PyDict.from({ properties: props, size: new TorchSize([...e.shape]), chunks })));
+    if (!opts.noPlannerData) planner.set(e.name, pathOf(e.name));
   }
   const metadata = new PyObject(DCP_MODULE, 'Metadata', PyDict.from({
     state_dict_metadata: sdm,

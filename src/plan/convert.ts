@@ -7,10 +7,9 @@ import { stat } from 'node:fs/promises';
 import { dirname, extname, basename } from 'node:path';
 import { openCheckpoint, writeFormat, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
 import type { OutputFile } from '../formats/types.js';
-import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
-import { canCast, castBytes } from '../tensor/cast.js';
-import type { Box } from '../tensor/layout.js';
-import { usage, unsupported } from '../errors.js';
+import type { DType } from '../tensor/dtype.js';
+import { usage } from '../errors.js';
+import { castTo } from './targets.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
 import { abandonOutput, commitOutput, copySideFiles, prepareOutput } from './output.js';
 import type { PyValue } from '../pickle/values.js';
@@ -52,27 +51,11 @@ function outputKind(out: string, to: FormatName): { kind: 'dir' | 'file'; single
   return { kind: 'dir' };
 }
 
-/** A target that copies a source tensor, optionally casting it. */
+/** A target that copies a source tensor, optionally casting floating-point ones. */
 function targetFor(src: CheckpointSource, name: string, dtype: DType | undefined): TargetTensor {
   const s = src.tensors.get(name)!;
-  const to = dtype && s.dtype !== dtype && isFloat(s.dtype) ? dtype : s.dtype;
-  if (to === s.dtype) {
-    return { name, dtype: s.dtype, shape: s.shape, byteLength: s.byteLength, produce: (b, out) => s.read(b, out), describe: `${src.format}:${s.where}` };
-  }
-  if (!canCast(s.dtype, to)) throw unsupported(`tensor ${name}: casting ${s.dtype} to ${to} is not supported`, src.path, name);
-  const fromItem = byteLength(s.dtype, 1);
-  return {
-    name,
-    dtype: to,
-    shape: s.shape,
-    byteLength: byteLength(to, numelOf(s.shape)),
-    produce: async (b: Box, out: Uint8Array) => {
-      const tmp = new Uint8Array(numelOf(b.size) * fromItem);
-      await s.read(b, tmp);
-      castBytes(tmp, s.dtype, to, out);
-    },
-    describe: `cast(${s.dtype}→${to}) ${src.format}:${s.where}`,
-  };
+  const copy: TargetTensor = { name, dtype: s.dtype, shape: s.shape, byteLength: s.byteLength, produce: (b, out) => s.read(b, out), describe: `${src.format}:${s.where}` };
+  return dtype && isFloat(s.dtype) ? castTo(copy, dtype) : copy;
 }
 
 function isFloat(d: DType): boolean {
