@@ -1,4 +1,5 @@
 import { convert, type ConvertPlan } from '../plan/convert.js';
+import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import type { FormatName } from '../formats/index.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
@@ -6,7 +7,12 @@ import { usage } from '../errors.js';
 import { progressPrinter } from './progress.js';
 
 interface Flags {
-  to: FormatName;
+  to: FormatName | 'megatron' | 'hf';
+  tp: string;
+  pp: string;
+  makeVocabSizeDivisibleBy: string;
+  iteration: string;
+  hfModel?: string;
   from?: FormatName;
   maxMemory: string;
   shardSize: string;
@@ -25,8 +31,21 @@ export function describePlan(plan: ConvertPlan): string {
     ...plan.files.map((f) => `  ${f.path}  ${formatBytes(f.bytes)}${f.tensors ? `  ${f.tensors} tensors` : ''}`),
   ];
   if (plan.sideFiles.length) lines.push(`side files copied: ${plan.sideFiles.join(', ')}`);
+  for (const n of plan.notes ?? []) lines.push(`note: ${n}`);
   for (const d of plan.dropped) lines.push(`not carried: ${d.name} (${d.reason})`);
   return lines.join('\n');
+}
+
+function whole(s: string, flag: string): number {
+  const n = Number(s);
+  if (!Number.isInteger(n) || n < 0) throw usage(`${flag}: ${s} is not a whole number`);
+  return n;
+}
+
+function positive(s: string, flag: string): number {
+  const n = whole(s, flag);
+  if (n < 1) throw usage(`${flag}: must be at least 1`);
+  return n;
 }
 
 export async function runConvert(src: string, out: string, f: Flags): Promise<void> {
@@ -39,17 +58,19 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   }
   const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
   const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
-  const r = await convert(src, out, {
-    to: f.to,
-    from: f.from,
-    maxMemory,
-    maxShardSize,
-    dcpFiles,
-    dtype,
-    overwrite: f.overwrite,
-    dryRun: f.dryRun,
-    onProgress: progress?.update,
-  });
+  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
+  const r =
+    f.to === 'megatron'
+      ? await convertHfToMegatron(src, out, {
+          ...common,
+          tp: positive(f.tp, '--tp'),
+          pp: positive(f.pp, '--pp'),
+          makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),
+          iteration: whole(f.iteration, '--iteration'),
+        })
+      : f.to === 'hf'
+        ? await convertMegatronToHf(src, out, { ...common, hfModel: f.hfModel })
+        : await convert(src, out, { ...common, to: f.to, from: f.from });
   progress?.done();
   if (f.json) {
     process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');

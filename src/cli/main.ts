@@ -33,19 +33,24 @@ function program(): Command {
     .description('Convert a checkpoint to another format, streaming tensor by tensor within a memory budget.')
     .argument('<src>', 'source checkpoint (file or directory; never modified)')
     .argument('<out>', 'output directory (or a .safetensors / .bin / .pt file); must not exist')
-    .addOption(new Option('--to <format>', 'target format').choices([...FORMAT_NAMES]).makeOptionMandatory())
+    .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf']).makeOptionMandatory())
     .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...FORMAT_NAMES]))
     .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
     .option('--shard-size <size>', 'largest output shard (safetensors, torch)', '5GB')
     .option('--dcp-files <n>', 'number of .distcp files to write (default: one per 5 GB)')
     .addOption(new Option('--dtype <dtype>', 'cast floating-point tensors').choices(['float32', 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2']))
+    .option('--tp <n>', 'megatron: tensor-parallel size the checkpoint is for (sets vocab padding)', '1')
+    .option('--pp <n>', 'megatron: pipeline-parallel size (recorded)', '1')
+    .option('--make-vocab-size-divisible-by <n>', 'megatron: vocab padding divisor', '128')
+    .option('--iteration <n>', 'megatron: iteration number of the output', '0')
+    .option('--hf-model <dir>', 'hf: reference HF model directory (config, tokenizer) for the export')
     .option('--overwrite', 'replace an existing output (the source is never touched)')
     .option('--dry-run', 'print the plan and write nothing')
     .option('--json', 'print the plan/result as JSON')
     .option('-q, --quiet', 'no progress display')
     .addHelpText(
       'after',
-      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB',
+      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
     )
     .action(runConvert);
   return p;

@@ -11,8 +11,8 @@
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ByteWindow, MemorySource, ReadOnlyFile, type ByteSource } from '../io/file.js';
-import { badInput, unsupported } from '../errors.js';
-import { pickle } from '../pickle/index.js';
+import { badInput, unsupported, ShardshiftError } from '../errors.js';
+import { pickle, type AllowList } from '../pickle/index.js';
 import {
   PyDict,
   PyGlobal,
@@ -122,9 +122,9 @@ class DcpTensor implements SourceTensor {
   }
 }
 
-export async function openDcp(path: string): Promise<CheckpointSource> {
+export async function openDcp(path: string, opts: { extraGlobals?: AllowList } = {}): Promise<CheckpointSource> {
   const metaPath = join(path, '.metadata');
-  const meta = unpickleChecked(await readFile(metaPath), metaPath, '.metadata', {});
+  const meta = unpickleChecked(await readFile(metaPath), metaPath, '.metadata', { extraGlobals: opts.extraGlobals });
   const m = obj(meta, 'Metadata', '.metadata', metaPath);
   const sdm = m.attr('state_dict_metadata');
   const sd = m.attr('storage_data');
@@ -181,7 +181,14 @@ export async function openDcp(path: string): Promise<CheckpointSource> {
         if (!s) throw badInput(`${metaPath}: no storage recorded for ${k}`, metaPath, k);
         const f = await openFile(s.file, k);
         checkRange(f, s, k);
-        objects.set(k, { name: k, value: await readBytesItem(new ByteWindow(f, s.offset, s.length, `${f.name}[${s.offset}..] (${k})`)), where: s.file });
+        const win = new ByteWindow(f, s.offset, s.length, `${f.name}[${s.offset}..] (${k})`);
+        try {
+          objects.set(k, { name: k, value: await readBytesItem(win, opts.extraGlobals), where: s.file });
+        } catch (e) {
+          // An entry we cannot decode safely is kept as bytes and never carried (and never run).
+          if (!(e instanceof ShardshiftError)) throw e;
+          objects.set(k, { name: k, value: await win.read(0, win.size), where: s.file, opaque: e.message });
+        }
         continue;
       }
       if (v.name !== 'TensorStorageMetadata') throw unsupported(`${metaPath}: ${k} has metadata of type ${v.qualname}`, metaPath, k);
@@ -227,10 +234,10 @@ export async function openDcp(path: string): Promise<CheckpointSource> {
 }
 
 /** A non-tensor entry: the torch.save bytes of the object (or raw bytes a user stored). */
-async function readBytesItem(win: ByteSource): Promise<PyValue> {
+async function readBytesItem(win: ByteSource, extraGlobals?: AllowList): Promise<PyValue> {
   const bytes = await win.read(0, win.size);
   if (bytes.length >= 4 && bytes[0] === 0x50 && bytes[1] === 0x4b && bytes[2] === 0x03 && bytes[3] === 0x04) {
-    const arc = await openTorchArchive(new MemorySource(bytes, win.name));
+    const arc = await openTorchArchive(new MemorySource(bytes, win.name), { extraGlobals });
     return arc.root;
   }
   return bytes;
@@ -258,10 +265,12 @@ function treeFromPlannerData(pd: PyValue | undefined, tensors: ReadonlyMap<strin
       d = next;
     }
     const last = v.items[v.items.length - 1] as string;
+    const o = objects.get(k);
+    if (o?.opaque) continue; // never carried
     // Tensor leaves hold null: writers fill them by name.
-    d.set(last, tensors.has(k) ? null : (objects.get(k)?.value ?? null));
+    d.set(last, tensors.has(k) ? null : (o?.value ?? null));
   }
-  const covered = [...tensors.keys(), ...objects.keys()].every((n) => pd.has(n));
+  const covered = [...tensors.keys(), ...[...objects.values()].filter((o) => !o.opaque).map((o) => o.name)].every((n) => pd.has(n));
   return covered ? root : undefined;
 }
 

@@ -30,6 +30,12 @@ export interface SourceObject {
   readonly name: string;
   readonly value: PyValue;
   readonly where: string;
+  /**
+   * Set when the entry could not be decoded safely (its pickle names a global outside the
+   * allow-list, e.g. numpy RNG state): `value` then holds the raw bytes and this says why.
+   * Such entries are never carried into outputs.
+   */
+  readonly opaque?: string;
 }
 
 export interface CheckpointSource {

@@ -4,14 +4,14 @@
  * through the bounded-memory executor into an atomic output.
  */
 import { stat } from 'node:fs/promises';
-import { dirname, extname, basename } from 'node:path';
+import { dirname, extname, basename, join } from 'node:path';
 import { openCheckpoint, writeFormat, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
 import type { OutputFile } from '../formats/types.js';
 import type { DType } from '../tensor/dtype.js';
 import { usage } from '../errors.js';
 import { castTo } from './targets.js';
-import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
-import { abandonOutput, commitOutput, copySideFiles, prepareOutput } from './output.js';
+import type { ProgressEvent } from './executor.js';
+import { writeOutput } from './output.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
@@ -29,12 +29,14 @@ export interface ConvertOptions {
 }
 
 export interface ConvertPlan {
-  readonly source: { path: string; format: FormatName; tensors: number; bytes: number };
-  readonly target: { path: string; format: FormatName; kind: 'dir' | 'file' };
+  readonly source: { path: string; format: string; tensors: number; bytes: number };
+  readonly target: { path: string; format: string; kind: 'dir' | 'file' };
   readonly files: ReadonlyArray<{ path: string; bytes: number; tensors: number }>;
   readonly dropped: ReadonlyArray<{ name: string; reason: string }>;
   readonly sideFiles: readonly string[];
   readonly totalBytes: number;
+  /** Decisions worth showing (model family, where the config came from, iteration chosen ...). */
+  readonly notes?: readonly string[];
 }
 
 export interface ConvertResult {
@@ -69,7 +71,11 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
     const { kind, singleFile } = outputKind(outPath, opts.to);
     const targets = [...src.tensors.keys()].map((n) => targetFor(src, n, opts.dtype));
     const objects = new Map<string, PyValue>();
-    for (const [n, o] of src.objects) objects.set(n, o.value);
+    const opaque: Array<{ name: string; reason: string }> = [];
+    for (const [n, o] of src.objects) {
+      if (o.opaque) opaque.push({ name: n, reason: `could not be decoded safely: ${o.opaque}` });
+      else objects.set(n, o.value);
+    }
     const report = writeFormat(opts.to, targets, {
       maxShardSize: opts.maxShardSize,
       singleFile,
@@ -86,36 +92,24 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
       source: { path: srcPath, format: src.format, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: outPath, format: opts.to, kind },
       files: report.files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length })),
-      dropped: report.dropped,
+      dropped: [...opaque, ...report.dropped],
       sideFiles,
       totalBytes: report.files.reduce((s, f) => s + f.size, 0),
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    const out = await prepareOutput(srcPath, outPath, { overwrite: opts.overwrite ?? false, kind });
-    try {
-      const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
-      if (kind === 'file') {
-        await ex.writeFile(out.temp, report.files[0]!);
-      } else {
-        await ex.writeAll(out.temp, report.files);
-        await copySideFiles(srcIsDir ? srcPath : dirname(srcPath), sideFiles, out.temp);
-      }
-      await commitOutput(out);
-    } catch (e) {
-      await abandonOutput(out);
-      throw e;
-    }
+    const fromDir = srcIsDir ? srcPath : dirname(srcPath);
+    await writeOutput(srcPath, outPath, kind, report.files, sideFiles.map((rel) => ({ from: join(fromDir, rel), to: rel })), opts);
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await src.close();
   }
 }
 
-/** Every target tensor must appear in exactly one output file. */
-function checkComplete(targets: readonly TargetTensor[], files: readonly OutputFile[]): void {
-  const seen = new Map<string, number>();
-  for (const f of files) for (const p of f.parts) if (typeof p === 'object' && 'kind' in p) seen.set(p.tensor.name, (seen.get(p.tensor.name) ?? 0) + 1);
-  const missing = targets.filter((t) => !seen.has(t.name)).map((t) => t.name);
-  const twice = [...seen].filter(([, n]) => n > 1).map(([k]) => k);
+/** Every target tensor (or chunk) must be written exactly once across the output files. */
+export function checkComplete(targets: readonly TargetTensor[], files: readonly OutputFile[]): void {
+  const seen = new Map<TargetTensor, number>();
+  for (const f of files) for (const p of f.parts) if (typeof p === 'object' && 'kind' in p) seen.set(p.tensor, (seen.get(p.tensor) ?? 0) + 1);
+  const missing = targets.filter((t) => !seen.has(t)).map((t) => t.name);
+  const twice = [...seen].filter(([, n]) => n > 1).map(([t]) => t.name);
   if (missing.length || twice.length) throw new Error(`internal: plan incomplete (missing ${missing.slice(0, 5).join(', ')}; written twice ${twice.slice(0, 5).join(', ')})`);
 }

@@ -8,6 +8,8 @@ import { mkdir, open, realpath, rename, rm, stat, copyFile } from 'node:fs/promi
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { usage } from '../errors.js';
+import type { OutputFile } from '../formats/types.js';
+import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
 
 async function exists(p: string): Promise<boolean> {
   return stat(p).then(
@@ -82,16 +84,47 @@ export async function abandonOutput(t: OutputTarget): Promise<void> {
   await rm(t.temp, { recursive: true, force: true });
 }
 
-/** Copies side files (config.json, tokenizer ...) from `fromDir` into `toDir`, fsyncing each. */
-export async function copySideFiles(fromDir: string, rels: readonly string[], toDir: string): Promise<string[]> {
-  const copied: string[] = [];
-  for (const rel of rels) {
-    const dst = join(toDir, rel);
+/** Copies side files (config.json, tokenizer ...) into the output, fsyncing each. */
+export async function copySideFiles(copies: ReadonlyArray<{ from: string; to: string }>, toDir: string): Promise<void> {
+  for (const c of copies) {
+    const dst = join(toDir, c.to);
     if (await exists(dst)) continue;
     await mkdir(dirname(dst), { recursive: true });
-    await copyFile(join(fromDir, rel), dst);
+    await copyFile(c.from, dst);
     await fsyncPath(dst);
-    copied.push(rel);
   }
-  return copied;
+}
+
+export interface WriteOutputOptions {
+  overwrite?: boolean;
+  maxMemory?: number;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+/**
+ * Runs a complete plan into `out`: checks the destination, streams every file through the
+ * bounded-memory executor into a temporary path, copies side files, fsyncs, renames into place.
+ */
+export async function writeOutput(
+  src: string,
+  out: string,
+  kind: 'dir' | 'file',
+  files: readonly OutputFile[],
+  sideCopies: ReadonlyArray<{ from: string; to: string }>,
+  opts: WriteOutputOptions,
+): Promise<void> {
+  const target = await prepareOutput(src, out, { overwrite: opts.overwrite ?? false, kind });
+  try {
+    const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
+    if (kind === 'file') {
+      await ex.writeFile(target.temp, files[0]!);
+    } else {
+      await ex.writeAll(target.temp, files);
+      await copySideFiles(sideCopies, target.temp);
+    }
+    await commitOutput(target);
+  } catch (e) {
+    await abandonOutput(target);
+    throw e;
+  }
 }

@@ -1,0 +1,179 @@
+/**
+ * Megatron-Core `torch_dist` checkpoints: a run directory with `latest_checkpointed_iteration.txt`
+ * and `iter_XXXXXXX/` directories, each a DCP checkpoint (`.metadata`, `__R_N.distcp`) plus
+ * `metadata.json` (written last by Megatron: the completeness marker) and, up to megatron-core
+ * 0.18, `common.pt` (the non-tensor state: iteration, checkpoint_version, training args).
+ *
+ * Reading resolves the iteration (a concrete `iter_*` dir, or the run dir through its tracker
+ * file), then reads the DCP part with the DCP reader — chunks saved under any TP/PP/EP are
+ * reassembled lazily into the global tensors. Writing lays out the same directory.
+ */
+import { readdir, readFile, stat } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { badInput, usage } from '../errors.js';
+import { openDcp, writeDcpChunked, type DcpTensorEntry } from './dcp.js';
+import { openTorchArchive } from './torch-archive.js';
+import { ReadOnlyFile } from '../io/file.js';
+import { PyDict, PyFloat, PyObject, type PyValue } from '../pickle/values.js';
+import type { AllowList } from '../pickle/index.js';
+import { dataclass, enumClass } from '../pickle/index.js';
+import type { CheckpointSource, OutputFile } from './types.js';
+import { torchArchiveParts } from './torch-archive.js';
+
+export const TRACKER = 'latest_checkpointed_iteration.txt';
+
+/**
+ * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
+ * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
+ */
+export const MEGATRON_GLOBALS: AllowList = {
+  'megatron.core.enums.ModelType': enumClass(),
+  'megatron.core.transformer.enums.AttnBackend': enumClass(),
+  'megatron.core.transformer.enums.AttnMaskType': enumClass(),
+  'megatron.core.transformer.enums.AttnType': enumClass(),
+  'megatron.core.transformer.enums.LayerType': enumClass(),
+  'megatron.core.transformer.enums.CudaGraphScope': enumClass(),
+  'megatron.core.transformer.enums.CudaGraphModule': enumClass(),
+  'megatron.core.transformer.enums.InferenceCudaGraphScope': enumClass(),
+  'megatron.core.dist_checkpointing.strategies.torch.MCoreMetadata': dataclass(),
+  'megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan': dataclass(),
+};
+
+export interface ResolvedIteration {
+  /** The directory holding `.metadata` etc. */
+  readonly iterDir: string;
+  readonly iteration: number | 'release';
+  /** How it was chosen, for the plan printout. */
+  readonly how: string;
+}
+
+async function isDir(p: string): Promise<boolean> {
+  return stat(p).then(
+    (s) => s.isDirectory(),
+    () => false,
+  );
+}
+async function isFile(p: string): Promise<boolean> {
+  return stat(p).then(
+    (s) => s.isFile(),
+    () => false,
+  );
+}
+
+/** `iter_0000100` → 100; `release` → 'release'. */
+function iterationOf(dirName: string): number | 'release' | undefined {
+  if (dirName === 'release') return 'release';
+  const m = /^iter_(\d{7,})$/.exec(dirName);
+  return m ? Number(m[1]) : undefined;
+}
+
+export function iterDirName(iteration: number | 'release'): string {
+  return iteration === 'release' ? 'release' : `iter_${String(iteration).padStart(7, '0')}`;
+}
+
+/** A concrete iteration directory, or a run directory resolved through its tracker file. */
+export async function resolveIteration(path: string): Promise<ResolvedIteration> {
+  const own = iterationOf(basename(path));
+  if (own !== undefined && (await isFile(join(path, '.metadata')))) return { iterDir: path, iteration: own, how: `iteration directory ${basename(path)}` };
+  if (await isFile(join(path, '.metadata'))) return { iterDir: path, iteration: 0, how: 'checkpoint directory' };
+  const tracker = join(path, TRACKER);
+  const iters = (await readdir(path).catch(() => [] as string[])).filter((n) => iterationOf(n) !== undefined).sort();
+  if (await isFile(tracker)) {
+    const text = (await readFile(tracker, 'utf8')).trim();
+    const it: number | 'release' | undefined = text === 'release' ? 'release' : /^\d+$/.test(text) ? Number(text) : undefined;
+    if (it === undefined) throw badInput(`${tracker}: expected an iteration number or "release", found ${JSON.stringify(text.slice(0, 40))}`, tracker);
+    const dir = join(path, iterDirName(it));
+    if (!(await isDir(dir))) throw badInput(`${tracker}: names iteration ${text} but ${dir} does not exist`, tracker);
+    return { iterDir: dir, iteration: it, how: `${TRACKER} → ${iterDirName(it)}` };
+  }
+  if (iters.length === 1) return { iterDir: join(path, iters[0]!), iteration: iterationOf(iters[0]!)!, how: `the only iteration directory, ${iters[0]}` };
+  if (iters.length > 1) {
+    throw usage(`${path}: has no ${TRACKER} and ${iters.length} iteration directories (${iters.slice(0, 4).join(', ')}${iters.length > 4 ? ', …' : ''}); name one of them`);
+  }
+  throw badInput(`${path}: not a Megatron checkpoint (no ${TRACKER}, no iter_* directory, no .metadata)`, path);
+}
+
+export async function isMegatronPath(path: string): Promise<boolean> {
+  if (!(await isDir(path))) return false;
+  if (await isFile(join(path, TRACKER))) return true;
+  if (await isFile(join(path, 'metadata.json')) && (await isFile(join(path, '.metadata')))) return true;
+  const names = await readdir(path);
+  return names.some((n) => iterationOf(n) !== undefined);
+}
+
+export interface MegatronCheckpoint {
+  readonly source: CheckpointSource;
+  readonly resolved: ResolvedIteration;
+  /** `common.pt` (or undefined when the checkpoint has none). */
+  readonly common?: PyValue;
+  /** `metadata.json` content. */
+  readonly backend: Record<string, unknown>;
+}
+
+export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
+  const resolved = await resolveIteration(path);
+  const dir = resolved.iterDir;
+  const metaJson = join(dir, 'metadata.json');
+  if (!(await isFile(metaJson))) {
+    throw badInput(`${dir}: no metadata.json — Megatron writes it last, so this checkpoint is incomplete (or not torch_dist)`, dir);
+  }
+  let backend: Record<string, unknown>;
+  try {
+    backend = JSON.parse(await readFile(metaJson, 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    throw badInput(`${metaJson}: not valid JSON (${(e as Error).message})`, metaJson);
+  }
+  if (backend.sharded_backend !== 'torch_dist') {
+    throw badInput(`${metaJson}: sharded_backend is ${JSON.stringify(backend.sharded_backend)}; shardshift reads torch_dist`, metaJson);
+  }
+  const source = await openDcp(dir, { extraGlobals: MEGATRON_GLOBALS });
+  let common: PyValue | undefined;
+  const commonPath = join(dir, 'common.pt');
+  if (await isFile(commonPath)) {
+    const f = await ReadOnlyFile.open(commonPath);
+    try {
+      common = (await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS })).root;
+    } finally {
+      await f.close();
+    }
+  } else if (source.objects.has('common_state/shard_0_1')) {
+    const v = source.objects.get('common_state/shard_0_1')!.value;
+    common = Array.isArray(v) ? v[0] : v;
+  }
+  return { source: { ...source, format: 'dcp' }, resolved, common, backend };
+}
+
+/** `args` from common.pt as a plain attribute dict (MLM checkpoints), or undefined. */
+export function commonArgs(common: PyValue | undefined): PyDict | undefined {
+  if (!(common instanceof PyDict)) return undefined;
+  const args = common.get('args');
+  if (args instanceof PyObject && args.state instanceof PyDict) return args.state;
+  return undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+export interface MegatronWriteOptions {
+  readonly iteration: number;
+  readonly files?: number;
+  /** Training-args fields recorded in common.pt (an argparse.Namespace, as MLM writes). */
+  readonly args: Record<string, PyValue>;
+}
+
+/** The files of a run directory: the tracker and `iter_XXXXXXX/` (paths relative to the run dir). */
+export function writeMegatron(entries: readonly DcpTensorEntry[], opts: MegatronWriteOptions): OutputFile[] {
+  const iterDir = iterDirName(opts.iteration);
+  const dcp = writeDcpChunked(entries, { files: opts.files, noPlannerData: true });
+  const files: OutputFile[] = dcp.files.map((f) => ({ ...f, relPath: `${iterDir}/${f.relPath}` }));
+  const args = new PyObject('argparse', 'Namespace', PyDict.from(opts.args));
+  const common = PyDict.from({ args, checkpoint_version: new PyFloat(3.0), iteration: opts.iteration });
+  const c = torchArchiveParts('common', common, []);
+  files.push({ relPath: `${iterDir}/common.pt`, size: c.size, parts: c.parts });
+  // Four-field form: megatron-core ≤ 0.18 needs the common backend fields, later versions ignore them.
+  const meta = Buffer.from(JSON.stringify({ sharded_backend: 'torch_dist', sharded_backend_version: 1, common_backend: 'torch', common_backend_version: 1 }));
+  files.push({ relPath: `${iterDir}/metadata.json`, size: meta.length, parts: [meta] });
+  const tracker = Buffer.from(String(opts.iteration));
+  files.push({ relPath: TRACKER, size: tracker.length, parts: [tracker] });
+  return files;
+}

@@ -1,0 +1,81 @@
+/**
+ * The normalized model config: what the parameter maps need, read from a Hugging Face
+ * `config.json` or from a Megatron checkpoint's recorded config, and written back to both.
+ */
+import { badInput, unsupported } from '../errors.js';
+
+export interface ModelConfig {
+  /** Family id from the registry (llama, mistral, qwen2, qwen3 ...). */
+  readonly family: string;
+  readonly numLayers: number;
+  readonly hiddenSize: number;
+  readonly ffnHiddenSize: number;
+  readonly numAttentionHeads: number;
+  /** KV heads (Megatron's num_query_groups). */
+  readonly numQueryGroups: number;
+  /** Head dim (Megatron's kv_channels). */
+  readonly kvChannels: number;
+  /** The tokenizer vocabulary (HF vocab_size): rows beyond it are padding. */
+  readonly vocabSize: number;
+  readonly tieEmbeddings: boolean;
+  readonly qkvBias: boolean;
+  readonly qkNorm: boolean;
+  /** The HF config.json this came from, when known (carried to HF outputs). */
+  readonly hf?: Readonly<Record<string, unknown>>;
+}
+
+/** Megatron's padded vocab: `ceil(V / (divisor × tp)) × divisor × tp`. */
+export function paddedVocab(vocab: number, divisor: number, tp: number): number {
+  const m = divisor * tp;
+  return Math.ceil(vocab / m) * m;
+}
+
+function num(cfg: Record<string, unknown>, key: string, file: string, fallback?: number): number {
+  const v = cfg[key] ?? fallback;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
+    throw badInput(`${file}: ${key} is ${JSON.stringify(cfg[key])}, expected a positive integer`, file);
+  }
+  return v;
+}
+
+/** Checks the shape facts every map relies on; names the offending keys. */
+export function validateConfig(c: ModelConfig, file: string): void {
+  if (c.numAttentionHeads % c.numQueryGroups !== 0) {
+    throw badInput(
+      `${file}: num_attention_heads (${c.numAttentionHeads}) is not a multiple of num_key_value_heads (${c.numQueryGroups})`,
+      file,
+    );
+  }
+}
+
+/** Reads the fields of a Llama-like decoder from an HF config.json object. */
+export function fromHfConfig(family: string, cfg: Record<string, unknown>, file: string, opts: { qkvBias: boolean; qkNorm: boolean }): ModelConfig {
+  const hidden = num(cfg, 'hidden_size', file);
+  const heads = num(cfg, 'num_attention_heads', file);
+  const kvHeads = num(cfg, 'num_key_value_heads', file, heads);
+  if (cfg.head_dim === undefined && hidden % heads !== 0) {
+    throw badInput(`${file}: hidden_size (${hidden}) is not a multiple of num_attention_heads (${heads}) and head_dim is not given`, file);
+  }
+  const headDim = cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : num(cfg, 'head_dim', file);
+  if (cfg.attention_bias === true && !opts.qkvBias) {
+    throw unsupported(`${file}: attention_bias=true is not supported for ${family} (only Qwen2-style q/k/v biases are mapped)`, file);
+  }
+  if (cfg.mlp_bias === true) throw unsupported(`${file}: mlp_bias=true is not supported`, file);
+  const c: ModelConfig = {
+    family,
+    numLayers: num(cfg, 'num_hidden_layers', file),
+    hiddenSize: hidden,
+    ffnHiddenSize: num(cfg, 'intermediate_size', file),
+    numAttentionHeads: heads,
+    numQueryGroups: kvHeads,
+    kvChannels: headDim,
+    vocabSize: num(cfg, 'vocab_size', file),
+    // transformers' PretrainedConfig defaults tie_word_embeddings to true.
+    tieEmbeddings: cfg.tie_word_embeddings === undefined ? true : cfg.tie_word_embeddings === true,
+    qkvBias: opts.qkvBias || cfg.attention_bias === true,
+    qkNorm: opts.qkNorm,
+    hf: cfg,
+  };
+  validateConfig(c, file);
+  return c;
+}

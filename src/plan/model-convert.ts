@@ -1,0 +1,249 @@
+/**
+ * Hugging Face ↔ Megatron-Core torch_dist conversions (`convert --to megatron`, `--to hf`): the
+ * model config and family, the parameter map, the full plan, then the same atomic streaming
+ * output as format conversions.
+ *
+ * A Megatron output keeps the HF config, generation config and tokenizer files under
+ * `iter_XXXXXXX/hf/`, so provenance stays with the weights and the export back to HF needs no
+ * reference model (one can still be given with `--hf-model`).
+ */
+import { readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { openCheckpoint } from '../formats/index.js';
+import { writeSafetensors } from '../formats/safetensors.js';
+import { openMegatron, writeMegatron, commonArgs, iterDirName } from '../formats/megatron.js';
+import { listSideFiles } from '../formats/side-files.js';
+import type { OutputFile } from '../formats/types.js';
+import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
+import { badInput, usage } from '../errors.js';
+import { dtypeInfo, type DType } from '../tensor/dtype.js';
+import { fromHfConfig, paddedVocab, type ModelConfig } from '../models/config.js';
+import { familyById, familyForHfConfig } from '../models/registry.js';
+import { buildExport, buildImport } from '../models/map.js';
+import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
+import { writeOutput } from './output.js';
+import type { ProgressEvent } from './executor.js';
+
+export interface ModelConvertOptions {
+  dtype?: DType;
+  tp?: number;
+  pp?: number;
+  makeVocabSizeDivisibleBy?: number;
+  iteration?: number;
+  /** Reference HF model directory (config, tokenizer) for exports. */
+  hfModel?: string;
+  maxMemory?: number;
+  maxShardSize?: number;
+  dcpFiles?: number;
+  overwrite?: boolean;
+  dryRun?: boolean;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+async function readJson(path: string): Promise<Record<string, unknown>> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch {
+    throw badInput(`${path}: missing (an HF model directory needs its config.json)`, path);
+  }
+  try {
+    const j = JSON.parse(text) as unknown;
+    if (typeof j !== 'object' || j === null || Array.isArray(j)) throw new Error('not an object');
+    return j as Record<string, unknown>;
+  } catch (e) {
+    throw badInput(`${path}: not a JSON object (${(e as Error).message})`, path);
+  }
+}
+
+export async function configFromHfDir(dir: string): Promise<ModelConfig> {
+  const file = join(dir, 'config.json');
+  const cfg = await readJson(file);
+  const fam = familyForHfConfig(cfg, file);
+  return fromHfConfig(fam.id, cfg, file, { qkvBias: fam.qkvBias, qkNorm: fam.qkNorm });
+}
+
+/** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
+function hfDtype(cfg: Record<string, unknown> | undefined): DType {
+  const s = (cfg?.torch_dtype ?? cfg?.dtype) as string | undefined;
+  return s === 'float32' ? 'F32' : s === 'float16' ? 'F16' : 'BF16';
+}
+
+const FILE_PLAN = (files: readonly OutputFile[]): ConvertPlan['files'] =>
+  files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length }));
+
+export async function convertHfToMegatron(hfDir: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  if (!(await stat(hfDir)).isDirectory()) throw usage(`${hfDir}: give the HF model directory (with config.json), not a file`);
+  const cfg = await configFromHfDir(hfDir);
+  const tp = opts.tp ?? 1;
+  const pp = opts.pp ?? 1;
+  if (cfg.numAttentionHeads % tp !== 0 || (cfg.numQueryGroups % tp !== 0 && tp % cfg.numQueryGroups !== 0)) {
+    throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads / ${cfg.numQueryGroups} query groups`);
+  }
+  if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
+  const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
+  const dtype = opts.dtype ?? 'BF16';
+  const src = await openCheckpoint(hfDir);
+  try {
+    const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype });
+    const iteration = opts.iteration ?? 0;
+    const files = writeMegatron(entries, { iteration, files: opts.dcpFiles, args: megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }) });
+    const targets = entries.flatMap((e) => e.chunks.map((c) => c.tensor));
+    checkComplete(targets, files);
+    const iterDir = iterDirName(iteration);
+    const side = src.sideFiles;
+    const plan: ConvertPlan = {
+      source: { path: hfDir, format: `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
+      target: { path: out, format: 'megatron torch_dist', kind: 'dir' },
+      files: FILE_PLAN(files),
+      dropped: skipped,
+      sideFiles: side.map((s) => `${iterDir}/hf/${s}`),
+      totalBytes: files.reduce((s, f) => s + f.size, 0),
+      notes: [
+        `family ${cfg.family}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, ${cfg.numAttentionHeads} heads / ${cfg.numQueryGroups} query groups, head dim ${cfg.kvChannels}, ffn ${cfg.ffnHiddenSize}`,
+        `vocab ${cfg.vocabSize} → padded ${paddedVocab(cfg.vocabSize, divisor, tp)} (make_vocab_size_divisible_by ${divisor} × tp ${tp})`,
+        cfg.tieEmbeddings ? 'tied embeddings: no output_layer' : 'untied embeddings: output_layer from lm_head',
+        `dtype ${dtype}; tp ${tp}, pp ${pp} recorded in common.pt args (torch_dist tensors are global)`,
+      ],
+    };
+    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+    await writeOutput(hfDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), opts);
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+  } finally {
+    await src.close();
+  }
+}
+
+/** The training-args fields MLM reads back with --use-checkpoint-args. */
+function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: number; dtype: DType; iteration: number }): Record<string, PyValue> {
+  const hf = c.hf ?? {};
+  const f = (x: unknown, d: number): PyFloat => new PyFloat(typeof x === 'number' ? x : d);
+  return {
+    num_layers: c.numLayers,
+    hidden_size: c.hiddenSize,
+    ffn_hidden_size: c.ffnHiddenSize,
+    num_attention_heads: c.numAttentionHeads,
+    group_query_attention: c.numQueryGroups !== c.numAttentionHeads,
+    num_query_groups: c.numQueryGroups,
+    kv_channels: c.kvChannels,
+    max_position_embeddings: typeof hf.max_position_embeddings === 'number' ? hf.max_position_embeddings : 4096,
+    vocab_size: c.vocabSize,
+    padded_vocab_size: paddedVocab(c.vocabSize, o.divisor, o.tp),
+    make_vocab_size_divisible_by: o.divisor,
+    untie_embeddings_and_output_weights: !c.tieEmbeddings,
+    add_qkv_bias: c.qkvBias,
+    add_bias_linear: false,
+    qk_layernorm: c.qkNorm,
+    normalization: 'RMSNorm',
+    norm_epsilon: f(hf.rms_norm_eps, 1e-5),
+    swiglu: true,
+    position_embedding_type: 'rope',
+    rotary_base: typeof hf.rope_theta === 'number' ? hf.rope_theta : 10000,
+    tensor_model_parallel_size: o.tp,
+    pipeline_model_parallel_size: o.pp,
+    params_dtype: new PyGlobal('torch', dtypeInfo(o.dtype).torchDtype!),
+    bf16: o.dtype === 'BF16',
+    fp16: o.dtype === 'F16',
+    iteration: o.iteration,
+    shardshift_family: c.family,
+  };
+}
+
+/** A ModelConfig from MLM-style args in common.pt (when no HF config is at hand). */
+function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: string): ModelConfig {
+  const n = (k: string): number | undefined => asNumber(args.get(k));
+  const need = (k: string): number => {
+    const v = n(k);
+    if (v === undefined) throw badInput(`${file}: args has no ${k}; give --hf-model <reference HF dir>`, file);
+    return v;
+  };
+  const heads = need('num_attention_heads');
+  const hidden = need('hidden_size');
+  const famName = args.get('shardshift_family');
+  const qkNorm = args.get('qk_layernorm') === true;
+  const qkvBias = args.get('add_qkv_bias') === true;
+  const family = typeof famName === 'string' && familyById(famName) ? famName : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  return {
+    family,
+    numLayers: need('num_layers'),
+    hiddenSize: hidden,
+    ffnHiddenSize: need('ffn_hidden_size'),
+    numAttentionHeads: heads,
+    numQueryGroups: args.get('group_query_attention') === true ? need('num_query_groups') : heads,
+    kvChannels: n('kv_channels') ?? hidden / heads,
+    vocabSize: n('vocab_size') ?? need('padded_vocab_size'),
+    tieEmbeddings: args.get('untie_embeddings_and_output_weights') !== true,
+    qkvBias,
+    qkNorm,
+  };
+}
+
+/** An HF config.json for a config that came from Megatron args. */
+function hfConfigFor(c: ModelConfig, args: NonNullable<ReturnType<typeof commonArgs>>, dtype: DType): Record<string, unknown> {
+  const fam = familyById(c.family)!;
+  const num = (k: string, d: number): number => asNumber(args.get(k)) ?? d;
+  return {
+    architectures: [fam.architectures[0]],
+    model_type: fam.modelType,
+    hidden_size: c.hiddenSize,
+    intermediate_size: c.ffnHiddenSize,
+    num_hidden_layers: c.numLayers,
+    num_attention_heads: c.numAttentionHeads,
+    num_key_value_heads: c.numQueryGroups,
+    head_dim: c.kvChannels,
+    vocab_size: c.vocabSize,
+    max_position_embeddings: num('max_position_embeddings', 4096),
+    rms_norm_eps: num('norm_epsilon', 1e-5),
+    rope_theta: num('rotary_base', 10000),
+    tie_word_embeddings: c.tieEmbeddings,
+    hidden_act: 'silu',
+    torch_dtype: dtype === 'F32' ? 'float32' : dtype === 'F16' ? 'float16' : 'bfloat16',
+  };
+}
+
+export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  const meg = await openMegatron(megPath);
+  const src = meg.source;
+  try {
+    const notes = [`iteration: ${meg.resolved.how}`];
+    const ownHf = join(meg.resolved.iterDir, 'hf');
+    let refDir: string | undefined = opts.hfModel;
+    if (!refDir && (await stat(join(ownHf, 'config.json')).then(() => true, () => false))) refDir = ownHf;
+    let cfg: ModelConfig;
+    const extra: OutputFile[] = [];
+    if (refDir) {
+      cfg = await configFromHfDir(refDir);
+      notes.push(`config and tokenizer from ${refDir === ownHf ? 'the checkpoint\'s hf/ directory' : refDir}`);
+    } else {
+      const args = commonArgs(meg.common);
+      if (!args) throw badInput(`${meg.resolved.iterDir}: no recorded HF config (hf/config.json) and no args in common.pt; give --hf-model <reference HF dir>`, meg.resolved.iterDir);
+      cfg = configFromArgs(args, join(meg.resolved.iterDir, 'common.pt'));
+      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, args, opts.dtype ?? 'BF16'), null, 2) + '\n');
+      extra.push({ relPath: 'config.json', size: bytes.length, parts: [bytes] });
+      notes.push('config.json synthesized from the training args in common.pt (no tokenizer carried)');
+    }
+    const dtype = opts.dtype ?? hfDtype(cfg.hf);
+    notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
+    const { tensors, skipped } = buildExport(cfg, src, { dtype });
+    const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });
+    const files = [...report.files, ...extra];
+    checkComplete(tensors, files);
+    const side = refDir ? await listSideFiles(refDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt')) : [];
+    const plan: ConvertPlan = {
+      source: { path: megPath, format: 'megatron torch_dist', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
+      target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
+      files: FILE_PLAN(files),
+      dropped: skipped,
+      sideFiles: side,
+      totalBytes: files.reduce((s, f) => s + f.size, 0),
+      notes,
+    };
+    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+    await writeOutput(megPath, out, 'dir', files, side.map((s) => ({ from: join(refDir!, s), to: s })), opts);
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+  } finally {
+    await src.close();
+  }
+}
