@@ -36,7 +36,7 @@ function program(): Command {
     .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf']).makeOptionMandatory())
     .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...FORMAT_NAMES]))
     .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
-    .option('--shard-size <size>', 'largest output shard (safetensors, torch)', '5GB')
+    .option('--shard-size <size>', 'largest output shard (safetensors, torch); transformers 5 default', '50GB')
     .option('--dcp-files <n>', 'number of .distcp files to write (default: one per 5 GB)')
     .addOption(new Option('--dtype <dtype>', 'cast floating-point tensors').choices(['float32', 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2']))
     .option('--tp <n>', 'megatron: tensor-parallel size the checkpoint is for (sets vocab padding)', '1')

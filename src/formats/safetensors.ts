@@ -286,7 +286,7 @@ async function readIndex(path: string): Promise<Map<string, string>> {
 // Writer
 
 export interface SafetensorsWriteOptions {
-  /** Largest shard in bytes of tensor data; transformers' save_pretrained default is 5 GB. */
+  /** Largest shard in bytes of tensor data (default DEFAULT_MAX_SHARD_SIZE, transformers 5's). */
   maxShardSize?: number;
   /** `model` → model.safetensors / model-0000i-of-0000n.safetensors + model.safetensors.index.json. */
   prefix?: string;

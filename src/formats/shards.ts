@@ -4,8 +4,8 @@
  */
 import type { OutputFile } from './types.js';
 
-/** transformers' `save_pretrained` default `max_shard_size` ("5GB" = 5·10⁹ bytes). */
-export const DEFAULT_MAX_SHARD_SIZE = 5_000_000_000;
+/** transformers 5's `save_pretrained` default `max_shard_size` ("50GB" = 5·10¹⁰ bytes; 4.x used "5GB"). */
+export const DEFAULT_MAX_SHARD_SIZE = 50_000_000_000;
 
 /**
  * Splits tensors into shards the way huggingface_hub's `split_state_dict_into_shards` does

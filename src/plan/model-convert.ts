@@ -115,6 +115,13 @@ export async function convertHfToMegatron(hfDir: string, out: string, opts: Mode
   }
 }
 
+/** rope_theta from a transformers 4 (`rope_theta`) or 5 (`rope_parameters.rope_theta`) config. */
+function ropeTheta(hf: Readonly<Record<string, unknown>>): number {
+  if (typeof hf.rope_theta === 'number') return hf.rope_theta;
+  const rp = hf.rope_parameters as Record<string, unknown> | undefined;
+  return typeof rp?.rope_theta === 'number' ? rp.rope_theta : 10000;
+}
+
 /** The training-args fields MLM reads back with --use-checkpoint-args. */
 function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: number; dtype: DType; iteration: number }): Record<string, PyValue> {
   const hf = c.hf ?? {};
@@ -139,7 +146,7 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
     norm_epsilon: f(hf.rms_norm_eps, 1e-5),
     swiglu: true,
     position_embedding_type: 'rope',
-    rotary_base: typeof hf.rope_theta === 'number' ? hf.rope_theta : 10000,
+    rotary_base: ropeTheta(hf),
     tensor_model_parallel_size: o.tp,
     pipeline_model_parallel_size: o.pp,
     params_dtype: new PyGlobal('torch', dtypeInfo(o.dtype).torchDtype!),
