@@ -1,0 +1,167 @@
+/**
+ * HF ↔ Megatron without Python: the bundled example round-trips byte for byte, the QKV
+ * interleave puts every head where Megatron expects it, and bad input fails clearly with nothing
+ * written.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { cp, mkdtemp, readFile, rm, writeFile, rename } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../helpers/oracle.js';
+import { convertHfToMegatron } from '../../src/plan/model-convert.js';
+import { openMegatron } from '../../src/formats/megatron.js';
+import { openCheckpoint } from '../../src/formats/index.js';
+import { wholeBox } from '../../src/tensor/layout.js';
+import { FAMILIES } from '../../src/models/registry.js';
+
+const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+const example = join(repoRoot, 'examples', 'tiny-llama');
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-models-unit-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    execFile(process.execPath, [cli, ...args], (err, stdout, stderr) => res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }));
+  });
+}
+
+async function exampleWithConfig(name: string, edit: (c: Record<string, unknown>) => void): Promise<string> {
+  const d = join(tmp, name);
+  await cp(example, d, { recursive: true });
+  const c = JSON.parse(await readFile(join(d, 'config.json'), 'utf8')) as Record<string, unknown>;
+  edit(c);
+  await writeFile(join(d, 'config.json'), JSON.stringify(c));
+  return d;
+}
+
+async function expectFail(args: string[], re: RegExp, code = 1): Promise<void> {
+  const out = args[args.length - 1]!;
+  const r = await run(args);
+  assert.equal(r.code, code, r.stderr);
+  assert.match(r.stderr, /^shardshift: error: /);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, re);
+  assert.ok(!existsSync(out), 'nothing written');
+}
+
+test('example: HF → Megatron → HF reproduces model.safetensors byte for byte', async () => {
+  const meg = join(tmp, 'rt.megatron');
+  const back = join(tmp, 'rt.hf');
+  assert.equal((await run(['convert', '--to', 'megatron', example, meg])).code, 0);
+  assert.ok(existsSync(join(meg, 'latest_checkpointed_iteration.txt')));
+  assert.ok(existsSync(join(meg, 'iter_0000000', 'metadata.json')));
+  assert.ok(existsSync(join(meg, 'iter_0000000', 'common.pt')));
+  assert.equal((await run(['convert', '--to', 'hf', meg, back])).code, 0);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))));
+  assert.ok(existsSync(join(back, 'generation_config.json')));
+});
+
+test('QKV rows are grouped per query group: [q heads of g; k_g; v_g]', async () => {
+  // tiny-llama: 4 heads, 2 query groups, head dim 8 → per group 2 q heads, 1 k, 1 v.
+  const meg = join(tmp, 'qkv.megatron');
+  await convertHfToMegatron(example, meg, {});
+  const m = await openMegatron(meg);
+  const hf = await openCheckpoint(example);
+  try {
+    const qkv = m.source.tensors.get('decoder.layers.self_attention.linear_qkv.weight')!;
+    const layer1 = new Uint8Array(64 * 32 * 2);
+    await qkv.read({ start: [1, 0, 0], size: [1, 64, 32] }, layer1);
+    const get = async (n: string): Promise<Uint8Array> => {
+      const t = hf.tensors.get(n)!;
+      const b = new Uint8Array(t.byteLength);
+      await t.read(wholeBox(t.shape), b);
+      return b;
+    };
+    const q = await get('model.layers.1.self_attn.q_proj.weight');
+    const k = await get('model.layers.1.self_attn.k_proj.weight');
+    const v = await get('model.layers.1.self_attn.v_proj.weight');
+    const rowBytes = 32 * 2;
+    const rowsOf = (b: Uint8Array, r0: number, n: number): Buffer => Buffer.from(b.subarray(r0 * rowBytes, (r0 + n) * rowBytes));
+    const expected = Buffer.concat([rowsOf(q, 0, 16), rowsOf(k, 0, 8), rowsOf(v, 0, 8), rowsOf(q, 16, 16), rowsOf(k, 8, 8), rowsOf(v, 8, 8)]);
+    assert.ok(Buffer.from(layer1).equals(expected), 'interleaved per query group');
+    const naive = Buffer.concat([Buffer.from(q), Buffer.from(k), Buffer.from(v)]);
+    assert.ok(!Buffer.from(layer1).equals(naive), 'not the naive cat([q, k, v])');
+  } finally {
+    await m.source.close();
+    await hf.close();
+  }
+});
+
+test('a config whose heads do not divide', async () => {
+  const d = await exampleWithConfig('bad-heads', (c) => {
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 3;
+  });
+  await expectFail(['convert', '--to', 'megatron', d, join(tmp, 'o1')], /num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)/);
+});
+
+test('a checkpoint missing a layer', async () => {
+  const d = await exampleWithConfig('missing-layer', (c) => {
+    c.num_hidden_layers = 3;
+  });
+  await expectFail(['convert', '--to', 'megatron', d, join(tmp, 'o2')], /missing: model\.layers\.2\./);
+});
+
+test('a tensor with the wrong shape for the config', async () => {
+  const d = await exampleWithConfig('bad-shape', (c) => {
+    c.intermediate_size = 48;
+  });
+  await expectFail(['convert', '--to', 'megatron', d, join(tmp, 'o3')], /model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight: shape \[\d+, \d+\] does not match the config, which needs/);
+});
+
+test('an unknown architecture', async () => {
+  const d = await exampleWithConfig('unknown-arch', (c) => {
+    c.architectures = ['FancyNewForCausalLM'];
+  });
+  await expectFail(['convert', '--to', 'megatron', d, join(tmp, 'o4')], /unknown architecture FancyNewForCausalLM; supported: LlamaForCausalLM/);
+});
+
+test('a run dir with no tracker file and several iter_* dirs', async () => {
+  const meg = join(tmp, 'multi.megatron');
+  await convertHfToMegatron(example, meg, {});
+  await cp(join(meg, 'iter_0000000'), join(meg, 'iter_0000100'), { recursive: true });
+  await rm(join(meg, 'latest_checkpointed_iteration.txt'));
+  await expectFail(['convert', '--to', 'hf', meg, join(tmp, 'o5')], /no latest_checkpointed_iteration\.txt and 2 iteration directories \(iter_0000000, iter_0000100\); name one of them/, 2);
+  // Naming one works, and the choice is printed in the plan.
+  const r = await run(['convert', '--to', 'hf', '--dry-run', join(meg, 'iter_0000100'), join(tmp, 'o6')]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /note: iteration: iteration directory iter_0000100/);
+});
+
+test('an incomplete Megatron checkpoint (no metadata.json) is refused', async () => {
+  const meg = join(tmp, 'incomplete.megatron');
+  await convertHfToMegatron(example, meg, {});
+  await rename(join(meg, 'iter_0000000', 'metadata.json'), join(meg, 'iter_0000000', 'x'));
+  await expectFail(['convert', '--to', 'hf', meg, join(tmp, 'o7')], /no metadata\.json — Megatron writes it last, so this checkpoint is incomplete/);
+});
+
+test('export without any HF config falls back to the training args in common.pt', async () => {
+  const meg = join(tmp, 'noref.megatron');
+  await convertHfToMegatron(example, meg, {});
+  await rm(join(meg, 'iter_0000000', 'hf'), { recursive: true });
+  const out = join(tmp, 'noref.hf');
+  const r = await run(['convert', '--to', 'hf', meg, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const cfg = JSON.parse(await readFile(join(out, 'config.json'), 'utf8'));
+  assert.equal(cfg.architectures[0], 'LlamaForCausalLM');
+  assert.equal(cfg.num_key_value_heads, 2);
+  assert.equal(cfg.vocab_size, 64);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(out, 'model.safetensors'))));
+});
+
+test('the support matrix in the README lists every registered family, both directions', async () => {
+  const readme = await readFile(join(repoRoot, 'README.md'), 'utf8');
+  for (const f of FAMILIES) {
+    const line = readme.split('\n').find((l) => l.startsWith(`| ${f.description} |`));
+    assert.ok(line, `README support matrix has a row for ${f.description}`);
+    assert.match(line!, new RegExp(`\\| ${f.architectures[0]} \\| ✔ \\| ✔ \\|`));
+  }
+});
