@@ -17,7 +17,8 @@ import type { OutputFile } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
-import { fromHfConfig, paddedVocab, type ModelConfig } from '../models/config.js';
+import { fromHfConfig, paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
+import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
 import { buildExport, buildImport } from '../models/map.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
@@ -157,6 +158,64 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
   };
 }
 
+/**
+ * The model section of a Megatron-Bridge `run_config.yaml` (flat provider fields, or the newer
+ * builder form with a nested `transformer:` mapping), as a plain field map.
+ */
+async function runConfigModel(iterDir: string): Promise<Map<string, unknown> | undefined> {
+  const path = join(iterDir, 'run_config.yaml');
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch {
+    return undefined;
+  }
+  let doc: unknown;
+  try {
+    // Plain YAML: MB's custom tags are written as mappings (_target_, _call_), never as YAML tags.
+    doc = parseYaml(text, { customTags: [], uniqueKeys: false });
+  } catch (e) {
+    throw badInput(`${path}: not valid YAML (${(e as Error).message})`, path);
+  }
+  const model = (doc as Record<string, unknown> | null)?.model as Record<string, unknown> | undefined;
+  if (!model || typeof model !== 'object') return undefined;
+  const fields = new Map<string, unknown>(Object.entries(model));
+  const tr = model.transformer;
+  if (tr && typeof tr === 'object') for (const [k, v] of Object.entries(tr as Record<string, unknown>)) fields.set(k, v);
+  return fields;
+}
+
+/** A ModelConfig from Megatron-Bridge's run_config.yaml model section. */
+function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig {
+  const n = (k: string): number | undefined => (typeof m.get(k) === 'number' ? (m.get(k) as number) : undefined);
+  const need = (k: string): number => {
+    const v = n(k);
+    if (v === undefined) throw badInput(`${file}: model section has no ${k}; give --hf-model <reference HF dir>`, file);
+    return v;
+  };
+  const target = String(m.get('_target_') ?? '').toLowerCase();
+  const qkNorm = m.get('qk_layernorm') === true;
+  const qkvBias = m.get('add_qkv_bias') === true;
+  const family = target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  const heads = need('num_attention_heads');
+  const hidden = need('hidden_size');
+  const c: ModelConfig = {
+    family,
+    numLayers: need('num_layers'),
+    hiddenSize: hidden,
+    ffnHiddenSize: need('ffn_hidden_size'),
+    numAttentionHeads: heads,
+    numQueryGroups: n('num_query_groups') ?? heads,
+    kvChannels: n('kv_channels') ?? hidden / heads,
+    vocabSize: need('vocab_size'),
+    tieEmbeddings: m.get('share_embeddings_and_output_weights') !== false,
+    qkvBias,
+    qkNorm,
+  };
+  validateConfig(c, file);
+  return c;
+}
+
 /** A ModelConfig from MLM-style args in common.pt (when no HF config is at hand). */
 function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: string): ModelConfig {
   const n = (k: string): number | undefined => asNumber(args.get(k));
@@ -186,10 +245,18 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
   };
 }
 
-/** An HF config.json for a config that came from Megatron args. */
-function hfConfigFor(c: ModelConfig, args: NonNullable<ReturnType<typeof commonArgs>>, dtype: DType): Record<string, unknown> {
+type FieldGetter = (mlmArgName: string) => unknown;
+
+/** Megatron-Bridge provider field names for the MLM args hfConfigFor reads. */
+const MB_FIELD: Record<string, string> = { max_position_embeddings: 'seq_length', norm_epsilon: 'layernorm_epsilon' };
+
+/** An HF config.json for a config that came from Megatron args or run_config.yaml. */
+function hfConfigFor(c: ModelConfig, field: FieldGetter, dtype: DType): Record<string, unknown> {
   const fam = familyById(c.family)!;
-  const num = (k: string, d: number): number => asNumber(args.get(k)) ?? d;
+  const num = (k: string, d: number): number => {
+    const v = field(k);
+    return typeof v === 'number' ? v : (asNumber(v as PyValue) ?? d);
+  };
   return {
     architectures: [fam.architectures[0]],
     model_type: fam.modelType,
@@ -225,11 +292,21 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
       notes.push(`config and tokenizer from ${refDir === ownHf ? 'the checkpoint\'s hf/ directory' : refDir}`);
     } else {
       const args = commonArgs(meg.common);
-      if (!args) throw badInput(`${meg.resolved.iterDir}: no recorded HF config (hf/config.json) and no args in common.pt; give --hf-model <reference HF dir>`, meg.resolved.iterDir);
-      cfg = configFromArgs(args, join(meg.resolved.iterDir, 'common.pt'));
-      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, args, opts.dtype ?? 'BF16'), null, 2) + '\n');
+      const rc = await runConfigModel(meg.resolved.iterDir);
+      let fields: FieldGetter;
+      if (rc) {
+        cfg = configFromRunConfig(rc, join(meg.resolved.iterDir, 'run_config.yaml'));
+        fields = (k) => rc.get(MB_FIELD[k] ?? k);
+        notes.push('config from run_config.yaml (Megatron-Bridge); config.json synthesized, no tokenizer carried');
+      } else if (args) {
+        cfg = configFromArgs(args, join(meg.resolved.iterDir, 'common.pt'));
+        fields = (k) => args.get(k);
+        notes.push('config.json synthesized from the training args in common.pt (no tokenizer carried)');
+      } else {
+        throw badInput(`${meg.resolved.iterDir}: no recorded config (hf/config.json, run_config.yaml, or args in common.pt); give --hf-model <reference HF dir>`, meg.resolved.iterDir);
+      }
+      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, fields, opts.dtype ?? 'BF16'), null, 2) + '\n');
       extra.push({ relPath: 'config.json', size: bytes.length, parts: [bytes] });
-      notes.push('config.json synthesized from the training args in common.pt (no tokenizer carried)');
     }
     const dtype = opts.dtype ?? hfDtype(cfg.hf);
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);

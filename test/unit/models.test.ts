@@ -165,3 +165,40 @@ test('the support matrix in the README lists every registered family, both direc
     assert.match(line!, new RegExp(`\\| ${f.architectures[0]} \\| ✔ \\| ✔ \\|`));
   }
 });
+
+test('export reads a Megatron-Bridge run_config.yaml model section when there is no HF config', async () => {
+  const meg = join(tmp, 'mb.megatron');
+  await convertHfToMegatron(example, meg, {});
+  await rm(join(meg, 'iter_0000000', 'hf'), { recursive: true });
+  await writeFile(
+    join(meg, 'iter_0000000', 'run_config.yaml'),
+    [
+      'model:',
+      '  _target_: megatron.bridge.models.llama.llama_provider.LlamaModelProvider',
+      '  num_layers: 2',
+      '  hidden_size: 32',
+      '  ffn_hidden_size: 64',
+      '  num_attention_heads: 4',
+      '  num_query_groups: 2',
+      '  kv_channels: 8',
+      '  vocab_size: 64',
+      '  seq_length: 128',
+      '  layernorm_epsilon: 1.0e-05',
+      '  share_embeddings_and_output_weights: false',
+      '  activation_func:',
+      '    _target_: torch.nn.functional.silu',
+      '    _call_: false',
+      'peft: null',
+      '',
+    ].join('\n'),
+  );
+  const out = join(tmp, 'mb.hf');
+  const r = await run(['convert', '--to', 'hf', meg, out]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /wrote/);
+  const cfg = JSON.parse(await readFile(join(out, 'config.json'), 'utf8'));
+  assert.equal(cfg.max_position_embeddings, 128);
+  assert.equal(cfg.rms_norm_eps, 1e-5);
+  assert.equal(cfg.tie_word_embeddings, false);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(out, 'model.safetensors'))));
+});
