@@ -1,13 +1,13 @@
 import { convert, type ConvertPlan } from '../plan/convert.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
-import type { FormatName } from '../formats/index.js';
+import type { FormatName, FORMAT_NAMES } from '../formats/index.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../errors.js';
 import { progressPrinter } from './progress.js';
 
 interface Flags {
-  to: FormatName | 'megatron' | 'hf';
+  to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf';
   tp: string;
   pp: string;
   makeVocabSizeDivisibleBy: string;

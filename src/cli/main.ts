@@ -6,7 +6,7 @@
 import { Command, Option, CommanderError } from 'commander';
 import { ShardshiftError } from '../errors.js';
 import { UnpicklingError } from '../pickle/index.js';
-import { FORMAT_NAMES } from '../formats/index.js';
+import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
 import { VERSION } from '../version.js';
@@ -23,7 +23,7 @@ function program(): Command {
   p.command('inspect')
     .description('Show what a checkpoint holds (format, tensors, bytes, dtypes, side files) without reading tensor data.')
     .argument('<path>', 'checkpoint file or directory')
-    .addOption(new Option('--format <format>', 'skip detection').choices([...FORMAT_NAMES]))
+    .addOption(new Option('--format <format>', 'skip detection').choices([...READ_FORMAT_NAMES]))
     .option('--json', 'print one JSON document')
     .option('--limit <n>', 'tensors to list (0 = all)', '50')
     .addHelpText('after', '\nExample:\n  $ shardshift inspect examples/tiny-llama\n  $ shardshift inspect model.safetensors --json | jq .dtypes')
@@ -34,7 +34,7 @@ function program(): Command {
     .argument('<src>', 'source checkpoint (file or directory; never modified)')
     .argument('<out>', 'output directory (or a .safetensors / .bin / .pt file); must not exist')
     .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf']).makeOptionMandatory())
-    .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...FORMAT_NAMES]))
+    .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...READ_FORMAT_NAMES]))
     .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
     .option('--shard-size <size>', 'largest output shard (safetensors, torch); transformers 5 default', '50GB')
     .option('--dcp-files <n>', 'number of .distcp files to write (default: one per 5 GB)')

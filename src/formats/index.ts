@@ -9,6 +9,7 @@ import type { PyValue } from '../pickle/values.js';
 import { isSafetensorsPath, openSafetensors, writeSafetensors } from './safetensors.js';
 import { isTorchPath, openTorch, writeTorch } from './torch.js';
 import { isDcpPath, openDcp, writeDcp } from './dcp.js';
+import { isMegatronPath, openMegatron } from './megatron.js';
 
 export interface FormatModule {
   readonly name: FormatName;
@@ -18,12 +19,25 @@ export interface FormatModule {
 }
 
 export const FORMATS: readonly FormatModule[] = [
+  {
+    name: 'megatron',
+    description: 'Megatron-Core torch_dist (run dir with latest_checkpointed_iteration.txt, or iter_* dir)',
+    detect: isMegatronPath,
+    open: async (p) => {
+      const m = await openMegatron(p);
+      const metadata = new Map([['iteration', m.resolved.how], ...m.source.metadata]);
+      return { ...m.source, format: 'megatron' as const, metadata };
+    },
+  },
   { name: 'dcp', description: 'PyTorch Distributed Checkpoint (.metadata + *.distcp)', detect: isDcpPath, open: openDcp },
   { name: 'safetensors', description: 'safetensors, single file or sharded with model.safetensors.index.json', detect: isSafetensorsPath, open: openSafetensors },
   { name: 'torch', description: 'torch.save zip archive (pytorch_model.bin, *.pt), single or sharded with .bin.index.json', detect: isTorchPath, open: openTorch },
 ];
 
-export const FORMAT_NAMES: readonly FormatName[] = FORMATS.map((f) => f.name);
+/** Formats `convert --to` writes tensor-for-tensor. */
+export const FORMAT_NAMES = ['safetensors', 'torch', 'dcp'] as const satisfies readonly FormatName[];
+/** Formats a source can be read as (`--from`, `inspect --format`). */
+export const READ_FORMAT_NAMES: readonly FormatName[] = FORMATS.map((f) => f.name);
 
 export async function detectFormat(path: string): Promise<FormatModule> {
   try {
@@ -55,7 +69,7 @@ export interface WriteOptions {
 }
 
 /** Lays out `tensors` in `format`; reports non-tensor entries the format cannot hold. */
-export function writeFormat(format: FormatName, tensors: readonly TargetTensor[], opts: WriteOptions): WriteReport {
+export function writeFormat(format: (typeof FORMAT_NAMES)[number], tensors: readonly TargetTensor[], opts: WriteOptions): WriteReport {
   switch (format) {
     case 'safetensors': {
       const r = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize, singleFile: opts.singleFile, metadata: opts.metadata });

@@ -11,7 +11,8 @@ import type { DType } from '../tensor/dtype.js';
 import type { Box } from '../tensor/layout.js';
 import type { PyValue } from '../pickle/values.js';
 
-export type FormatName = 'safetensors' | 'torch' | 'dcp';
+/** On-disk formats: the first three are written by `convert --to`; megatron is read here (and written by the model conversion). */
+export type FormatName = 'safetensors' | 'torch' | 'dcp' | 'megatron';
 
 export interface SourceTensor {
   readonly name: string;

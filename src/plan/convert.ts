@@ -5,7 +5,7 @@
  */
 import { stat } from 'node:fs/promises';
 import { dirname, extname, basename, join } from 'node:path';
-import { openCheckpoint, writeFormat, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
+import { openCheckpoint, writeFormat, FORMAT_NAMES, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
 import type { OutputFile } from '../formats/types.js';
 import type { DType } from '../tensor/dtype.js';
 import { usage } from '../errors.js';
@@ -15,7 +15,7 @@ import { writeOutput } from './output.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
-  to: FormatName;
+  to: (typeof FORMAT_NAMES)[number];
   /** Source format, when detection should be skipped. */
   from?: FormatName;
   maxMemory?: number;
