@@ -24,6 +24,13 @@ interface Flags {
   quiet?: boolean;
 }
 
+/** `TransformerEngine extra state (FP8 metadata) ×8 (decoder.layers.…)` per reason. */
+function skippedSummary(plan: ConvertPlan): string[] {
+  const by = new Map<string, string[]>();
+  for (const s of plan.skipped ?? []) by.set(s.reason, [...(by.get(s.reason) ?? []), s.name]);
+  return [...by].map(([reason, names]) => `${reason} ×${names.length} (${names[0]}${names.length > 1 ? ', …' : ''})`);
+}
+
 export function describePlan(plan: ConvertPlan): string {
   const lines = [
     `source: ${plan.source.path} (${plan.source.format}, ${plan.source.tensors} tensors, ${formatBytes(plan.source.bytes)})`,
@@ -32,6 +39,7 @@ export function describePlan(plan: ConvertPlan): string {
   ];
   if (plan.sideFiles.length) lines.push(`side files copied: ${plan.sideFiles.join(', ')}`);
   for (const n of plan.notes ?? []) lines.push(`note: ${n}`);
+  for (const s of skippedSummary(plan)) lines.push(`skipped: ${s}`);
   for (const d of plan.dropped) lines.push(`not carried: ${d.name} (${d.reason})`);
   return lines.join('\n');
 }
@@ -81,6 +89,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
     return;
   }
+  for (const s of skippedSummary(r.plan)) process.stderr.write(`shardshift: skipped by rule: ${s}\n`);
   const rate = r.seconds > 0 ? r.bytesWritten / r.seconds : 0;
   process.stdout.write(
     `wrote ${r.plan.target.path}: ${r.plan.files.length} file${r.plan.files.length === 1 ? '' : 's'}, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)\n`,

@@ -56,6 +56,18 @@ export const DENSE_GLOBAL_PARAMS: readonly GlobalParam[] = [
   { megatron: 'output_layer.weight', hf: 'lm_head.weight', kind: 'vocab', when: (c) => !c.tieEmbeddings },
 ];
 
+/**
+ * Layer modules whose `_extra_state` megatron-core expects in a torch_dist checkpoint (its
+ * linears; strict loading fails without them). Without FP8 they hold no state: each is the bytes
+ * item `decoder.layers.<module>._extra_state/shard_<l>_<L>` = torch.save([None]).
+ */
+export const DENSE_EXTRA_STATE_MODULES: readonly string[] = [
+  'self_attention.linear_qkv',
+  'self_attention.linear_proj',
+  'mlp.linear_fc1',
+  'mlp.linear_fc2',
+];
+
 /** HF tensors a converter may meet and drop by a named rule. */
 export const HF_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string }> = [
   { pattern: /\.rotary_emb\.inv_freq$/, reason: 'rotary inverse frequencies are recomputed from the config' },

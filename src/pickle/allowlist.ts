@@ -589,6 +589,10 @@ function buildTable(): Record<string, AllowEntry> {
   t[`${SHARDED}.MEM_FORMAT_ENCODING`] = enumClass([0, 1, 2]);
   t['torch.distributed.checkpoint.filesystem._StorageInfo'] = dataclass();
   t['torch.distributed.checkpoint.filesystem._StoragePrefix'] = dataclass();
+  // Save plans that decentralized planners (megatron-core's) attach to `.metadata` as
+  // `all_local_plans`: plain dataclasses and the WriteItemType enum (TENSOR, SHARD, BYTE_IO).
+  for (const name of ['SavePlan', 'WriteItem', 'TensorWriteData']) t[`torch.distributed.checkpoint.planner.${name}`] = dataclass();
+  t['torch.distributed.checkpoint.planner.WriteItemType'] = enumClass([1, 2, 3]);
   return t;
 }
 

@@ -32,7 +32,10 @@ export interface ConvertPlan {
   readonly source: { path: string; format: string; tensors: number; bytes: number };
   readonly target: { path: string; format: string; kind: 'dir' | 'file' };
   readonly files: ReadonlyArray<{ path: string; bytes: number; tensors: number }>;
+  /** Entries the target cannot hold (data not carried: warned about). */
   readonly dropped: ReadonlyArray<{ name: string; reason: string }>;
+  /** Source entries left out by a named rule (optimizer state, RNG, TE extra state ...). */
+  readonly skipped?: ReadonlyArray<{ name: string; reason: string }>;
   readonly sideFiles: readonly string[];
   readonly totalBytes: number;
   /** Decisions worth showing (model family, where the config came from, iteration chosen ...). */

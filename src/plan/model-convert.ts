@@ -21,6 +21,7 @@ import { fromHfConfig, paddedVocab, validateConfig, type ModelConfig } from '../
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
 import { buildExport, buildImport } from '../models/map.js';
+import { DENSE_EXTRA_STATE_MODULES } from '../models/dense.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
@@ -89,7 +90,12 @@ export async function convertHfToMegatron(hfDir: string, out: string, opts: Mode
   try {
     const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype });
     const iteration = opts.iteration ?? 0;
-    const files = writeMegatron(entries, { iteration, files: opts.dcpFiles, args: megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }) });
+    const files = writeMegatron(entries, {
+      iteration,
+      files: opts.dcpFiles,
+      args: megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }),
+      extraState: { modules: DENSE_EXTRA_STATE_MODULES, numLayers: cfg.numLayers },
+    });
     const targets = entries.flatMap((e) => e.chunks.map((c) => c.tensor));
     checkComplete(targets, files);
     const iterDir = iterDirName(iteration);
@@ -98,7 +104,8 @@ export async function convertHfToMegatron(hfDir: string, out: string, opts: Mode
       source: { path: hfDir, format: `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: out, format: 'megatron torch_dist', kind: 'dir' },
       files: FILE_PLAN(files),
-      dropped: skipped,
+      dropped: [],
+      skipped,
       sideFiles: side.map((s) => `${iterDir}/hf/${s}`),
       totalBytes: files.reduce((s, f) => s + f.size, 0),
       notes: [
@@ -319,7 +326,8 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
       source: { path: megPath, format: 'megatron torch_dist', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
       files: FILE_PLAN(files),
-      dropped: skipped,
+      dropped: [],
+      skipped,
       sideFiles: side,
       totalBytes: files.reduce((s, f) => s + f.size, 0),
       notes,
