@@ -202,3 +202,42 @@ test('export reads a Megatron-Bridge run_config.yaml model section when there is
   assert.equal(cfg.tie_word_embeddings, false);
   assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(out, 'model.safetensors'))));
 });
+
+test('per-layer torch_dist keys (decoder.layers.<i>.…) and optimizer / RNG entries: read, and skipped by name', async () => {
+  // Re-lay the stacked checkpoint with per-layer keys (as megatron-core writes hybrid and
+  // non-homogeneous models), adding optimizer state and RNG state beside the weights.
+  const { writeMegatron } = await import('../../src/formats/megatron.js');
+  const { copyOf } = await import('../../src/plan/targets.js');
+  const { writeOutput } = await import('../../src/plan/output.js');
+  const stacked = join(tmp, 'stacked.megatron');
+  await convertHfToMegatron(example, stacked, {});
+  const m = await openMegatron(stacked);
+  try {
+    const entries = [];
+    for (const t of m.source.tensors.values()) {
+      if (t.name.startsWith('decoder.layers.')) {
+        const rest = t.name.slice('decoder.layers.'.length);
+        for (let i = 0; i < t.shape[0]!; i++) {
+          const tt = copyOf(`decoder.layers.${i}.${rest}`, t, [i]);
+          entries.push({ name: tt.name, dtype: tt.dtype, shape: tt.shape, chunks: [{ offsets: tt.shape.map(() => 0), tensor: tt }] });
+        }
+      } else {
+        const tt = copyOf(t.name, t);
+        entries.push({ name: t.name, dtype: t.dtype, shape: t.shape, chunks: [{ offsets: t.shape.map(() => 0), tensor: tt }] });
+      }
+    }
+    const emb = m.source.tensors.get('embedding.word_embeddings.weight')!;
+    const opt = copyOf('optimizer.state.exp_avg.embedding.word_embeddings.weight', emb);
+    entries.push({ name: opt.name, dtype: opt.dtype, shape: opt.shape, chunks: [{ offsets: [0, 0], tensor: opt }] });
+    const files = writeMegatron(entries, { iteration: 7, args: {} });
+    const perLayer = join(tmp, 'perlayer.megatron');
+    await writeOutput(stacked, perLayer, 'dir', files, [{ from: join(stacked, 'iter_0000000', 'hf', 'config.json'), to: 'iter_0000007/hf/config.json' }], {});
+  } finally {
+    await m.source.close();
+  }
+  const out = join(tmp, 'perlayer.hf');
+  const r = await run(['convert', '--to', 'hf', join(tmp, 'perlayer.megatron'), out]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /skipped by rule: optimizer state ×1 \(optimizer\.state\.exp_avg\.embedding\.word_embeddings\.weight\)/);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(out, 'model.safetensors'))));
+});
