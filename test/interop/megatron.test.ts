@@ -2,7 +2,7 @@
  * HF ↔ Megatron torch_dist against real megatron-core 0.16.1 on CPU (gloo):
  * - shardshift's Megatron output loads with `dist_checkpointing.load(..., strict=RAISE_ALL)` into
  *   the matching GPTModel (local layer spec), whose logits equal transformers' on the HF model;
- * - checkpoints megatron-core saves (TP=1 and TP=2, tied and untied, with q/k norm and qkv bias)
+ * - checkpoints megatron-core saves (TP=1/2, PP=2, tied and untied, with q/k norm and qkv bias)
  *   export to HF that `from_pretrained` loads with no missing or unexpected keys and whose logits
  *   equal megatron-core's.
  */
@@ -39,16 +39,17 @@ for (const c of ['llama_gqa', 'llama_mha_tied', 'qwen2_bias', 'qwen3_qknorm']) {
   });
 }
 
-for (const [family, tp, tied] of [
-  ['llama', 1, false],
-  ['llama', 2, true],
-  ['qwen3', 2, false],
-  ['qwen2', 1, true],
+for (const [family, tp, pp, tied] of [
+  ['llama', 1, 1, false],
+  ['llama', 2, 1, true],
+  ['qwen3', 2, 1, false],
+  ['qwen2', 1, 1, true],
+  ['llama', 1, 2, true],
 ] as const) {
-  test(`megatron-core ${family} saved at TP=${tp}${tied ? ', tied' : ''} → HF loads cleanly in transformers with megatron-core's logits`, async () => {
-    const run = join(tmp, `saved-${family}-tp${tp}-${tied}`);
-    await runOracle('megatron_oracle.py', ['save', run, family, '--tp', String(tp), ...(tied ? ['--tied'] : [])], { timeoutMs: 180_000 });
-    const hf = join(tmp, `saved-${family}-tp${tp}-${tied}.hf`);
+  test(`megatron-core ${family} saved at TP=${tp} PP=${pp}${tied ? ', tied' : ''} → HF loads cleanly in transformers with megatron-core's logits`, async () => {
+    const run = join(tmp, `saved-${family}-tp${tp}-pp${pp}-${tied}`);
+    await runOracle('megatron_oracle.py', ['save', run, family, '--tp', String(tp), '--pp', String(pp), ...(tied ? ['--tied'] : [])], { timeoutMs: 180_000 });
+    const hf = join(tmp, `saved-${family}-tp${tp}-pp${pp}-${tied}.hf`);
     const res = await convertMegatronToHf(run, hf, { hfModel: join(run, 'hf_ref'), dtype: 'F32' });
     assert.ok((res.plan.skipped ?? []).every((s) => /_extra_state/.test(s.name)), 'only TE extra state skipped');
     const r = JSON.parse(await runOracle('megatron_oracle.py', ['check_hf', hf, run])) as Cmp;

@@ -4,9 +4,9 @@
       build the GPTModel that matches the HF config (local, TE-free layer spec), load the
       checkpoint with dist_checkpointing.load in strict mode (RAISE_ALL), run a forward pass and
       compare its logits with transformers' logits of the HF model (JSON: max_abs_diff)
-  save <run_dir> <case> [--tp N] [--tied]
-      megatron-core saves a randomly initialised GPTModel with dist_checkpointing.save (under TP=N
-      with N gloo ranks) in the Megatron-LM run layout (iter_0000001/ + tracker), writes the logits
+  save <run_dir> <case> [--tp N] [--pp M] [--tied]
+      megatron-core saves a randomly initialised GPTModel with dist_checkpointing.save (under TP=N,
+      PP=M with N×M gloo ranks) in the Megatron-LM run layout (iter_0000001/ + tracker), writes the logits
       of its forward pass and an equivalent HF config (<run_dir>/hf_ref/config.json)
   check_hf <hf_dir> <run_dir>
       AutoModelForCausalLM.from_pretrained(hf_dir) loads with no missing or unexpected keys and
@@ -38,14 +38,14 @@ def shims():
     torch.cuda.synchronize = lambda *a, **k: None
 
 
-def init(rank, world, tp, init_file):
+def init(rank, world, tp, init_file, pp=1):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     shims()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True)
     torch.manual_seed(1234)
 
@@ -58,30 +58,53 @@ def build(c, padded_vocab):
     from megatron.core.transformer import TransformerConfig
 
     tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
     cfg = TransformerConfig(
         num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"],
         num_query_groups=c["groups"], ffn_hidden_size=c["ffn"], kv_channels=c["head_dim"],
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
         layernorm_epsilon=c["eps"], add_bias_linear=False, add_qkv_bias=c["bias"], qk_layernorm=c["qk"],
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
     )
-    model = GPTModel(
+    # Tied embeddings with PP>1: GPTModel moves the last stage's copy with .cuda(); keep it on CPU.
+    orig_cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        model = GPTModel(
         config=cfg,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=c["qk"]),
-        vocab_size=padded_vocab, max_sequence_length=c["max_pos"], pre_process=True, post_process=True,
-        parallel_output=False, share_embeddings_and_output_weights=c["tied"],
+        vocab_size=padded_vocab, max_sequence_length=c["max_pos"], pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(), parallel_output=False, share_embeddings_and_output_weights=c["tied"],
         position_embedding_type="rope", rotary_base=c["rope_theta"],
-    )
+        )
+    finally:
+        torch.Tensor.cuda = orig_cuda
     return model.eval()
 
 
 def forward(model):
-    S = TOKENS.shape[1]
+    """Logits on the last pipeline stage (None elsewhere); stages pass activations by send/recv."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    B, S = TOKENS.shape
     pos = torch.arange(S).unsqueeze(0).expand_as(TOKENS)
     mask = torch.triu(torch.ones(1, 1, S, S, dtype=torch.bool), diagonal=1)
+    pp = ps.get_pipeline_model_parallel_world_size()
     with torch.no_grad():
-        return model(TOKENS, pos, attention_mask=mask)
+        if pp == 1:
+            return model(TOKENS, pos, attention_mask=mask)
+        stage = ps.get_pipeline_model_parallel_rank()
+        if stage > 0:
+            buf = torch.empty((S, B, model.config.hidden_size), dtype=torch.float32)
+            dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(buf)
+        out = model(TOKENS, pos, attention_mask=mask)
+        if stage < pp - 1:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        return out
 
 
 def cfg_from_hf(hf_dir):
@@ -125,11 +148,12 @@ def cmd_load(iter_dir, hf_dir):
     return {"max_abs_diff": (logits - ref).abs().max().item(), "shape": list(logits.shape)}
 
 
-def save_worker(rank, world, init_file, run_dir, case, tied):
+def save_worker(rank, world, init_file, run_dir, case, tied, tp, pp):
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
     from transformers import AutoConfig
 
-    init(rank, world, world, init_file)
+    init(rank, world, tp, init_file, pp)
     fam = FAMILY_CASES[case]
     c = dict(layers=2, hidden=64, heads=4, groups=2, ffn=96, head_dim=16 if fam["qk"] else 16, eps=1e-6,
              bias=fam["bias"], qk=fam["qk"], tied=tied, max_pos=64, rope_theta=10000.0, vocab=100)
@@ -138,19 +162,25 @@ def save_worker(rank, world, init_file, run_dir, case, tied):
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in n else 0.0))
-        for n, p in model.named_parameters():  # keep TP replicas consistent
-            if "norm" in n or n.endswith("bias") and "linear_qkv" not in n:
-                torch.distributed.broadcast(p, src=0)
+        for n, p in model.named_parameters():  # keep TP replicas of replicated params consistent
+            if "norm" in n or (n.endswith("bias") and "linear_qkv" not in n):
+                torch.distributed.broadcast(p, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+        if tied and pp > 1:  # the last stage's copy of the tied embedding equals the first stage's
+            w = model.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(w, group=ps.get_embedding_group())
+            w.div_(2)
     iter_dir = os.path.join(run_dir, "iter_0000001")
     if rank == 0:
         os.makedirs(iter_dir, exist_ok=True)
     torch.distributed.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
-    logits = forward(model)[..., :100]
+    logits = forward(model)
+    last = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    if last:
+        torch.save(logits[..., :100], os.path.join(run_dir, "logits.pt"))
     if rank == 0:
         with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write("1")
-        torch.save(logits, os.path.join(run_dir, "logits.pt"))
         hf = AutoConfig.for_model(
             model_type=fam["model_type"], architectures=fam["architectures"], vocab_size=100, hidden_size=64,
             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -161,10 +191,10 @@ def save_worker(rank, world, init_file, run_dir, case, tied):
     torch.distributed.destroy_process_group()
 
 
-def cmd_save(run_dir, case, tp, tied):
+def cmd_save(run_dir, case, tp, pp, tied):
     import torch.multiprocessing as mp
     os.makedirs(run_dir, exist_ok=True)
-    mp.spawn(save_worker, args=(tp, tempfile.mktemp(), run_dir, case, tied), nprocs=tp, join=True)
+    mp.spawn(save_worker, args=(tp * pp, tempfile.mktemp(), run_dir, case, tied, tp, pp), nprocs=tp * pp, join=True)
 
 
 def cmd_check_hf(hf_dir, run_dir):
@@ -183,7 +213,8 @@ if __name__ == "__main__":
     elif cmd == "save":
         args = sys.argv[2:]
         tp = int(args[args.index("--tp") + 1]) if "--tp" in args else 1
-        cmd_save(args[0], args[1], tp, "--tied" in args)
+        pp = int(args[args.index("--pp") + 1]) if "--pp" in args else 1
+        cmd_save(args[0], args[1], tp, pp, "--tied" in args)
     elif cmd == "check_hf":
         print(json.dumps(cmd_check_hf(sys.argv[2], sys.argv[3])))
     else:
