@@ -221,6 +221,7 @@ export async function openDcp(path: string, opts: { extraGlobals?: AllowList } =
   return {
     format: 'dcp',
     path,
+    root: path,
     tensors,
     objects,
     tree: treeFromPlannerData(m.attr('planner_data'), tensors, objects),

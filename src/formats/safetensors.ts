@@ -252,6 +252,7 @@ export async function openSafetensors(path: string): Promise<CheckpointSource> {
   return {
     format: 'safetensors',
     path,
+    root: dir,
     tensors,
     objects: new Map<string, SourceObject>(),
     metadata,

@@ -148,6 +148,7 @@ export async function openTorch(path: string): Promise<CheckpointSource> {
   return {
     format: 'torch',
     path,
+    root: dir,
     tensors,
     objects,
     tree,

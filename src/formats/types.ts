@@ -54,7 +54,9 @@ export interface CheckpointSource {
   readonly tree?: PyValue;
   /** Format-level metadata (safetensors `__metadata__`, DCP version ...), as strings. */
   readonly metadata: ReadonlyMap<string, string>;
-  /** Data files the tensors live in (relative to `path` when it is a directory). */
+  /** The directory `dataFiles` and `sideFiles` are relative to. */
+  readonly root: string;
+  /** Data files the tensors live in (relative to `root`). */
   readonly dataFiles: readonly string[];
   /** Other files beside the weights (config.json, tokenizer files, args ...), relative paths. */
   readonly sideFiles: readonly string[];

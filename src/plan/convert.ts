@@ -4,7 +4,7 @@
  * through the bounded-memory executor into an atomic output.
  */
 import { stat } from 'node:fs/promises';
-import { dirname, extname, basename, join } from 'node:path';
+import { extname, basename, join } from 'node:path';
 import { openCheckpoint, writeFormat, FORMAT_NAMES, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
 import type { OutputFile } from '../formats/types.js';
 import type { DType } from '../tensor/dtype.js';
@@ -100,8 +100,10 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
       totalBytes: report.files.reduce((s, f) => s + f.size, 0),
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    const fromDir = srcIsDir ? srcPath : dirname(srcPath);
-    await writeOutput(srcPath, outPath, kind, report.files, sideFiles.map((rel) => ({ from: join(fromDir, rel), to: rel })), opts);
+    await writeOutput(srcPath, outPath, kind, report.files, sideFiles.map((rel) => ({ from: join(src.root, rel), to: rel })), {
+      ...opts,
+      manifest: { command: `convert --to ${opts.to}`, sourceFormat: src.format, targetFormat: opts.to, sourceDir: src.root, sourceFiles: src.dataFiles },
+    });
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await src.close();

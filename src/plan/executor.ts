@@ -10,6 +10,7 @@ import { open } from 'node:fs/promises';
 import { join, dirname } from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
+import { createHash, type Hash } from 'node:crypto';
 import { dtypeInfo, itemSize, numelOf } from '../tensor/dtype.js';
 import type { Box } from '../tensor/layout.js';
 import type { OutputFile, TargetTensor } from '../formats/types.js';
@@ -128,51 +129,61 @@ export class Executor {
     this.pool = new BufferPool(this.inflight, this.chunkBytes);
   }
 
+  /** Sets the byte total progress is reported against. */
+  setTotal(total: number): void {
+    this.total = total;
+  }
+
+  /** Counts a file that needs no writing (already complete on resume) as done. */
+  skipFile(f: OutputFile): void {
+    this.done += f.size;
+    this.opts.onProgress?.({ file: f.relPath, bytesDone: this.done, bytesTotal: this.total });
+  }
+
   /** Writes every file under `dir` (which must exist); each file is created fresh and fsynced. */
   async writeAll(dir: string, files: readonly OutputFile[]): Promise<void> {
-    this.total = files.reduce((s, f) => s + f.size, 0);
+    this.setTotal(files.reduce((s, f) => s + f.size, 0));
     for (const f of files) await this.writeFile(join(dir, f.relPath), f);
   }
 
-  async writeFile(path: string, f: OutputFile): Promise<void> {
+  /**
+   * Writes one file (created fresh; `replace` truncates a leftover from an interrupted run),
+   * fsyncs it, and returns the SHA-256 of its content, computed as the bytes stream out.
+   */
+  async writeFile(path: string, f: OutputFile, opts: { replace?: boolean } = {}): Promise<string> {
     await mkdir(dirname(path), { recursive: true });
-    const fh = await open(path, 'wx');
+    const fh = await open(path, opts.replace ? 'w' : 'wx');
+    const hash = createHash('sha256');
+    const base = this.done;
     let pos = 0;
     try {
       for (const part of f.parts) {
-        if (part instanceof Uint8Array) {
-          await writeFully(fh, part, pos);
-          pos += part.length;
-        } else if (typeof part === 'function') {
-          const b = part();
+        if (part instanceof Uint8Array || typeof part === 'function') {
+          const b = part instanceof Uint8Array ? part : part();
+          hash.update(b);
           await writeFully(fh, b, pos);
           pos += b.length;
         } else {
-          pos = await this.streamTensor(fh, part.tensor, pos, part.wantCrc ? (c) => (part.crc = c) : undefined, f.relPath);
+          pos = await this.streamTensor(fh, part.tensor, pos, part.wantCrc ? (c) => (part.crc = c) : undefined, hash, (p) => this.report(f.relPath, base + p));
         }
-        this.report(f.relPath, pos);
+        this.report(f.relPath, base + pos);
       }
       if (pos !== f.size) throw new Error(`internal: ${f.relPath} came out ${pos} bytes, planned ${f.size}`);
       await fh.sync();
     } finally {
       await fh.close();
     }
+    this.done = base + pos;
+    return hash.digest('hex');
   }
 
   private lastReport = 0;
-  private fileBase = 0;
-  private currentFile = '';
-  private report(file: string, pos: number): void {
+  private report(file: string, done: number): void {
     if (!this.opts.onProgress) return;
-    if (file !== this.currentFile) {
-      this.fileBase = this.done;
-      this.currentFile = file;
-    }
     const now = Date.now();
-    this.done = this.fileBase + pos;
     if (now - this.lastReport < 100) return;
     this.lastReport = now;
-    this.opts.onProgress({ file, bytesDone: this.done, bytesTotal: this.total });
+    this.opts.onProgress({ file, bytesDone: done, bytesTotal: this.total });
   }
 
   private async streamTensor(
@@ -180,7 +191,8 @@ export class Executor {
     t: TargetTensor,
     start: number,
     setCrc: ((crc: number) => void) | undefined,
-    file: string,
+    hash: Hash,
+    progress: (pos: number) => void,
   ): Promise<number> {
     const boxes = chunkBoxes(t, this.chunkBytes);
     let crc = 0;
@@ -212,12 +224,13 @@ export class Executor {
         const data = buf.subarray(0, len);
         try {
           if (setCrc) crc = crc32(data, crc);
+          hash.update(data);
           await writeFully(fh, data, pos);
         } finally {
           this.pool.give(buf);
         }
         pos += len;
-        this.report(file, pos);
+        progress(pos);
       }
     } catch (e) {
       // Let reads already started settle so their buffers return to the pool.

@@ -116,7 +116,10 @@ export async function convertHfToMegatron(hfDir: string, out: string, opts: Mode
       ],
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(hfDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), opts);
+    await writeOutput(hfDir, out, 'dir', files, side.map((s) => ({ from: join(src.root, s), to: `${iterDir}/hf/${s}` })), {
+      ...opts,
+      manifest: { command: 'convert --to megatron', sourceFormat: `hf (${src.format})`, targetFormat: 'megatron torch_dist', sourceDir: src.root, sourceFiles: src.dataFiles },
+    });
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await src.close();
@@ -333,7 +336,10 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
       notes,
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(megPath, out, 'dir', files, side.map((s) => ({ from: join(refDir!, s), to: s })), opts);
+    await writeOutput(megPath, out, 'dir', files, side.map((s) => ({ from: join(refDir!, s), to: s })), {
+      ...opts,
+      manifest: { command: 'convert --to hf', sourceFormat: 'megatron torch_dist', targetFormat: 'hf (safetensors)', sourceDir: src.root, sourceFiles: src.dataFiles },
+    });
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await src.close();

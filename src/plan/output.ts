@@ -4,12 +4,15 @@
  * looks done. The destination must not exist (unless overwriting), and may be neither the source,
  * inside it, nor contain it.
  */
-import { mkdir, open, realpath, rename, rm, stat, copyFile } from 'node:fs/promises';
+import { mkdir, open, readFile, realpath, rename, rm, stat, copyFile } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { usage } from '../errors.js';
 import type { OutputFile } from '../formats/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
+import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
+import { VERSION } from '../version.js';
 
 async function exists(p: string): Promise<boolean> {
   return stat(p).then(
@@ -32,31 +35,15 @@ function within(child: string, parent: string): boolean {
   return child === parent || child.startsWith(parent.endsWith(sep) ? parent : parent + sep);
 }
 
-export interface OutputTarget {
+interface OutputTarget {
   /** Final path. */
   readonly path: string;
-  /** Where to write before the rename. */
+  /** Where it was written before the rename. */
   readonly temp: string;
   readonly kind: 'dir' | 'file';
 }
 
-/** Checks the rules and picks a temporary path beside `out`. */
-export async function prepareOutput(src: string, out: string, opts: { overwrite: boolean; kind: 'dir' | 'file' }): Promise<OutputTarget> {
-  const s = await canonical(src);
-  const o = await canonical(out);
-  if (within(o, s)) throw usage(`output ${out} is ${o === s ? 'the source itself' : 'inside the source'} (${src}); choose a path outside it`);
-  if (within(s, o)) throw usage(`output ${out} contains the source ${src}; choose another path`);
-  if (await exists(o)) {
-    if (!opts.overwrite) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
-  }
-  const parent = dirname(o);
-  if (!(await exists(parent))) await mkdir(parent, { recursive: true });
-  const temp = join(parent, `.${basename(o)}.partial-${randomBytes(4).toString('hex')}`);
-  if (opts.kind === 'dir') await mkdir(temp);
-  return { path: o, temp, kind: opts.kind };
-}
-
-async function fsyncPath(p: string): Promise<void> {
+export async function fsyncPath(p: string): Promise<void> {
   const fh = await open(p, 'r');
   try {
     await fh.sync();
@@ -66,7 +53,7 @@ async function fsyncPath(p: string): Promise<void> {
 }
 
 /** fsyncs the temp output and renames it into place (replacing an existing output when asked). */
-export async function commitOutput(t: OutputTarget): Promise<void> {
+async function commitOutput(t: OutputTarget): Promise<void> {
   if (t.kind === 'dir') await fsyncPath(t.temp);
   if (await exists(t.path)) {
     const old = `${t.temp}.old`;
@@ -77,11 +64,6 @@ export async function commitOutput(t: OutputTarget): Promise<void> {
     await rename(t.temp, t.path);
   }
   await fsyncPath(dirname(t.path));
-}
-
-/** Removes a temp output after a failure. */
-export async function abandonOutput(t: OutputTarget): Promise<void> {
-  await rm(t.temp, { recursive: true, force: true });
 }
 
 /** Copies side files (config.json, tokenizer ...) into the output, fsyncing each. */
@@ -99,11 +81,67 @@ export interface WriteOutputOptions {
   overwrite?: boolean;
   maxMemory?: number;
   onProgress?: (e: ProgressEvent) => void;
+  /** What the finished directory's manifest records about the run and its source. */
+  manifest?: {
+    readonly command: string;
+    readonly sourceFormat: string;
+    readonly targetFormat: string;
+    /** Directory the source's data files are relative to, and the files. */
+    readonly sourceDir: string;
+    readonly sourceFiles: readonly string[];
+    /** Hash whole source files (default: first and last MiB plus size). */
+    readonly fullSourceHash?: boolean;
+  };
+}
+
+async function readProgress(path: string): Promise<Progress | undefined> {
+  try {
+    const j = JSON.parse(await readFile(path, 'utf8')) as Progress;
+    return typeof j.planHash === 'string' && typeof j.files === 'object' ? j : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes JSON atomically: a temp file, fsynced, renamed over the target. */
+async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
+  const tmp = `${path}.tmp`;
+  const fh = await open(tmp, 'w');
+  try {
+    await fh.writeFile(JSON.stringify(value, null, 2) + '\n');
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+}
+
+async function sha256File(path: string): Promise<FileRecord> {
+  const h = createHash('sha256');
+  let size = 0;
+  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 22 })) {
+    h.update(chunk as Buffer);
+    size += (chunk as Buffer).length;
+  }
+  return { size, sha256: h.digest('hex') };
+}
+
+/** Test hook: SIGKILL this process at a chosen point, to prove interrupted runs resume. */
+function killPoint(kind: 'after-files' | 'mid-file', n: number): boolean {
+  const v = process.env[kind === 'after-files' ? 'SHARDSHIFT_TEST_KILL_AFTER_FILES' : 'SHARDSHIFT_TEST_KILL_MID_FILE'];
+  return v !== undefined && Number(v) === n;
 }
 
 /**
- * Runs a complete plan into `out`: checks the destination, streams every file through the
- * bounded-memory executor into a temporary path, copies side files, fsyncs, renames into place.
+ * Runs a complete plan into `out`.
+ *
+ * A directory output is written into `<out>.partial`, one file at a time; each finished file is
+ * fsynced and recorded (size, SHA-256) in `.shardshift-progress.json` together with the plan's
+ * hash. Re-running the same conversion after an interruption (even `kill -9`) skips the files
+ * already recorded and rewrites the rest; a different plan into the same `.partial` is refused.
+ * When everything is written, side files are copied, `shardshift-manifest.json` is written last,
+ * and the directory is renamed into place. A single-file output goes to `<out>.partial` and is
+ * renamed when complete.
  */
 export async function writeOutput(
   src: string,
@@ -113,18 +151,93 @@ export async function writeOutput(
   sideCopies: ReadonlyArray<{ from: string; to: string }>,
   opts: WriteOutputOptions,
 ): Promise<void> {
-  const target = await prepareOutput(src, out, { overwrite: opts.overwrite ?? false, kind });
-  try {
-    const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
-    if (kind === 'file') {
-      await ex.writeFile(target.temp, files[0]!);
-    } else {
-      await ex.writeAll(target.temp, files);
-      await copySideFiles(sideCopies, target.temp);
+  const s = await canonical(src);
+  const o = await canonical(out);
+  if (within(o, s)) throw usage(`output ${out} is ${o === s ? 'the source itself' : 'inside the source'} (${src}); choose a path outside it`);
+  if (within(s, o)) throw usage(`output ${out} contains the source ${src}; choose another path`);
+  if ((await exists(o)) && !opts.overwrite) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
+  const partial = `${o}.partial`;
+  if (within(partial, s)) throw usage(`output ${out}.partial would be inside the source; choose a path outside it`);
+  await mkdir(dirname(o), { recursive: true });
+  const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
+  ex.setTotal(files.reduce((n, f) => n + f.size, 0));
+
+  if (kind === 'file') {
+    await ex.writeFile(partial, files[0]!, { replace: true });
+    await commitOutput({ path: o, temp: partial, kind });
+    return;
+  }
+
+  const hash = planHash(files, sideCopies.map((c) => c.to));
+  const progressPath = join(partial, PROGRESS_NAME);
+  let progress: Progress;
+  if (await exists(partial)) {
+    const prev = await readProgress(progressPath);
+    if (!prev) throw usage(`${partial} exists but is not a shardshift partial output; remove it to start over`);
+    if (prev.planHash !== hash) {
+      throw usage(`${partial} holds an interrupted conversion with a different plan (plan ${prev.planHash.slice(0, 12)}, this one ${hash.slice(0, 12)}); remove it to start over, or re-run the original command to resume`);
     }
-    await commitOutput(target);
+    progress = prev;
+  } else {
+    await mkdir(partial);
+    progress = { planHash: hash, files: {} };
+    await writeJsonAtomic(progressPath, progress);
+    await fsyncPath(dirname(partial));
+  }
+
+  let written = 0;
+  try {
+    await writeFiles();
   } catch (e) {
-    await abandonOutput(target);
+    // Nothing finished: leave nothing behind. Otherwise keep the finished files for a resume.
+    if (Object.keys(progress.files).length === 0) await rm(partial, { recursive: true, force: true });
+    else if (e instanceof Error) e.message += ` (finished files are kept in ${partial}; re-run the same command to resume)`;
     throw e;
   }
+  async function writeFiles(): Promise<void> {
+    for (const [i, f] of files.entries()) {
+      const path = join(partial, f.relPath);
+      const done = progress.files[f.relPath];
+      if (done && (await stat(path).then((st) => st.size === done.size, () => false))) {
+        ex.skipFile(f);
+        continue;
+      }
+      if (killPoint('mid-file', i)) {
+        // Leave a half-written file behind, as a crash would.
+        await mkdir(dirname(path), { recursive: true });
+        const fh = await open(path, 'w');
+        const first = f.parts[0];
+        if (first instanceof Uint8Array) await fh.write(first);
+        await fh.close();
+        process.kill(process.pid, 'SIGKILL');
+      }
+      const sha256 = await ex.writeFile(path, f, { replace: true });
+      progress.files[f.relPath] = { size: f.size, sha256 };
+      await writeJsonAtomic(progressPath, progress);
+      written++;
+      if (killPoint('after-files', written)) process.kill(process.pid, 'SIGKILL');
+    }
+    await copySideFiles(sideCopies, partial);
+  }
+  const records: Record<string, FileRecord> = {};
+  for (const f of files) records[f.relPath] = progress.files[f.relPath]!;
+  for (const c of sideCopies) records[c.to] = await sha256File(join(partial, c.to));
+  const m = opts.manifest;
+  const manifest: Manifest = {
+    tool: 'shardshift',
+    version: VERSION,
+    created: new Date().toISOString(),
+    command: m?.command ?? 'convert',
+    source: {
+      path: s,
+      format: m?.sourceFormat ?? 'unknown',
+      files: m ? await identifySource(m.sourceDir, m.sourceFiles, m.fullSourceHash ?? false) : [],
+    },
+    target: { format: m?.targetFormat ?? 'unknown' },
+    planHash: hash,
+    files: records,
+  };
+  await writeJsonAtomic(join(partial, MANIFEST_NAME), manifest);
+  await rm(progressPath, { force: true });
+  await commitOutput({ path: o, temp: partial, kind });
 }

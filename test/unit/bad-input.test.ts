@@ -45,7 +45,7 @@ async function expectFailure(src: string, re: RegExp, code = 1, to = 'safetensor
   assert.match(lines[0]!, re);
   assert.ok(!/\n\s+at /.test(r.stderr), 'no stack trace');
   assert.ok(!existsSync(out), 'no output left behind');
-  assert.deepEqual((await readdir(tmp)).filter((n) => n.includes('.partial-')), [], 'no partial output left behind');
+  assert.deepEqual((await readdir(tmp)).filter((n) => n.includes('.partial')), [], 'no partial output left behind');
   return lines[0]!;
 }
 

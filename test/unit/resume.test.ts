@@ -1,0 +1,87 @@
+/**
+ * Atomic, resumable output: a conversion killed with SIGKILL at several points leaves only
+ * `<out>.partial`; re-running the same command resumes (skipping finished files) and the result
+ * is byte-identical to an uninterrupted run; a different plan into the same partial is refused;
+ * the finished directory carries a manifest whose checksums match its files.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../helpers/oracle.js';
+
+const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+const example = join(repoRoot, 'examples', 'tiny-llama');
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-resume-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function run(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    execFile(process.execPath, [cli, ...args], { env: { ...process.env, ...env } }, (err, stdout, stderr) => {
+      const e = err as (Error & { code?: number; signal?: string }) | null;
+      res({ code: e ? (e.code ?? null) : 0, signal: e?.signal ?? null, stdout, stderr });
+    });
+  });
+}
+
+async function tree(dir: string): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  const walk = async (d: string, rel: string): Promise<void> => {
+    for (const e of await readdir(d, { withFileTypes: true })) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (e.isDirectory()) await walk(join(d, e.name), r);
+      else if (e.name !== 'shardshift-manifest.json') out[r] = createHash('sha256').update(await readFile(join(d, e.name))).digest('hex');
+    }
+  };
+  await walk(dir, '');
+  return out;
+}
+
+// Megatron output: 4 .distcp files + .metadata + common.pt + metadata.json + tracker + side files.
+const ARGS = (out: string): string[] => ['convert', '--to', 'megatron', '--dcp-files', '4', '-q', example, out];
+
+test('killed with SIGKILL after 1 and 3 files and in the middle of a file, a re-run resumes to a byte-identical result', async () => {
+  const ref = join(tmp, 'ref');
+  assert.equal((await run(ARGS(ref))).code, 0);
+  const want = await tree(ref);
+  const manifest = JSON.parse(await readFile(join(ref, 'shardshift-manifest.json'), 'utf8'));
+  for (const [rel, rec] of Object.entries(manifest.files as Record<string, { sha256: string }>)) assert.equal(rec.sha256, want[rel], `manifest checksum of ${rel}`);
+  assert.equal(manifest.tool, 'shardshift');
+  assert.match(manifest.planHash, /^[0-9a-f]{64}$/);
+  assert.equal(manifest.source.files[0].path.endsWith('model.safetensors'), true);
+
+  for (const [env, label] of [
+    [{ SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' }, 'after 1 file'],
+    [{ SHARDSHIFT_TEST_KILL_AFTER_FILES: '3' }, 'after 3 files'],
+    [{ SHARDSHIFT_TEST_KILL_MID_FILE: '0' }, 'in the middle of the first file'],
+    [{ SHARDSHIFT_TEST_KILL_MID_FILE: '2' }, 'in the middle of the third file'],
+  ] as const) {
+    const out = join(tmp, `killed-${label.replace(/\W+/g, '-')}`);
+    const killed = await run(ARGS(out), env);
+    assert.equal(killed.signal, 'SIGKILL', `${label}: the run was killed`);
+    assert.ok(!existsSync(out), `${label}: nothing that looks done`);
+    assert.ok(existsSync(`${out}.partial`), `${label}: the partial output is there`);
+    const resumed = await run(ARGS(out));
+    assert.equal(resumed.code, 0, resumed.stderr);
+    assert.ok(!existsSync(`${out}.partial`));
+    assert.deepEqual(await tree(out), want, `${label}: resumed output is byte-identical`);
+  }
+});
+
+test('a different plan into the same partial directory is refused', async () => {
+  const out = join(tmp, 'other-plan');
+  const killed = await run(ARGS(out), { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' });
+  assert.equal(killed.signal, 'SIGKILL');
+  const r = await run(['convert', '--to', 'megatron', '--dcp-files', '4', '--tp', '2', '-q', example, out]);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /other-plan\.partial holds an interrupted conversion with a different plan .* remove it to start over, or re-run the original command to resume/);
+});
