@@ -10,8 +10,9 @@ import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
 import { VERSION } from '../version.js';
+import { EXIT } from './exit.js';
+import { runVerify, runDiff } from './verify.js';
 
-export const EXIT = { ok: 0, error: 1, usage: 2, verify: 3 } as const;
 
 function program(): Command {
   const p = new Command('shardshift')
@@ -53,6 +54,22 @@ function program(): Command {
       '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
     )
     .action(runConvert);
+  p.command('verify')
+    .description('Check an output: its manifest checksums, its tensors against the declared model config, NaN/Inf, and with --against, that every tensor equals its mapping of the source.')
+    .argument('<out>', 'a directory written by shardshift')
+    .option('--against <src>', 'the source it was converted from')
+    .option('--json', 'print the report as JSON')
+    .addHelpText('after', '\nExit code 3 when a check fails.\n\nExamples:\n  $ shardshift verify out/llama-megatron --against ./Llama-3.2-1B\n  $ shardshift verify out/llama-hf')
+    .action(runVerify);
+
+  p.command('diff')
+    .description('Compare two checkpoints of any formats (HF and Megatron through the model map): per-tensor differing elements, max abs and ulp difference.')
+    .argument('<a>', 'first checkpoint')
+    .argument('<b>', 'second checkpoint')
+    .option('--all', 'list identical tensors too')
+    .option('--json', 'print the report as JSON')
+    .addHelpText('after', '\nExit code 0 when identical, 1 otherwise.\n\nExamples:\n  $ shardshift diff ./Llama-3.2-1B out/llama-megatron\n  $ shardshift diff merged-by-peft/ merged-by-shardshift/')
+    .action(runDiff);
   return p;
 }
 

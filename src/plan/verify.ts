@@ -1,0 +1,348 @@
+/**
+ * `verify` and `diff`: proving what was written.
+ *
+ * verify checks an output against its own manifest (every file's size and SHA-256), against the
+ * model config it declares (every expected tensor present, right dtype and shape), for NaN/Inf,
+ * and — with a source — that every output tensor equals its mapping of the source (bit-exact for
+ * layout moves). diff compares two checkpoints of any formats, mapping one onto the other's names
+ * through the model map when they differ (HF ↔ Megatron), and reports per-tensor differences.
+ */
+import { createReadStream } from 'node:fs';
+import { readFile, stat } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { openCheckpoint } from '../formats/index.js';
+import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import { openMegatron } from '../formats/megatron.js';
+import { dtypeInfo, itemSize, numelOf, type DType } from '../tensor/dtype.js';
+import { canCast, castBytes } from '../tensor/cast.js';
+import type { Box } from '../tensor/layout.js';
+import { chunkBoxes } from './executor.js';
+import { MANIFEST_NAME, type Manifest } from './manifest.js';
+import { buildExport, buildImport } from '../models/map.js';
+import { configFromHfDir } from './model-convert.js';
+import { badInput } from '../errors.js';
+
+const CHUNK = 16 << 20;
+
+/** Anything with a dtype, shape and a way to read boxes. */
+interface Readable {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+}
+type ReadFn = (box: Box, out: Uint8Array) => Promise<void>;
+
+function readerOf(t: SourceTensor | TargetTensor): ReadFn {
+  return 'produce' in t ? (b, o) => t.produce(b, o) : (b, o) => t.read(b, o);
+}
+
+function boxBytes(d: DType, b: Box): number {
+  return (numelOf(b.size) * dtypeInfo(d).bits) / 8;
+}
+
+/** Floating types whose NaN/Inf we can count (via an exact widening to f32). */
+function widenable(d: DType): boolean {
+  return d === 'F32' || (canCast(d, 'F32') && dtypeInfo(d).float);
+}
+
+export interface NonFinite {
+  readonly nan: number;
+  readonly inf: number;
+}
+
+export async function countNonFinite(t: Readable, read: ReadFn): Promise<NonFinite> {
+  if (!widenable(t.dtype)) return { nan: 0, inf: 0 };
+  let nan = 0;
+  let inf = 0;
+  for (const b of chunkBoxes(t, CHUNK)) {
+    const raw = new Uint8Array(boxBytes(t.dtype, b));
+    await read(b, raw);
+    const f = t.dtype === 'F32' ? raw : castBytes(raw, t.dtype, 'F32');
+    const v = new Float32Array(f.buffer, f.byteOffset, f.byteLength / 4);
+    for (let i = 0; i < v.length; i++) {
+      const x = v[i]!;
+      if (x !== x) nan++;
+      else if (x === Infinity || x === -Infinity) inf++;
+    }
+  }
+  return { nan, inf };
+}
+
+export interface TensorDiff {
+  readonly name: string;
+  readonly equal: boolean;
+  /** Elements whose bits differ. */
+  readonly differing: number;
+  readonly maxAbs: number;
+  /** Largest distance in units in the last place of the compared dtype (floats only). */
+  readonly maxUlp: number;
+  readonly note?: string;
+}
+
+/** Orders the bits of a float so that adjacent representable values differ by 1. */
+function ordered(bits: number, width: number): number {
+  const sign = 2 ** (width - 1);
+  return bits >= sign ? sign - 1 - (bits - sign) - sign + 1 : bits + sign;
+}
+
+function bitsAt(raw: Uint8Array, i: number, item: number): number {
+  let v = 0;
+  for (let k = item - 1; k >= 0; k--) v = v * 256 + raw[i * item + k]!;
+  return v;
+}
+
+/** Compares two tensors of the same shape box by box (b cast to a's dtype when they differ). */
+export async function compareTensors(name: string, a: Readable, readA: ReadFn, b: Readable, readB: ReadFn): Promise<TensorDiff> {
+  if (a.shape.length !== b.shape.length || a.shape.some((d, i) => d !== b.shape[i])) {
+    return { name, equal: false, differing: numelOf(a.shape), maxAbs: Infinity, maxUlp: Infinity, note: `shape [${a.shape.join(', ')}] vs [${b.shape.join(', ')}]` };
+  }
+  const item = itemSize(a.dtype);
+  if (item === undefined) return { name, equal: false, differing: 0, maxAbs: 0, maxUlp: 0, note: `cannot compare ${a.dtype}` };
+  if (a.dtype !== b.dtype && !canCast(b.dtype, a.dtype)) {
+    return { name, equal: false, differing: numelOf(a.shape), maxAbs: Infinity, maxUlp: Infinity, note: `dtype ${a.dtype} vs ${b.dtype}` };
+  }
+  const isFloat = widenable(a.dtype) && item <= 4;
+  let differing = 0;
+  let maxAbs = 0;
+  let maxUlp = 0;
+  for (const box of chunkBoxes(a, CHUNK)) {
+    const ra = new Uint8Array(boxBytes(a.dtype, box));
+    await readA(box, ra);
+    const rbRaw = new Uint8Array(boxBytes(b.dtype, box));
+    await readB(box, rbRaw);
+    const rb = a.dtype === b.dtype ? rbRaw : castBytes(rbRaw, b.dtype, a.dtype);
+    if (Buffer.from(ra.buffer, ra.byteOffset, ra.length).equals(Buffer.from(rb.buffer, rb.byteOffset, rb.length))) continue;
+    const n = ra.length / item;
+    const fa = isFloat ? (a.dtype === 'F32' ? ra : castBytes(ra, a.dtype, 'F32')) : undefined;
+    const fb = isFloat ? (a.dtype === 'F32' ? rb : castBytes(rb, a.dtype, 'F32')) : undefined;
+    const va = fa ? new Float32Array(fa.buffer, fa.byteOffset, n) : undefined;
+    const vb = fb ? new Float32Array(fb.buffer, fb.byteOffset, n) : undefined;
+    for (let i = 0; i < n; i++) {
+      const x = bitsAt(ra, i, item);
+      const y = bitsAt(rb, i, item);
+      if (x === y) continue;
+      differing++;
+      if (va && vb) {
+        const d = Math.abs(va[i]! - vb[i]!);
+        if (d > maxAbs || d !== d) maxAbs = d !== d ? Infinity : d;
+        const u = Math.abs(ordered(x, item * 8) - ordered(y, item * 8));
+        if (u > maxUlp) maxUlp = u;
+      } else {
+        const d = Math.abs(x - y);
+        if (d > maxAbs) maxAbs = d;
+      }
+    }
+  }
+  return { name, equal: differing === 0, differing, maxAbs, maxUlp };
+}
+
+export interface VerifyReport {
+  readonly path: string;
+  readonly format: string;
+  readonly checks: Array<{ check: string; ok: boolean; detail: string }>;
+  readonly ok: boolean;
+}
+
+async function sha256Of(path: string): Promise<{ size: number; sha256: string }> {
+  const h = createHash('sha256');
+  let size = 0;
+  for await (const c of createReadStream(path, { highWaterMark: 1 << 22 })) {
+    h.update(c as Buffer);
+    size += (c as Buffer).length;
+  }
+  return { size, sha256: h.digest('hex') };
+}
+
+/** Expected tensors (name → shape) of an HF directory's declared config, through the model map. */
+async function expectedHfShapes(dir: string, out: CheckpointSource): Promise<Map<string, readonly number[]> | undefined> {
+  if (!(await stat(join(dir, 'config.json')).then(() => true, () => false))) return undefined;
+  let cfg;
+  try {
+    cfg = await configFromHfDir(dir);
+  } catch {
+    return undefined; // not a model family we map: no config check
+  }
+  // Building the import plan from the output itself checks every name and shape against the config.
+  const { entries } = buildImport(cfg, out, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: [...out.tensors.values()][0]?.dtype ?? 'BF16' });
+  void entries;
+  return new Map([...out.tensors.values()].map((t) => [t.name, t.shape]));
+}
+
+export async function verifyOutput(path: string, opts: { against?: string } = {}): Promise<VerifyReport> {
+  const checks: VerifyReport['checks'] = [];
+  const add = (check: string, ok: boolean, detail: string): void => {
+    checks.push({ check, ok, detail });
+  };
+  // 1. The manifest's checksums.
+  const manifestPath = join(path, MANIFEST_NAME);
+  let manifest: Manifest | undefined;
+  try {
+    manifest = JSON.parse(await readFile(manifestPath, 'utf8')) as Manifest;
+  } catch {
+    add('manifest', false, `${manifestPath} is missing or unreadable`);
+  }
+  if (manifest) {
+    const bad: string[] = [];
+    for (const [rel, rec] of Object.entries(manifest.files)) {
+      const got = await sha256Of(join(path, rel)).catch(() => undefined);
+      if (!got) bad.push(`${rel} missing`);
+      else if (got.size !== rec.size || got.sha256 !== rec.sha256) bad.push(`${rel} ${got.size !== rec.size ? `is ${got.size} bytes, manifest says ${rec.size}` : 'fails its SHA-256'}`);
+    }
+    add('manifest checksums', bad.length === 0, bad.length ? bad.join('; ') : `${Object.keys(manifest.files).length} files match`);
+  }
+  // 2. The tensors against the declared config.
+  const isMegatron = await stat(join(path, 'latest_checkpointed_iteration.txt')).then(() => true, () => false);
+  const out = isMegatron ? { ...(await openMegatron(path)).source, format: 'megatron' as const } : await openCheckpoint(path);
+  try {
+    if (isMegatron) {
+      const hfDir = join((await openMegatronIterDir(path)), 'hf');
+      try {
+        const cfg = await configFromHfDir(hfDir);
+        buildExport(cfg, out, { dtype: 'F32' });
+        add('tensors match the config', true, `${cfg.family}: every expected Megatron tensor present with the right shape`);
+      } catch (e) {
+        add('tensors match the config', false, (e as Error).message);
+      }
+    } else {
+      try {
+        const shapes = await expectedHfShapes(out.root, out);
+        add('tensors match the config', true, shapes ? 'every expected HF tensor present with the right shape' : 'no model config to check against (format-only output)');
+      } catch (e) {
+        add('tensors match the config', false, (e as Error).message);
+      }
+    }
+    // 3. NaN / Inf (and, with a source, equality with its mapping).
+    const src = opts.against ? await openAgainst(opts.against, out) : undefined;
+    try {
+      const nonFinite: string[] = [];
+      for (const t of out.tensors.values()) {
+        const nf = await countNonFinite(t, readerOf(t));
+        if (nf.nan + nf.inf === 0) continue;
+        const mapped = src?.get(t.name);
+        const srcNf = mapped ? await countNonFinite(mapped, readerOf(mapped)) : undefined;
+        if (!srcNf || srcNf.nan + srcNf.inf === 0) nonFinite.push(`${t.name} (${nf.nan} NaN, ${nf.inf} Inf)`);
+      }
+      add('no NaN/Inf the source did not have', nonFinite.length === 0, nonFinite.length ? nonFinite.slice(0, 8).join(', ') : 'none');
+      if (src) {
+        const diffs: string[] = [];
+        let compared = 0;
+        for (const t of out.tensors.values()) {
+          const m = src.get(t.name);
+          if (!m) continue;
+          compared++;
+          const d = await compareTensors(t.name, t, readerOf(t), m, readerOf(m));
+          if (!d.equal) diffs.push(`${t.name}: ${d.note ?? `${d.differing} elements differ (max ${d.maxUlp} ulp)`}`);
+        }
+        const unmatched = [...out.tensors.keys()].filter((n) => !src.has(n));
+        add(
+          'equal to the source\'s mapping',
+          diffs.length === 0 && unmatched.length === 0,
+          diffs.length || unmatched.length
+            ? [...diffs.slice(0, 8), ...(unmatched.length ? [`${unmatched.length} output tensors have no source mapping (${unmatched.slice(0, 3).join(', ')})`] : [])].join('; ')
+            : `${compared} tensors bit-identical to their mapping of ${opts.against}`,
+        );
+      }
+    } finally {
+      await src?.closeAll();
+    }
+  } finally {
+    await out.close();
+  }
+  return { path, format: out.format, checks, ok: checks.every((c) => c.ok) };
+}
+
+async function openMegatronIterDir(path: string): Promise<string> {
+  const m = await openMegatron(path);
+  await m.source.close();
+  return m.resolved.iterDir;
+}
+
+/**
+ * The source's tensors under the output's names: the same names for format conversions, or the
+ * model map for HF ↔ Megatron (chosen by which side is Megatron).
+ */
+async function openAgainst(srcPath: string, out: CheckpointSource): Promise<Map<string, SourceTensor | TargetTensor> & { closeAll(): Promise<void> }> {
+  const srcIsMegatron = await stat(join(srcPath, 'latest_checkpointed_iteration.txt')).then(() => true, () => false)
+    || (await stat(join(srcPath, 'metadata.json')).then(() => true, () => false) && (await stat(join(srcPath, '.metadata')).then(() => true, () => false)));
+  const result = new Map<string, SourceTensor | TargetTensor>() as Map<string, SourceTensor | TargetTensor> & { closeAll(): Promise<void> };
+  if (out.format === 'megatron' && !srcIsMegatron) {
+    // HF source → Megatron output: compare global tensors with the import plan's.
+    const src = await openCheckpoint(srcPath);
+    const cfg = await configFromHfDir(src.root);
+    const emb = out.tensors.get('embedding.word_embeddings.weight');
+    const Vp = emb?.shape[0] ?? cfg.vocabSize;
+    // Pad to the output's row count (a divisor equal to it reproduces the same padding).
+    const { entries } = buildImport(cfg, src, { tp: 1, makeVocabSizeDivisibleBy: Vp, dtype: emb?.dtype ?? 'BF16' });
+    for (const e of entries) {
+      result.set(e.name, {
+        name: e.name,
+        dtype: e.dtype,
+        shape: e.shape,
+        byteLength: 0,
+        describe: 'mapping',
+        // Chunks tile dim 0 (one per layer, or one for the whole tensor): serve a box slab by slab.
+        produce: async (box, o) => {
+          const slabBytes = boxBytes(e.dtype, { start: box.start, size: [1, ...box.size.slice(1)] });
+          for (let r = 0; r < box.size[0]!; ) {
+            const row = box.start[0]! + r;
+            const c = e.chunks.find((ch) => row >= ch.offsets[0]! && row < ch.offsets[0]! + ch.tensor.shape[0]!);
+            if (!c) throw badInput(`${e.name}: no chunk holds row ${row}`, srcPath, e.name);
+            const n = Math.min(box.size[0]! - r, c.offsets[0]! + c.tensor.shape[0]! - row);
+            const sub: Box = { start: [row - c.offsets[0]!, ...box.start.slice(1).map((s, d) => s - c.offsets[d + 1]!)], size: [n, ...box.size.slice(1)] };
+            await c.tensor.produce(sub, o.subarray(r * slabBytes, (r + n) * slabBytes));
+            r += n;
+          }
+        },
+      });
+    }
+    result.closeAll = () => src.close();
+    return result;
+  }
+  if (srcIsMegatron && out.format !== 'megatron') {
+    const m = await openMegatron(srcPath);
+    const refDir = join(m.resolved.iterDir, 'hf');
+    const cfg = await configFromHfDir((await stat(join(out.root, 'config.json')).then(() => true, () => false)) ? out.root : refDir);
+    const { tensors } = buildExport(cfg, m.source, { dtype: [...out.tensors.values()][0]?.dtype ?? 'BF16' });
+    for (const t of tensors) result.set(t.name, t);
+    result.closeAll = () => m.source.close();
+    return result;
+  }
+  const src = await openCheckpoint(srcPath);
+  for (const t of src.tensors.values()) result.set(t.name, t);
+  result.closeAll = () => src.close();
+  return result;
+}
+
+export interface DiffReport {
+  readonly a: string;
+  readonly b: string;
+  readonly tensors: TensorDiff[];
+  readonly onlyInA: string[];
+  readonly onlyInB: string[];
+  readonly identical: boolean;
+}
+
+/** Compares two checkpoints; b is mapped onto a's names when one is Megatron and the other HF. */
+export async function diffCheckpoints(aPath: string, bPath: string): Promise<DiffReport> {
+  const aIsMeg = await stat(join(aPath, 'latest_checkpointed_iteration.txt')).then(() => true, () => false);
+  const a = aIsMeg ? { ...(await openMegatron(aPath)).source, format: 'megatron' as const } : await openCheckpoint(aPath);
+  try {
+    const b = await openAgainst(bPath, a);
+    try {
+      const tensors: TensorDiff[] = [];
+      for (const t of a.tensors.values()) {
+        const m = b.get(t.name);
+        if (!m) continue;
+        tensors.push(await compareTensors(t.name, t, readerOf(t), m, readerOf(m)));
+      }
+      const onlyInA = [...a.tensors.keys()].filter((n) => !b.has(n));
+      const onlyInB = [...b.keys()].filter((n) => !a.tensors.has(n));
+      return { a: aPath, b: bPath, tensors, onlyInA, onlyInB, identical: onlyInA.length === 0 && onlyInB.length === 0 && tensors.every((d) => d.equal) };
+    } finally {
+      await b.closeAll();
+    }
+  } finally {
+    await a.close();
+  }
+}
