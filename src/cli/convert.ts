@@ -5,6 +5,7 @@ import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../errors.js';
 import { progressPrinter } from './progress.js';
+import { resolveModel } from '../hub/download.js';
 
 interface Flags {
   to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf';
@@ -66,10 +67,11 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   }
   const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
   const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
+  const hubLog = { log: f.quiet || f.json ? undefined : (m: string) => process.stderr.write(`${m}\n`) };
   const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
   const r =
     f.to === 'megatron'
-      ? await convertHfToMegatron(src, out, {
+      ? await convertHfToMegatron(await resolveModel(src, 'all', hubLog), out, {
           ...common,
           tp: positive(f.tp, '--tp'),
           pp: positive(f.pp, '--pp'),
@@ -77,7 +79,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
           iteration: whole(f.iteration, '--iteration'),
         })
       : f.to === 'hf'
-        ? await convertMegatronToHf(src, out, { ...common, hfModel: f.hfModel })
+        ? await convertMegatronToHf(src, out, { ...common, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
         : await convert(src, out, { ...common, to: f.to, from: f.from });
   progress?.done();
   if (f.json) {

@@ -12,6 +12,7 @@ import { runConvert } from './convert.js';
 import { VERSION } from '../version.js';
 import { EXIT } from './exit.js';
 import { runVerify, runDiff } from './verify.js';
+import { runStepsList, runStepsShow, runStepsRun } from './steps.js';
 
 
 function program(): Command {
@@ -54,6 +55,24 @@ function program(): Command {
       '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
     )
     .action(runConvert);
+  const steps = p.command('steps').description('The Nemotron-steps-style interface: named steps with YAML configs and key=value overrides.');
+  steps.command('list').description('List the steps.').action(runStepsList);
+  steps.command('show').description('Print a step\'s parameters, types, defaults and configs.').argument('<step>').action(runStepsShow);
+  steps
+    .command('run')
+    .description('Run a step: defaults ← -c config ← key=value overrides (nested keys: parallel.tp=2).')
+    .argument('<step>', 'e.g. convert/hf_to_megatron')
+    .argument('[overrides...]', 'key=value')
+    .option('-c, --config <name-or-path>', 'a config shipped with the step (default) or a YAML file')
+    .option('-d, --dry-run', 'print the plan and write nothing')
+    .option('--json', 'machine-readable: JSON progress events on stderr, the result as JSON on stdout')
+    .option('-q, --quiet', 'no progress display')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  $ shardshift steps run convert/hf_to_megatron -c default hf_model_id=meta-llama/Llama-3.2-1B megatron_path=./out/llama-megatron parallel.tp=2\n  $ shardshift steps run convert/megatron_to_hf -c default megatron_path=./out/llama-megatron/iter_0000000 hf_model_id=meta-llama/Llama-3.2-1B -d',
+    )
+    .action(runStepsRun);
+
   p.command('verify')
     .description('Check an output: its manifest checksums, its tensors against the declared model config, NaN/Inf, and with --against, that every tensor equals its mapping of the source.')
     .argument('<out>', 'a directory written by shardshift')

@@ -1,0 +1,173 @@
+/**
+ * The Nemotron-steps-style interface: `shardshift steps run <step> [-c config] [-d] key=value …`.
+ *
+ * A step is a typed parameter schema (dotted keys, so `parallel.tp=4` works), a `default.yaml`
+ * shipped with the package, and a runner that calls the same plan builders as `shardshift
+ * convert` — no logic of its own. Parameter names follow the reference docs' vocabulary.
+ */
+import type { ConvertResult } from '../plan/convert.js';
+import type { ProgressEvent } from '../plan/executor.js';
+import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
+import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
+import { basename, join } from 'node:path';
+import { usage } from '../errors.js';
+import { parseSize } from '../util/size.js';
+
+export type ParamType = 'string' | 'int' | 'bool' | 'size';
+
+export interface ParamSpec {
+  readonly type: ParamType;
+  readonly description: string;
+  readonly default?: string | number | boolean | null;
+  readonly choices?: readonly string[];
+  readonly required?: boolean;
+}
+
+export type StepParams = Readonly<Record<string, string | number | boolean | null>>;
+
+export interface StepContext {
+  readonly dryRun: boolean;
+  readonly onProgress?: (e: ProgressEvent) => void;
+  readonly env: NodeJS.ProcessEnv;
+  /** Turns an `hf_model_id` (local dir or hub id) into a local directory. */
+  readonly resolveModel: (idOrPath: string, what: 'config' | 'all') => Promise<string>;
+}
+
+export interface Step {
+  readonly name: string;
+  readonly description: string;
+  readonly params: Readonly<Record<string, ParamSpec>>;
+  run(p: StepParams, ctx: StepContext): Promise<ConvertResult>;
+}
+
+/** The documented default output base: CONVERT_OUTPUT_DIR, then NEMO_RUN_DIR/convert, then ./output/convert. */
+export function defaultOutputBase(env: NodeJS.ProcessEnv): string {
+  if (env.CONVERT_OUTPUT_DIR) return env.CONVERT_OUTPUT_DIR;
+  if (env.NEMO_RUN_DIR) return join(env.NEMO_RUN_DIR, 'convert');
+  return join('.', 'output', 'convert');
+}
+
+function modelName(idOrPath: string): string {
+  return basename(idOrPath.replace(/\/+$/, '')) || 'model';
+}
+
+const DTYPE: ParamSpec = { type: 'string', description: 'weight dtype of the output', default: 'bfloat16', choices: ['bfloat16', 'float16', 'float32'] };
+const COMMON: Record<string, ParamSpec> = {
+  max_memory: { type: 'size', description: 'byte budget for tensor buffers', default: '1GiB' },
+  overwrite: { type: 'bool', description: 'replace an existing output (never the source)', default: false },
+};
+
+function dtypeOf(p: StepParams): DType {
+  return dtypeFromTorch(String(p.dtype))!;
+}
+
+const hfToMegatron: Step = {
+  name: 'convert/hf_to_megatron',
+  description: 'Convert a Hugging Face checkpoint (local directory or model id) into a Megatron-Core torch_dist checkpoint.',
+  params: {
+    hf_model_id: { type: 'string', description: 'HF model id or local checkpoint directory to import', required: true },
+    megatron_path: { type: 'string', description: 'output Megatron checkpoint directory (default: <output base>/<model>-megatron)', default: null },
+    dtype: DTYPE,
+    'parallel.tp': { type: 'int', description: 'tensor-parallel size the checkpoint is for (vocab padding)', default: 1 },
+    'parallel.pp': { type: 'int', description: 'pipeline-parallel size (recorded in the args)', default: 1 },
+    make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
+    iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
+    ...COMMON,
+  },
+  async run(p, ctx) {
+    const src = await ctx.resolveModel(String(p.hf_model_id), 'all');
+    const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.hf_model_id))}-megatron`);
+    return convertHfToMegatron(src, out, {
+      dtype: dtypeOf(p),
+      tp: p['parallel.tp'] as number,
+      pp: p['parallel.pp'] as number,
+      makeVocabSizeDivisibleBy: p.make_vocab_size_divisible_by as number,
+      iteration: p.iteration as number,
+      maxMemory: p.max_memory as number,
+      overwrite: p.overwrite as boolean,
+      dryRun: ctx.dryRun,
+      onProgress: ctx.onProgress,
+    });
+  },
+};
+
+const megatronToHf: Step = {
+  name: 'convert/megatron_to_hf',
+  description: 'Export a Megatron-Core torch_dist checkpoint (run directory or iter_* directory) to a Hugging Face checkpoint.',
+  params: {
+    megatron_path: { type: 'string', description: 'Megatron checkpoint: an iter_* directory, or a run directory resolved through latest_checkpointed_iteration.txt', required: true },
+    hf_model_id: { type: 'string', description: 'original HF model id or directory: config, generation config and tokenizer to carry (default: the ones recorded in the checkpoint)', default: null },
+    hf_path: { type: 'string', description: 'output HF directory (default: <output base>/<checkpoint>-hf)', default: null },
+    dtype: { ...DTYPE, default: null, description: 'weight dtype of the output (default: the HF config\'s torch_dtype, else bfloat16)' },
+    ...COMMON,
+  },
+  async run(p, ctx) {
+    const ref = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
+    const out = (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.megatron_path))}-hf`);
+    return convertMegatronToHf(String(p.megatron_path), out, {
+      hfModel: ref,
+      dtype: p.dtype ? dtypeOf(p) : undefined,
+      maxMemory: p.max_memory as number,
+      overwrite: p.overwrite as boolean,
+      dryRun: ctx.dryRun,
+      onProgress: ctx.onProgress,
+    });
+  },
+};
+
+const STEPS: Step[] = [hfToMegatron, megatronToHf];
+
+/** Registers a step (one entry per step; LoRA, DCP and NxD steps add theirs). */
+export function registerStep(s: Step): void {
+  if (!STEPS.some((x) => x.name === s.name)) STEPS.push(s);
+}
+
+export function listSteps(): readonly Step[] {
+  return STEPS;
+}
+
+export function getStep(name: string): Step {
+  const s = STEPS.find((x) => x.name === name);
+  if (!s) throw usage(`unknown step ${JSON.stringify(name)}; steps: ${STEPS.map((x) => x.name).join(', ')}`);
+  return s;
+}
+
+/** Parses one value for a parameter, naming the key and expected type on failure. */
+export function parseParam(step: Step, key: string, raw: unknown): string | number | boolean | null {
+  const spec = step.params[key];
+  if (!spec) throw usage(`${step.name}: unknown parameter ${key}; valid: ${Object.keys(step.params).join(', ')}`);
+  // null leaves a parameter unset; required ones are checked once all sources are merged.
+  if (raw === null || raw === 'null' || raw === '~') return null;
+  const bad = (): never => {
+    throw usage(`${step.name}: ${key}=${JSON.stringify(raw)} is not a valid ${spec.type}${spec.choices ? ` (one of ${spec.choices.join(', ')})` : ''}`);
+  };
+  let v: string | number | boolean;
+  switch (spec.type) {
+    case 'int': {
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' && /^-?\d+$/.test(raw) ? Number(raw) : NaN;
+      if (!Number.isSafeInteger(n)) bad();
+      v = n;
+      break;
+    }
+    case 'bool':
+      if (raw === true || raw === 'true' || raw === 'True' || raw === '1') v = true;
+      else if (raw === false || raw === 'false' || raw === 'False' || raw === '0') v = false;
+      else v = bad();
+      break;
+    case 'size':
+      if (typeof raw === 'number') v = raw;
+      else if (typeof raw === 'string') {
+        try {
+          v = parseSize(raw, key);
+        } catch {
+          v = bad();
+        }
+      } else v = bad();
+      break;
+    default:
+      if (typeof raw !== 'string' && typeof raw !== 'number') bad();
+      v = String(raw);
+  }
+  if (spec.choices && !spec.choices.includes(String(v))) bad();
+  return v;
+}

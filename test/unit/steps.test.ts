@@ -1,0 +1,123 @@
+/**
+ * The steps interface end to end: list/show, typed dotlist overrides and their errors, default
+ * output directories, dry runs, and hub model ids served by a local HTTP server the way the
+ * Hugging Face hub serves them (HF_ENDPOINT, HF_TOKEN).
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { createServer, type Server } from 'node:http';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { AddressInfo } from 'node:net';
+import { repoRoot } from '../helpers/oracle.js';
+
+const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+const example = join(repoRoot, 'examples', 'tiny-llama');
+let tmp: string;
+let server: Server;
+let endpoint: string;
+const requests: string[] = [];
+
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-steps-'));
+  const files = await readdir(example);
+  server = createServer((req, res) => {
+    requests.push(`${req.method} ${req.url}`);
+    if (req.headers.authorization !== 'Bearer secret') {
+      res.writeHead(401).end('{"error":"unauthorized"}');
+      return;
+    }
+    if (req.url === '/api/models/acme/tiny-llama/revision/main') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ id: 'acme/tiny-llama', sha: 'abc123', siblings: files.map((f) => ({ rfilename: f })) }));
+      return;
+    }
+    const m = /^\/acme\/tiny-llama\/resolve\/abc123\/(.+)$/.exec(req.url ?? '');
+    if (m && files.includes(decodeURIComponent(m[1]!))) {
+      readFile(join(example, decodeURIComponent(m[1]!))).then((b) => res.writeHead(200).end(b));
+      return;
+    }
+    res.writeHead(404).end();
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+});
+after(async () => {
+  server.close();
+  await rm(tmp, { recursive: true, force: true });
+});
+
+function run(args: string[], env: Record<string, string> = {}, cwd = tmp): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((res) => {
+    execFile(process.execPath, [cli, ...args], { cwd, env: { ...process.env, CONVERT_OUTPUT_DIR: '', NEMO_RUN_DIR: '', ...env } }, (err, stdout, stderr) =>
+      res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+test('steps list and show', async () => {
+  const l = await run(['steps', 'list']);
+  assert.match(l.stdout, /convert\/hf_to_megatron/);
+  assert.match(l.stdout, /convert\/megatron_to_hf/);
+  const s = await run(['steps', 'show', 'convert/hf_to_megatron']);
+  assert.match(s.stdout, /parallel\.tp\s+int, default 1/);
+  assert.match(s.stdout, /hf_model_id\s+string, required/);
+  assert.match(s.stdout, /configs \(-c\): default/);
+});
+
+test('overrides are typed and validated; nested keys work', async () => {
+  let r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'paralel.tp=2']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /unknown parameter paralel\.tp; valid: hf_model_id, megatron_path, dtype, parallel\.tp/);
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'parallel.tp=two']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /parallel\.tp="two" is not a valid int/);
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'dtype=float64']);
+  assert.match(r.stderr, /dtype="float64" is not a valid string \(one of bfloat16, float16, float32\)/);
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', '-c', 'default']);
+  assert.match(r.stderr, /hf_model_id is required/);
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', '-c', 'default', `hf_model_id=${example}`, 'parallel.tp=2', '--dry-run', '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.params['parallel.tp'], 2);
+  assert.ok(j.plan.notes.some((n: string) => n.includes('vocab 64 → padded 256')));
+  assert.ok(!existsSync(join(tmp, 'output')), 'a dry run writes nothing');
+});
+
+test('default output: CONVERT_OUTPUT_DIR, then NEMO_RUN_DIR/convert, then ./output/convert', async () => {
+  let r = await run(['steps', 'run', 'convert/hf_to_megatron', '-q', `hf_model_id=${example}`], { CONVERT_OUTPUT_DIR: join(tmp, 'conv') });
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(existsSync(join(tmp, 'conv', 'tiny-llama-megatron', 'latest_checkpointed_iteration.txt')));
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', '-q', `hf_model_id=${example}`], { NEMO_RUN_DIR: join(tmp, 'run') });
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(existsSync(join(tmp, 'run', 'convert', 'tiny-llama-megatron', 'iter_0000000')));
+  r = await run(['steps', 'run', 'convert/hf_to_megatron', '-q', `hf_model_id=${example}`]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(existsSync(join(tmp, 'output', 'convert', 'tiny-llama-megatron')));
+  r = await run(['steps', 'run', 'convert/megatron_to_hf', '-q', `megatron_path=${join(tmp, 'output', 'convert', 'tiny-llama-megatron')}`, `hf_model_id=${example}`]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(tmp, 'output', 'convert', 'tiny-llama-megatron-hf', 'model.safetensors'))));
+});
+
+test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
+  const env = { HF_ENDPOINT: endpoint, HF_TOKEN: 'secret', SHARDSHIFT_HUB_CACHE: join(tmp, 'hub') };
+  const out = join(tmp, 'from-hub');
+  const r = await run(['steps', 'run', 'convert/hf_to_megatron', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}`], env);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /downloaded acme\/tiny-llama\/model\.safetensors/);
+  assert.ok(requests.some((q) => q.startsWith('GET /api/models/acme/tiny-llama/revision/main')));
+  const back = join(tmp, 'from-hub-hf');
+  assert.equal((await run(['convert', '-q', '--to', 'hf', out, back])).code, 0);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))));
+  // A second run uses the cache: no file downloads.
+  const before = requests.length;
+  const r2 = await run(['steps', 'run', 'convert/hf_to_megatron', '-d', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}-2`], env);
+  assert.equal(r2.code, 0, r2.stderr);
+  assert.ok(requests.slice(before).every((q) => q.includes('/api/models/')), 'only the listing is fetched again');
+  // Without the token the hub refuses, and the message says what to do.
+  const r3 = await run(['steps', 'run', 'convert/hf_to_megatron', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}-3`], { HF_ENDPOINT: endpoint, SHARDSHIFT_HUB_CACHE: join(tmp, 'hub2') });
+  assert.equal(r3.code, 1);
+  assert.match(r3.stderr, /acme\/tiny-llama: the hub refused access \(HTTP 401\); set HF_TOKEN/);
+});
