@@ -6,6 +6,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
+import { jsonEvents } from './events.js';
 
 interface Flags {
   to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf';
@@ -14,6 +15,7 @@ interface Flags {
   makeVocabSizeDivisibleBy: string;
   iteration: string;
   hfModel?: string;
+  allowUnmapped?: boolean;
   from?: FormatName;
   maxMemory: string;
   shardSize: string;
@@ -68,18 +70,20 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
   const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
   const hubLog = { log: f.quiet || f.json ? undefined : (m: string) => process.stderr.write(`${m}\n`) };
-  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
+  const events = f.json && !f.dryRun ? jsonEvents(process.stderr) : undefined;
+  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
   const r =
     f.to === 'megatron'
       ? await convertHfToMegatron(await resolveModel(src, 'all', hubLog), out, {
           ...common,
+          allowUnmapped: f.allowUnmapped,
           tp: positive(f.tp, '--tp'),
           pp: positive(f.pp, '--pp'),
           makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),
           iteration: whole(f.iteration, '--iteration'),
         })
       : f.to === 'hf'
-        ? await convertMegatronToHf(src, out, { ...common, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
+        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
         : await convert(src, out, { ...common, to: f.to, from: f.from });
   progress?.done();
   if (f.json) {

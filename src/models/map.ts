@@ -68,6 +68,8 @@ function qkvSegments(c: ModelConfig, q: SourceTensor, k: SourceTensor, v: Source
 }
 
 export interface ImportOptions {
+  /** Skip source tensors the map has no place for (listed as skipped) instead of failing. */
+  readonly allowUnmapped?: boolean;
   readonly tp: number;
   readonly makeVocabSizeDivisibleBy: number;
   readonly dtype: DType;
@@ -130,8 +132,9 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
     else if (c.tieEmbeddings && name === 'lm_head.weight') skipped.push({ name, reason: 'tied to model.embed_tokens.weight' });
     else unmapped.push(name);
   }
-  if (unmapped.length) {
-    throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} Megatron model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''}`, file, unmapped[0]);
+  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)' });
+  else if (unmapped.length) {
+    throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} Megatron model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
   return { entries, skipped };
 }
@@ -163,6 +166,7 @@ function layerSource(meg: CheckpointSource, p: LayerParam, i: number, used: Set<
 }
 
 export interface ExportOptions {
+  readonly allowUnmapped?: boolean;
   readonly dtype: DType;
 }
 
@@ -247,8 +251,9 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
     const rule = MEGATRON_IGNORED.find((r) => r.pattern.test(name));
     skipped.push({ name, reason: rule?.reason ?? 'non-tensor entry' });
   }
-  if (unmapped.length) {
-    throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''}`, file, unmapped[0]);
+  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)' });
+  else if (unmapped.length) {
+    throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
   return { tensors: out, skipped };
 }

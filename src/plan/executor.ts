@@ -174,6 +174,8 @@ export class Executor {
       await fh.close();
     }
     this.done = base + pos;
+    // Every finished file is reported, whatever the throttle.
+    this.opts.onProgress?.({ file: f.relPath, bytesDone: this.done, bytesTotal: this.total });
     return hash.digest('hex');
   }
 

@@ -27,6 +27,8 @@ import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
 
 export interface ModelConvertOptions {
+  /** Skip source tensors the model map has no place for, instead of failing. */
+  allowUnmapped?: boolean;
   dtype?: DType;
   tp?: number;
   pp?: number;
@@ -88,7 +90,7 @@ export async function convertHfToMegatron(hfDir: string, out: string, opts: Mode
   const dtype = opts.dtype ?? 'BF16';
   const src = await openCheckpoint(hfDir);
   try {
-    const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype });
+    const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped });
     const iteration = opts.iteration ?? 0;
     const files = writeMegatron(entries, {
       iteration,
@@ -320,7 +322,7 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
     }
     const dtype = opts.dtype ?? hfDtype(cfg.hf);
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
-    const { tensors, skipped } = buildExport(cfg, src, { dtype });
+    const { tensors, skipped } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped });
     const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });
     const files = [...report.files, ...extra];
     checkComplete(tensors, files);

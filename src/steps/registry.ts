@@ -53,6 +53,7 @@ function modelName(idOrPath: string): string {
 
 const DTYPE: ParamSpec = { type: 'string', description: 'weight dtype of the output', default: 'bfloat16', choices: ['bfloat16', 'float16', 'float32'] };
 const COMMON: Record<string, ParamSpec> = {
+  allow_unmapped: { type: 'bool', description: 'skip source tensors the model map has no place for instead of failing', default: false },
   max_memory: { type: 'size', description: 'byte budget for tensor buffers', default: '1GiB' },
   overwrite: { type: 'bool', description: 'replace an existing output (never the source)', default: false },
 };
@@ -83,6 +84,7 @@ const hfToMegatron: Step = {
       pp: p['parallel.pp'] as number,
       makeVocabSizeDivisibleBy: p.make_vocab_size_divisible_by as number,
       iteration: p.iteration as number,
+      allowUnmapped: p.allow_unmapped as boolean,
       maxMemory: p.max_memory as number,
       overwrite: p.overwrite as boolean,
       dryRun: ctx.dryRun,
@@ -107,6 +109,7 @@ const megatronToHf: Step = {
     return convertMegatronToHf(String(p.megatron_path), out, {
       hfModel: ref,
       dtype: p.dtype ? dtypeOf(p) : undefined,
+      allowUnmapped: p.allow_unmapped as boolean,
       maxMemory: p.max_memory as number,
       overwrite: p.overwrite as boolean,
       dryRun: ctx.dryRun,

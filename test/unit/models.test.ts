@@ -241,3 +241,26 @@ test('per-layer torch_dist keys (decoder.layers.<i>.…) and optimizer / RNG ent
   assert.match(r.stderr, /skipped by rule: optimizer state ×1 \(optimizer\.state\.exp_avg\.embedding\.word_embeddings\.weight\)/);
   assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(out, 'model.safetensors'))));
 });
+
+test('an unmapped source tensor fails the conversion, or is skipped and listed with --allow-unmapped', async () => {
+  const { writeSafetensors } = await import('../../src/formats/safetensors.js');
+  const { copyOf } = await import('../../src/plan/targets.js');
+  const { writeOutput } = await import('../../src/plan/output.js');
+  const src = await openCheckpoint(example);
+  const d = join(tmp, 'extra-tensor');
+  try {
+    const targets = [...src.tensors.values()].map((t) => copyOf(t.name, t));
+    targets.push(copyOf('model.vision_tower.proj.weight', src.tensors.get('model.norm.weight')!));
+    await writeOutput(example, d, 'dir', writeSafetensors(targets).files, [{ from: join(example, 'config.json'), to: 'config.json' }], {});
+  } finally {
+    await src.close();
+  }
+  await expectFail(['convert', '--to', 'megatron', d, join(tmp, 'o8')], /1 tensor\(s\) have no place in a llama Megatron model: model\.vision_tower\.proj\.weight \(--allow-unmapped skips them\)/);
+  const r = await run(['convert', '--to', 'megatron', '--allow-unmapped', '--json', d, join(tmp, 'o9')]);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.deepEqual(j.plan.skipped, [{ name: 'model.vision_tower.proj.weight', reason: 'not mapped (--allow-unmapped)' }]);
+  const events = r.stderr.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  assert.ok(events.length > 0 && events.every((e: { event: string }) => e.event === 'progress'), 'stderr carries JSON progress events');
+  assert.equal(events[events.length - 1].bytesDone, events[events.length - 1].bytesTotal);
+});
