@@ -6,6 +6,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
+import { isMegatronPath } from '../formats/megatron.js';
 import { jsonEvents } from './events.js';
 
 interface Flags {
@@ -16,6 +17,8 @@ interface Flags {
   iteration: string;
   hfModel?: string;
   allowUnmapped?: boolean;
+  ckptFormat: 'torch_dist' | 'torch';
+  megatronSpec: 'te' | 'local';
   from?: FormatName;
   maxMemory: string;
   shardSize: string;
@@ -74,9 +77,12 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
   const r =
     f.to === 'megatron'
-      ? await convertHfToMegatron(await resolveModel(src, 'all', hubLog), out, {
+      ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog), out, {
           ...common,
           allowUnmapped: f.allowUnmapped,
+          ckptFormat: f.ckptFormat,
+          megatronSpec: f.megatronSpec,
+          hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined,
           tp: positive(f.tp, '--tp'),
           pp: positive(f.pp, '--pp'),
           makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),

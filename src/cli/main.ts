@@ -45,6 +45,8 @@ function program(): Command {
     .option('--pp <n>', 'megatron: pipeline-parallel size (recorded)', '1')
     .option('--make-vocab-size-divisible-by <n>', 'megatron: vocab padding divisor', '128')
     .option('--iteration <n>', 'megatron: iteration number of the output', '0')
+    .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, or torch (legacy mp_rank_* files for --tp × --pp)').choices(['torch_dist', 'torch']).default('torch_dist'))
+    .addOption(new Option('--megatron-spec <spec>', 'megatron --ckpt-format torch: layer names of TransformerEngine (te) or local specs').choices(['te', 'local']).default('te'))
     .option('--hf-model <dir>', 'hf: reference HF model directory or hub id (config, tokenizer) for the export')
     .option('--allow-unmapped', 'megatron/hf: skip source tensors the model map has no place for (listed) instead of failing')
     .option('--overwrite', 'replace an existing output (the source is never touched)')
@@ -53,7 +55,7 @@ function program(): Command {
     .option('-q, --quiet', 'no progress display')
     .addHelpText(
       'after',
-      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
+      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
     )
     .action(runConvert);
   const steps = p.command('steps').description('The Nemotron-steps-style interface: named steps with YAML configs and key=value overrides.');

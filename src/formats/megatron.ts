@@ -72,10 +72,16 @@ export function iterDirName(iteration: number | 'release'): string {
 }
 
 /** A concrete iteration directory, or a run directory resolved through its tracker file. */
+/** An iteration directory: torch_dist (`.metadata`) or legacy (`mp_rank_*` directories). */
+async function holdsCheckpoint(dir: string): Promise<boolean> {
+  if (await isFile(join(dir, '.metadata'))) return true;
+  return (await readdir(dir).catch(() => [] as string[])).some((n) => /^mp_rank_\d{2}/.test(n));
+}
+
 export async function resolveIteration(path: string): Promise<ResolvedIteration> {
   const own = iterationOf(basename(path));
-  if (own !== undefined && (await isFile(join(path, '.metadata')))) return { iterDir: path, iteration: own, how: `iteration directory ${basename(path)}` };
-  if (await isFile(join(path, '.metadata'))) return { iterDir: path, iteration: 0, how: 'checkpoint directory' };
+  if (own !== undefined && (await holdsCheckpoint(path))) return { iterDir: path, iteration: own, how: `iteration directory ${basename(path)}` };
+  if (await holdsCheckpoint(path)) return { iterDir: path, iteration: 0, how: 'checkpoint directory' };
   const tracker = join(path, TRACKER);
   const iters = (await readdir(path).catch(() => [] as string[])).filter((n) => iterationOf(n) !== undefined).sort();
   if (await isFile(tracker)) {
@@ -98,6 +104,7 @@ export async function isMegatronPath(path: string): Promise<boolean> {
   if (await isFile(join(path, TRACKER))) return true;
   if (await isFile(join(path, 'metadata.json')) && (await isFile(join(path, '.metadata')))) return true;
   const names = await readdir(path);
+  if (names.some((n) => /^mp_rank_\d{2}/.test(n))) return true;
   return names.some((n) => iterationOf(n) !== undefined);
 }
 
@@ -113,6 +120,13 @@ export interface MegatronCheckpoint {
 export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
   const resolved = await resolveIteration(path);
   const dir = resolved.iterDir;
+  if (!(await isFile(join(dir, '.metadata'))) && (await holdsCheckpoint(dir))) {
+    // Legacy per-rank files (--ckpt-format torch): assembled into the same global view.
+    const { openMegatronLegacy } = await import('./megatron-legacy.js');
+    const l = await openMegatronLegacy(path);
+    const common = PyDict.from([...l.source.objects.values()].map((o): [PyValue, PyValue] => [o.name, o.value]));
+    return { source: l.source, resolved: l.resolved, common, backend: { sharded_backend: 'torch (legacy)' } };
+  }
   const metaJson = join(dir, 'metadata.json');
   if (!(await isFile(metaJson))) {
     throw badInput(`${dir}: no metadata.json — Megatron writes it last, so this checkpoint is incomplete (or not torch_dist)`, dir);

@@ -11,9 +11,11 @@ import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../formats/index.js';
 import { writeSafetensors } from '../formats/safetensors.js';
-import { openMegatron, writeMegatron, commonArgs, iterDirName } from '../formats/megatron.js';
+import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../formats/megatron.js';
+import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
+import type { DcpTensorEntry } from '../formats/dcp.js';
 import { listSideFiles } from '../formats/side-files.js';
-import type { OutputFile } from '../formats/types.js';
+import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
@@ -27,6 +29,10 @@ import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
 
 export interface ModelConvertOptions {
+  /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
+  ckptFormat?: 'torch_dist' | 'torch';
+  /** Layer names of legacy outputs: TransformerEngine-fused norms (te, default) or the local spec's. */
+  megatronSpec?: 'te' | 'local';
   /** Skip source tensors the model map has no place for, instead of failing. */
   allowUnmapped?: boolean;
   dtype?: DType;
@@ -76,56 +82,124 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
 const FILE_PLAN = (files: readonly OutputFile[]): ConvertPlan['files'] =>
   files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length }));
 
-export async function convertHfToMegatron(hfDir: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+/**
+ * To Megatron: from an HF directory, or — resharding — from another Megatron checkpoint (any
+ * format, any TP/PP), whose tensors are first mapped to HF names and then laid out again; all of
+ * it lazily, so nothing is read twice and memory stays bounded. `ckptFormat: 'torch'` writes
+ * legacy per-rank files for the requested TP×PP.
+ */
+export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
-  if (!(await stat(hfDir)).isDirectory()) throw usage(`${hfDir}: give the HF model directory (with config.json), not a file`);
-  const cfg = await configFromHfDir(hfDir);
-  const tp = opts.tp ?? 1;
-  const pp = opts.pp ?? 1;
-  if (cfg.numAttentionHeads % tp !== 0 || (cfg.numQueryGroups % tp !== 0 && tp % cfg.numQueryGroups !== 0)) {
-    throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads / ${cfg.numQueryGroups} query groups`);
-  }
-  if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
-  const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
-  const dtype = opts.dtype ?? 'BF16';
-  const src = await openCheckpoint(hfDir);
+  const fromMegatron = await isMegatronPath(srcPath);
+  if (!fromMegatron && !(await stat(srcPath)).isDirectory()) throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
+  const meg = fromMegatron ? await openMegatron(srcPath) : undefined;
+  let src: CheckpointSource | undefined;
   try {
+    let cfg: ModelConfig;
+    let sideDir: string | undefined;
+    const notes: string[] = [];
+    let skippedBefore: Array<{ name: string; reason: string }> = [];
+    if (meg) {
+      const mc = await megatronConfig(meg, opts);
+      cfg = mc.cfg;
+      sideDir = mc.refDir;
+      notes.push(...mc.notes, `resharding a Megatron checkpoint (${meg.source.metadata.get('layout') ?? 'torch_dist'})`);
+      // Megatron → HF names (keeping the stored dtype) → Megatron again.
+      const exp = buildExport(cfg, meg.source, { dtype: [...meg.source.tensors.values()][0]?.dtype ?? 'BF16', allowUnmapped: opts.allowUnmapped });
+      skippedBefore = exp.skipped;
+      src = sourceFromTargets(srcPath, exp.tensors, meg.source.root);
+    } else {
+      cfg = await configFromHfDir(srcPath);
+      src = await openCheckpoint(srcPath);
+      sideDir = src.root;
+    }
+    const tp = opts.tp ?? 1;
+    const pp = opts.pp ?? 1;
+    if (cfg.numAttentionHeads % tp !== 0 || cfg.numQueryGroups % tp !== 0) {
+      throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads and ${cfg.numQueryGroups} query groups`);
+    }
+    if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
+    if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
+    const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
+    const dtype = opts.dtype ?? 'BF16';
     const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped });
     const iteration = opts.iteration ?? 0;
-    const files = writeMegatron(entries, {
-      iteration,
-      files: opts.dcpFiles,
-      args: megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }),
-      extraState: { modules: DENSE_EXTRA_STATE_MODULES, numLayers: cfg.numLayers },
-    });
-    const targets = entries.flatMap((e) => e.chunks.map((c) => c.tensor));
-    checkComplete(targets, files);
+    const args = megatronArgs(cfg, { tp, pp, divisor, dtype, iteration });
+    const legacy = opts.ckptFormat === 'torch';
+    const files = legacy
+      ? writeMegatronLegacy(perLayerTargets(entries, opts.megatronSpec ?? 'te'), {
+          tp,
+          pp,
+          numLayers: cfg.numLayers,
+          iteration,
+          gated: true,
+          args: { ...args, ckpt_format: 'torch' },
+          extraStateModules: DENSE_EXTRA_STATE_MODULES,
+        })
+      : writeMegatron(entries, { iteration, files: opts.dcpFiles, args, extraState: { modules: DENSE_EXTRA_STATE_MODULES, numLayers: cfg.numLayers } });
     const iterDir = iterDirName(iteration);
-    const side = src.sideFiles;
+    const side = sideDir ? await listSideFiles(sideDir, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$|^\.metadata$|^metadata\.json$/.test(n)) : [];
     const plan: ConvertPlan = {
-      source: { path: hfDir, format: `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
-      target: { path: out, format: 'megatron torch_dist', kind: 'dir' },
+      source: { path: srcPath, format: meg ? 'megatron' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
+      target: { path: out, format: legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
       files: FILE_PLAN(files),
       dropped: [],
-      skipped,
+      skipped: [...skippedBefore, ...skipped],
       sideFiles: side.map((s) => `${iterDir}/hf/${s}`),
-      totalBytes: files.reduce((s, f) => s + f.size, 0),
+      totalBytes: files.reduce((n, f) => n + f.size, 0),
       notes: [
+        ...notes,
         `family ${cfg.family}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, ${cfg.numAttentionHeads} heads / ${cfg.numQueryGroups} query groups, head dim ${cfg.kvChannels}, ffn ${cfg.ffnHiddenSize}`,
         `vocab ${cfg.vocabSize} → padded ${paddedVocab(cfg.vocabSize, divisor, tp)} (make_vocab_size_divisible_by ${divisor} × tp ${tp})`,
         cfg.tieEmbeddings ? 'tied embeddings: no output_layer' : 'untied embeddings: output_layer from lm_head',
-        `dtype ${dtype}; tp ${tp}, pp ${pp} recorded in common.pt args (torch_dist tensors are global)`,
+        legacy ? `dtype ${dtype}; ${tp * pp} rank files (TP ${tp} × PP ${pp}), layers numbered per stage` : `dtype ${dtype}; tp ${tp}, pp ${pp} recorded in common.pt args (torch_dist tensors are global)`,
       ],
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(hfDir, out, 'dir', files, side.map((s) => ({ from: join(src.root, s), to: `${iterDir}/hf/${s}` })), {
+    await writeOutput(srcPath, out, 'dir', files, side.map((s) => ({ from: join(sideDir!, s), to: `${iterDir}/hf/${s}` })), {
       ...opts,
-      manifest: { command: 'convert --to megatron', sourceFormat: `hf (${src.format})`, targetFormat: 'megatron torch_dist', sourceDir: src.root, sourceFiles: src.dataFiles },
+      manifest: {
+        command: `convert --to megatron${legacy ? ' --ckpt-format torch' : ''}`,
+        sourceFormat: plan.source.format,
+        targetFormat: plan.target.format,
+        sourceDir: (meg?.source ?? src).root,
+        sourceFiles: (meg?.source ?? src).dataFiles,
+      },
     });
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
-    await src.close();
+    await (meg?.source ?? src)?.close();
   }
+}
+
+/** Lazy targets exposed as a source (for chaining maps: Megatron → HF names → Megatron). */
+function sourceFromTargets(path: string, targets: readonly TargetTensor[], root: string): CheckpointSource {
+  const tensors = new Map<string, SourceTensor>();
+  for (const t of targets) tensors.set(t.name, { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce(b, o) });
+  return { format: 'megatron', path, root, tensors, objects: new Map(), metadata: new Map(), dataFiles: [], sideFiles: [], close: async () => undefined };
+}
+
+/** torch_dist entries (stacked layers, one chunk per layer) as per-layer global targets. */
+function perLayerTargets(entries: readonly DcpTensorEntry[], spec: 'te' | 'local'): Map<string, TargetTensor> {
+  const out = new Map<string, TargetTensor>();
+  const LOCAL: Record<string, string> = {
+    'self_attention.linear_qkv.layer_norm_weight': 'input_layernorm.weight',
+    'mlp.linear_fc1.layer_norm_weight': 'pre_mlp_layernorm.weight',
+  };
+  for (const e of entries) {
+    const m = /^decoder\.layers\.(.+)$/.exec(e.name);
+    if (!m) {
+      out.set(e.name, e.chunks[0]!.tensor);
+      continue;
+    }
+    const param = spec === 'local' ? (LOCAL[m[1]!] ?? m[1]!) : m[1]!;
+    for (const c of e.chunks) {
+      const t = c.tensor; // shape [1, …]: drop the layer axis
+      const name = `decoder.layers.${c.offsets[0]}.${param}`;
+      out.set(name, { ...t, name, shape: t.shape.slice(1), produce: (b, o) => t.produce({ start: [0, ...b.start], size: [1, ...b.size] }, o) });
+    }
+  }
+  return out;
 }
 
 /** rope_theta from a transformers 4 (`rope_theta`) or 5 (`rope_parameters.rope_theta`) config. */
@@ -288,11 +362,15 @@ function hfConfigFor(c: ModelConfig, field: FieldGetter, dtype: DType): Record<s
   };
 }
 
-export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
-  const t0 = performance.now();
-  const meg = await openMegatron(megPath);
-  const src = meg.source;
-  try {
+/**
+ * The model config of a Megatron checkpoint: from `--hf-model`, else the checkpoint's own `hf/`,
+ * else Megatron-Bridge's run_config.yaml, else the training args in common.pt (then a config.json
+ * is synthesized for HF outputs).
+ */
+async function megatronConfig(
+  meg: Awaited<ReturnType<typeof openMegatron>>,
+  opts: ModelConvertOptions,
+): Promise<{ cfg: ModelConfig; refDir?: string; extra: OutputFile[]; notes: string[] }> {
     const notes = [`iteration: ${meg.resolved.how}`];
     const ownHf = join(meg.resolved.iterDir, 'hf');
     let refDir: string | undefined = opts.hfModel;
@@ -320,6 +398,15 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
       const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, fields, opts.dtype ?? 'BF16'), null, 2) + '\n');
       extra.push({ relPath: 'config.json', size: bytes.length, parts: [bytes] });
     }
+  return { cfg, refDir, extra, notes };
+}
+
+export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  const meg = await openMegatron(megPath);
+  const src = meg.source;
+  try {
+    const { cfg, refDir, extra, notes } = await megatronConfig(meg, opts);
     const dtype = opts.dtype ?? hfDtype(cfg.hf);
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
     const { tensors, skipped } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped });

@@ -1,0 +1,327 @@
+/**
+ * Legacy (non-distributed) Megatron checkpoints, `--ckpt-format torch`:
+ * `iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt`, one torch.save dict per rank with
+ * `model` (that rank's TP shard of the stage's layers, numbered locally), `args` (an
+ * argparse.Namespace), `checkpoint_version`, `iteration`, optimizer and RNG state.
+ *
+ * Reading assembles the global tensors lazily: each rank's shard becomes a *piece* of the global
+ * tensor at its offset (column-parallel rows, row-parallel columns, SwiGLU fc1's per-rank
+ * `[gate_r; up_r]` as two pieces), layers are renumbered globally, and the result is exposed under
+ * per-layer names (`decoder.layers.<global>.…`) that the model maps read. Writing lays out any
+ * TP×PP split of global targets the same way (see `writeMegatronLegacy`).
+ */
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ReadOnlyFile } from '../io/file.js';
+import { badInput, unsupported } from '../errors.js';
+import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
+import { flattenTree } from './tree.js';
+import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './megatron.js';
+import { PyDict, PyFloat, PyObject, TensorRef, asNumber, type PyValue } from '../pickle/values.js';
+import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
+import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
+import { rankDirName, stageLayers, tpSplitOf } from '../models/parallel.js';
+import type { CheckpointSource, OutputFile, SourceObject, SourceTensor, TargetTensor } from './types.js';
+
+const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
+export const LEGACY_FILE = 'model_optim_rng.pt';
+
+export async function isLegacyIterDir(dir: string): Promise<boolean> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  return names.some((n) => RANK_DIR.test(n));
+}
+
+class GlobalTensor implements SourceTensor {
+  readonly byteLength: number;
+  constructor(
+    readonly name: string,
+    readonly dtype: DType,
+    readonly shape: readonly number[],
+    readonly pieces: readonly Piece[],
+    readonly where: string,
+  ) {
+    this.byteLength = byteLength(dtype, numelOf(shape));
+  }
+  read(box: Box, out: Uint8Array): Promise<void> {
+    return readBox(this.name, this.dtype, this.shape, this.pieces, box, out);
+  }
+}
+
+interface RankFile {
+  readonly tp: number;
+  readonly pp: number;
+  readonly dir: string;
+  readonly file: ReadOnlyFile;
+  readonly arc: TorchArchive;
+}
+
+export interface LegacyCheckpoint {
+  readonly source: CheckpointSource;
+  readonly resolved: ResolvedIteration;
+  readonly tp: number;
+  readonly pp: number;
+  readonly args?: PyDict;
+}
+
+export async function openMegatronLegacy(path: string): Promise<LegacyCheckpoint> {
+  const resolved = await resolveIteration(path);
+  const dir = resolved.iterDir;
+  const ranks: Array<{ tp: number; pp: number; name: string }> = [];
+  for (const n of await readdir(dir)) {
+    const m = RANK_DIR.exec(n);
+    if (!m) continue;
+    if (m[3] !== undefined) throw unsupported(`${join(dir, n)}: expert-parallel legacy checkpoints (mp_rank_TT_PPP_EEE) are not supported yet`, join(dir, n));
+    ranks.push({ tp: Number(m[1]), pp: m[2] === undefined ? 0 : Number(m[2]), name: n });
+  }
+  if (!ranks.length) throw badInput(`${dir}: no mp_rank_* directories (not a legacy Megatron checkpoint)`, dir);
+  const tp = Math.max(...ranks.map((r) => r.tp)) + 1;
+  const pp = Math.max(...ranks.map((r) => r.pp)) + 1;
+  const missing: string[] = [];
+  for (let p = 0; p < pp; p++) for (let t = 0; t < tp; t++) if (!ranks.some((r) => r.tp === t && r.pp === p)) missing.push(rankDirName(tp, pp, t, p));
+  if (missing.length) throw badInput(`${dir}: rank file(s) missing for a TP=${tp} PP=${pp} checkpoint: ${missing.join(', ')}`, join(dir, missing[0]!));
+  const files: RankFile[] = [];
+  try {
+    for (const r of ranks.sort((a, b) => a.pp - b.pp || a.tp - b.tp)) {
+      const p = join(dir, r.name, LEGACY_FILE);
+      if (!(await stat(p).then((s) => s.isFile(), () => false))) throw badInput(`${p}: missing (every rank directory holds ${LEGACY_FILE})`, p);
+      const f = await ReadOnlyFile.open(p);
+      try {
+        files.push({ tp: r.tp, pp: r.pp, dir: r.name, file: f, arc: await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS }) });
+      } catch (e) {
+        await f.close();
+        throw e;
+      }
+    }
+    return assemble(path, resolved, files, tp, pp);
+  } catch (e) {
+    await Promise.all(files.map((f) => f.file.close()));
+    throw e;
+  }
+}
+
+function modelDict(r: RankFile, path: string): PyDict {
+  const root = r.arc.root;
+  if (!(root instanceof PyDict)) throw badInput(`${path}: ${r.dir}/${LEGACY_FILE} does not hold a dict`, path);
+  if (root.has('model0')) throw unsupported(`${path}: virtual-pipeline checkpoints (model0, model1, …) are not supported yet`, path);
+  const m = root.get('model');
+  if (!(m instanceof PyDict)) throw badInput(`${path}: ${r.dir}/${LEGACY_FILE} has no model state dict`, path);
+  return m;
+}
+
+function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], tp: number, pp: number): LegacyCheckpoint {
+  const rank0 = files[0]!.arc.root as PyDict;
+  const argsV = rank0.get('args');
+  const args = argsV instanceof PyObject && argsV.state instanceof PyDict ? argsV.state : undefined;
+  const gated = args?.get('swiglu') !== false;
+  // Local layer count per stage (uniform split), checked against args.num_layers.
+  const perStage = new Map<number, number>();
+  const leaves = new Map<RankFile, Array<{ name: string; value: PyValue }>>();
+  for (const r of files) {
+    const ls = flattenTree(modelDict(r, path)).map((l) => ({ name: l.name, value: l.value }));
+    leaves.set(r, ls);
+    for (const l of ls) {
+      const m = /^decoder\.layers\.(\d+)\./.exec(l.name);
+      if (m) perStage.set(r.pp, Math.max(perStage.get(r.pp) ?? 0, Number(m[1]) + 1));
+    }
+  }
+  const counts = [...perStage.values()];
+  const stageCount = counts[0] ?? 0;
+  if (counts.some((c) => c !== stageCount)) throw unsupported(`${path}: pipeline stages hold different numbers of layers (${counts.join(', ')}); only uniform stages are supported`, path);
+  const numLayers = asNumber(args?.get('num_layers'));
+  if (numLayers !== undefined && numLayers !== stageCount * pp) {
+    throw badInput(`${path}: args.num_layers is ${numLayers} but the ${pp} stage(s) hold ${stageCount * pp} layers`, path);
+  }
+  // Group every rank's shard under its global name.
+  const groups = new Map<string, Array<{ r: RankFile; ref: TensorRef; local: string }>>();
+  for (const r of files) {
+    for (const l of leaves.get(r)!) {
+      if (!(l.value instanceof TensorRef)) continue; // _extra_state and other non-tensors
+      if (/_extra_state\d*$/.test(l.name)) continue;
+      const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(l.name);
+      const global = m ? `decoder.layers.${stageLayers(stageCount * pp, pp, r.pp).first + Number(m[1])}.${m[2]}` : l.name;
+      // Outside the layers, each stage may hold its own copy (e.g. a tied embedding on the last
+      // stage): the first stage's wins, the others must agree in shape.
+      if (!m && groups.has(global) && groups.get(global)!.some((g) => g.r.pp !== r.pp)) continue;
+      groups.set(global, [...(groups.get(global) ?? []), { r, ref: l.value, local: l.name }]);
+    }
+  }
+  const tensors = new Map<string, SourceTensor>();
+  for (const [name, shards] of groups) {
+    const split = tpSplitOf(name, gated);
+    const first = shards[0]!;
+    for (const s of shards) {
+      if (s.ref.dtype !== first.ref.dtype || s.ref.shape.length !== first.ref.shape.length || s.ref.shape.some((d, i) => d !== first.ref.shape[i])) {
+        throw badInput(
+          `${path}: mismatched TP shards of ${name}: ${first.ref.dtype} [${first.ref.shape.join(', ')}] in ${first.r.dir} but ${s.ref.dtype} [${s.ref.shape.join(', ')}] in ${s.r.dir}`,
+          join(path, s.r.dir),
+          name,
+        );
+      }
+    }
+    const byTp = [...shards].sort((a, b) => a.r.tp - b.r.tp);
+    if (split !== 'replicated' && byTp.length !== tp) throw badInput(`${path}: ${name} is held by ${byTp.length} of the ${tp} TP ranks`, path, name);
+    const local = first.ref.shape;
+    const pieces: Piece[] = [];
+    let shape: number[];
+    if (split === 'replicated') {
+      shape = [...local];
+      pieces.push(tensorPiece(byTp[0]!.r.arc, byTp[0]!.ref, name));
+    } else if (split === 'row') {
+      shape = [local[0]!, local[1]! * tp];
+      for (const s of byTp) {
+        const p = tensorPiece(s.r.arc, s.ref, name);
+        pieces.push({ ...p, box: { start: [0, s.r.tp * local[1]!], size: [...local] } });
+      }
+    } else if (split === 'column') {
+      shape = [local[0]! * tp, ...local.slice(1)];
+      for (const s of byTp) {
+        const p = tensorPiece(s.r.arc, s.ref, name);
+        pieces.push({ ...p, box: { start: [s.r.tp * local[0]!, ...local.slice(1).map(() => 0)], size: [...local] } });
+      }
+    } else {
+      // SwiGLU fc1: rank r holds [gate_r; up_r], m rows each.
+      if (local[0]! % 2 !== 0) throw badInput(`${path}: ${name} has an odd number of rows (${local[0]}) for a gated fc1 shard`, path, name);
+      const m = local[0]! / 2;
+      shape = [local[0]! * tp, ...local.slice(1)];
+      for (const s of byTp) {
+        const p = tensorPiece(s.r.arc, s.ref, name);
+        if (!isContiguous(s.ref.shape, s.ref.stride)) throw unsupported(`${path}: ${name} in ${s.r.dir} is not contiguous`, path, name);
+        const half = [m, ...local.slice(1)];
+        const rowBytes = (numelOf(local.slice(1)) * itemSize(s.ref.dtype)!);
+        pieces.push({ ...p, box: { start: [s.r.tp * m, ...half.slice(1).map(() => 0)], size: half } });
+        pieces.push({ ...p, byteOffset: p.byteOffset + m * rowBytes, box: { start: [tp * m + s.r.tp * m, ...half.slice(1).map(() => 0)], size: half } });
+      }
+    }
+    const where = `${byTp.map((s) => s.r.dir).join(',')}:${first.local}`;
+    tensors.set(name, new GlobalTensor(name, first.ref.dtype, shape, pieces, where));
+  }
+  const objects = new Map<string, SourceObject>();
+  for (const [k, v] of rank0.stringEntries()) if (k !== 'model') objects.set(k, { name: k, value: v, where: `${files[0]!.dir}/${LEGACY_FILE}` });
+  const source: CheckpointSource = {
+    format: 'megatron',
+    path,
+    root: resolved.iterDir,
+    tensors,
+    objects,
+    metadata: new Map([
+      ['iteration', resolved.how],
+      ['layout', `legacy torch format, TP=${tp} PP=${pp}`],
+    ]),
+    dataFiles: files.map((f) => join(f.dir, LEGACY_FILE)),
+    sideFiles: [],
+    close: async () => {
+      await Promise.all(files.map((f) => f.file.close()));
+    },
+  };
+  return { source, resolved, tp, pp, args };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+/** `t` restricted to [start, start+size) along `dim` (a lazy view). */
+export function sliceTarget(t: TargetTensor, dim: number, start: number, size: number): TargetTensor {
+  const shape = t.shape.map((d, i) => (i === dim ? size : d));
+  return {
+    name: t.name,
+    dtype: t.dtype,
+    shape,
+    byteLength: byteLength(t.dtype, numelOf(shape)),
+    describe: `${t.describe}[dim ${dim}: ${start}..${start + size}]`,
+    produce: (box, out) => t.produce({ start: box.start.map((s, i) => (i === dim ? s + start : s)), size: box.size }, out),
+  };
+}
+
+/** Targets stacked along dim 0 (e.g. a rank's `[gate_r; up_r]`). */
+export function concatRows(name: string, parts: readonly TargetTensor[]): TargetTensor {
+  const first = parts[0]!;
+  const shape = [parts.reduce((n, p) => n + p.shape[0]!, 0), ...first.shape.slice(1)];
+  return {
+    name,
+    dtype: first.dtype,
+    shape,
+    byteLength: byteLength(first.dtype, numelOf(shape)),
+    describe: parts.map((p) => p.describe).join(' ; '),
+    produce: async (box, out) => {
+      const boxRow = (byteLength(first.dtype, numelOf(box.size.slice(1))));
+      let at = 0;
+      const a = box.start[0]!;
+      const n = box.size[0]!;
+      for (const p of parts) {
+        const lo = Math.max(a, at);
+        const hi = Math.min(a + n, at + p.shape[0]!);
+        if (lo < hi) await p.produce({ start: [lo - at, ...box.start.slice(1)], size: [hi - lo, ...box.size.slice(1)] }, out.subarray((lo - a) * boxRow, (hi - a) * boxRow));
+        at += p.shape[0]!;
+      }
+    },
+  };
+}
+
+export interface LegacyWriteOptions {
+  readonly tp: number;
+  readonly pp: number;
+  readonly numLayers: number;
+  readonly iteration: number;
+  readonly gated: boolean;
+  readonly args: Record<string, PyValue>;
+  /** Modules whose `_extra_state` entry (None) the live model expects, per layer. */
+  readonly extraStateModules: readonly string[];
+}
+
+/**
+ * Per-rank `model_optim_rng.pt` files for global targets named as torch_dist names them, but
+ * per layer (`decoder.layers.<global>.<param>`), split over TP and PP with local layer numbers.
+ */
+export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, opts: LegacyWriteOptions): OutputFile[] {
+  const { tp, pp } = opts;
+  const iterDir = `iter_${String(opts.iteration).padStart(7, '0')}`;
+  const files: OutputFile[] = [];
+  for (let p = 0; p < pp; p++) {
+    const { first, count } = stageLayers(opts.numLayers, pp, p);
+    for (let t = 0; t < tp; t++) {
+      const model = new PyDict('OrderedDict');
+      const storages: Array<{ key: string; tensor: TargetTensor }> = [];
+      const put = (name: string, target: TargetTensor): void => {
+        const key = String(storages.length);
+        storages.push({ key, tensor: target });
+        model.set(name, contiguousTensorRef(key, target));
+      };
+      for (const [name, g] of globals) {
+        const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(name);
+        let local: string;
+        if (m) {
+          const gl = Number(m[1]);
+          if (gl < first || gl >= first + count) continue;
+          local = `decoder.layers.${gl - first}.${m[2]}`;
+        } else {
+          // Embedding on the first stage, final norm and output layer on the last.
+          const onFirst = name.startsWith('embedding.');
+          if ((onFirst && p !== 0) || (!onFirst && p !== pp - 1)) continue;
+          local = name;
+        }
+        const split = tpSplitOf(name, opts.gated);
+        const renamed = { ...g, name: local };
+        if (split === 'replicated') put(local, renamed);
+        else if (split === 'column') {
+          const n = g.shape[0]! / tp;
+          put(local, { ...sliceTarget(g, 0, t * n, n), name: local });
+        } else if (split === 'row') {
+          const n = g.shape[1]! / tp;
+          put(local, { ...sliceTarget(g, 1, t * n, n), name: local });
+        } else {
+          const half = g.shape[0]! / 2;
+          const n = half / tp;
+          put(local, concatRows(local, [sliceTarget(g, 0, t * n, n), sliceTarget(g, 0, half + t * n, n)]));
+        }
+      }
+      for (let l = 0; l < count; l++) for (const mod of opts.extraStateModules) model.set(`decoder.layers.${l}.${mod}._extra_state`, null);
+      const args = new PyObject('argparse', 'Namespace', PyDict.from({ ...opts.args, tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp }));
+      const root = PyDict.from({ args, checkpoint_version: new PyFloat(3.0), iteration: opts.iteration, model });
+      const a = torchArchiveParts('model_optim_rng', root, storages);
+      files.push({ relPath: `${iterDir}/${rankDirName(tp, pp, t, p)}/${LEGACY_FILE}`, size: a.size, parts: a.parts });
+    }
+  }
+  const tracker = Buffer.from(String(opts.iteration));
+  files.push({ relPath: 'latest_checkpointed_iteration.txt', size: tracker.length, parts: [tracker] });
+  return files;
+}

@@ -1,0 +1,34 @@
+/**
+ * How each Megatron GPT parameter is split across tensor-parallel ranks (Megatron-LM
+ * `tools/checkpoint/saver_base.py` / `loader_legacy.py`, megatron-core's sharded_state_dict):
+ *
+ * - column-parallel (split along dim 0): `linear_qkv` weight and bias (whole query groups per
+ *   rank, since the global tensor is interleaved per group), word embeddings and output layer
+ *   (the padded vocabulary);
+ * - gated column-parallel: SwiGLU `linear_fc1` — each rank holds `[gate_r; up_r]`, its slice of
+ *   the gate half followed by its slice of the up half;
+ * - row-parallel (split along dim 1): `linear_proj` and `linear_fc2` weights;
+ * - replicated: norms, q/k layernorms, row-parallel biases.
+ */
+export type TpSplit = 'column' | 'gated' | 'row' | 'replicated';
+
+/** The split of a parameter given its name (per-layer or global, TE or local-spec names). */
+export function tpSplitOf(name: string, gated: boolean): TpSplit {
+  if (/(^|\.)linear_qkv\.(weight|bias)$/.test(name)) return 'column';
+  if (/(^|\.)linear_fc1\.(weight|bias)$/.test(name)) return gated ? 'gated' : 'column';
+  if (/(^|\.)(linear_proj|linear_fc2)\.weight$/.test(name)) return 'row';
+  if (/^(embedding\.word_embeddings|output_layer)\.weight$/.test(name)) return 'column';
+  return 'replicated';
+}
+
+/** Layers of pipeline stage `p` of `pp` (uniform split, as Megatron-LM does by default). */
+export function stageLayers(numLayers: number, pp: number, p: number): { first: number; count: number } {
+  const count = numLayers / pp;
+  return { first: p * count, count };
+}
+
+/** `mp_rank_01` (PP=1) or `mp_rank_01_002` (PP>1): Megatron-LM's per-rank directory name. */
+export function rankDirName(tp: number, pp: number, tpRank: number, ppRank: number): string {
+  const t = String(tpRank).padStart(2, '0');
+  return pp > 1 ? `mp_rank_${t}_${String(ppRank).padStart(3, '0')}` : `mp_rank_${t}`;
+}
