@@ -15,7 +15,7 @@ import { openDcp, writeDcpChunked, type DcpTensorEntry } from './dcp.js';
 import { openTorchArchive } from './torch-archive.js';
 import { ReadOnlyFile } from '../io/file.js';
 import { PyDict, PyFloat, PyObject, type PyValue } from '../pickle/values.js';
-import type { AllowList } from '../pickle/index.js';
+import type { AllowList, ClassEntry, FunctionEntry } from '../pickle/index.js';
 import { dataclass, enumClass } from '../pickle/index.js';
 import type { CheckpointSource, OutputFile } from './types.js';
 import { torchArchiveParts } from './torch-archive.js';
@@ -26,7 +26,31 @@ export const TRACKER = 'latest_checkpointed_iteration.txt';
  * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
  * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
  */
+/**
+ * numpy arrays and dtypes as pickled inside Megatron's RNG state (`np.random.get_state()`):
+ * `_reconstruct(ndarray, (0,), b'b')` then BUILD with `(version, shape, dtype, fortran, bytes)`,
+ * and `dtype('u4', False, True)` then BUILD. Kept as inert records (they are never used as
+ * weights), so reading a training checkpoint does not fail on its RNG state.
+ */
+const numpyRecord: ClassEntry = {
+  kind: 'class',
+  call: (args, ctx) => new PyObject(ctx.global.module, ctx.global.name, null, args, 'call'),
+  build: (obj, state) => {
+    obj.state = state;
+  },
+};
+const numpyReconstruct: FunctionEntry = {
+  kind: 'function',
+  call: (args) => new PyObject('numpy', 'ndarray', null, args, 'call'),
+};
+
 export const MEGATRON_GLOBALS: AllowList = {
+  'numpy.core.multiarray._reconstruct': numpyReconstruct,
+  'numpy._core.multiarray._reconstruct': numpyReconstruct,
+  'numpy.ndarray': numpyRecord,
+  'numpy.dtype': numpyRecord,
+  'numpy.core.multiarray.scalar': numpyReconstruct,
+  'numpy._core.multiarray.scalar': numpyReconstruct,
   'megatron.core.enums.ModelType': enumClass(),
   'megatron.core.transformer.enums.AttnBackend': enumClass(),
   'megatron.core.transformer.enums.AttnMaskType': enumClass(),

@@ -8,6 +8,14 @@
       megatron-core saves a randomly initialised GPTModel with dist_checkpointing.save (under TP=N,
       PP=M with N×M gloo ranks) in the Megatron-LM run layout (iter_0000001/ + tracker), writes the logits
       of its forward pass and an equivalent HF config (<run_dir>/hf_ref/config.json)
+  save_legacy <run_dir> <case> [--tp N] [--pp M] [--tied]
+      the same model saved the way Megatron-LM's save_checkpoint writes --ckpt-format torch:
+      iter_0000005/mp_rank_TT[_PPP]/model_optim_rng.pt per rank with the model's
+      state_dict_for_save_checkpoint() (its TP shard, local layer numbers), args, checkpoint_version,
+      iteration and RNG state (python, numpy, torch) — plus logits and hf_ref as for save
+  load_legacy <run_dir> <hf_dir> [--tp N] [--pp M]
+      real megatron-core loads shardshift's legacy per-rank files strictly (load_state_dict) into the
+      GPTModel of each rank and runs the pipeline; its logits must equal transformers' (JSON)
   check_hf <hf_dir> <run_dir>
       AutoModelForCausalLM.from_pretrained(hf_dir) loads with no missing or unexpected keys and
       its logits equal the saved megatron-core logits (JSON)
@@ -197,6 +205,91 @@ def cmd_save(run_dir, case, tp, pp, tied):
     mp.spawn(save_worker, args=(tp * pp, tempfile.mktemp(), run_dir, case, tied, tp, pp), nprocs=tp * pp, join=True)
 
 
+def legacy_worker(rank, world, init_file, run_dir, case, tied, tp, pp):
+    import argparse
+    import random
+    import numpy as np
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    init(rank, world, tp, init_file, pp)
+    fam = FAMILY_CASES[case]
+    c = dict(layers=4, hidden=64, heads=4, groups=2, ffn=96, head_dim=16, eps=1e-6,
+             bias=fam["bias"], qk=fam["qk"], tied=tied, max_pos=64, rope_theta=10000.0, vocab=100)
+    model = build(c, 128)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in n else 0.0))
+        for n, p in model.named_parameters():
+            if "norm" in n or (n.endswith("bias") and "linear_qkv" not in n):
+                torch.distributed.broadcast(p, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+        if tied and pp > 1:
+            w = model.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(w, group=ps.get_embedding_group())
+            w.div_(2)
+    t, s_ = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{t:02d}" + (f"_{s_:03d}" if pp > 1 else "")
+    d = os.path.join(run_dir, "iter_0000005", name)
+    os.makedirs(d, exist_ok=True)
+    args = argparse.Namespace(
+        num_layers=c["layers"], hidden_size=c["hidden"], ffn_hidden_size=c["ffn"], num_attention_heads=c["heads"],
+        group_query_attention=True, num_query_groups=c["groups"], kv_channels=c["head_dim"], padded_vocab_size=128,
+        vocab_size=100, make_vocab_size_divisible_by=64, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=not tied, add_qkv_bias=c["bias"],
+        qk_layernorm=c["qk"], params_dtype=torch.float32, ckpt_format="torch", iteration=5,
+    )
+    state = {
+        "args": args, "checkpoint_version": 3.0, "iteration": 5,
+        "model": model.state_dict_for_save_checkpoint(),
+        "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                       "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": None, "rng_tracker_states": None}],
+        "num_floating_point_operations_so_far": 0,
+    }
+    torch.save(state, os.path.join(d, "model_optim_rng.pt"))
+    logits = forward(model)
+    if ps.is_pipeline_last_stage() and t == 0:
+        torch.save(logits[..., :100], os.path.join(run_dir, "logits.pt"))
+    if rank == 0:
+        with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("5")
+        hf = AutoConfig.for_model(
+            model_type=fam["model_type"], architectures=fam["architectures"], vocab_size=100, hidden_size=64,
+            intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied,
+        )
+        hf.save_pretrained(os.path.join(run_dir, "hf_ref"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def load_legacy_worker(rank, world, init_file, run_dir, hf_dir, tp, pp, out_file):
+    from megatron.core import parallel_state as ps
+    init(rank, world, tp, init_file, pp)
+    c = cfg_from_hf(hf_dir)
+    padded = ((c["vocab"] + 128 * tp - 1) // (128 * tp)) * 128 * tp
+    model = build(c, padded)
+    t, s_ = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    iters = sorted(d for d in os.listdir(run_dir) if d.startswith("iter_"))
+    name = f"mp_rank_{t:02d}" + (f"_{s_:03d}" if pp > 1 else "")
+    state = torch.load(os.path.join(run_dir, iters[-1], name, "model_optim_rng.pt"), weights_only=False)
+    model.load_state_dict(state["model"], strict=True)
+    logits = forward(model)
+    if ps.is_pipeline_last_stage() and t == 0:
+        torch.save(logits[..., : c["vocab"]], out_file)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def cmd_load_legacy(run_dir, hf_dir, tp, pp):
+    import torch.multiprocessing as mp
+    out_file = tempfile.mktemp(suffix=".pt")
+    mp.spawn(load_legacy_worker, args=(tp * pp, tempfile.mktemp(), run_dir, hf_dir, tp, pp, out_file), nprocs=tp * pp, join=True)
+    logits = torch.load(out_file)
+    ref, _ = hf_logits(hf_dir)
+    return {"max_abs_diff": (logits - ref).abs().max().item(), "shape": list(logits.shape)}
+
+
 def cmd_check_hf(hf_dir, run_dir):
     logits, info = hf_logits(hf_dir)
     ref = torch.load(os.path.join(run_dir, "logits.pt"))
@@ -215,6 +308,16 @@ if __name__ == "__main__":
         tp = int(args[args.index("--tp") + 1]) if "--tp" in args else 1
         pp = int(args[args.index("--pp") + 1]) if "--pp" in args else 1
         cmd_save(args[0], args[1], tp, pp, "--tied" in args)
+    elif cmd in ("save_legacy", "load_legacy"):
+        args = sys.argv[2:]
+        tp = int(args[args.index("--tp") + 1]) if "--tp" in args else 1
+        pp = int(args[args.index("--pp") + 1]) if "--pp" in args else 1
+        import torch.multiprocessing as mp
+        if cmd == "save_legacy":
+            os.makedirs(args[0], exist_ok=True)
+            mp.spawn(legacy_worker, args=(tp * pp, tempfile.mktemp(), args[0], args[1], "--tied" in args, tp, pp), nprocs=tp * pp, join=True)
+        else:
+            print(json.dumps(cmd_load_legacy(args[0], args[1], tp, pp)))
     elif cmd == "check_hf":
         print(json.dumps(cmd_check_hf(sys.argv[2], sys.argv[3])))
     else:

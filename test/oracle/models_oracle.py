@@ -29,6 +29,7 @@ CASES = {
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None),
     "qwen2_bias": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama_mha_4l": dict(model_type="llama", architectures=["LlamaForCausalLM"], num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, num_hidden_layers=4),
     "qwen3_qknorm": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
 }
 
