@@ -9,10 +9,12 @@ import { UnpicklingError } from '../pickle/index.js';
 import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
+import { registerLoraCommands } from './lora.js';
 import { VERSION } from '../version.js';
 import { EXIT } from './exit.js';
 import { runVerify, runDiff } from './verify.js';
 import { runStepsList, runStepsShow, runStepsRun } from './steps.js';
+import { runDcpToHf } from './dcp-to-hf.js';
 
 
 function program(): Command {
@@ -58,6 +60,21 @@ function program(): Command {
       '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
     )
     .action(runConvert);
+  p.command('dcp-to-hf')
+    .description('NeMo RL policy checkpoint (DCP, DTensor v1 or v2, or Megatron-backend torch_dist) → Hugging Face; the flags of NeMo RL\'s convert_dcp_to_hf.py.')
+    .option('--config <yaml>', 'the run\'s config.yaml (policy.model_name gives the HF model for config.json)')
+    .option('--dcp-ckpt-path <dir>', 'step_N/policy/weights')
+    .option('--hf-ckpt-path <dir>', 'output HF directory')
+    .option('--hf-model-name <id-or-dir>', 'override policy.model_name')
+    .addOption(new Option('--dtype <dtype>', 'cast floating-point weights (default: keep)').choices(['float32', 'float16', 'bfloat16']))
+    .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
+    .option('--overwrite', 'replace an existing output')
+    .option('--dry-run', 'print the plan and write nothing')
+    .option('--json', 'JSON progress events on stderr, result on stdout')
+    .option('-q, --quiet', 'no progress display')
+    .addHelpText('after', '\nExample (NeMo RL\'s own):\n  $ shardshift dcp-to-hf --config=$CKPT_DIR/config.yaml --dcp-ckpt-path=$CKPT_DIR/policy/weights --hf-ckpt-path=${CKPT_DIR}-hf')
+    .action(runDcpToHf);
+
   const steps = p.command('steps').description('The Nemotron-steps-style interface: named steps with YAML configs and key=value overrides.');
   steps.command('list').description('List the steps.').action(runStepsList);
   steps.command('show').description('Print a step\'s parameters, types, defaults and configs.').argument('<step>').action(runStepsShow);
@@ -92,6 +109,7 @@ function program(): Command {
     .option('--json', 'print the report as JSON')
     .addHelpText('after', '\nExit code 0 when identical, 1 otherwise.\n\nExamples:\n  $ shardshift diff ./Llama-3.2-1B out/llama-megatron\n  $ shardshift diff merged-by-peft/ merged-by-shardshift/')
     .action(runDiff);
+  registerLoraCommands(p);
   return p;
 }
 

@@ -118,7 +118,37 @@ const megatronToHf: Step = {
   },
 };
 
-const STEPS: Step[] = [hfToMegatron, megatronToHf];
+const dcpToHf: Step = {
+  name: 'convert/dcp_to_hf',
+  description: 'Convert a NeMo RL policy checkpoint (DCP from the DTensor backend, v1 or v2, or the Megatron backend\'s torch_dist) to Hugging Face.',
+  params: {
+    dcp_ckpt_path: { type: 'string', description: 'the run\'s step_N/policy/weights', required: true },
+    config: { type: 'string', description: 'the run\'s config.yaml (default: step_N/config.yaml beside policy/)', default: null },
+    hf_model_name: { type: 'string', description: 'override policy.model_name (config.json and fallback tokenizer)', default: null },
+    hf_ckpt_path: { type: 'string', description: 'output HF directory (default: <output base>/<step>-hf)', default: null },
+    dtype: { ...DTYPE, default: null, description: 'cast floating-point weights (default: keep)' },
+    ...COMMON,
+  },
+  async run(p, ctx) {
+    const { convertDcpToHf } = await import('../plan/dcp-to-hf.js');
+    const dcp = String(p.dcp_ckpt_path);
+    const stepName = basename(join(dcp, '..', '..')) || 'policy';
+    const out = (p.hf_ckpt_path as string | null) ?? join(defaultOutputBase(ctx.env), `${stepName}-hf`);
+    return convertDcpToHf(dcp, out, {
+      config: (p.config as string | null) ?? undefined,
+      hfModelName: (p.hf_model_name as string | null) ?? undefined,
+      resolveModel: (id) => ctx.resolveModel(id, 'config'),
+      dtype: p.dtype ? dtypeOf(p) : undefined,
+      allowUnmapped: p.allow_unmapped as boolean,
+      maxMemory: p.max_memory as number,
+      overwrite: p.overwrite as boolean,
+      dryRun: ctx.dryRun,
+      onProgress: ctx.onProgress,
+    });
+  },
+};
+
+const STEPS: Step[] = [hfToMegatron, megatronToHf, dcpToHf];
 
 /** Registers a step (one entry per step; LoRA, DCP and NxD steps add theirs). */
 export function registerStep(s: Step): void {
