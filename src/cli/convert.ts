@@ -17,7 +17,7 @@ interface Flags {
   iteration: string;
   hfModel?: string;
   allowUnmapped?: boolean;
-  ckptFormat: 'torch_dist' | 'torch';
+  ckptFormat: 'torch_dist' | 'torch' | 'fsdp_dtensor';
   megatronSpec: 'te' | 'local';
   from?: FormatName;
   maxMemory: string;

@@ -153,6 +153,19 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
   }
   const metaJson = join(dir, 'metadata.json');
   if (!(await isFile(metaJson))) {
+    // Megatron-FSDP's fsdp_dtensor is plain DCP (no metadata.json, no common.pt) with the model
+    // under a module prefix; anything else without metadata.json is an unfinished torch_dist save.
+    if (await isFile(join(dir, '.metadata'))) {
+      const dcp = await openDcp(dir, { extraGlobals: MEGATRON_GLOBALS });
+      const { fsdpPrefix, fsdpView } = await import('./megatron-fsdp.js');
+      const prefix = fsdpPrefix([...dcp.tensors.keys()]);
+      if (prefix) {
+        const common = PyDict.from([...dcp.objects.values()].filter((o) => !o.opaque).map((o): [PyValue, PyValue] => [o.name, o.value]));
+        const view = fsdpView(dcp, prefix);
+        return { source: { ...view, metadata: new Map([...view.metadata, ['layout', `fsdp_dtensor (prefix ${prefix})`]]) }, resolved, common, backend: { sharded_backend: 'fsdp_dtensor' } };
+      }
+      await dcp.close();
+    }
     throw badInput(`${dir}: no metadata.json — Megatron writes it last, so this checkpoint is incomplete (or not torch_dist)`, dir);
   }
   let backend: Record<string, unknown>;

@@ -110,7 +110,7 @@ export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHf
     for (const n of weights) {
       const t = src.tensors.get(n)!;
       const key = wrapped ? n.slice('model.'.length) : n;
-      view.set(key, { ...t, name: key, read: (b, o) => t.read(b, o) });
+      view.set(key, { name: key, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.where, read: (b, o) => t.read(b, o) });
     }
     const hfView: CheckpointSource = { ...src, tensors: view };
     const { skipped } = buildImport(cfg, hfView, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: 'BF16', allowUnmapped: opts.allowUnmapped });

@@ -13,6 +13,7 @@ import { openCheckpoint } from '../formats/index.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../formats/megatron.js';
 import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
+import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
@@ -30,7 +31,7 @@ import type { ProgressEvent } from './executor.js';
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
-  ckptFormat?: 'torch_dist' | 'torch';
+  ckptFormat?: 'torch_dist' | 'torch' | 'fsdp_dtensor';
   /** Layer names of legacy outputs: TransformerEngine-fused norms (te, default) or the local spec's. */
   megatronSpec?: 'te' | 'local';
   /** Skip source tensors the model map has no place for, instead of failing. */
@@ -126,7 +127,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const iteration = opts.iteration ?? 0;
     const args = megatronArgs(cfg, { tp, pp, divisor, dtype, iteration });
     const legacy = opts.ckptFormat === 'torch';
-    const files = legacy
+    const fsdp = opts.ckptFormat === 'fsdp_dtensor';
+    const files = fsdp
+      ? writeMegatronFsdp(perLayerTargets(entries, 'te'), { iteration, files: opts.dcpFiles })
+      : legacy
       ? writeMegatronLegacy(perLayerTargets(entries, opts.megatronSpec ?? 'te'), {
           tp,
           pp,
@@ -141,7 +145,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const side = sideDir ? await listSideFiles(sideDir, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$|^\.metadata$|^metadata\.json$/.test(n)) : [];
     const plan: ConvertPlan = {
       source: { path: srcPath, format: meg ? 'megatron' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
-      target: { path: out, format: legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
+      target: { path: out, format: fsdp ? 'megatron fsdp_dtensor' : legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
       files: FILE_PLAN(files),
       dropped: [],
       skipped: [...skippedBefore, ...skipped],
@@ -159,7 +163,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     await writeOutput(srcPath, out, 'dir', files, side.map((s) => ({ from: join(sideDir!, s), to: `${iterDir}/hf/${s}` })), {
       ...opts,
       manifest: {
-        command: `convert --to megatron${legacy ? ' --ckpt-format torch' : ''}`,
+        command: `convert --to megatron --ckpt-format ${opts.ckptFormat ?? 'torch_dist'}`,
         sourceFormat: plan.source.format,
         targetFormat: plan.target.format,
         sourceDir: (meg?.source ?? src).root,

@@ -73,6 +73,7 @@ const hfToMegatron: Step = {
     'parallel.pp': { type: 'int', description: 'pipeline-parallel size (recorded in the args)', default: 1 },
     make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
+    ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: ['torch_dist', 'torch', 'fsdp_dtensor'] },
     ...COMMON,
   },
   async run(p, ctx) {
@@ -84,6 +85,7 @@ const hfToMegatron: Step = {
       pp: p['parallel.pp'] as number,
       makeVocabSizeDivisibleBy: p.make_vocab_size_divisible_by as number,
       iteration: p.iteration as number,
+      ckptFormat: p.ckpt_format as 'torch_dist' | 'torch' | 'fsdp_dtensor',
       allowUnmapped: p.allow_unmapped as boolean,
       maxMemory: p.max_memory as number,
       overwrite: p.overwrite as boolean,
