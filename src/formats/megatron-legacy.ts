@@ -108,16 +108,51 @@ function modelDict(r: RankFile, path: string): PyDict {
   return m;
 }
 
+/**
+ * Pre-megatron-core (`megatron/legacy/model`) names → megatron-core names:
+ * `language_model.embedding.word_embeddings.weight`, `language_model.encoder.layers.<i>.…`
+ * (`transformer` in older files) with `input_norm`, `self_attention.query_key_value`,
+ * `self_attention.dense`, `post_attention_norm`, `mlp.dense_h_to_4h`, `mlp.dense_4h_to_h`,
+ * `final_norm`, and `language_model.output_layer.weight`. megatron-core names pass unchanged.
+ */
+const LEGACY_LAYER_NAMES: ReadonlyArray<[RegExp, string]> = [
+  [/^(input_norm|input_layernorm)\.weight$/, 'input_layernorm.weight'],
+  [/^self_attention\.query_key_value\.(weight|bias)$/, 'self_attention.linear_qkv.$1'],
+  [/^self_attention\.dense\.(weight|bias)$/, 'self_attention.linear_proj.$1'],
+  [/^(post_attention_norm|post_attention_layernorm)\.weight$/, 'pre_mlp_layernorm.weight'],
+  [/^mlp\.dense_h_to_4h\.(weight|bias)$/, 'mlp.linear_fc1.$1'],
+  [/^mlp\.dense_4h_to_h\.(weight|bias)$/, 'mlp.linear_fc2.$1'],
+];
+
+function mcoreName(name: string, version: number | undefined, path: string): string {
+  if (!name.startsWith('language_model.')) return name;
+  // QKV rows are grouped per query group only from checkpoint_version 2.0 on.
+  if (version !== undefined && version < 2) {
+    throw unsupported(`${path}: checkpoint_version ${version} stores QKV in an older order; re-save it with Megatron-LM ≥ 2.0 first`, path, name);
+  }
+  const n = name.slice('language_model.'.length);
+  if (n === 'embedding.word_embeddings.weight' || n === 'output_layer.weight') return n;
+  const layer = /^(?:encoder|transformer)\.layers\.(\d+)\.(.+)$/.exec(n);
+  if (layer) {
+    for (const [re, to] of LEGACY_LAYER_NAMES) if (re.test(layer[2]!)) return `decoder.layers.${layer[1]}.${layer[2]!.replace(re, to)}`;
+    return `decoder.layers.${layer[1]}.${layer[2]}`;
+  }
+  const fin = /^(?:encoder|transformer)\.(final_norm|final_layernorm)\.weight$/.exec(n);
+  if (fin) return 'decoder.final_layernorm.weight';
+  return name;
+}
+
 function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], tp: number, pp: number): LegacyCheckpoint {
   const rank0 = files[0]!.arc.root as PyDict;
   const argsV = rank0.get('args');
   const args = argsV instanceof PyObject && argsV.state instanceof PyDict ? argsV.state : undefined;
   const gated = args?.get('swiglu') !== false;
+  const version = asNumber(rank0.get('checkpoint_version'));
   // Local layer count per stage (uniform split), checked against args.num_layers.
   const perStage = new Map<number, number>();
   const leaves = new Map<RankFile, Array<{ name: string; value: PyValue }>>();
   for (const r of files) {
-    const ls = flattenTree(modelDict(r, path)).map((l) => ({ name: l.name, value: l.value }));
+    const ls = flattenTree(modelDict(r, path)).map((l) => ({ name: mcoreName(l.name, version, path), value: l.value }));
     leaves.set(r, ls);
     for (const l of ls) {
       const m = /^decoder\.layers\.(\d+)\./.exec(l.name);

@@ -74,3 +74,50 @@ test('an args pickle naming a disallowed global is refused by name', async () =>
   assert.equal(r.code, 1);
   assert.match(r.stderr, /mp_rank_00\/model_optim_rng\.pt: pickle calls a global that is not allowed: subprocess\.Popen/);
 });
+
+test('pre-megatron-core names (language_model.encoder…) are read', async () => {
+  const { openCheckpoint } = await import('../../src/formats/index.js');
+  const { copyOf } = await import('../../src/plan/targets.js');
+  const { PyFloat } = await import('../../src/pickle/values.js');
+  // Re-lay the TP=1 file with Megatron-LM's pre-mcore key names and nesting.
+  const orig = await openCheckpoint(join(tmp, 'rt-1-1', 'iter_0000000', 'mp_rank_00', 'model_optim_rng.pt'));
+  const rename: Array<[RegExp, string]> = [
+    [/^model\.embedding\.word_embeddings\.weight$/, 'model.language_model.embedding.word_embeddings.weight'],
+    [/^model\.output_layer\.weight$/, 'model.language_model.output_layer.weight'],
+    [/^model\.decoder\.final_layernorm\.weight$/, 'model.language_model.encoder.final_norm.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.layer_norm_weight$/, 'model.language_model.encoder.layers.$1.input_norm.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight$/, 'model.language_model.encoder.layers.$1.self_attention.query_key_value.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight$/, 'model.language_model.encoder.layers.$1.self_attention.dense.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_weight$/, 'model.language_model.encoder.layers.$1.post_attention_norm.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.mlp\.linear_fc1\.weight$/, 'model.language_model.encoder.layers.$1.mlp.dense_h_to_4h.weight'],
+    [/^model\.decoder\.layers\.(\d+)\.mlp\.linear_fc2\.weight$/, 'model.language_model.encoder.layers.$1.mlp.dense_4h_to_h.weight'],
+  ];
+  try {
+    const targets = [];
+    const lm = { embedding: new PyDict(), encoder: new PyDict(), output_layer: new PyDict() };
+    for (const t of orig.tensors.values()) {
+      const r = rename.find(([re]) => re.test(t.name));
+      assert.ok(r, `rename rule for ${t.name}`);
+      const name = t.name.replace(r[0], r[1]);
+      targets.push(copyOf(name, t));
+      const rest = name.slice('model.language_model.'.length);
+      if (rest.startsWith('embedding.')) lm.embedding.set('word_embeddings', PyDict.from({ weight: null }));
+      else if (rest.startsWith('output_layer.')) lm.output_layer.set('weight', null);
+      else lm.encoder.set(rest.slice('encoder.'.length), null);
+    }
+    const tree = PyDict.from({
+      args: orig.objects.get('args')!.value,
+      checkpoint_version: new PyFloat(3.0),
+      iteration: 0,
+      model: PyDict.from({ language_model: PyDict.from({ embedding: lm.embedding, encoder: lm.encoder, output_layer: lm.output_layer }) }),
+    });
+    const { files } = writeTorch(targets, { singleFile: 'model_optim_rng.pt', tree });
+    await writeOutput(example, join(tmp, 'premcore'), 'dir', [{ ...files[0]!, relPath: 'iter_0000003/mp_rank_00/model_optim_rng.pt' }], [{ from: join(example, 'config.json'), to: 'iter_0000003/hf/config.json' }], {});
+  } finally {
+    await orig.close();
+  }
+  const back = join(tmp, 'premcore.hf');
+  const r = await run(['convert', '--to', 'hf', join(tmp, 'premcore'), back]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))));
+});
