@@ -9,6 +9,7 @@ import { UnpicklingError } from '../pickle/index.js';
 import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
+import { registerLoraCommands } from './lora.js';
 import { VERSION } from '../version.js';
 import { EXIT } from './exit.js';
 import { runVerify, runDiff } from './verify.js';
@@ -108,6 +109,7 @@ function program(): Command {
     .option('--json', 'print the report as JSON')
     .addHelpText('after', '\nExit code 0 when identical, 1 otherwise.\n\nExamples:\n  $ shardshift diff ./Llama-3.2-1B out/llama-megatron\n  $ shardshift diff merged-by-peft/ merged-by-shardshift/')
     .action(runDiff);
+  registerLoraCommands(p);
   return p;
 }
 

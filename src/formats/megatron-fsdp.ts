@@ -18,6 +18,7 @@ import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '.
 import { PyFloat, type PyValue } from '../pickle/values.js';
 import { sliceTarget } from './megatron-legacy.js';
 import { badInput } from '../errors.js';
+import { targetView } from '../plan/view.js';
 
 const PREFIXES = ['model.module.module.', 'model.module.', 'model.'];
 export const FSDP_PREFIX = 'model.module.';
@@ -63,7 +64,7 @@ export function writeMegatronFsdp(globals: ReadonlyMap<string, TargetTensor>, op
   const paths = new Map<string, ReadonlyArray<string | number>>();
   const add = (name: string, t: TargetTensor): void => {
     const full = `${FSDP_PREFIX}${name}`;
-    targets.push({ ...t, name: full });
+    targets.push(targetView(t, { name: full }));
     paths.set(full, ['model', full.slice('model.'.length)]);
   };
   for (const [name, g] of globals) {

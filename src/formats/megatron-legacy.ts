@@ -22,6 +22,7 @@ import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
 import { rankDirName, stageLayers, tpSplitOf } from '../models/parallel.js';
 import type { CheckpointSource, OutputFile, SourceObject, SourceTensor, TargetTensor } from './types.js';
+import { targetView } from '../plan/view.js';
 
 const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
 export const LEGACY_FILE = 'model_optim_rng.pt';
@@ -335,14 +336,14 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           local = name;
         }
         const split = tpSplitOf(name, opts.gated);
-        const renamed = { ...g, name: local };
+        const renamed = targetView(g, { name: local });
         if (split === 'replicated') put(local, renamed);
         else if (split === 'column') {
           const n = g.shape[0]! / tp;
-          put(local, { ...sliceTarget(g, 0, t * n, n), name: local });
+          put(local, targetView(sliceTarget(g, 0, t * n, n), { name: local }));
         } else if (split === 'row') {
           const n = g.shape[1]! / tp;
-          put(local, { ...sliceTarget(g, 1, t * n, n), name: local });
+          put(local, targetView(sliceTarget(g, 1, t * n, n), { name: local }));
         } else {
           const half = g.shape[0]! / 2;
           const n = half / tp;

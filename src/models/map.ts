@@ -10,6 +10,7 @@ import { badInput } from '../errors.js';
 import { allRows, castTo, rowConcat, rows, zeroRows, type RowSegment } from '../plan/targets.js';
 import { paddedVocab, type ModelConfig } from './config.js';
 import { DENSE_GLOBAL_PARAMS, DENSE_LAYER_PARAMS, HF_IGNORED, MEGATRON_IGNORED, type LayerParam } from './dense.js';
+import { targetView } from '../plan/view.js';
 
 export interface Skipped {
   readonly name: string;
@@ -141,11 +142,7 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
 
 /** A target viewed with a leading dim of 1 (a layer's chunk of a stacked `[L, …]` tensor). */
 function withLeadingOne(t: TargetTensor): TargetTensor {
-  return {
-    ...t,
-    shape: [1, ...t.shape],
-    produce: (box, out) => t.produce({ start: box.start.slice(1), size: box.size.slice(1) }, out),
-  };
+  return targetView(t, { shape: [1, ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(1), size: box.size.slice(1) }, out) });
 }
 
 /** Finds a Megatron layer parameter: stacked `decoder.layers.<p>` [L, …] or per-layer `decoder.layers.<i>.<p>`. */

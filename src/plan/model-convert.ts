@@ -28,6 +28,7 @@ import { DENSE_EXTRA_STATE_MODULES } from '../models/dense.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
+import { targetView } from './view.js';
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
@@ -200,7 +201,7 @@ function perLayerTargets(entries: readonly DcpTensorEntry[], spec: 'te' | 'local
     for (const c of e.chunks) {
       const t = c.tensor; // shape [1, …]: drop the layer axis
       const name = `decoder.layers.${c.offsets[0]}.${param}`;
-      out.set(name, { ...t, name, shape: t.shape.slice(1), produce: (b, o) => t.produce({ start: [0, ...b.start], size: [1, ...b.size] }, o) });
+      out.set(name, targetView(t, { name, shape: t.shape.slice(1), produce: (b, o) => t.produce({ start: [0, ...b.start], size: [1, ...b.size] }, o) }));
     }
   }
   return out;

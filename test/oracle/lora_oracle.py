@@ -1,20 +1,37 @@
 """The peft side of the LoRA interop tests (peft + transformers + torch).
 
-  make_base <dir> <arch> <dtype>       tiny random HF model (llama | llama_tied | qwen2 | gpt2) saved
-                                       with save_pretrained in dtype (float32 | bfloat16 | float16)
+  make_base <dir> <arch> <dtype>       tiny random HF model (llama | llama_tied | llama_wide | qwen2 |
+                                       gpt2) saved with save_pretrained in dtype (float32 | bfloat16 |
+                                       float16)
   make_adapter <base_dir> <adapter_dir> <variant> [adapter_dtype]
-                                       a LoRA adapter made by peft on that base (get_peft_model with
-                                       the variant's LoraConfig), every adapter parameter randomised
-                                       (B non-zero), saved with save_pretrained; adapter_dtype
-                                       (default float32) is the dtype the adapter tensors are saved in
-  merge <base_dir> <adapter_dir> <out_dir> [--safe] [--no-autocast]
+                                       a LoRA (or IA3) adapter made by peft on that base
+                                       (get_peft_model with the variant's config), every trainable
+                                       parameter randomised (B non-zero), saved with save_pretrained;
+                                       adapter_dtype (default float32) is the dtype it is saved in
+  merge <base_dir> <adapter_dir> <out_dir> [--safe] [--dtype D]
                                        the reference: AutoModelForCausalLM.from_pretrained(base) +
                                        PeftModel.from_pretrained(adapter) + merge_and_unload() +
                                        save_pretrained(out)
+  cases <root> <cases.json>            all of the above for a list of cases in one process:
+                                       [{name, arch, dtype, variant, adapter_dtype?, safe?, load_dtype?}]
+                                       → <root>/base-<arch>-<dtype>, <root>/<name>/adapter, <root>/<name>/ref
   compare <ref_dir> <ours_dir>         per tensor: elements, how many differ, the largest distance in
                                        ulps of the tensor's dtype (JSON); both loaded by safetensors
-  logits_peft <base_dir> <adapter_dir> logits of the base with the adapter applied by peft (unmerged)
-  logits_hf <dir>                      logits of an HF model directory
+  compare_many <pairs.json>            compare for a list of [ref_dir, ours_dir] pairs
+  logits_compare <base_dir> <adapter_dir> <merged_dir>
+                                       fp32 logits of the base with the adapter applied by peft
+                                       (unmerged) against those of a merged model directory
+  make_mb <hf_dir> <run_dir> <dim> <alpha> <targets,comma-separated> [dtype]
+                                       a Megatron-Bridge LoRA adapter checkpoint for the HF model's
+                                       shape, saved by real megatron-core (dist_checkpointing.save of
+                                       the ShardedTensors ParallelLinearAdapter produces: stacked
+                                       `decoder.layers.<linear>.adapter.linear_in/linear_out.weight`,
+                                       `_extra_state` objects) with run_config.yaml's peft section
+  mb_to_peft <hf_dir> <run_dir> <out_dir>
+                                       the same adapter as a PEFT adapter, split the way
+                                       Megatron-Bridge's save_hf_adapter does (split_qkv_weights on
+                                       linear_out with the rank as feature dim, torch.chunk for fc1,
+                                       A shared), written independently of shardshift
 """
 import json
 import os
@@ -65,7 +82,8 @@ VARIANTS = {
     "fifo_dora": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_dora=True),
     "ia3": None,  # made with IA3Config (unsupported tuner type)
     "pissa": dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="pissa"),
-    "big_rank": dict(r=300, lora_alpha=16, target_modules=["q_proj", "down_proj"]),
+    # ranks above 384: MKL sums B @ A in two halves (see src/lora/fp32.ts)
+    "big_rank": dict(r=500, lora_alpha=16, target_modules=["q_proj", "down_proj"]),
 }
 
 
@@ -108,12 +126,24 @@ def make_adapter(base_dir, out, variant, adapter_dtype="float32"):
     pm.save_pretrained(out)
 
 
-def merge(base_dir, adapter_dir, out, safe=False, autocast=True):
+def merge(base_dir, adapter_dir, out, safe=False, load_dtype=None):
     from peft import PeftModel
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
-    pm = PeftModel.from_pretrained(model, adapter_dir, autocast_adapter_dtype=autocast)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[load_dtype] if load_dtype else "auto")
+    pm = PeftModel.from_pretrained(model, adapter_dir)
     merged = pm.merge_and_unload(safe_merge=safe)
     merged.save_pretrained(out)
+
+
+def cases(root, spec):
+    for c in spec:
+        base = os.path.join(root, f"base-{c['arch']}-{c['dtype']}")
+        if not os.path.exists(base):
+            make_base(base, c["arch"], c["dtype"])
+        d = os.path.join(root, c["name"])
+        os.makedirs(d, exist_ok=True)
+        make_adapter(base, os.path.join(d, "adapter"), c["variant"], c.get("adapter_dtype", "float32"))
+        if c.get("ref", True):
+            merge(base, os.path.join(d, "adapter"), os.path.join(d, "ref"), safe=c.get("safe", False), load_dtype=c.get("load_dtype"))
 
 
 def ordered_bits(t):
@@ -164,6 +194,112 @@ def logits_hf(d):
         return model(TOKENS).logits
 
 
+MB_TARGETS = {
+    "linear_qkv": "self_attention.linear_qkv",
+    "linear_proj": "self_attention.linear_proj",
+    "linear_fc1": "mlp.linear_fc1",
+    "linear_fc2": "mlp.linear_fc2",
+}
+
+
+def mb_shapes(cfg):
+    H = cfg.hidden_size
+    hn = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    q = cfg.num_attention_heads * hn
+    kv = cfg.num_key_value_heads * hn
+    F = cfg.intermediate_size
+    return {"linear_qkv": (q + 2 * kv, H), "linear_proj": (H, q), "linear_fc1": (2 * F, H), "linear_fc2": (H, F)}
+
+
+def make_mb(hf_dir, run_dir, dim, alpha, targets, dtype="bfloat16"):
+    import tempfile
+    sys.path.insert(0, os.path.dirname(__file__))
+    import megatron_oracle as mo
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor, ShardedObject
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    mo.init(0, 1, 1, tempfile.mktemp())
+    L = cfg.num_hidden_layers
+    shapes = mb_shapes(cfg)
+    gen = torch.Generator().manual_seed(99)
+    sd = {}
+    for t in targets:
+        out_rows, in_cols = shapes[t]
+        for which, shape in (("linear_in", (dim, in_cols)), ("linear_out", (out_rows, dim))):
+            key = f"decoder.layers.{MB_TARGETS[t]}.adapter.{which}.weight"
+            for layer in range(L):
+                data = (torch.randn(shape, generator=gen) * 0.3).to(DTYPES[dtype])
+                sd[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(key, data, (0, layer, L), replica_id=0, prepend_axis_num=1)
+            ek = f"decoder.layers.{MB_TARGETS[t]}.adapter.{which}._extra_state"
+            for layer in range(L):
+                sd[f"{ek}.{layer}"] = ShardedObject(ek, None, (L,), (layer,), replica_id=0)
+    iter_dir = os.path.join(run_dir, "iter_0000010")
+    os.makedirs(iter_dir, exist_ok=True)
+    dist_checkpointing.save({"model": sd, "checkpoint_version": 3.0, "iteration": 10}, iter_dir)
+    with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("10")
+    with open(os.path.join(iter_dir, "run_config.yaml"), "w") as f:
+        f.write("model:\n  _target_: megatron.bridge.models.llama.llama_provider.LlamaModelProvider\n"
+                f"  num_layers: {L}\n  hidden_size: {cfg.hidden_size}\n"
+                "peft:\n  _target_: megatron.bridge.peft.lora.LoRA\n"
+                f"  target_modules:\n" + "".join(f"  - {t}\n" for t in targets) +
+                f"  dim: {dim}\n  alpha: {alpha}\n  dropout: 0.0\n  dropout_position: pre\n"
+                "  lora_A_init_method: xavier\n  lora_B_init_method: zero\n  a2a_experimental: false\n  lora_dtype: null\n"
+                "checkpoint:\n  save: /tmp/unused\n")
+    torch.distributed.destroy_process_group()
+
+
+def mb_to_peft(hf_dir, run_dir, out):
+    """Independent of shardshift: torch.distributed.checkpoint reads the adapter, MB's split."""
+    import yaml
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from safetensors.torch import save_file
+    import tempfile
+    it = open(os.path.join(run_dir, "latest_checkpointed_iteration.txt")).read().strip()
+    iter_dir = os.path.join(run_dir, f"iter_{int(it):07d}")
+    peft_cfg = yaml.safe_load(open(os.path.join(iter_dir, "run_config.yaml")))["peft"]
+    with tempfile.TemporaryDirectory() as t:
+        dcp_to_torch_save(iter_dir, os.path.join(t, "x.pt"))
+        sd = torch.load(os.path.join(t, "x.pt"), weights_only=False)
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
+    hn = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per = heads // groups
+    out_sd = {}
+    for t, meg in MB_TARGETS.items():
+        kin = f"decoder.layers.{meg}.adapter.linear_in.weight"
+        if kin not in sd:
+            continue
+        A_all = sd[kin].float()
+        B_all = sd[f"decoder.layers.{meg}.adapter.linear_out.weight"].float()
+        for layer in range(A_all.shape[0]):
+            A, B = A_all[layer], B_all[layer]
+            r = B.shape[1]
+            if t == "linear_qkv":
+                x = B.reshape(groups, per + 2, hn, r)
+                parts = {"self_attn.q_proj": x[:, :per].reshape(-1, r), "self_attn.k_proj": x[:, per].reshape(-1, r),
+                         "self_attn.v_proj": x[:, per + 1].reshape(-1, r)}
+            elif t == "linear_fc1":
+                g, u = torch.chunk(B, 2, dim=0)
+                parts = {"mlp.gate_proj": g, "mlp.up_proj": u}
+            else:
+                parts = {"self_attn.o_proj" if t == "linear_proj" else "mlp.down_proj": B}
+            for name, b in parts.items():
+                p = f"base_model.model.model.layers.{layer}.{name}"
+                out_sd[f"{p}.lora_A.weight"] = A.clone().contiguous()
+                out_sd[f"{p}.lora_B.weight"] = b.clone().contiguous()
+    os.makedirs(out, exist_ok=True)
+    save_file(out_sd, os.path.join(out, "adapter_model.safetensors"))
+    mods = sorted({k.split(".")[-3] for k in out_sd})
+    config = {"peft_type": "LORA", "auto_mapping": None, "base_model_name_or_path": hf_dir, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "lora_alpha": peft_cfg["alpha"],
+              "lora_dropout": float(peft_cfg.get("dropout", 0.0)), "modules_to_save": None, "r": peft_cfg["dim"],
+              "rank_pattern": {}, "alpha_pattern": {}, "target_modules": mods, "task_type": "CAUSAL_LM",
+              "use_dora": False, "use_rslora": False}
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make_base":
@@ -171,14 +307,25 @@ if __name__ == "__main__":
     elif cmd == "make_adapter":
         make_adapter(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "float32")
     elif cmd == "merge":
-        merge(sys.argv[2], sys.argv[3], sys.argv[4], safe="--safe" in sys.argv, autocast="--no-autocast" not in sys.argv)
+        dt = sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else None
+        merge(sys.argv[2], sys.argv[3], sys.argv[4], safe="--safe" in sys.argv, load_dtype=dt)
+    elif cmd == "cases":
+        with open(sys.argv[3]) as f:
+            cases(sys.argv[2], json.load(f))
     elif cmd == "compare":
         print(json.dumps(compare(sys.argv[2], sys.argv[3])))
+    elif cmd == "compare_many":
+        with open(sys.argv[2]) as f:
+            print(json.dumps([compare(a, b) for a, b in json.load(f)]))
     elif cmd == "logits_compare":
         # logits_compare <base_dir> <adapter_dir> <merged_dir>: peft-applied adapter vs a merged model
         a = logits_peft(sys.argv[2], sys.argv[3])
         b = logits_hf(sys.argv[4])
         print(json.dumps({"max_abs_diff": (a - b).abs().max().item(), "max_abs": a.abs().max().item()}))
+    elif cmd == "make_mb":
+        make_mb(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6].split(","), sys.argv[7] if len(sys.argv) > 7 else "bfloat16")
+    elif cmd == "mb_to_peft":
+        mb_to_peft(sys.argv[2], sys.argv[3], sys.argv[4])
     elif cmd == "version":
         import peft
         print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}))

@@ -1,0 +1,95 @@
+/**
+ * Exact IEEE single-precision arithmetic in JavaScript numbers, for reproducing torch's fp32 LoRA
+ * merge bit for bit.
+ *
+ * JS numbers are binary64. For two float32 values, `Math.fround(a + b)`, `Math.fround(a * b)`,
+ * `Math.fround(a / b)` and `Math.fround(Math.sqrt(a))` are the correctly rounded float32 results
+ * (binary64 has more than 2·24 + 2 bits, so rounding twice is harmless for these operations).
+ * A fused multiply-add is different: the exact `a·b + c` can need more than 53 bits, and rounding
+ * it first to binary64 and then to binary32 goes wrong exactly when the binary64 result lands on a
+ * midpoint between two float32 values. `fma32` detects that case and decides it by the sign of the
+ * binary64 rounding error, so it is exact.
+ *
+ * MKL's sgemm (torch's CPU matmul on x86) accumulates each element of `B @ A` as a chain of FMAs
+ * over k starting from 0. Measured on torch 2.13 (MKL 2024.2, AVX512, 1 and 2 threads) over shapes
+ * from 16×16 to 4096×2816: for an inner dimension r ≤ 384 one chain over all of k; for
+ * 384 < r ≤ 768 two chains, over the first ⌈r/2⌉ and the remaining k, added in fp32. Above 768
+ * MKL's blocking was not identified; `loraDot` then sums blocks of at most 384 in order, which can
+ * differ from MKL in the last bits of the fp32 product.
+ */
+import { castBytes } from '../tensor/cast.js';
+import type { DType } from '../tensor/dtype.js';
+
+/** 2^28 + 1: Veltkamp's splitter leaving a 25-bit head of a binary64. */
+const SPLIT = 268435457;
+
+/** The float32 nearest `p + c` (exact sum) when `s` is its binary64 rounding; handles the midpoint case. */
+function round32(p: number, c: number, s: number): number {
+  const r = Math.fround(s);
+  if (r === s) return r;
+  // Does s have at most 25 significant bits (a float32 midpoint, or a float32)? Cheap test first.
+  const g = SPLIT * s;
+  const hi = g - (g - s);
+  if (hi !== s || !Number.isFinite(r)) return r;
+  const q = 2 * s - r; // the other float32 neighbour when s is a midpoint
+  if (Math.fround(q) !== q) return r;
+  // s is exactly halfway between r and q: the binary64 rounding error of p + c decides (TwoSum).
+  const bb = s - p;
+  const err = p - (s - bb) + (c - bb);
+  if (err === 0) return r; // a true tie: Math.fround already rounded it to even
+  return err > 0 ? Math.max(r, q) : Math.min(r, q);
+}
+
+/** Correctly rounded float32 `a·b + c` for float32-valued a, b, c (an IEEE fusedMultiplyAdd). */
+export function fma32(a: number, b: number, c: number): number {
+  const p = a * b; // exact: 24 + 24 bits
+  return round32(p, c, p + c);
+}
+
+/**
+ * Σ_k x[xo + k]·y[yo + k] for k = 0..n-1 as a float32 FMA chain from 0 (MKL's sgemm order for one
+ * output element).
+ */
+export function dotChain(x: Float32Array, xo: number, y: Float32Array, yo: number, n: number): number {
+  let acc = 0;
+  for (let k = 0; k < n; k++) {
+    const p = x[xo + k]! * y[yo + k]!;
+    const s = p + acc;
+    const r = Math.fround(s);
+    acc = r === s ? r : round32(p, acc, s);
+  }
+  return acc;
+}
+
+/** The values of raw little-endian `bytes` of a float dtype, exactly, as a Float32Array. */
+export function toF32(bytes: Uint8Array, dtype: DType): Float32Array {
+  const out = new Float32Array(bytes.byteLength / (dtype === 'F32' ? 4 : dtype === 'F16' || dtype === 'BF16' ? 2 : 1));
+  castBytes(bytes, dtype, 'F32', new Uint8Array(out.buffer));
+  return out;
+}
+
+/** Rounds float32 `values` to `dtype` (torch's rounding) into `out` (raw bytes). */
+export function fromF32(values: Float32Array, dtype: DType, out: Uint8Array): void {
+  castBytes(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 'F32', dtype, out);
+}
+
+/** `values` rounded to `dtype` and widened back to float32, in place (a no-op for F32). */
+export function roundThrough(values: Float32Array, dtype: DType): void {
+  if (dtype === 'F32') return;
+  const bytes = new Uint8Array((values.length * (dtype === 'F16' || dtype === 'BF16' ? 2 : 1)));
+  fromF32(values, dtype, bytes);
+  castBytes(bytes, dtype, 'F32', new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
+}
+
+/** Largest inner dimension MKL sums in one FMA chain; up to twice this it uses two halves. */
+export const MKL_KC = 384;
+
+/** One element of `B @ A` (x a row of B, y a column of A, r the rank) in MKL's order (see above). */
+export function loraDot(x: Float32Array, xo: number, y: Float32Array, yo: number, r: number): number {
+  if (r <= MKL_KC) return dotChain(x, xo, y, yo, r);
+  const blocks = Math.ceil(r / MKL_KC);
+  const kc = Math.ceil(r / blocks);
+  let acc = dotChain(x, xo, y, yo, kc);
+  for (let k = kc; k < r; k += kc) acc = Math.fround(acc + dotChain(x, xo + k, y, yo + k, Math.min(kc, r - k)));
+  return acc;
+}
