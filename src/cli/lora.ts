@@ -123,6 +123,21 @@ export function registerLoraCommands(p: Command): void {
       '\nExamples:\n  $ shardshift lora-to-hf --base-ckpt base/iter_0000000 --adapter-ckpt lora/iter_0000100 --hf-model-name ./Qwen2.5-7B --hf-ckpt-path ./merged\n  $ shardshift lora-to-hf --adapter-only --adapter-ckpt lora/iter_0000100 --hf-model-name ./Qwen2.5-7B --hf-ckpt-path ./adapter',
     )
     .action(runLoraToHf);
+
+  p.command('export-adapter')
+    .description('Export a Megatron-Bridge LoRA adapter as a Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors), without merging — what lora-to-hf --adapter-only does.')
+    .requiredOption('--adapter <dir>', 'the Megatron-Bridge LoRA checkpoint (iter_* or run directory)')
+    .requiredOption('--hf-model <dir>', 'HF model directory of the base (decides how fused q/k/v and gate/up split; recorded as base_model_name_or_path)')
+    .argument('<out>', 'output PEFT adapter directory (must not exist)')
+    .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
+    .option('--overwrite', 'replace an existing output')
+    .option('--dry-run', 'print the plan and write nothing')
+    .option('--json', 'print the plan/result as JSON')
+    .option('-q, --quiet', 'no progress display')
+    .addHelpText('after', '\nExample:\n  $ shardshift export-adapter --adapter lora/iter_0000100 --hf-model ./Qwen2.5-7B ./qwen-lora-peft\n  $ python -c "from peft import PeftModel; ..."   # loads with PeftModel.from_pretrained(base, \'./qwen-lora-peft\')')
+    .action(async (out: string, f: { adapter: string; hfModel: string; maxMemory: string; overwrite?: boolean; dryRun?: boolean; json?: boolean; quiet?: boolean }) =>
+      runLoraToHf({ adapterCkpt: f.adapter, hfModelName: f.hfModel, hfCkptPath: out, adapterOnly: true, maxMemory: f.maxMemory, shardSize: '50GB', overwrite: f.overwrite, dryRun: f.dryRun, json: f.json, quiet: f.quiet }),
+    );
 }
 
 interface LoraToHfFlags {

@@ -142,6 +142,14 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A closed pipe (`shardshift inspect … | head`) ends the output, not the program with a trace.
+for (const s of [process.stdout, process.stderr]) {
+  s.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw e;
+  });
+}
+
 main(process.argv.slice(2)).then((code) => {
   process.exitCode = code;
 });

@@ -150,7 +150,46 @@ const dcpToHf: Step = {
   },
 };
 
-const STEPS: Step[] = [hfToMegatron, megatronToHf, dcpToHf];
+const mergeLoraStep: Step = {
+  name: 'convert/merge_lora',
+  description: 'Merge a LoRA adapter into the exact base it was trained on: a PEFT adapter into an HF base (hf_peft), or a Megatron-Bridge adapter into a Megatron base, optionally exporting HF (megatron_bridge).',
+  params: {
+    backend: { type: 'string', description: 'adapter kind', default: 'hf_peft', choices: ['hf_peft', 'megatron_bridge'] },
+    lora_checkpoint: { type: 'string', description: 'the adapter: a PEFT directory, or a Megatron-Bridge LoRA checkpoint', required: true },
+    base_hf_path: { type: 'string', description: 'hf_peft: the original HF base (directory or hub id)', default: null },
+    output_hf_path: { type: 'string', description: 'merged HF output (hf_peft; megatron_bridge with export_hf)', default: null },
+    base_megatron_path: { type: 'string', description: 'megatron_bridge: the original Megatron base checkpoint', default: null },
+    output_megatron_path: { type: 'string', description: 'megatron_bridge: merged Megatron output', default: null },
+    hf_model_id: { type: 'string', description: 'megatron_bridge: the base\'s HF model (config, tokenizer); default: the base checkpoint\'s hf/', default: null },
+    export_hf: { type: 'bool', description: 'megatron_bridge: also write output_hf_path', default: false },
+    force_base: { type: 'bool', description: 'merge although the adapter names another base (shapes are always checked)', default: false },
+    dtype: { ...DTYPE, default: null, description: 'dtype of the merged weights (default: the base\'s)' },
+    ...COMMON,
+  },
+  async run(p, ctx) {
+    const common = { maxMemory: p.max_memory as number, overwrite: p.overwrite as boolean, dryRun: ctx.dryRun, onProgress: ctx.onProgress, dtype: p.dtype ? dtypeOf(p) : undefined };
+    const adapter = String(p.lora_checkpoint);
+    if (p.backend === 'hf_peft') {
+      if (!p.base_hf_path) throw usage(`${this.name}: backend=hf_peft needs base_hf_path`);
+      const { mergeLora } = await import('../plan/lora-convert.js');
+      const base = await ctx.resolveModel(String(p.base_hf_path), 'all');
+      const out = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-hf`);
+      return mergeLora(base, adapter, out, { ...common, forceBase: p.force_base as boolean });
+    }
+    if (!p.base_megatron_path) throw usage(`${this.name}: backend=megatron_bridge needs base_megatron_path`);
+    const { mergeMbToMegatron, mergeMbToHf } = await import('../plan/lora-mb.js');
+    const hfModel = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
+    const mbOpts = { ...common, hfModel };
+    const outMeg = (p.output_megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-megatron`);
+    const r = await mergeMbToMegatron(String(p.base_megatron_path), adapter, outMeg, mbOpts);
+    if (!p.export_hf) return r;
+    const outHf = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-hf`);
+    const h = await mergeMbToHf(String(p.base_megatron_path), adapter, outHf, mbOpts);
+    return { ...r, seconds: r.seconds + h.seconds, bytesWritten: r.bytesWritten + h.bytesWritten, plan: { ...r.plan, notes: [...(r.plan.notes ?? []), `also exported HF: ${h.plan.target.path}`] } };
+  },
+};
+
+const STEPS: Step[] = [hfToMegatron, megatronToHf, dcpToHf, mergeLoraStep];
 
 /** Registers a step (one entry per step; LoRA, DCP and NxD steps add theirs). */
 export function registerStep(s: Step): void {

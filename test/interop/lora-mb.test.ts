@@ -165,3 +165,27 @@ test('lora-to-hf CLI (NeMo RL convert_lora_to_hf.py flags), and bad input: missi
   await writeFile(rc, text);
   assert.deepEqual((await readdir(root)).filter((n) => /^x\d/.test(n) || n.includes('.partial')), []);
 });
+
+test('steps: convert/merge_lora with both backends gives the same bytes as the plain commands; export-adapter = lora-to-hf --adapter-only', async () => {
+  const c = CASES[0]!;
+  // megatron_bridge: merged Megatron plus an HF export.
+  const meg = join(root, 'step-meg');
+  const hf = join(root, 'step-hf');
+  let r = await run(['steps', 'run', 'convert/merge_lora', '-c', 'default', 'backend=megatron_bridge', `lora_checkpoint=${dir(c, 'lora')}`, `base_megatron_path=${dir(c, 'megatron')}`, `hf_model_id=${dir(c, 'hf')}`, `output_megatron_path=${meg}`, `output_hf_path=${hf}`, 'export_hf=true', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(dir(c, 'merged-ours'), 'model.safetensors'))));
+  assert.ok(existsSync(join(meg, 'latest_checkpointed_iteration.txt')));
+  // hf_peft: the PEFT form of the same adapter into the HF base.
+  const merged = join(root, 'step-peft-merged');
+  r = await run(['steps', 'run', 'convert/merge_lora', 'backend=hf_peft', `lora_checkpoint=${dir(c, 'peft-ref')}`, `base_hf_path=${dir(c, 'hf')}`, `output_hf_path=${merged}`, '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  const cmp = JSON.parse(await runOracle('lora_oracle.py', ['compare', dir(c, 'merged-ref'), merged])) as Cmp;
+  assert.deepEqual([cmp.only_ref, cmp.only_ours], [[], []]);
+  assert.ok(Object.values(cmp.tensors).every((t) => t.diff === 0), 'bit-identical to peft');
+  // export-adapter
+  const a = join(root, 'export-adapter');
+  const b = join(root, 'lora-to-hf-adapter-only');
+  assert.equal((await run(['export-adapter', '--adapter', dir(c, 'lora'), '--hf-model', dir(c, 'hf'), '-q', a])).code, 0);
+  assert.equal((await run(['lora-to-hf', '--adapter-only', '--adapter-ckpt', dir(c, 'lora'), '--hf-model-name', dir(c, 'hf'), '--hf-ckpt-path', b, '-q'])).code, 0);
+  assert.ok((await readFile(join(a, 'adapter_model.safetensors'))).equals(await readFile(join(b, 'adapter_model.safetensors'))));
+});
