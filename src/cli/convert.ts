@@ -25,6 +25,7 @@ interface Flags {
   dcpFiles?: string;
   dtype?: string;
   overwrite?: boolean;
+  hashSource?: boolean;
   dryRun?: boolean;
   json?: boolean;
   quiet?: boolean;
@@ -74,7 +75,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
   const hubLog = { log: f.quiet || f.json ? undefined : (m: string) => process.stderr.write(`${m}\n`) };
   const events = f.json && !f.dryRun ? jsonEvents(process.stderr) : undefined;
-  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
+  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, hashSource: f.hashSource, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
   const r =
     f.to === 'megatron'
       ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog), out, {

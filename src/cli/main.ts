@@ -52,6 +52,7 @@ function program(): Command {
     .option('--hf-model <dir>', 'hf: reference HF model directory or hub id (config, tokenizer) for the export')
     .option('--allow-unmapped', 'megatron/hf: skip source tensors the model map has no place for (listed) instead of failing')
     .option('--overwrite', 'replace an existing output (the source is never touched)')
+    .option('--hash-source', 'record full SHA-256s of the source files in the manifest (default: first and last MiB)')
     .option('--dry-run', 'print the plan and write nothing')
     .option('--json', 'print the plan/result as JSON')
     .option('-q, --quiet', 'no progress display')

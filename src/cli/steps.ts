@@ -16,7 +16,7 @@ export async function runStepsShow(name: string): Promise<void> {
   const lines = [`${s.name}: ${s.description}`, '', 'parameters (key=value; nested keys with dots):'];
   for (const [k, p] of Object.entries(s.params)) {
     const def = p.required ? 'required' : `default ${JSON.stringify(p.default)}`;
-    lines.push(`  ${k.padEnd(30)} ${p.type}${p.choices ? ` (${p.choices.join('|')})` : ''}, ${def} — ${p.description}`);
+    lines.push(`  ${k.padEnd(30)} ${p.type}${p.choices ? ` (${p.choices.join('|')})` : ''}, ${def} — ${p.description}${p.aliases ? ` (also: ${p.aliases.join(', ')})` : ''}`);
   }
   const dir = stepConfigDir(s);
   const configs = (await readdir(dir).catch(() => [] as string[])).filter((f) => f.endsWith('.yaml')).map((f) => f.replace(/\.yaml$/, ''));

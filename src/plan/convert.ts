@@ -24,6 +24,8 @@ export interface ConvertOptions {
   /** Cast floating-point tensors to this dtype. */
   dtype?: DType;
   overwrite?: boolean;
+  /** Hash whole source files into the output manifest. */
+  hashSource?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
 }

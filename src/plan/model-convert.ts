@@ -48,6 +48,8 @@ export interface ModelConvertOptions {
   maxShardSize?: number;
   dcpFiles?: number;
   overwrite?: boolean;
+  /** Hash whole source files into the output manifest. */
+  hashSource?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
 }

@@ -79,6 +79,8 @@ export async function copySideFiles(copies: ReadonlyArray<{ from: string; to: st
 
 export interface WriteOutputOptions {
   overwrite?: boolean;
+  /** Hash whole source data files into the manifest (default: first and last MiB plus size). */
+  hashSource?: boolean;
   maxMemory?: number;
   onProgress?: (e: ProgressEvent) => void;
   /** What the finished directory's manifest records about the run and its source. */
@@ -231,7 +233,7 @@ export async function writeOutput(
     source: {
       path: s,
       format: m?.sourceFormat ?? 'unknown',
-      files: m ? await identifySource(m.sourceDir, m.sourceFiles, m.fullSourceHash ?? false) : [],
+      files: m ? await identifySource(m.sourceDir, m.sourceFiles, opts.hashSource ?? m.fullSourceHash ?? false) : [],
     },
     target: { format: m?.targetFormat ?? 'unknown' },
     planHash: hash,

@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import { usage, badInput } from '../errors.js';
-import { parseParam, type Step, type StepParams } from './registry.js';
+import { canonicalKey, parseParam, type Step, type StepParams } from './registry.js';
 
 /** Where the package's step configs live: `steps/<step>/default.yaml` at the package root. */
 export function stepConfigDir(step: Step): string {
@@ -56,8 +56,8 @@ export function parseDotlist(tokens: readonly string[]): Array<[string, string]>
 export async function resolveParams(step: Step, config: string | undefined, overrides: readonly string[]): Promise<StepParams> {
   const out: Record<string, string | number | boolean | null> = {};
   for (const [k, spec] of Object.entries(step.params)) if (spec.default !== undefined) out[k] = spec.default;
-  if (config) for (const [k, v] of Object.entries(await loadConfigFile(step, config))) out[k] = parseParam(step, k, v);
-  for (const [k, v] of parseDotlist(overrides)) out[k] = parseParam(step, k, v);
+  if (config) for (const [k, v] of Object.entries(await loadConfigFile(step, config))) out[canonicalKey(step, k)] = parseParam(step, canonicalKey(step, k), v);
+  for (const [k, v] of parseDotlist(overrides)) out[canonicalKey(step, k)] = parseParam(step, canonicalKey(step, k), v);
   for (const [k, spec] of Object.entries(step.params)) {
     if (spec.required && (out[k] === undefined || out[k] === null)) throw usage(`${step.name}: ${k} is required (pass ${k}=…)`);
   }

@@ -21,6 +21,8 @@ export interface ParamSpec {
   readonly default?: string | number | boolean | null;
   readonly choices?: readonly string[];
   readonly required?: boolean;
+  /** Other spellings accepted for this key (e.g. `tp` for `parallel.tp`, as the reference docs write it). */
+  readonly aliases?: readonly string[];
 }
 
 export type StepParams = Readonly<Record<string, string | number | boolean | null>>;
@@ -69,14 +71,16 @@ const hfToMegatron: Step = {
     hf_model_id: { type: 'string', description: 'HF model id or local checkpoint directory to import', required: true },
     megatron_path: { type: 'string', description: 'output Megatron checkpoint directory (default: <output base>/<model>-megatron)', default: null },
     dtype: DTYPE,
-    'parallel.tp': { type: 'int', description: 'tensor-parallel size the checkpoint is for (vocab padding)', default: 1 },
-    'parallel.pp': { type: 'int', description: 'pipeline-parallel size (recorded in the args)', default: 1 },
+    'parallel.tp': { type: 'int', description: 'tensor-parallel size (vocab padding; rank files with ckpt_format=torch)', default: 1, aliases: ['tp'] },
+    'parallel.pp': { type: 'int', description: 'pipeline-parallel size (rank files with ckpt_format=torch)', default: 1, aliases: ['pp'] },
+    'parallel.ep': { type: 'int', description: 'expert-parallel size: 1 for the dense families supported today', default: 1, aliases: ['ep'] },
     make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
     ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: ['torch_dist', 'torch', 'fsdp_dtensor'] },
     ...COMMON,
   },
   async run(p, ctx) {
+    if ((p['parallel.ep'] as number) !== 1) throw usage(`${this.name}: ep=${p['parallel.ep']}: expert parallelism applies to MoE models; the supported families are dense (ep=1)`);
     const src = await ctx.resolveModel(String(p.hf_model_id), 'all');
     const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.hf_model_id))}-megatron`);
     return convertHfToMegatron(src, out, {
@@ -204,6 +208,13 @@ export function getStep(name: string): Step {
   const s = STEPS.find((x) => x.name === name);
   if (!s) throw usage(`unknown step ${JSON.stringify(name)}; steps: ${STEPS.map((x) => x.name).join(', ')}`);
   return s;
+}
+
+/** The schema key a given key or alias names. */
+export function canonicalKey(step: Step, key: string): string {
+  if (step.params[key]) return key;
+  for (const [k, spec] of Object.entries(step.params)) if (spec.aliases?.includes(key)) return k;
+  return key;
 }
 
 /** Parses one value for a parameter, naming the key and expected type on failure. */

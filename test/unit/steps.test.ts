@@ -121,3 +121,16 @@ test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
   assert.equal(r3.code, 1);
   assert.match(r3.stderr, /acme\/tiny-llama: the hub refused access \(HTTP 401\); set HF_TOKEN/);
 });
+
+test('the reference docs\' spellings tp / pp / ep address parallel.*; ep > 1 is refused for dense models', async () => {
+  const r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'tp=2', 'pp=2', '-d', '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.equal(j.params['parallel.tp'], 2);
+  assert.equal(j.params['parallel.pp'], 2);
+  const e = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'ep=8', '-d']);
+  assert.equal(e.code, 2);
+  assert.match(e.stderr, /ep=8: expert parallelism applies to MoE models/);
+  const s = await run(['steps', 'show', 'convert/hf_to_megatron']);
+  assert.match(s.stdout, /parallel\.tp .*\(also: tp\)/);
+});
