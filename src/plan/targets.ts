@@ -11,6 +11,7 @@ import { canCast, castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
 import type { SourceTensor, TargetTensor } from '../formats/types.js';
 import { badInput, unsupported } from '../errors.js';
+import { CAST_OF, giveScratch, takeScratch, type CastTarget } from './workers.js';
 
 /** A run of rows taken from a source tensor, or zero rows. */
 export type RowSegment =
@@ -115,23 +116,33 @@ export function copyOf(name: string, src: SourceTensor, prefix: readonly number[
   return rowConcat(name, src.dtype, shape.slice(1), [allRows(src, prefix)], `${src.name}${prefix.length ? `[${prefix.join(', ')}]` : ''}`);
 }
 
-/** `t` cast to `to` (torch's rounding); `t` itself when the dtype already matches. */
+/**
+ * `t` cast to `to` (torch's rounding); `t` itself when the dtype already matches. The executor
+ * recognises the result (`CAST_OF`) and casts in its own arena, on the worker pool; `produce`
+ * (used outside the executor) stages the source bytes in a reused temporary.
+ */
 export function castTo(t: TargetTensor, to: DType): TargetTensor {
   if (t.dtype === to) return t;
   if (!canCast(t.dtype, to)) throw unsupported(`tensor ${t.name}: casting ${t.dtype} to ${to} is not supported`, undefined, t.name);
   const fromBits = dtypeInfo(t.dtype).bits;
-  return {
+  const target: CastTarget = {
     name: t.name,
     dtype: to,
     shape: t.shape,
     byteLength: byteLength(to, numelOf(t.shape)),
     describe: `cast(${t.dtype}→${to}) ${t.describe}`,
     produce: async (box, out) => {
-      const tmp = new Uint8Array((numelOf(box.size) * fromBits) / 8);
-      await t.produce(box, tmp);
-      castBytes(tmp, t.dtype, to, out);
+      const tmp = takeScratch((numelOf(box.size) * fromBits) / 8);
+      try {
+        await t.produce(box, tmp);
+        castBytes(tmp, t.dtype, to, out);
+      } finally {
+        giveScratch(tmp);
+      }
     },
+    [CAST_OF]: { inner: t, from: t.dtype, to },
   };
+  return target;
 }
 
 /** A target renamed (same bytes). */
