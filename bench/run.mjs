@@ -101,7 +101,11 @@ const hasTimeV = existsSync('/usr/bin/time');
 function timed(cmd, args, out) {
   const t0 = process.hrtime.bigint();
   const r = hasTimeV ? spawnSync('/usr/bin/time', ['-v', cmd, ...args], { encoding: 'utf8', maxBuffer: 1 << 26 }) : spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 1 << 26 });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (exit ${r.status}):\n${(r.stderr ?? '').slice(-4000)}`);
+  if (r.status !== 0) {
+    // Drop /usr/bin/time's report: the command's own last words are what explain the failure.
+    const own = (r.stderr ?? '').split('\tCommand being timed')[0].trim() || `exit ${r.status}`;
+    throw new Error(`${cmd} ${args.join(' ')} failed (exit ${r.status}):\n${own.slice(-4000)}`);
+  }
   syncTree(out);
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
   const m = /Maximum resident set size \(kbytes\): (\d+)/.exec(r.stderr ?? '');
@@ -122,11 +126,21 @@ function measure(tools, n) {
   const res = tools.map((t) => ({ ...t, times: [], rss: 0, written: 0 }));
   for (let i = 0; i < n; i++) {
     for (const r of res) {
+      if (r.failed) continue;
       const out = join(work(), r.key);
       rmSync(work(), { recursive: true, force: true });
       mkdirSync(work(), { recursive: true });
       const [cmd, args] = r.command(out);
-      const m = timed(cmd, args, out);
+      let m;
+      try {
+        m = timed(cmd, args, out);
+      } catch (e) {
+        // A peer that cannot run here (a package missing from the venv …) is reported, not fatal.
+        if (r.key === 'shardshift') throw e;
+        r.failed = e.message.split('\n').filter(Boolean).slice(-1)[0] ?? 'failed';
+        log(`  ${r.label}: failed — ${e.message.slice(-2000)}`);
+        continue;
+      }
       r.times.push(m.s);
       r.rss = Math.max(r.rss, m.rss ?? 0);
       r.written = dirBytes(out);
@@ -256,9 +270,10 @@ async function runCase(name) {
   const load1 = loadavg()[0];
   const cpRes = res.find((r) => r.key === 'cp');
   const ssRes = res.find((r) => r.key === 'shardshift');
-  const peerRes = res.find((r) => r.key.startsWith('peer'));
+  const peerRes = res.find((r) => r.key.startsWith('peer') && !r.failed);
   const rate = (r) => r.written / median(r.times) / 1e9;
-  const rows = res.map((r) => [
+  const rows = res.filter((r) => r.failed).map((r) => [r.label, `failed: ${r.failed}`, '', '', '', '', '']);
+  rows.unshift(...res.filter((r) => !r.failed).map((r) => [
     r.label,
     `${median(r.times).toFixed(2)} s` + (r.times.length > 1 ? ` (${Math.min(...r.times).toFixed(2)}–${Math.max(...r.times).toFixed(2)})` : ''),
     fmtBytes(r.written),
@@ -266,12 +281,12 @@ async function runCase(name) {
     fmtRss(r.rss),
     cpRes ? `${(rate(r) / rate(cpRes)).toFixed(2)}×` : '—',
     r === ssRes ? (peerRes ? speedup(median(peerRes.times) / median(ssRes.times)) : '—') : r === peerRes ? '1.0×' : '—',
-  ]);
+  ]));
   let md = `### ${name}: ${c.title}\n\nsource ${fmtBytes(srcBytes)}, ${runs} run(s) each, --max-memory ${maxMemory}, load average ${load0.toFixed(2)} → ${load1.toFixed(2)}\n\n`;
   md += table(['tool', 'median wall (min–max)', 'written', 'written/s', 'peak RSS', 'vs cp (GB/s)', 'vs peer (wall)'], rows);
   if (c.noPeer) md += `\n\nPython peer: ${c.noPeer}.`;
   console.log('\n' + md + '\n');
-  results.push({ case: name, model, title: c.title, srcBytes, maxMemory, runs, load: [load0, load1], tools: res.map((r) => ({ label: r.label, times: r.times, written: r.written, rss: r.rss })), noPeer: c.noPeer });
+  results.push({ case: name, model, title: c.title, srcBytes, maxMemory, runs, load: [load0, load1], tools: res.map((r) => ({ label: r.label, times: r.times, written: r.written, rss: r.rss, failed: r.failed })), noPeer: c.noPeer });
 }
 
 /** Peak RSS of HF → Megatron across model sizes at one budget (one row per size). */
