@@ -96,7 +96,7 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
     const plan: ConvertPlan = {
       source: { path: srcPath, format: src.format, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: outPath, format: opts.to, kind },
-      files: report.files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length })),
+      files: filePlan(report.files),
       dropped: [...opaque, ...report.dropped],
       sideFiles,
       totalBytes: report.files.reduce((s, f) => s + f.size, 0),
@@ -110,6 +110,11 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
   } finally {
     await src.close();
   }
+}
+
+/** The plan's view of output files: path, size and how many tensor parts each holds. */
+export function filePlan(files: readonly OutputFile[]): ConvertPlan['files'] {
+  return files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length }));
 }
 
 /** Every target tensor (or chunk) must be written exactly once across the output files. */

@@ -28,7 +28,7 @@ import type { DType } from '../tensor/dtype.js';
 import { badInput, usage } from '../errors.js';
 import { buildImport } from '../models/map.js';
 import { castTo, copyOf } from './targets.js';
-import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { configFromHfDir, convertMegatronToHf } from './model-convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
@@ -127,7 +127,7 @@ export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHf
     const plan: ConvertPlan = {
       source: { path: dcpPath, format: `NeMo RL DCP (${v2 ? 'DTensor v2, policy/weights/model' : wrapped ? 'DTensor v1, wrapped under "model"' : 'flat keys'})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
       target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
-      files: report.files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length })),
+      files: filePlan(report.files),
       dropped: [],
       skipped: [...optimizer.map((name) => ({ name, reason: 'optimizer state' })), ...skipped],
       sideFiles: copies.map((c) => c.to),

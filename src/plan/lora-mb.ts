@@ -34,7 +34,7 @@ import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-ide
 import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
 import { allRows, castTo, rowConcat } from './targets.js';
 import { configFromHfDir } from './model-convert.js';
-import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
 import { targetView } from './view.js';
@@ -52,9 +52,6 @@ export interface MbLoraOptions {
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
 }
-
-const FILE_PLAN = (files: readonly OutputFile[]): ConvertPlan['files'] =>
-  files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length }));
 
 async function isDir(p: string): Promise<boolean> {
   return stat(p).then(
@@ -149,7 +146,7 @@ export async function exportMbAdapterToPeft(adapterPath: string, out: string, op
     const plan: ConvertPlan = {
       source: { path: adapterPath, format: 'megatron-bridge lora (torch_dist)', tensors: a.checkpoint.source.tensors.size, bytes: [...a.checkpoint.source.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: out, format: 'peft lora adapter', kind: 'dir' },
-      files: FILE_PLAN(files),
+      files: filePlan(files),
       dropped: [],
       skipped: a.skipped,
       sideFiles: [],
@@ -205,7 +202,7 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
       const plan: ConvertPlan = {
         source: { path: basePath, format: 'megatron torch_dist + megatron-bridge lora', tensors: meg.source.tensors.size, bytes: [...meg.source.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
         target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
-        files: FILE_PLAN(report.files),
+        files: filePlan(report.files),
         dropped: [],
         skipped: [...skipped, ...a.skipped],
         sideFiles: side,
@@ -302,7 +299,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
       const plan: ConvertPlan = {
         source: { path: basePath, format: 'megatron torch_dist + megatron-bridge lora', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
         target: { path: out, format: 'megatron torch_dist', kind: 'dir' },
-        files: FILE_PLAN(files),
+        files: filePlan(files),
         dropped: [],
         skipped: [...skipped, ...a.skipped],
         sideFiles: side.map((s) => `${iterDir}/hf/${s}`),

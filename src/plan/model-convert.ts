@@ -25,7 +25,7 @@ import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
 import { buildExport, buildImport } from '../models/map.js';
 import { DENSE_EXTRA_STATE_MODULES } from '../models/dense.js';
-import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
 import { targetView } from './view.js';
@@ -82,9 +82,6 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
   const s = (cfg?.torch_dtype ?? cfg?.dtype) as string | undefined;
   return s === 'float32' ? 'F32' : s === 'float16' ? 'F16' : 'BF16';
 }
-
-const FILE_PLAN = (files: readonly OutputFile[]): ConvertPlan['files'] =>
-  files.map((f) => ({ path: f.relPath, bytes: f.size, tensors: f.parts.filter((p) => typeof p === 'object' && 'kind' in p).length }));
 
 /**
  * To Megatron: from an HF directory, or — resharding — from another Megatron checkpoint (any
@@ -149,7 +146,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const plan: ConvertPlan = {
       source: { path: srcPath, format: meg ? 'megatron' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
       target: { path: out, format: fsdp ? 'megatron fsdp_dtensor' : legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
-      files: FILE_PLAN(files),
+      files: filePlan(files),
       dropped: [],
       skipped: [...skippedBefore, ...skipped],
       sideFiles: side.map((s) => `${iterDir}/hf/${s}`),
@@ -424,7 +421,7 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
     const plan: ConvertPlan = {
       source: { path: megPath, format: 'megatron torch_dist', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
-      files: FILE_PLAN(files),
+      files: filePlan(files),
       dropped: [],
       skipped,
       sideFiles: side,

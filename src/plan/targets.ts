@@ -145,7 +145,3 @@ export function castTo(t: TargetTensor, to: DType): TargetTensor {
   return target;
 }
 
-/** A target renamed (same bytes). */
-export function renamed(t: TargetTensor, name: string): TargetTensor {
-  return { ...t, name };
-}
