@@ -48,7 +48,7 @@ function program(): Command {
     .option('--make-vocab-size-divisible-by <n>', 'megatron: vocab padding divisor', '128')
     .option('--iteration <n>', 'megatron: iteration number of the output', '0')
     .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, torch (legacy mp_rank_* files for --tp × --pp), or fsdp_dtensor (Megatron-FSDP)').choices(['torch_dist', 'torch', 'fsdp_dtensor']).default('torch_dist'))
-    .addOption(new Option('--megatron-spec <spec>', 'megatron --ckpt-format torch: layer names of TransformerEngine (te) or local specs').choices(['te', 'local']).default('te'))
+    .addOption(new Option('--megatron-spec <spec>', 'megatron: key names of the TransformerEngine (te) or local (TE-free) layer spec; they differ for legacy norms and MoE pre-MLP norms').choices(['te', 'local']).default('te'))
     .option('--hf-model <dir>', 'hf: reference HF model directory or hub id (config, tokenizer) for the export')
     .option('--allow-unmapped', 'megatron/hf: skip source tensors the model map has no place for (listed) instead of failing')
     .option('--overwrite', 'replace an existing output (the source is never touched)')

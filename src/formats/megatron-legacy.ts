@@ -301,7 +301,7 @@ export interface LegacyWriteOptions {
   readonly gated: boolean;
   readonly args: Record<string, PyValue>;
   /** Modules whose `_extra_state` entry (None) the live model expects, per layer. */
-  readonly extraStateModules: readonly string[];
+  readonly extraStateModules: (layer: number) => readonly string[];
 }
 
 /**
@@ -350,7 +350,7 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           put(local, concatRows(local, [sliceTarget(g, 0, t * n, n), sliceTarget(g, 0, half + t * n, n)]));
         }
       }
-      for (let l = 0; l < count; l++) for (const mod of opts.extraStateModules) model.set(`decoder.layers.${l}.${mod}._extra_state`, null);
+      for (let l = 0; l < count; l++) for (const mod of opts.extraStateModules(first + l)) model.set(`decoder.layers.${l}.${mod}._extra_state`, null);
       const args = new PyObject('argparse', 'Namespace', PyDict.from({ ...opts.args, tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp }));
       const root = PyDict.from({ args, checkpoint_version: new PyFloat(3.0), iteration: opts.iteration, model });
       const a = torchArchiveParts('model_optim_rng', root, storages);

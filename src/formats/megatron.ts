@@ -210,19 +210,14 @@ export interface MegatronWriteOptions {
   readonly files?: number;
   /** Training-args fields recorded in common.pt (an argparse.Namespace, as MLM writes). */
   readonly args: Record<string, PyValue>;
-  /** Per-layer modules that get an empty `_extra_state` entry, and the layer count. */
-  readonly extraState?: { readonly modules: readonly string[]; readonly numLayers: number };
+  /** ShardedObjects to store (e.g. the empty `_extra_state` entries megatron-core expects), by unique key. */
+  readonly objects?: ReadonlyMap<string, PyValue>;
 }
 
 /** The files of a run directory: the tracker and `iter_XXXXXXX/` (paths relative to the run dir). */
 export function writeMegatron(entries: readonly DcpTensorEntry[], opts: MegatronWriteOptions): OutputFile[] {
   const iterDir = iterDirName(opts.iteration);
-  // ShardedObject keys are `<key>/shard_<offsets>_<shape>`: one per layer of the stack.
-  const objects = new Map<string, PyValue>();
-  if (opts.extraState) {
-    const L = opts.extraState.numLayers;
-    for (const m of opts.extraState.modules) for (let l = 0; l < L; l++) objects.set(`decoder.layers.${m}._extra_state/shard_${l}_${L}`, [null]);
-  }
+  const objects = new Map<string, PyValue>(opts.objects ?? []);
   const dcp = writeDcpChunked(entries, { files: opts.files, noPlannerData: true, objects });
   const files: OutputFile[] = dcp.files.map((f) => ({ ...f, relPath: `${iterDir}/${f.relPath}` }));
   const args = new PyObject('argparse', 'Namespace', PyDict.from(opts.args));

@@ -20,8 +20,30 @@ export interface ModelConfig {
   readonly tieEmbeddings: boolean;
   readonly qkvBias: boolean;
   readonly qkNorm: boolean;
+  /** Mixture-of-experts layers, when the model has them. */
+  readonly moe?: MoeConfig;
   /** The HF config.json this came from, when known (carried to HF outputs). */
   readonly hf?: Readonly<Record<string, unknown>>;
+}
+
+export interface MoeConfig {
+  readonly numExperts: number;
+  readonly topK: number;
+  /** Each routed expert's intermediate size (Megatron's moe_ffn_hidden_size). */
+  readonly ffnHiddenSize: number;
+  /** Shared experts' total intermediate size (moe_shared_expert_intermediate_size), when present. */
+  readonly sharedExpertFfn?: number;
+  /** A sigmoid gate on the shared expert's output (Qwen2-MoE / Qwen3-Next `shared_expert_gate`). */
+  readonly sharedExpertGate?: boolean;
+  /** The router's per-expert score-correction bias (Megatron `router.expert_bias`). */
+  readonly routerBias?: boolean;
+  /** Which layers are MoE (the rest dense), when not all are. */
+  readonly moeLayers?: readonly boolean[];
+}
+
+/** Whether layer i is an MoE layer. */
+export function isMoeLayer(c: ModelConfig, i: number): boolean {
+  return c.moe !== undefined && (c.moe.moeLayers?.[i] ?? true);
 }
 
 /** Megatron's padded vocab: `ceil(V / (divisor × tp)) × divisor × tp`. */
@@ -30,7 +52,7 @@ export function paddedVocab(vocab: number, divisor: number, tp: number): number 
   return Math.ceil(vocab / m) * m;
 }
 
-function num(cfg: Record<string, unknown>, key: string, file: string, fallback?: number): number {
+export function num(cfg: Record<string, unknown>, key: string, file: string, fallback?: number): number {
   const v = cfg[key] ?? fallback;
   if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
     throw badInput(`${file}: ${key} is ${JSON.stringify(cfg[key])}, expected a positive integer`, file);
@@ -40,6 +62,9 @@ function num(cfg: Record<string, unknown>, key: string, file: string, fallback?:
 
 /** Checks the shape facts every map relies on; names the offending keys. */
 export function validateConfig(c: ModelConfig, file: string): void {
+  if (c.moe && (c.moe.topK > c.moe.numExperts || c.moe.topK < 1)) {
+    throw badInput(`${file}: ${c.moe.topK} experts per token but ${c.moe.numExperts} experts`, file);
+  }
   if (c.numAttentionHeads % c.numQueryGroups !== 0) {
     throw badInput(
       `${file}: num_attention_heads (${c.numAttentionHeads}) is not a multiple of num_key_value_heads (${c.numQueryGroups})`,

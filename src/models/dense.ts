@@ -1,72 +1,113 @@
 /**
- * The HF ↔ Megatron-Core parameter map of a dense Llama-style decoder (Llama, Mistral, Qwen2,
- * Qwen3), as Megatron-Bridge's bridges define it, with the typed layout moves it needs:
+ * The parameter tables shared by the Llama-style families, as Megatron-Bridge's bridges define
+ * them (one builder per block, so families compose them):
  *
  * - `linear_qkv` rows grouped per query group: for g in 0..ng−1, the r = np/ng query heads of
  *   group g, then key head g, then value head g (each `kv_channels` rows); its bias likewise;
- * - gated `linear_fc1` = [gate_proj; up_proj];
+ * - gated `linear_fc1` = [gate_proj; up_proj] (per expert in MoE layers);
  * - word embeddings / output layer padded to `make_vocab_size_divisible_by × tp` rows on import
  *   and cut back to the HF vocab on export; no `output_layer` when embeddings are tied;
- * - torch_dist stacks layers: `decoder.layers.<param>` of shape [L, …], one chunk per layer.
- *
- * A family is a small spec (its HF architecture names and which optional parameters it has);
- * the map itself is data, shared.
+ * - dense layers fuse the pre-MLP norm into `linear_fc1` (TE); MoE layers keep `pre_mlp_layernorm`.
  */
-import type { ModelConfig } from './config.js';
+import type { PyValue } from '../pickle/values.js';
+import { fromHfConfig, isMoeLayer, type ModelConfig } from './config.js';
+import type { Family, GlobalParam, LayerParam } from './spec.js';
 
-/** A per-layer parameter: its torch_dist name (after `decoder.layers.`) and its HF pieces (after `model.layers.N.`). */
-export interface LayerParam {
-  readonly megatron: string;
-  readonly hf: readonly string[];
-  /** How the HF pieces combine: 1:1, QKV interleave per query group, or [gate; up]. */
-  readonly kind: 'copy' | 'qkv' | 'gated';
-  /** Present only for configs where this holds. */
-  readonly when?: (c: ModelConfig) => boolean;
-  /** Other names the same parameter has in Megatron checkpoints (local spec, legacy files). */
-  readonly aliases?: readonly string[];
+const L = 'model.layers.{i}';
+
+export function attentionParams(c: ModelConfig, hfPrefix = `${L}.self_attn`, normName = `${L}.input_layernorm.weight`): LayerParam[] {
+  const H = c.hiddenSize;
+  const q = c.numAttentionHeads * c.kvChannels;
+  const kv = c.numQueryGroups * c.kvChannels;
+  const qkvRows = q + 2 * kv;
+  const p: LayerParam[] = [
+    { megatron: 'self_attention.linear_qkv.layer_norm_weight', hf: [normName], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['input_layernorm.weight'] },
+    { megatron: 'self_attention.linear_qkv.weight', hf: ['q', 'k', 'v'].map((x) => `${hfPrefix}.${x}_proj.weight`), kind: 'qkv', hfShapes: [[q, H], [kv, H], [kv, H]], shape: [qkvRows, H] },
+  ];
+  if (c.qkvBias) p.push({ megatron: 'self_attention.linear_qkv.bias', hf: ['q', 'k', 'v'].map((x) => `${hfPrefix}.${x}_proj.bias`), kind: 'qkv', hfShapes: [[q], [kv], [kv]], shape: [qkvRows] });
+  if (c.qkNorm) {
+    p.push({ megatron: 'self_attention.q_layernorm.weight', hf: [`${hfPrefix}.q_norm.weight`], kind: 'copy', hfShapes: [[c.kvChannels]], shape: [c.kvChannels] });
+    p.push({ megatron: 'self_attention.k_layernorm.weight', hf: [`${hfPrefix}.k_norm.weight`], kind: 'copy', hfShapes: [[c.kvChannels]], shape: [c.kvChannels] });
+  }
+  p.push({ megatron: 'self_attention.linear_proj.weight', hf: [`${hfPrefix}.o_proj.weight`], kind: 'copy', hfShapes: [[H, q]], shape: [H, q] });
+  return p;
 }
 
-export interface GlobalParam {
-  readonly megatron: string;
-  readonly hf: string;
-  readonly kind: 'copy' | 'vocab';
-  readonly when?: (c: ModelConfig) => boolean;
+export function denseMlpParams(c: ModelConfig, hfPrefix = `${L}.mlp`, normName = `${L}.post_attention_layernorm.weight`): LayerParam[] {
+  const H = c.hiddenSize;
+  const F = c.ffnHiddenSize;
+  return [
+    { megatron: 'mlp.linear_fc1.layer_norm_weight', hf: [normName], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['pre_mlp_layernorm.weight'] },
+    { megatron: 'mlp.linear_fc1.weight', hf: [`${hfPrefix}.gate_proj.weight`, `${hfPrefix}.up_proj.weight`], kind: 'gated', hfShapes: [[F, H], [F, H]], shape: [2 * F, H] },
+    { megatron: 'mlp.linear_fc2.weight', hf: [`${hfPrefix}.down_proj.weight`], kind: 'copy', hfShapes: [[H, F]], shape: [H, F] },
+  ];
 }
 
-export const DENSE_LAYER_PARAMS: readonly LayerParam[] = [
-  { megatron: 'self_attention.linear_qkv.layer_norm_weight', hf: ['input_layernorm.weight'], kind: 'copy', aliases: ['input_layernorm.weight'] },
-  { megatron: 'self_attention.linear_qkv.weight', hf: ['self_attn.q_proj.weight', 'self_attn.k_proj.weight', 'self_attn.v_proj.weight'], kind: 'qkv' },
-  {
-    megatron: 'self_attention.linear_qkv.bias',
-    hf: ['self_attn.q_proj.bias', 'self_attn.k_proj.bias', 'self_attn.v_proj.bias'],
-    kind: 'qkv',
-    when: (c) => c.qkvBias,
-  },
-  { megatron: 'self_attention.q_layernorm.weight', hf: ['self_attn.q_norm.weight'], kind: 'copy', when: (c) => c.qkNorm },
-  { megatron: 'self_attention.k_layernorm.weight', hf: ['self_attn.k_norm.weight'], kind: 'copy', when: (c) => c.qkNorm },
-  { megatron: 'self_attention.linear_proj.weight', hf: ['self_attn.o_proj.weight'], kind: 'copy' },
-  { megatron: 'mlp.linear_fc1.layer_norm_weight', hf: ['post_attention_layernorm.weight'], kind: 'copy', aliases: ['pre_mlp_layernorm.weight'] },
-  { megatron: 'mlp.linear_fc1.weight', hf: ['mlp.gate_proj.weight', 'mlp.up_proj.weight'], kind: 'gated' },
-  { megatron: 'mlp.linear_fc2.weight', hf: ['mlp.down_proj.weight'], kind: 'copy' },
-];
+/** HF names of an MoE block's pieces (`{e}` = expert index). */
+export interface MoeNames {
+  readonly norm: string;
+  readonly router: string;
+  readonly gate: string;
+  readonly up: string;
+  readonly down: string;
+  readonly routerBias?: string;
+  /** Shared expert: gate/up/down and its output gate. */
+  readonly shared?: { readonly gate: string; readonly up: string; readonly down: string; readonly outputGate?: string };
+}
 
-export const DENSE_GLOBAL_PARAMS: readonly GlobalParam[] = [
-  { megatron: 'embedding.word_embeddings.weight', hf: 'model.embed_tokens.weight', kind: 'vocab' },
-  { megatron: 'decoder.final_layernorm.weight', hf: 'model.norm.weight', kind: 'copy' },
-  { megatron: 'output_layer.weight', hf: 'lm_head.weight', kind: 'vocab', when: (c) => !c.tieEmbeddings },
-];
+/**
+ * An MoE block in Megatron-Core: `pre_mlp_layernorm`, `mlp.router.weight` [E, H] (and
+ * `router.expert_bias`), per expert `mlp.experts.local_experts.<e>.linear_fc1` = [gate; up] and
+ * `linear_fc2`, shared experts `mlp.shared_experts.linear_fc1/fc2` (+ `gate_weight`).
+ */
+export function moeParams(c: ModelConfig, n: MoeNames): LayerParam[] {
+  const m = c.moe!;
+  const H = c.hiddenSize;
+  const F = m.ffnHiddenSize;
+  const E = m.numExperts;
+  const p: LayerParam[] = [
+    { megatron: 'pre_mlp_layernorm.weight', hf: [n.norm], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['mlp.linear_fc1.layer_norm_weight'] },
+    { megatron: 'mlp.router.weight', hf: [n.router], kind: 'copy', hfShapes: [[E, H]], shape: [E, H] },
+  ];
+  if (m.routerBias && n.routerBias) p.push({ megatron: 'mlp.router.expert_bias', hf: [n.routerBias], kind: 'copy', hfShapes: [[E]], shape: [E] });
+  p.push(
+    { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [n.gate, n.up], kind: 'gated', hfShapes: [[F, H], [F, H]], shape: [2 * F, H], experts: E },
+    { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
+  );
+  if (m.sharedExpertFfn && n.shared) {
+    const S = m.sharedExpertFfn;
+    p.push(
+      { megatron: 'mlp.shared_experts.linear_fc1.weight', hf: [n.shared.gate, n.shared.up], kind: 'gated', hfShapes: [[S, H], [S, H]], shape: [2 * S, H] },
+      { megatron: 'mlp.shared_experts.linear_fc2.weight', hf: [n.shared.down], kind: 'copy', hfShapes: [[H, S]], shape: [H, S] },
+    );
+    if (m.sharedExpertGate && n.shared.outputGate) p.push({ megatron: 'mlp.shared_experts.gate_weight', hf: [n.shared.outputGate], kind: 'copy', hfShapes: [[1, H]], shape: [1, H] });
+  }
+  return p;
+}
+
+export function denseGlobals(c: ModelConfig, names = { embed: 'model.embed_tokens.weight', norm: 'model.norm.weight', head: 'lm_head.weight' }): GlobalParam[] {
+  const g: GlobalParam[] = [
+    { megatron: 'embedding.word_embeddings.weight', hf: names.embed, kind: 'vocab', shape: [c.vocabSize, c.hiddenSize] },
+    { megatron: 'decoder.final_layernorm.weight', hf: names.norm, kind: 'copy', shape: [c.hiddenSize] },
+  ];
+  if (!c.tieEmbeddings) g.push({ megatron: 'output_layer.weight', hf: names.head, kind: 'vocab', shape: [c.vocabSize, c.hiddenSize] });
+  return g;
+}
 
 /**
  * Layer modules whose `_extra_state` megatron-core expects in a torch_dist checkpoint (its
- * linears; strict loading fails without them). Without FP8 they hold no state: each is the bytes
- * item `decoder.layers.<module>._extra_state/shard_<l>_<L>` = torch.save([None]).
+ * linears; strict loading fails without them). Without FP8 they hold no state.
  */
-export const DENSE_EXTRA_STATE_MODULES: readonly string[] = [
-  'self_attention.linear_qkv',
-  'self_attention.linear_proj',
-  'mlp.linear_fc1',
-  'mlp.linear_fc2',
-];
+export const DENSE_EXTRA_STATE_MODULES: readonly string[] = ['self_attention.linear_qkv', 'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2'];
+
+/** The linears of layer i (dense or MoE) that carry `_extra_state`. */
+export function linearExtraState(c: ModelConfig, i: number): string[] {
+  if (!isMoeLayer(c, i)) return [...DENSE_EXTRA_STATE_MODULES];
+  const out = ['self_attention.linear_qkv', 'self_attention.linear_proj'];
+  for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
+  if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
+  return out;
+}
 
 /** HF tensors a converter may meet and drop by a named rule. */
 export const HF_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string }> = [
@@ -80,14 +121,39 @@ export const MEGATRON_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string }
   { pattern: /^rerun_state_machine_state/, reason: 'rerun state machine' },
   { pattern: /^common_state/, reason: 'common (non-tensor) state' },
   { pattern: /_extra_state(\d*)(\/|$)/, reason: 'TransformerEngine extra state (FP8 metadata)' },
+  { pattern: /\.mlp\.router\.local_tokens_per_expert$/, reason: 'router token counts (training statistics)' },
 ];
 
-export interface DenseFamily {
+export interface DenseSpec {
   readonly id: string;
-  /** HF `architectures` entries this family handles. */
   readonly architectures: readonly string[];
   readonly modelType: string;
+  readonly description: string;
   readonly qkvBias: boolean;
   readonly qkNorm: boolean;
-  readonly description: string;
+}
+
+/** A Llama-style dense family from its few distinguishing facts. */
+export function denseFamily(s: DenseSpec): Family & { readonly qkvBias: boolean; readonly qkNorm: boolean } {
+  return {
+    ...s,
+    keying: () => 'stacked',
+    fromHf: (cfg, file) => fromHfConfig(s.id, cfg, file, { qkvBias: s.qkvBias, qkNorm: s.qkNorm }),
+    globalParams: (c) => denseGlobals(c),
+    layerParams: (c) => [...attentionParams(c), ...denseMlpParams(c)],
+    extraStateModules: () => DENSE_EXTRA_STATE_MODULES,
+  };
+}
+
+/** MoE fields of the Megatron training args. */
+export function moeArgs(c: ModelConfig): Record<string, PyValue> {
+  const m = c.moe;
+  if (!m) return {};
+  return {
+    num_experts: m.numExperts,
+    moe_router_topk: m.topK,
+    moe_ffn_hidden_size: m.ffnHiddenSize,
+    ...(m.sharedExpertFfn ? { moe_shared_expert_intermediate_size: m.sharedExpertFfn, moe_shared_expert_gate: m.sharedExpertGate === true } : {}),
+    moe_router_enable_expert_bias: m.routerBias === true,
+  };
 }

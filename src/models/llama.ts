@@ -1,11 +1,11 @@
 /** Llama 2 / 3 / 3.1 / 3.2 (GQA, rope scaling carried in config.json, tied embeddings on 1B/3B). */
-import type { DenseFamily } from './dense.js';
+import { denseFamily } from './dense.js';
 
-export const llama: DenseFamily = {
+export const llama = denseFamily({
   id: 'llama',
   architectures: ['LlamaForCausalLM'],
   modelType: 'llama',
   qkvBias: false,
   qkNorm: false,
   description: 'Llama 2, Llama 3 / 3.1 / 3.2',
-};
+});

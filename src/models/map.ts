@@ -1,7 +1,8 @@
 /**
- * Builds the lazy target tensors of an HF → Megatron (torch_dist) or Megatron → HF conversion
- * from a family's parameter map, checking completeness both ways: every source tensor is used
- * or skipped by a named rule, every target tensor is produced, and every shape matches the config.
+ * Builds the lazy target tensors of an HF → Megatron or Megatron → HF conversion from a family's
+ * parameter map, on *canonical* Megatron names (per layer, global expert index; see spec.ts),
+ * checking completeness both ways: every source tensor is used or skipped by a named rule, every
+ * target tensor is produced, and every shape matches the config.
  */
 import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
@@ -9,7 +10,10 @@ import type { DType } from '../tensor/dtype.js';
 import { badInput } from '../errors.js';
 import { allRows, castTo, rowConcat, rows, zeroRows, type RowSegment } from '../plan/targets.js';
 import { paddedVocab, type ModelConfig } from './config.js';
-import { DENSE_GLOBAL_PARAMS, DENSE_LAYER_PARAMS, HF_IGNORED, MEGATRON_IGNORED, type LayerParam } from './dense.js';
+import { HF_IGNORED, MEGATRON_IGNORED } from './dense.js';
+import { familyOf } from './registry.js';
+import type { Family, LayerParam, SourcePart } from './spec.js';
+import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
 import { targetView } from '../plan/view.js';
 
 export interface Skipped {
@@ -17,55 +21,65 @@ export interface Skipped {
   readonly reason: string;
 }
 
-/** Expected per-layer shape of an HF piece. */
-function hfPieceShape(c: ModelConfig, hfName: string): number[] {
-  const H = c.hiddenSize;
-  const q = c.numAttentionHeads * c.kvChannels;
-  const kv = c.numQueryGroups * c.kvChannels;
-  const table: Record<string, number[]> = {
-    'input_layernorm.weight': [H],
-    'post_attention_layernorm.weight': [H],
-    'self_attn.q_proj.weight': [q, H],
-    'self_attn.k_proj.weight': [kv, H],
-    'self_attn.v_proj.weight': [kv, H],
-    'self_attn.q_proj.bias': [q],
-    'self_attn.k_proj.bias': [kv],
-    'self_attn.v_proj.bias': [kv],
-    'self_attn.q_norm.weight': [c.kvChannels],
-    'self_attn.k_norm.weight': [c.kvChannels],
-    'self_attn.o_proj.weight': [H, q],
-    'mlp.gate_proj.weight': [c.ffnHiddenSize, H],
-    'mlp.up_proj.weight': [c.ffnHiddenSize, H],
-    'mlp.down_proj.weight': [H, c.ffnHiddenSize],
-  };
-  const s = table[hfName];
-  if (!s) throw new Error(`internal: no shape rule for ${hfName}`);
-  return s;
+/** `{i}` and `{e}` filled in. */
+export function fill(template: string, i: number, e?: number): string {
+  return template.replace('{i}', String(i)).replace('{e}', e === undefined ? '{e}' : String(e));
 }
 
-/** Per-layer Megatron shape of a layer parameter. */
-function megatronLayerShape(c: ModelConfig, p: LayerParam): number[] {
-  const pieces = p.hf.map((h) => hfPieceShape(c, h));
-  if (p.kind === 'copy') return pieces[0]!;
-  const rowsTotal = pieces.reduce((s, x) => s + x[0]!, 0);
-  return [rowsTotal, ...pieces[0]!.slice(1)];
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, k) => d === b[k]);
 }
 
-function checkShape(t: SourceTensor, want: readonly number[], file: string): void {
-  if (t.shape.length !== want.length || t.shape.some((d, i) => d !== want[i])) {
-    throw badInput(`${t.name}: shape [${t.shape.join(', ')}] does not match the config, which needs [${want.join(', ')}]`, file, t.name);
-  }
+function shapeError(t: SourceTensor, want: readonly number[], file: string): Error {
+  return badInput(`${t.name}: shape [${t.shape.join(', ')}] does not match the config, which needs [${want.join(', ')}]`, file, t.name);
+}
+
+/** Row segments of a part (a whole tensor, or the sub-tensor at its prefix). */
+function partRows(p: SourcePart, start: number, count: number): RowSegment {
+  return rows(p.src, start, count, p.prefix);
 }
 
 /** The QKV interleave: per query group, its r query heads, its key head, its value head. */
-function qkvSegments(c: ModelConfig, q: SourceTensor, k: SourceTensor, v: SourceTensor): RowSegment[] {
+function qkvSegments(c: ModelConfig, q: SourcePart, k: SourcePart, v: SourcePart): RowSegment[] {
   const hn = c.kvChannels;
   const r = c.numAttentionHeads / c.numQueryGroups;
   const segs: RowSegment[] = [];
-  for (let g = 0; g < c.numQueryGroups; g++) {
-    segs.push(rows(q, g * r * hn, r * hn), rows(k, g * hn, hn), rows(v, g * hn, hn));
-  }
+  for (let g = 0; g < c.numQueryGroups; g++) segs.push(partRows(q, g * r * hn, r * hn), partRows(k, g * hn, hn), partRows(v, g * hn, hn));
   return segs;
+}
+
+/** The Megatron tensor of one parameter instance from its HF pieces. */
+function toMegatron(c: ModelConfig, p: LayerParam, name: string, pieces: SourcePart[], describe: string): TargetTensor {
+  const dtype = pieces[0]!.src.dtype;
+  const mixed = pieces.find((x) => x.src.dtype !== dtype);
+  if (mixed) throw badInput(`${mixed.src.name}: dtype ${mixed.src.dtype} differs from ${pieces[0]!.src.name} (${dtype})`, undefined, mixed.src.name);
+  if (typeof p.kind === 'object') return p.kind.toMegatron(name, pieces, p.shape);
+  const rest = p.shape.slice(1);
+  const segs = p.kind === 'qkv' ? qkvSegments(c, pieces[0]!, pieces[1]!, pieces[2]!) : pieces.map((x) => partRows(x, 0, x.src.shape[x.prefix.length] ?? 1));
+  return rowConcat(name, dtype, rest, segs, `${p.kind}(${describe})`);
+}
+
+/** The HF pieces of one parameter instance from its Megatron tensor. */
+function toHf(c: ModelConfig, p: LayerParam, names: string[], src: SourcePart): TargetTensor[] {
+  if (typeof p.kind === 'object') return p.kind.toHf(names, src, p.hfShapes);
+  const at = src.prefix.length ? `[${src.prefix.join(', ')}]` : '';
+  const rest = p.shape.slice(1);
+  if (p.kind === 'copy') return [rowConcat(names[0]!, src.src.dtype, rest, [partRows(src, 0, p.shape[0] ?? 1)], `${src.src.name}${at}`)];
+  if (p.kind === 'gated') {
+    const F = p.shape[0]! / 2;
+    return [
+      rowConcat(names[0]!, src.src.dtype, rest, [partRows(src, 0, F)], `${src.src.name}${at} gate half`),
+      rowConcat(names[1]!, src.src.dtype, rest, [partRows(src, F, F)], `${src.src.name}${at} up half`),
+    ];
+  }
+  const hn = c.kvChannels;
+  const r = c.numAttentionHeads / c.numQueryGroups;
+  const groups = Array.from({ length: c.numQueryGroups }, (_, g) => g * (r + 2) * hn);
+  return [
+    rowConcat(names[0]!, src.src.dtype, rest, groups.map((b) => partRows(src, b, r * hn)), `${src.src.name}${at} query heads`),
+    rowConcat(names[1]!, src.src.dtype, rest, groups.map((b) => partRows(src, b + r * hn, hn)), `${src.src.name}${at} key heads`),
+    rowConcat(names[2]!, src.src.dtype, rest, groups.map((b) => partRows(src, b + (r + 1) * hn, hn)), `${src.src.name}${at} value heads`),
+  ];
 }
 
 export interface ImportOptions {
@@ -74,92 +88,78 @@ export interface ImportOptions {
   readonly tp: number;
   readonly makeVocabSizeDivisibleBy: number;
   readonly dtype: DType;
+  /** torch_dist key names: TransformerEngine layer spec (default) or megatron-core's local spec. */
+  readonly spec?: 'te' | 'local';
 }
 
-/** HF → Megatron torch_dist: global tensors, stacked layers with one chunk per layer. */
-export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOptions): { entries: DcpTensorEntry[]; skipped: Skipped[] } {
+export interface ImportResult {
+  /** Canonical per-layer Megatron targets (`decoder.layers.<i>.…`, global expert indices). */
+  readonly targets: Map<string, TargetTensor>;
+  /** The same as torch_dist entries (the family's keying: stacked layers and experts). */
+  readonly entries: DcpTensorEntry[];
+  readonly skipped: Skipped[];
+}
+
+/** HF → Megatron. */
+export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOptions): ImportResult {
+  const fam = familyOf(c);
   const file = hf.path;
   const used = new Set<string>();
   const missing: string[] = [];
-  const get = (name: string, shape: readonly number[]): SourceTensor | undefined => {
+  const get = (name: string, shape: readonly number[], expert?: number): SourcePart | undefined => {
     const t = hf.tensors.get(name);
     if (!t) {
       missing.push(name);
       return undefined;
     }
-    checkShape(t, shape, file);
     used.add(name);
-    return t;
-  };
-  const entries: DcpTensorEntry[] = [];
-  const Vp = paddedVocab(c.vocabSize, opts.makeVocabSizeDivisibleBy, opts.tp);
-  for (const g of DENSE_GLOBAL_PARAMS) {
-    if (g.when && !g.when(c)) continue;
-    const rest = g.kind === 'vocab' ? [c.hiddenSize] : [];
-    const want = g.kind === 'vocab' ? [c.vocabSize, c.hiddenSize] : [c.hiddenSize];
-    const src = get(g.hf, want);
-    if (!src) continue;
-    const segs = g.kind === 'vocab' ? [allRows(src), ...(Vp > c.vocabSize ? [zeroRows(Vp - c.vocabSize)] : [])] : [allRows(src)];
-    const t = castTo(rowConcat(g.megatron, src.dtype, rest, segs, `${g.hf}${g.kind === 'vocab' && Vp > c.vocabSize ? ` + ${Vp - c.vocabSize} zero rows` : ''}`), opts.dtype);
-    entries.push({ name: g.megatron, dtype: opts.dtype, shape: t.shape, chunks: [{ offsets: t.shape.map(() => 0), tensor: t }] });
-  }
-  for (const p of DENSE_LAYER_PARAMS) {
-    if (p.when && !p.when(c)) continue;
-    const perLayer = megatronLayerShape(c, p);
-    const chunks: Array<{ offsets: number[]; tensor: TargetTensor }> = [];
-    for (let i = 0; i < c.numLayers; i++) {
-      const srcs = p.hf.map((h) => get(`model.layers.${i}.${h}`, hfPieceShape(c, h)));
-      if (srcs.some((s) => !s)) continue;
-      const s = srcs as SourceTensor[];
-      const segs = p.kind === 'qkv' ? qkvSegments(c, s[0]!, s[1]!, s[2]!) : s.map((x) => allRows(x));
-      const dtype = s[0]!.dtype;
-      const mixed = s.find((x) => x.dtype !== dtype);
-      if (mixed) throw badInput(`${mixed.name}: dtype ${mixed.dtype} differs from ${s[0]!.name} (${dtype})`, file, mixed.name);
-      const name = `decoder.layers.${p.megatron}`;
-      const layer = rowConcat(name, dtype, perLayer.slice(1), segs, `${p.kind}(${p.hf.map((h) => `model.layers.${i}.${h}`).join(', ')})`);
-      chunks.push({ offsets: [i, ...perLayer.map(() => 0)], tensor: withLeadingOne(castTo(layer, opts.dtype)) });
+    // An expert piece without its own name is expert e of a tensor stacked over experts.
+    if (expert !== undefined) {
+      if (!sameShape(t.shape.slice(1), shape) || t.shape[0]! <= expert) throw shapeError(t, ['E', ...shape] as unknown as number[], file);
+      return { src: t, prefix: [expert] };
     }
-    entries.push({ name: `decoder.layers.${p.megatron}`, dtype: opts.dtype, shape: [c.numLayers, ...perLayer], chunks });
+    if (!sameShape(t.shape, shape)) throw shapeError(t, shape, file);
+    return { src: t, prefix: [] };
+  };
+  const targets = new Map<string, TargetTensor>();
+  const Vp = paddedVocab(c.vocabSize, opts.makeVocabSizeDivisibleBy, opts.tp);
+  for (const g of fam.globalParams(c)) {
+    const src = get(g.hf, g.shape);
+    if (!src) continue;
+    const pad = g.kind === 'vocab' && Vp > c.vocabSize;
+    const segs = [allRows(src.src), ...(pad ? [zeroRows(Vp - c.vocabSize)] : [])];
+    targets.set(g.megatron, castTo(rowConcat(g.megatron, src.src.dtype, g.shape.slice(1), segs, `${g.hf}${pad ? ` + ${Vp - c.vocabSize} zero rows` : ''}`), opts.dtype));
+  }
+  for (let i = 0; i < c.numLayers; i++) {
+    for (const p of fam.layerParams(c, i)) {
+      for (const e of p.experts === undefined ? [undefined] : Array.from({ length: p.experts }, (_, k) => k)) {
+        const names = p.hf.map((h) => fill(h, i, e));
+        const pieces = names.map((n, k) => get(n, p.hfShapes[k]!, e !== undefined && !p.hf[k]!.includes('{e}') ? e : undefined));
+        if (pieces.some((s) => !s)) continue;
+        const name = `decoder.layers.${i}.${fill(p.megatron, i, e)}`;
+        const described = names.map((n, k) => (pieces[k]!.prefix.length ? `${n}[${e}]` : n)).join(', ');
+        targets.set(name, castTo(toMegatron(c, p, name, pieces as SourcePart[], described), opts.dtype));
+      }
+    }
   }
   if (missing.length) {
     throw badInput(`${file}: ${missing.length} tensor(s) the config needs are missing: ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ', …' : ''}`, file, missing[0]);
   }
   const skipped: Skipped[] = [];
   const unmapped: string[] = [];
+  const tiedHead = c.tieEmbeddings ? fam.globalParams({ ...c, tieEmbeddings: false }).find((g) => g.megatron === 'output_layer.weight')?.hf : undefined;
   for (const name of hf.tensors.keys()) {
     if (used.has(name)) continue;
     const rule = HF_IGNORED.find((r) => r.pattern.test(name));
     if (rule) skipped.push({ name, reason: rule.reason });
-    else if (c.tieEmbeddings && name === 'lm_head.weight') skipped.push({ name, reason: 'tied to model.embed_tokens.weight' });
+    else if (name === tiedHead) skipped.push({ name, reason: 'tied to the input embedding' });
     else unmapped.push(name);
   }
   if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)' });
   else if (unmapped.length) {
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} Megatron model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
-  return { entries, skipped };
-}
-
-/** A target viewed with a leading dim of 1 (a layer's chunk of a stacked `[L, …]` tensor). */
-function withLeadingOne(t: TargetTensor): TargetTensor {
-  return targetView(t, { shape: [1, ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(1), size: box.size.slice(1) }, out) });
-}
-
-/** Finds a Megatron layer parameter: stacked `decoder.layers.<p>` [L, …] or per-layer `decoder.layers.<i>.<p>`. */
-function layerSource(meg: CheckpointSource, p: LayerParam, i: number, used: Set<string>): { src: SourceTensor; prefix: number[] } | undefined {
-  for (const name of [p.megatron, ...(p.aliases ?? [])]) {
-    const stacked = meg.tensors.get(`decoder.layers.${name}`);
-    if (stacked) {
-      used.add(stacked.name);
-      return { src: stacked, prefix: [i] };
-    }
-    const single = meg.tensors.get(`decoder.layers.${i}.${name}`);
-    if (single) {
-      used.add(single.name);
-      return { src: single, prefix: [] };
-    }
-  }
-  return undefined;
+  return { targets, entries: torchDistEntries(fam, c, targets, opts.dtype, opts.spec), skipped };
 }
 
 export interface ExportOptions {
@@ -167,70 +167,72 @@ export interface ExportOptions {
   readonly dtype: DType;
 }
 
-/** Megatron → HF: per-layer HF tensors gathered from the (stacked) Megatron tensors. */
+/** An HF tensor stacked over experts (`[E, …]`) from per-expert targets. */
+function stackExperts(name: string, parts: readonly TargetTensor[]): TargetTensor {
+  const first = parts[0]!;
+  const asSources: SourceTensor[] = parts.map((t) => ({ name: t.name, dtype: t.dtype, shape: [1, ...t.shape], byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce({ start: b.start.slice(1), size: b.size.slice(1) }, o) }));
+  return rowConcat(name, first.dtype, first.shape, asSources.map((s) => allRows(s)), `stack of ${parts.length} experts (${first.describe}, …)`);
+}
+
+/** Megatron → HF. */
 export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportOptions): { tensors: TargetTensor[]; skipped: Skipped[] } {
+  const fam: Family = familyOf(c);
   const file = meg.path;
+  const view = canonicalMegatron(meg, c);
   const used = new Set<string>();
   const missing: string[] = [];
   const out: TargetTensor[] = [];
-  const expect = (t: SourceTensor, prefix: number[], want: readonly number[]): void => {
-    const have = t.shape.slice(prefix.length);
-    if (have.length !== want.length || have.some((d, k) => d !== want[k])) {
-      throw badInput(`${t.name}: shape [${t.shape.join(', ')}] does not match the config, which needs [${prefix.length ? `${c.numLayers}, ` : ''}${want.join(', ')}]`, file, t.name);
+  const find = (names: readonly string[]): SourcePart | undefined => {
+    for (const n of names) {
+      const v = view.get(n);
+      if (v) {
+        used.add(v.origin);
+        return v.part;
+      }
     }
-    if (prefix.length && t.shape[0] !== c.numLayers) {
-      throw badInput(`${t.name}: holds ${t.shape[0]} layers but the config has ${c.numLayers}`, file, t.name);
+    missing.push(names[0]!);
+    return undefined;
+  };
+  const expect = (p: SourcePart, want: readonly number[]): void => {
+    const have = p.src.shape.slice(p.prefix.length);
+    if (!sameShape(have, want)) {
+      const stacked = p.prefix.length ? `[${p.src.shape.slice(0, p.prefix.length).join(', ')}, ${want.join(', ')}]` : `[${want.join(', ')}]`;
+      throw badInput(`${p.src.name}: shape [${p.src.shape.join(', ')}] does not match the config, which needs ${stacked}`, file, p.src.name);
     }
   };
-  for (const g of DENSE_GLOBAL_PARAMS) {
-    if (g.when && !g.when(c)) continue;
-    const src = meg.tensors.get(g.megatron);
-    if (!src) {
-      missing.push(g.megatron);
-      continue;
-    }
-    used.add(src.name);
+  for (const g of fam.globalParams(c)) {
+    const src = find([g.megatron]);
+    if (!src) continue;
     if (g.kind === 'vocab') {
-      if (src.shape.length !== 2 || src.shape[1] !== c.hiddenSize || src.shape[0]! < c.vocabSize) {
-        throw badInput(`${src.name}: shape [${src.shape.join(', ')}] cannot hold the ${c.vocabSize}-token vocabulary with hidden size ${c.hiddenSize}`, file, src.name);
+      const s = src.src;
+      if (s.shape.length !== 2 || s.shape[1] !== c.hiddenSize || s.shape[0]! < c.vocabSize) {
+        throw badInput(`${s.name}: shape [${s.shape.join(', ')}] cannot hold the ${c.vocabSize}-token vocabulary with hidden size ${c.hiddenSize}`, file, s.name);
       }
       // Megatron pads the vocabulary; HF has exactly vocab_size rows.
-      out.push(castTo(rowConcat(g.hf, src.dtype, [c.hiddenSize], [rows(src, 0, c.vocabSize)], `${src.name}[:${c.vocabSize}]`), opts.dtype));
+      out.push(castTo(rowConcat(g.hf, s.dtype, [c.hiddenSize], [rows(s, 0, c.vocabSize)], `${s.name}[:${c.vocabSize}]`), opts.dtype));
     } else {
-      expect(src, [], [c.hiddenSize]);
-      out.push(castTo(rowConcat(g.hf, src.dtype, [], [allRows(src)], src.name), opts.dtype));
+      expect(src, g.shape);
+      out.push(castTo(rowConcat(g.hf, src.src.dtype, g.shape.slice(1), [partRows(src, 0, g.shape[0] ?? 1)], src.src.name), opts.dtype));
     }
   }
-  for (const p of DENSE_LAYER_PARAMS) {
-    if (p.when && !p.when(c)) continue;
-    const perLayer = megatronLayerShape(c, p);
-    for (let i = 0; i < c.numLayers; i++) {
-      const found = layerSource(meg, p, i, used);
-      if (!found) {
-        missing.push(`decoder.layers.${i}.${p.megatron}`);
-        continue;
+  for (let i = 0; i < c.numLayers; i++) {
+    for (const p of fam.layerParams(c, i)) {
+      const experts = p.experts === undefined ? [undefined] : Array.from({ length: p.experts }, (_, k) => k);
+      // HF pieces stacked over experts are assembled from every expert's part.
+      const stacked = new Map<number, TargetTensor[]>();
+      for (const e of experts) {
+        const names = [p.megatron, ...(p.aliases ?? [])].map((m) => `decoder.layers.${i}.${fill(m, i, e)}`);
+        const src = find(names);
+        if (!src) continue;
+        expect(src, p.shape);
+        const hfNames = p.hf.map((h) => fill(h, i, e));
+        const pieces = toHf(c, p, hfNames, src);
+        pieces.forEach((t, k) => {
+          if (e !== undefined && !p.hf[k]!.includes('{e}')) stacked.set(k, [...(stacked.get(k) ?? []), t]);
+          else out.push(castTo(t, opts.dtype));
+        });
       }
-      const { src, prefix } = found;
-      expect(src, prefix, perLayer);
-      const hfNames = p.hf.map((h) => `model.layers.${i}.${h}`);
-      const rest = perLayer.slice(1);
-      if (p.kind === 'copy') {
-        out.push(castTo(rowConcat(hfNames[0]!, src.dtype, rest, [allRows(src, prefix)], `${src.name}[${i}]`), opts.dtype));
-      } else if (p.kind === 'gated') {
-        const F = c.ffnHiddenSize;
-        out.push(castTo(rowConcat(hfNames[0]!, src.dtype, rest, [rows(src, 0, F, prefix)], `${src.name}[${i}] gate half`), opts.dtype));
-        out.push(castTo(rowConcat(hfNames[1]!, src.dtype, rest, [rows(src, F, F, prefix)], `${src.name}[${i}] up half`), opts.dtype));
-      } else {
-        const hn = c.kvChannels;
-        const r = c.numAttentionHeads / c.numQueryGroups;
-        const groups = Array.from({ length: c.numQueryGroups }, (_, g) => g * (r + 2) * hn);
-        const q = groups.map((base) => rows(src, base, r * hn, prefix));
-        const k = groups.map((base) => rows(src, base + r * hn, hn, prefix));
-        const v = groups.map((base) => rows(src, base + (r + 1) * hn, hn, prefix));
-        out.push(castTo(rowConcat(hfNames[0]!, src.dtype, rest, q, `${src.name}[${i}] query heads`), opts.dtype));
-        out.push(castTo(rowConcat(hfNames[1]!, src.dtype, rest, k, `${src.name}[${i}] key heads`), opts.dtype));
-        out.push(castTo(rowConcat(hfNames[2]!, src.dtype, rest, v, `${src.name}[${i}] value heads`), opts.dtype));
-      }
+      for (const [k, parts] of stacked) if (parts.length === p.experts) out.push(castTo(stackExperts(fill(p.hf[k]!, i), parts), opts.dtype));
     }
   }
   if (missing.length) {
@@ -253,4 +255,9 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
   return { tensors: out, skipped };
+}
+
+/** A target viewed with leading dims of 1 (a layer's — or a layer's expert's — chunk of a stacked tensor). */
+export function withLeadingOnes(t: TargetTensor, n: number): TargetTensor {
+  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(n), size: box.size.slice(n) }, out) });
 }

@@ -1,11 +1,11 @@
 /** Qwen2 / Qwen2.5: q/k/v biases (Megatron `linear_qkv.bias`, interleaved like the weight). */
-import type { DenseFamily } from './dense.js';
+import { denseFamily } from './dense.js';
 
-export const qwen2: DenseFamily = {
+export const qwen2 = denseFamily({
   id: 'qwen2',
   architectures: ['Qwen2ForCausalLM'],
   modelType: 'qwen2',
   qkvBias: true,
   qkNorm: false,
   description: 'Qwen2, Qwen2.5',
-};
+});

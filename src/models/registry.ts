@@ -1,18 +1,28 @@
 /** The model-family registry: HF `architectures` → family. Adding a family is one file plus one line here. */
-import type { DenseFamily } from './dense.js';
+import type { Family } from './spec.js';
+import type { ModelConfig } from './config.js';
 import { llama } from './llama.js';
 import { mistral } from './mistral.js';
 import { qwen2 } from './qwen2.js';
 import { qwen3 } from './qwen3.js';
+import { mixtral } from './mixtral.js';
+import { qwen3Moe } from './qwen3-moe.js';
 import { unsupported } from '../errors.js';
 
-export const FAMILIES: readonly DenseFamily[] = [llama, mistral, qwen2, qwen3];
+export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe];
 
-export function familyById(id: string): DenseFamily | undefined {
+export function familyById(id: string): Family | undefined {
   return FAMILIES.find((f) => f.id === id);
 }
 
-export function familyForHfConfig(cfg: Record<string, unknown>, file: string): DenseFamily {
+/** The family of a normalized config (always registered: configs are made by families). */
+export function familyOf(c: ModelConfig): Family {
+  const f = familyById(c.family);
+  if (!f) throw new Error(`internal: no family ${c.family}`);
+  return f;
+}
+
+export function familyForHfConfig(cfg: Record<string, unknown>, file: string): Family {
   const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as unknown[]).filter((a): a is string => typeof a === 'string') : [];
   for (const a of archs) {
     const f = FAMILIES.find((x) => x.architectures.includes(a));

@@ -27,7 +27,8 @@ import { badInput, usage } from '../errors.js';
 import type { DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
 import { buildExport } from '../models/map.js';
-import { DENSE_EXTRA_STATE_MODULES } from '../models/dense.js';
+import { torchDistExtraState } from '../models/megatron-keys.js';
+import { familyOf } from '../models/registry.js';
 import type { ModelConfig } from '../models/config.js';
 import { mergedWeight } from '../lora/merge.js';
 import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-identity.js';
@@ -292,7 +293,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
       const ca = commonArgs(meg.common);
       if (ca) for (const [k, v] of ca.entries) if (typeof k === 'string') args[k] = v;
       const iteration = opts.iteration ?? (typeof meg.resolved.iteration === 'number' ? meg.resolved.iteration : 0);
-      const files = writeMegatron(entries, { iteration, args, extraState: { modules: DENSE_EXTRA_STATE_MODULES, numLayers: c.numLayers } });
+      const files = writeMegatron(entries, { iteration, args, objects: torchDistExtraState(familyOf(c), c) });
       checkComplete(entries.flatMap((e) => e.chunks.map((ch) => ch.tensor)), files);
       const iterDir = iterDirName(iteration);
       const side = await listSideFiles(hfDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt') || n === 'shardshift-manifest.json');

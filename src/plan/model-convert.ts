@@ -14,17 +14,17 @@ import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../formats/megatron.js';
 import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
 import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
-import type { DcpTensorEntry } from '../formats/dcp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
-import { fromHfConfig, paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
+import { paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
 import { buildExport, buildImport } from '../models/map.js';
-import { DENSE_EXTRA_STATE_MODULES } from '../models/dense.js';
+import { torchDistExtraState } from '../models/megatron-keys.js';
+import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
@@ -73,8 +73,7 @@ async function readJson(path: string): Promise<Record<string, unknown>> {
 export async function configFromHfDir(dir: string): Promise<ModelConfig> {
   const file = join(dir, 'config.json');
   const cfg = await readJson(file);
-  const fam = familyForHfConfig(cfg, file);
-  return fromHfConfig(fam.id, cfg, file, { qkvBias: fam.qkvBias, qkNorm: fam.qkNorm });
+  return familyForHfConfig(cfg, file).fromHf(cfg, file);
 }
 
 /** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
@@ -123,24 +122,24 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
-    const { entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped });
+    const { targets, entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec });
     const iteration = opts.iteration ?? 0;
     const args = megatronArgs(cfg, { tp, pp, divisor, dtype, iteration });
     const legacy = opts.ckptFormat === 'torch';
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
     const files = fsdp
-      ? writeMegatronFsdp(perLayerTargets(entries, 'te'), { iteration, files: opts.dcpFiles })
+      ? writeMegatronFsdp(targets, { iteration, files: opts.dcpFiles })
       : legacy
-      ? writeMegatronLegacy(perLayerTargets(entries, opts.megatronSpec ?? 'te'), {
+      ? writeMegatronLegacy(localSpecNames(targets, opts.megatronSpec ?? 'te'), {
           tp,
           pp,
           numLayers: cfg.numLayers,
           iteration,
           gated: true,
           args: { ...args, ckpt_format: 'torch' },
-          extraStateModules: DENSE_EXTRA_STATE_MODULES,
+          extraStateModules: (i) => familyOf(cfg).extraStateModules(cfg, i),
         })
-      : writeMegatron(entries, { iteration, files: opts.dcpFiles, args, extraState: { modules: DENSE_EXTRA_STATE_MODULES, numLayers: cfg.numLayers } });
+      : writeMegatron(entries, { iteration, files: opts.dcpFiles, args, objects: torchDistExtraState(familyOf(cfg), cfg) });
     const iterDir = iterDirName(iteration);
     const side = sideDir ? await listSideFiles(sideDir, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$|^\.metadata$|^metadata\.json$/.test(n)) : [];
     const plan: ConvertPlan = {
@@ -183,25 +182,18 @@ function sourceFromTargets(path: string, targets: readonly TargetTensor[], root:
   return { format: 'megatron', path, root, tensors, objects: new Map(), metadata: new Map(), dataFiles: [], sideFiles: [], close: async () => undefined };
 }
 
-/** torch_dist entries (stacked layers, one chunk per layer) as per-layer global targets. */
-function perLayerTargets(entries: readonly DcpTensorEntry[], spec: 'te' | 'local'): Map<string, TargetTensor> {
+/** Canonical targets under the names a local-spec (non-TE) model has: unfused norms. */
+function localSpecNames(targets: ReadonlyMap<string, TargetTensor>, spec: 'te' | 'local'): Map<string, TargetTensor> {
+  if (spec === 'te') return new Map(targets);
+  const LOCAL: Array<[RegExp, string]> = [
+    [/\.self_attention\.linear_qkv\.layer_norm_weight$/, '.input_layernorm.weight'],
+    [/\.mlp\.linear_fc1\.layer_norm_weight$/, '.pre_mlp_layernorm.weight'],
+  ];
   const out = new Map<string, TargetTensor>();
-  const LOCAL: Record<string, string> = {
-    'self_attention.linear_qkv.layer_norm_weight': 'input_layernorm.weight',
-    'mlp.linear_fc1.layer_norm_weight': 'pre_mlp_layernorm.weight',
-  };
-  for (const e of entries) {
-    const m = /^decoder\.layers\.(.+)$/.exec(e.name);
-    if (!m) {
-      out.set(e.name, e.chunks[0]!.tensor);
-      continue;
-    }
-    const param = spec === 'local' ? (LOCAL[m[1]!] ?? m[1]!) : m[1]!;
-    for (const c of e.chunks) {
-      const t = c.tensor; // shape [1, …]: drop the layer axis
-      const name = `decoder.layers.${c.offsets[0]}.${param}`;
-      out.set(name, targetView(t, { name, shape: t.shape.slice(1), produce: (b, o) => t.produce({ start: [0, ...b.start], size: [1, ...b.size] }, o) }));
-    }
+  for (const [name, t] of targets) {
+    const rule = LOCAL.find(([re]) => re.test(name));
+    const n = rule ? name.replace(rule[0], rule[1]) : name;
+    out.set(n, n === name ? t : targetView(t, { name: n }));
   }
   return out;
 }

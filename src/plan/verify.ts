@@ -13,6 +13,7 @@ import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { openCheckpoint } from '../formats/index.js';
 import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import type { DcpTensorEntry } from '../formats/dcp.js';
 import { openMegatron } from '../formats/megatron.js';
 import { dtypeInfo, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { canCast, castBytes } from '../tensor/cast.js';
@@ -21,7 +22,6 @@ import { chunkBoxes } from './executor.js';
 import { MANIFEST_NAME, type Manifest } from './manifest.js';
 import { buildExport, buildImport } from '../models/map.js';
 import { configFromHfDir } from './model-convert.js';
-import { badInput } from '../errors.js';
 
 const CHUNK = 16 << 20;
 
@@ -275,26 +275,7 @@ async function openAgainst(srcPath: string, out: CheckpointSource): Promise<Map<
     // Pad to the output's row count (a divisor equal to it reproduces the same padding).
     const { entries } = buildImport(cfg, src, { tp: 1, makeVocabSizeDivisibleBy: Vp, dtype: emb?.dtype ?? 'BF16' });
     for (const e of entries) {
-      result.set(e.name, {
-        name: e.name,
-        dtype: e.dtype,
-        shape: e.shape,
-        byteLength: 0,
-        describe: 'mapping',
-        // Chunks tile dim 0 (one per layer, or one for the whole tensor): serve a box slab by slab.
-        produce: async (box, o) => {
-          const slabBytes = boxBytes(e.dtype, { start: box.start, size: [1, ...box.size.slice(1)] });
-          for (let r = 0; r < box.size[0]!; ) {
-            const row = box.start[0]! + r;
-            const c = e.chunks.find((ch) => row >= ch.offsets[0]! && row < ch.offsets[0]! + ch.tensor.shape[0]!);
-            if (!c) throw badInput(`${e.name}: no chunk holds row ${row}`, srcPath, e.name);
-            const n = Math.min(box.size[0]! - r, c.offsets[0]! + c.tensor.shape[0]! - row);
-            const sub: Box = { start: [row - c.offsets[0]!, ...box.start.slice(1).map((s, d) => s - c.offsets[d + 1]!)], size: [n, ...box.size.slice(1)] };
-            await c.tensor.produce(sub, o.subarray(r * slabBytes, (r + n) * slabBytes));
-            r += n;
-          }
-        },
-      });
+      result.set(e.name, entryTarget(e));
     }
     result.closeAll = () => src.close();
     return result;
@@ -321,6 +302,52 @@ export interface DiffReport {
   readonly onlyInA: string[];
   readonly onlyInB: string[];
   readonly identical: boolean;
+}
+
+/**
+ * A torch_dist entry as one target: any box is served chunk by chunk (chunks are boxes of the
+ * global tensor, e.g. one per layer or per layer and expert), each intersection staged and
+ * scattered into place.
+ */
+function entryTarget(e: DcpTensorEntry): TargetTensor {
+  const item = dtypeInfo(e.dtype).bits / 8;
+  return {
+    name: e.name,
+    dtype: e.dtype,
+    shape: e.shape,
+    byteLength: 0,
+    describe: 'mapping',
+    produce: async (box, out) => {
+      for (const c of e.chunks) {
+        const lo = box.start.map((s, d) => Math.max(s, c.offsets[d]!));
+        const hi = box.start.map((s, d) => Math.min(s + box.size[d]!, c.offsets[d]! + c.tensor.shape[d]!));
+        if (lo.some((l, d) => l >= hi[d]!)) continue;
+        const size = lo.map((l, d) => hi[d]! - l);
+        const tmp = new Uint8Array(numelOf(size) * item);
+        await c.tensor.produce({ start: lo.map((l, d) => l - c.offsets[d]!), size }, tmp);
+        scatter(tmp, size, out, box.size, lo.map((l, d) => l - box.start[d]!), item);
+      }
+    },
+  };
+}
+
+/** Copies a dense block of shape `size` into a dense array of shape `into` at `at`. */
+function scatter(src: Uint8Array, size: readonly number[], dst: Uint8Array, into: readonly number[], at: readonly number[], item: number): void {
+  const n = size.length;
+  const strides = new Array<number>(n).fill(item);
+  for (let d = n - 2; d >= 0; d--) strides[d] = strides[d + 1]! * into[d + 1]!;
+  const run = (size[n - 1] ?? 1) * item;
+  const count = numelOf(size.slice(0, -1));
+  const idx = new Array<number>(Math.max(0, n - 1)).fill(0);
+  for (let k = 0; k < count; k++) {
+    let off = n ? at[n - 1]! * item : 0;
+    for (let d = 0; d < n - 1; d++) off += (at[d]! + idx[d]!) * strides[d]!;
+    dst.set(src.subarray(k * run, (k + 1) * run), off);
+    for (let d = n - 2; d >= 0; d--) {
+      if (++idx[d]! < size[d]!) break;
+      idx[d] = 0;
+    }
+  }
 }
 
 /** Compares two checkpoints; b is mapped onto a's names when one is Megatron and the other HF. */
