@@ -13,6 +13,8 @@ interface Flags {
   to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf';
   tp: string;
   pp: string;
+  ep: string;
+  etp?: string;
   makeVocabSizeDivisibleBy: string;
   iteration: string;
   hfModel?: string;
@@ -86,6 +88,8 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
           hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined,
           tp: positive(f.tp, '--tp'),
           pp: positive(f.pp, '--pp'),
+          ep: positive(f.ep, '--ep'),
+          etp: f.etp === undefined ? undefined : positive(f.etp, '--etp'),
           makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),
           iteration: whole(f.iteration, '--iteration'),
         })

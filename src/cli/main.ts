@@ -45,6 +45,8 @@ function program(): Command {
     .addOption(new Option('--dtype <dtype>', 'cast floating-point tensors').choices(['float32', 'float16', 'bfloat16', 'float8_e4m3fn', 'float8_e5m2']))
     .option('--tp <n>', 'megatron: tensor-parallel size the checkpoint is for (sets vocab padding)', '1')
     .option('--pp <n>', 'megatron: pipeline-parallel size (recorded)', '1')
+    .option('--ep <n>', 'megatron, MoE models: expert-parallel size (rank files with --ckpt-format torch; recorded for torch_dist)', '1')
+    .option('--etp <n>', 'megatron, MoE models: expert tensor-parallel size (default: --tp)')
     .option('--make-vocab-size-divisible-by <n>', 'megatron: vocab padding divisor', '128')
     .option('--iteration <n>', 'megatron: iteration number of the output', '0')
     .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, torch (legacy mp_rank_* files for --tp × --pp), or fsdp_dtensor (Megatron-FSDP)').choices(['torch_dist', 'torch', 'fsdp_dtensor']).default('torch_dist'))

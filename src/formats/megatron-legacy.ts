@@ -20,7 +20,7 @@ import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './me
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, type PyValue } from '../pickle/values.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
-import { rankDirName, stageLayers, tpSplitOf } from '../models/parallel.js';
+import { expertOf, rankDirName, stageLayers, tpSplitOf } from '../models/parallel.js';
 import type { CheckpointSource, OutputFile, SourceObject, SourceTensor, TargetTensor } from './types.js';
 import { targetView } from '../plan/view.js';
 
@@ -51,6 +51,7 @@ class GlobalTensor implements SourceTensor {
 interface RankFile {
   readonly tp: number;
   readonly pp: number;
+  readonly ep: number;
   readonly dir: string;
   readonly file: ReadOnlyFile;
   readonly arc: TorchArchive;
@@ -67,37 +68,58 @@ export interface LegacyCheckpoint {
 export async function openMegatronLegacy(path: string): Promise<LegacyCheckpoint> {
   const resolved = await resolveIteration(path);
   const dir = resolved.iterDir;
-  const ranks: Array<{ tp: number; pp: number; name: string }> = [];
+  const found: Array<{ nums: number[]; name: string }> = [];
   for (const n of await readdir(dir)) {
     const m = RANK_DIR.exec(n);
-    if (!m) continue;
-    if (m[3] !== undefined) throw unsupported(`${join(dir, n)}: expert-parallel legacy checkpoints (mp_rank_TT_PPP_EEE) are not supported yet`, join(dir, n));
-    ranks.push({ tp: Number(m[1]), pp: m[2] === undefined ? 0 : Number(m[2]), name: n });
+    if (m) found.push({ nums: [m[1], m[2], m[3]].filter((x) => x !== undefined).map(Number), name: n });
   }
-  if (!ranks.length) throw badInput(`${dir}: no mp_rank_* directories (not a legacy Megatron checkpoint)`, dir);
-  const tp = Math.max(...ranks.map((r) => r.tp)) + 1;
-  const pp = Math.max(...ranks.map((r) => r.pp)) + 1;
-  const missing: string[] = [];
-  for (let p = 0; p < pp; p++) for (let t = 0; t < tp; t++) if (!ranks.some((r) => r.tp === t && r.pp === p)) missing.push(rankDirName(tp, pp, t, p));
-  if (missing.length) throw badInput(`${dir}: rank file(s) missing for a TP=${tp} PP=${pp} checkpoint: ${missing.join(', ')}`, join(dir, missing[0]!));
+  if (!found.length) throw badInput(`${dir}: no mp_rank_* directories (not a legacy Megatron checkpoint)`, dir);
+  found.sort((a, b) => a.name.localeCompare(b.name));
   const files: RankFile[] = [];
   try {
-    for (const r of ranks.sort((a, b) => a.pp - b.pp || a.tp - b.tp)) {
-      const p = join(dir, r.name, LEGACY_FILE);
+    const open = async (name: string): Promise<{ file: ReadOnlyFile; arc: TorchArchive }> => {
+      const p = join(dir, name, LEGACY_FILE);
       if (!(await stat(p).then((s) => s.isFile(), () => false))) throw badInput(`${p}: missing (every rank directory holds ${LEGACY_FILE})`, p);
       const f = await ReadOnlyFile.open(p);
       try {
-        files.push({ tp: r.tp, pp: r.pp, dir: r.name, file: f, arc: await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS }) });
+        return { file: f, arc: await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS }) };
       } catch (e) {
         await f.close();
         throw e;
       }
-    }
-    return assemble(path, resolved, files, tp, pp);
+    };
+    // `mp_rank_TT_NNN` is a PP rank or an EP rank: the args of the first file tell which.
+    const first = await open(found[0]!.name);
+    files.push({ tp: found[0]!.nums[0]!, pp: 0, ep: 0, dir: found[0]!.name, ...first });
+    const args0 = argsOf(first.arc);
+    const epSize = asNumber(args0?.get('expert_model_parallel_size')) ?? 1;
+    const ppSize = asNumber(args0?.get('pipeline_model_parallel_size'));
+    const ranks = found.map((f) => {
+      const [t, a, b] = f.nums;
+      if (b !== undefined) return { tp: t!, pp: a!, ep: b, name: f.name };
+      if (a !== undefined && epSize > 1 && (ppSize ?? 1) === 1) return { tp: t!, pp: 0, ep: a, name: f.name };
+      return { tp: t!, pp: a ?? 0, ep: 0, name: f.name };
+    });
+    files[0] = { ...files[0]!, pp: ranks[0]!.pp, ep: ranks[0]!.ep };
+    const tp = Math.max(...ranks.map((r) => r.tp)) + 1;
+    const pp = Math.max(...ranks.map((r) => r.pp)) + 1;
+    const ep = Math.max(...ranks.map((r) => r.ep)) + 1;
+    const missing: string[] = [];
+    for (let p = 0; p < pp; p++) for (let e = 0; e < ep; e++) for (let t = 0; t < tp; t++) if (!ranks.some((r) => r.tp === t && r.pp === p && r.ep === e)) missing.push(rankDirName(tp, pp, t, p, ep, e));
+    if (missing.length) throw badInput(`${dir}: rank file(s) missing for a TP=${tp} PP=${pp}${ep > 1 ? ` EP=${ep}` : ''} checkpoint: ${missing.join(', ')}`, join(dir, missing[0]!));
+    for (const r of ranks.slice(1)) files.push({ tp: r.tp, pp: r.pp, ep: r.ep, dir: r.name, ...(await open(r.name)) });
+    files.sort((a, b) => a.pp - b.pp || a.ep - b.ep || a.tp - b.tp);
+    return assemble(path, resolved, files, tp, pp, ep);
   } catch (e) {
     await Promise.all(files.map((f) => f.file.close()));
     throw e;
   }
+}
+
+function argsOf(arc: TorchArchive): PyDict | undefined {
+  const root = arc.root;
+  const a = root instanceof PyDict ? root.get('args') : undefined;
+  return a instanceof PyObject && a.state instanceof PyDict ? a.state : undefined;
 }
 
 function modelDict(r: RankFile, path: string): PyDict {
@@ -143,11 +165,13 @@ function mcoreName(name: string, version: number | undefined, path: string): str
   return name;
 }
 
-function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], tp: number, pp: number): LegacyCheckpoint {
+function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], tp: number, pp: number, ep: number): LegacyCheckpoint {
   const rank0 = files[0]!.arc.root as PyDict;
   const argsV = rank0.get('args');
   const args = argsV instanceof PyObject && argsV.state instanceof PyDict ? argsV.state : undefined;
   const gated = args?.get('swiglu') !== false;
+  const etp = asNumber(args?.get('expert_tensor_parallel_size')) ?? tp;
+  if (etp !== tp && etp !== 1) throw unsupported(`${path}: expert_tensor_parallel_size ${etp} with TP ${tp}: only etp = tp or 1 are read from legacy rank files`, path);
   const version = asNumber(rank0.get('checkpoint_version'));
   // Local layer count per stage (uniform split), checked against args.num_layers.
   const perStage = new Map<number, number>();
@@ -169,11 +193,18 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
   }
   // Group every rank's shard under its global name.
   const groups = new Map<string, Array<{ r: RankFile; ref: TensorRef; local: string }>>();
+  // Local experts per EP rank, from the files themselves.
+  const numExperts = asNumber(args?.get('num_experts'));
+  const perEp = numExperts !== undefined ? numExperts / ep : Math.max(0, ...[...leaves.values()].flat().filter((l) => l.value instanceof TensorRef).map((l) => (expertOf(l.name)?.expert ?? -1) + 1));
   for (const r of files) {
     for (const l of leaves.get(r)!) {
       if (!(l.value instanceof TensorRef)) continue; // _extra_state and other non-tensors
       if (/_extra_state\d*$/.test(l.name)) continue;
-      const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(l.name);
+      const ex = expertOf(l.name);
+      // Non-expert weights are replicated over EP ranks, whole experts (etp 1) over TP ranks.
+      if (!ex && r.ep !== 0) continue;
+      if (ex && etp === 1 && r.tp !== 0) continue;
+      const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(ex ? `${ex.before}${r.ep * perEp + ex.expert}${ex.after}` : l.name);
       const global = m ? `decoder.layers.${stageLayers(stageCount * pp, pp, r.pp).first + Number(m[1])}.${m[2]}` : l.name;
       // Outside the layers, each stage may hold its own copy (e.g. a tied embedding on the last
       // stage): the first stage's wins, the others must agree in shape.
@@ -183,7 +214,7 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
   }
   const tensors = new Map<string, SourceTensor>();
   for (const [name, shards] of groups) {
-    const split = tpSplitOf(name, gated);
+    const split = expertOf(name) && etp === 1 ? 'replicated' : tpSplitOf(name, gated);
     const first = shards[0]!;
     for (const s of shards) {
       if (s.ref.dtype !== first.ref.dtype || s.ref.shape.length !== first.ref.shape.length || s.ref.shape.some((d, i) => d !== first.ref.shape[i])) {
@@ -241,7 +272,7 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
     objects,
     metadata: new Map([
       ['iteration', resolved.how],
-      ['layout', `legacy torch format, TP=${tp} PP=${pp}`],
+      ['layout', `legacy torch format, TP=${tp} PP=${pp}${ep > 1 ? ` EP=${ep}` : ''}`],
     ]),
     dataFiles: files.map((f) => join(f.dir, LEGACY_FILE)),
     sideFiles: [],
@@ -296,6 +327,10 @@ export function concatRows(name: string, parts: readonly TargetTensor[]): Target
 export interface LegacyWriteOptions {
   readonly tp: number;
   readonly pp: number;
+  /** Expert-parallel size: each EP rank's files hold its experts, numbered locally (default 1). */
+  readonly ep?: number;
+  /** Expert tensor-parallel size: tp (experts split like other linears) or 1 (whole experts in every TP rank's file). */
+  readonly etp?: number;
   readonly numLayers: number;
   readonly iteration: number;
   readonly gated: boolean;
@@ -310,10 +345,17 @@ export interface LegacyWriteOptions {
  */
 export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, opts: LegacyWriteOptions): OutputFile[] {
   const { tp, pp } = opts;
+  const ep = opts.ep ?? 1;
+  const etp = opts.etp ?? tp;
+  if (etp !== tp && etp !== 1) throw unsupported(`legacy rank files with --etp ${etp} and --tp ${tp}: only etp = tp or etp = 1 have a per-rank file layout shardshift writes; use torch_dist`);
+  const numExperts = Math.max(0, ...[...globals.keys()].map((n) => (expertOf(n)?.expert ?? -1) + 1));
+  if (numExperts % ep !== 0) throw unsupported(`--ep ${ep} does not divide the ${numExperts} experts`);
+  const perRank = numExperts / ep;
   const iterDir = `iter_${String(opts.iteration).padStart(7, '0')}`;
   const files: OutputFile[] = [];
   for (let p = 0; p < pp; p++) {
     const { first, count } = stageLayers(opts.numLayers, pp, p);
+    for (let e = 0; e < ep; e++)
     for (let t = 0; t < tp; t++) {
       const model = new PyDict('OrderedDict');
       const storages: Array<{ key: string; tensor: TargetTensor }> = [];
@@ -325,17 +367,23 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
       for (const [name, g] of globals) {
         const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(name);
         let local: string;
+        const ex = expertOf(name);
         if (m) {
           const gl = Number(m[1]);
           if (gl < first || gl >= first + count) continue;
           local = `decoder.layers.${gl - first}.${m[2]}`;
+          if (ex) {
+            // This EP rank's experts, numbered from 0.
+            if (Math.floor(ex.expert / perRank) !== e) continue;
+            local = `decoder.layers.${gl - first}.${ex.before.slice(ex.before.indexOf('.', 'decoder.layers.'.length) + 1)}${ex.expert - e * perRank}${ex.after}`;
+          }
         } else {
           // Embedding on the first stage, final norm and output layer on the last.
           const onFirst = name.startsWith('embedding.');
           if ((onFirst && p !== 0) || (!onFirst && p !== pp - 1)) continue;
           local = name;
         }
-        const split = tpSplitOf(name, opts.gated);
+        const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gated);
         const renamed = targetView(g, { name: local });
         if (split === 'replicated') put(local, renamed);
         else if (split === 'column') {
@@ -350,11 +398,17 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           put(local, concatRows(local, [sliceTarget(g, 0, t * n, n), sliceTarget(g, 0, half + t * n, n)]));
         }
       }
-      for (let l = 0; l < count; l++) for (const mod of opts.extraStateModules(first + l)) model.set(`decoder.layers.${l}.${mod}._extra_state`, null);
-      const args = new PyObject('argparse', 'Namespace', PyDict.from({ ...opts.args, tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp }));
+      for (let l = 0; l < count; l++) {
+        for (const mod of opts.extraStateModules(first + l)) {
+          const ex = expertOf(`decoder.layers.${l}.${mod}`);
+          if (ex && Math.floor(ex.expert / perRank) !== e) continue;
+          model.set(ex ? `${ex.before}${ex.expert - e * perRank}${ex.after}._extra_state` : `decoder.layers.${l}.${mod}._extra_state`, null);
+        }
+      }
+      const args = new PyObject('argparse', 'Namespace', PyDict.from({ ...opts.args, tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp, ...(numExperts ? { expert_model_parallel_size: ep, expert_tensor_parallel_size: etp } : {}) }));
       const root = PyDict.from({ args, checkpoint_version: new PyFloat(3.0), iteration: opts.iteration, model });
       const a = torchArchiveParts('model_optim_rng', root, storages);
-      files.push({ relPath: `${iterDir}/${rankDirName(tp, pp, t, p)}/${LEGACY_FILE}`, size: a.size, parts: a.parts });
+      files.push({ relPath: `${iterDir}/${rankDirName(tp, pp, t, p, ep, e)}/${LEGACY_FILE}`, size: a.size, parts: a.parts });
     }
   }
   const tracker = Buffer.from(String(opts.iteration));

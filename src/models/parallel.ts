@@ -27,8 +27,18 @@ export function stageLayers(numLayers: number, pp: number, p: number): { first: 
   return { first: p * count, count };
 }
 
-/** `mp_rank_01` (PP=1) or `mp_rank_01_002` (PP>1): Megatron-LM's per-rank directory name. */
-export function rankDirName(tp: number, pp: number, tpRank: number, ppRank: number): string {
+/**
+ * Megatron-LM's per-rank directory name (`get_checkpoint_name`): `mp_rank_TT`, `_PPP` when PP > 1,
+ * then `_EEE` when EP > 1 — so `mp_rank_00_001` is PP rank 1 or EP rank 1 depending on the args.
+ */
+export function rankDirName(tp: number, pp: number, tpRank: number, ppRank: number, ep = 1, epRank = 0): string {
   const t = String(tpRank).padStart(2, '0');
-  return pp > 1 ? `mp_rank_${t}_${String(ppRank).padStart(3, '0')}` : `mp_rank_${t}`;
+  const base = pp > 1 ? `mp_rank_${t}_${String(ppRank).padStart(3, '0')}` : `mp_rank_${t}`;
+  return ep > 1 ? `${base}_${String(epRank).padStart(3, '0')}` : base;
+}
+
+/** A canonical expert parameter name's parts, or undefined for non-expert names. */
+export function expertOf(name: string): { before: string; expert: number; after: string } | undefined {
+  const m = /^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..+)$/.exec(name);
+  return m ? { before: m[1]!, expert: Number(m[2]), after: m[3]! } : undefined;
 }

@@ -40,6 +40,10 @@ export interface ModelConvertOptions {
   dtype?: DType;
   tp?: number;
   pp?: number;
+  /** Expert-parallel size (MoE): rank files of legacy outputs; recorded in torch_dist args. */
+  ep?: number;
+  /** Expert tensor-parallel size (MoE; default tp). */
+  etp?: number;
   makeVocabSizeDivisibleBy?: number;
   iteration?: number;
   /** Reference HF model directory (config, tokenizer) for exports. */
@@ -120,11 +124,17 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     }
     if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
     if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
+    const ep = opts.ep ?? 1;
+    const etp = opts.etp ?? tp;
+    if (!cfg.moe && (ep > 1 || (opts.etp ?? 1) > 1)) throw usage(`--ep ${ep}${opts.etp ? ` --etp ${opts.etp}` : ''}: expert parallelism applies to MoE models; ${cfg.family} is dense`);
+    if (cfg.moe && cfg.moe.numExperts % ep !== 0) throw usage(`--ep ${ep} does not divide the ${cfg.moe.numExperts} experts`);
+    if (cfg.moe && cfg.moe.ffnHiddenSize % etp !== 0) throw usage(`--etp ${etp} does not divide the experts' ffn hidden size ${cfg.moe.ffnHiddenSize}`);
+    if (cfg.moe?.sharedExpertFfn && cfg.moe.sharedExpertFfn % tp !== 0) throw usage(`--tp ${tp} does not divide the shared experts' ffn hidden size ${cfg.moe.sharedExpertFfn}`);
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
     const { targets, entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec });
     const iteration = opts.iteration ?? 0;
-    const args = megatronArgs(cfg, { tp, pp, divisor, dtype, iteration });
+    const args = { ...megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }), ...(cfg.moe ? { expert_model_parallel_size: ep, expert_tensor_parallel_size: etp } : {}) };
     const legacy = opts.ckptFormat === 'torch';
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
     const files = fsdp
@@ -133,6 +143,8 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       ? writeMegatronLegacy(localSpecNames(targets, opts.megatronSpec ?? 'te'), {
           tp,
           pp,
+          ep,
+          etp,
           numLayers: cfg.numLayers,
           iteration,
           gated: true,
@@ -155,7 +167,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
         `family ${cfg.family}: ${cfg.numLayers} layers, hidden ${cfg.hiddenSize}, ${cfg.numAttentionHeads} heads / ${cfg.numQueryGroups} query groups, head dim ${cfg.kvChannels}, ffn ${cfg.ffnHiddenSize}`,
         `vocab ${cfg.vocabSize} → padded ${paddedVocab(cfg.vocabSize, divisor, tp)} (make_vocab_size_divisible_by ${divisor} × tp ${tp})`,
         cfg.tieEmbeddings ? 'tied embeddings: no output_layer' : 'untied embeddings: output_layer from lm_head',
-        legacy ? `dtype ${dtype}; ${tp * pp} rank files (TP ${tp} × PP ${pp}), layers numbered per stage` : `dtype ${dtype}; tp ${tp}, pp ${pp} recorded in common.pt args (torch_dist tensors are global)`,
+        legacy
+          ? `dtype ${dtype}; ${tp * pp * ep} rank files (TP ${tp} × PP ${pp}${ep > 1 ? ` × EP ${ep}` : ''}), layers numbered per stage${ep > 1 ? ', experts per EP rank' : ''}`
+          : `dtype ${dtype}; tp ${tp}, pp ${pp}${cfg.moe ? `, ep ${ep}, etp ${etp}` : ''} recorded in common.pt args (torch_dist tensors are global)`,
+        ...(cfg.moe ? [`MoE: ${cfg.moe.numExperts} experts, top-${cfg.moe.topK}, expert ffn ${cfg.moe.ffnHiddenSize}${cfg.moe.sharedExpertFfn ? `, shared experts ffn ${cfg.moe.sharedExpertFfn}` : ''}`] : []),
       ],
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
@@ -237,6 +252,7 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
     fp16: o.dtype === 'F16',
     iteration: o.iteration,
     shardshift_family: c.family,
+    ...(familyOf(c).megatronArgs?.(c) ?? {}),
   };
 }
 

@@ -73,20 +73,22 @@ const hfToMegatron: Step = {
     dtype: DTYPE,
     'parallel.tp': { type: 'int', description: 'tensor-parallel size (vocab padding; rank files with ckpt_format=torch)', default: 1, aliases: ['tp'] },
     'parallel.pp': { type: 'int', description: 'pipeline-parallel size (rank files with ckpt_format=torch)', default: 1, aliases: ['pp'] },
-    'parallel.ep': { type: 'int', description: 'expert-parallel size: 1 for the dense families supported today', default: 1, aliases: ['ep'] },
+    'parallel.ep': { type: 'int', description: 'expert-parallel size (MoE models; rank files with ckpt_format=torch)', default: 1, aliases: ['ep'] },
+    'parallel.etp': { type: 'int', description: 'expert tensor-parallel size (MoE models; default: tp)', default: null, aliases: ['etp'] },
     make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
     ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: ['torch_dist', 'torch', 'fsdp_dtensor'] },
     ...COMMON,
   },
   async run(p, ctx) {
-    if ((p['parallel.ep'] as number) !== 1) throw usage(`${this.name}: ep=${p['parallel.ep']}: expert parallelism applies to MoE models; the supported families are dense (ep=1)`);
     const src = await ctx.resolveModel(String(p.hf_model_id), 'all');
     const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.hf_model_id))}-megatron`);
     return convertHfToMegatron(src, out, {
       dtype: dtypeOf(p),
       tp: p['parallel.tp'] as number,
       pp: p['parallel.pp'] as number,
+      ep: p['parallel.ep'] as number,
+      etp: (p['parallel.etp'] as number | null) ?? undefined,
       makeVocabSizeDivisibleBy: p.make_vocab_size_divisible_by as number,
       iteration: p.iteration as number,
       ckptFormat: p.ckpt_format as 'torch_dist' | 'torch' | 'fsdp_dtensor',

@@ -58,3 +58,21 @@ for (const [c, ep, tp] of [
     assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff}`);
   });
 }
+
+test('Megatron-LM legacy rank files saved by megatron-core at EP=2 × TP=2 (mp_rank_TT_EEE, local experts) → HF with every expert at its global index', async () => {
+  const run = join(tmp, 'saved-legacy-ep2-tp2');
+  await runOracle('moe_oracle.py', ['save', run, 'qwen3_moe', '--ep', '2', '--tp', '2', '--legacy'], { timeoutMs: 240_000 });
+  const hf = `${run}.hf`;
+  await convertMegatronToHf(run, hf, { hfModel: join(run, 'hf_ref'), dtype: 'F32' });
+  const r = JSON.parse(await runOracle('moe_oracle.py', ['check_hf', hf, run])) as { max_abs_diff: number; missing: string[]; unexpected: string[]; experts_checked: number; experts_misplaced: string[] };
+  assert.deepEqual([r.missing, r.unexpected, r.experts_misplaced, r.experts_checked], [[], [], [], 24]);
+  assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff}`);
+});
+
+test("shardshift's legacy rank files at EP=2 × TP=2 load strictly into each rank of megatron-core's model, logits equal transformers'", async () => {
+  const hf = join(tmp, 'qwen3_moe');
+  const meg = join(tmp, 'qwen3_moe.leg.ep2tp2');
+  await convertHfToMegatron(hf, meg, { dtype: 'F32', ckptFormat: 'torch', megatronSpec: 'local', tp: 2, ep: 2 });
+  const r = JSON.parse(await runOracle('moe_oracle.py', ['load_legacy', meg, hf, '--tp', '2', '--ep', '2'], { timeoutMs: 240_000 })) as { max_abs_diff: number };
+  assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+});

@@ -7,10 +7,15 @@
       the GPTModel with MoE layers (local spec, SequentialMLP) matching the HF config loads the
       torch_dist checkpoint with dist_checkpointing.load(strict=RAISE_ALL); its logits are compared
       with transformers' (JSON: max_abs_diff)
-  save <run_dir> <case> [--ep N] [--tp M]
+  save <run_dir> <case> [--ep N] [--tp M] [--legacy]
       megatron-core saves a random MoE GPTModel under EP=N, TP=M (N×M gloo ranks) with
       dist_checkpointing.save; writes its logits, an equivalent HF config (hf_ref/) and, per global
-      expert, a fingerprint (the expert's fc2 weight sum) so expert placement can be checked
+      expert, a fingerprint (the expert's fc2 weight sum) so expert placement can be checked;
+      --legacy writes Megatron-LM's --ckpt-format torch files instead (mp_rank_TT[_EEE]/
+      model_optim_rng.pt with state_dict_for_save_checkpoint(): local experts, TP shards)
+  load_legacy <run_dir> <hf_dir> --ep N --tp M
+      every rank of an EP=N × TP=M megatron-core model loads shardshift's legacy rank file strictly
+      (load_state_dict(strict=True)); the logits must equal transformers' (JSON)
   check_hf <hf_dir> <run_dir>
       from_pretrained(hf_dir) loads with no missing/unexpected keys; logits vs megatron-core's and
       each HF expert's fingerprint vs the saved one (JSON)
@@ -155,7 +160,7 @@ def cmd_load(iter_dir, hf_dir):
     return {"max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item()}
 
 
-def save_worker(rank, world, init_file, run_dir, case, tp, ep):
+def save_worker(rank, world, init_file, run_dir, case, tp, ep, legacy=False):
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
@@ -179,7 +184,23 @@ def save_worker(rank, world, init_file, run_dir, case, tp, ep):
     if rank == 0:
         os.makedirs(iter_dir, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
+    if legacy:
+        import argparse
+        t, e = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+        d = os.path.join(iter_dir, f"mp_rank_{t:02d}" + (f"_{e:03d}" if ep > 1 else ""))
+        os.makedirs(d, exist_ok=True)
+        args = argparse.Namespace(
+            num_layers=c["layers"], hidden_size=c["hidden"], ffn_hidden_size=c["ffn"], num_attention_heads=c["heads"],
+            group_query_attention=True, num_query_groups=c["groups"], kv_channels=c["head_dim"], padded_vocab_size=128,
+            vocab_size=V, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(), num_experts=c["experts"],
+            swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True, qk_layernorm=c["qk"],
+            ckpt_format="torch", iteration=2,
+        )
+        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 2, "model": model.state_dict_for_save_checkpoint()},
+                   os.path.join(d, "model_optim_rng.pt"))
+    else:
+        dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
     logits = forward(model)
     # Fingerprints of the experts this rank holds, by global index.
     ep_rank = ps.get_expert_model_parallel_rank()
@@ -210,11 +231,38 @@ def save_worker(rank, world, init_file, run_dir, case, tp, ep):
     torch.distributed.destroy_process_group()
 
 
-def cmd_save(run_dir, case, tp, ep):
+def cmd_save(run_dir, case, tp, ep, legacy=False):
     import torch.multiprocessing as mp
     os.makedirs(run_dir, exist_ok=True)
-    mp.spawn(save_worker, args=(tp * ep, tempfile.mktemp(), run_dir, case, tp, ep), nprocs=tp * ep, join=True)
+    mp.spawn(save_worker, args=(tp * ep, tempfile.mktemp(), run_dir, case, tp, ep, legacy), nprocs=tp * ep, join=True)
     return {"ok": True}
+
+
+def load_legacy_worker(rank, world, init_file, run_dir, hf_dir, tp, ep, out_file):
+    from transformers import AutoConfig
+    from megatron.core import parallel_state as ps
+
+    init(rank, world, tp, ep, init_file)
+    c = mcore_cfg(AutoConfig.from_pretrained(hf_dir))
+    model = build(c, -(-c["vocab"] // (128 * tp)) * 128 * tp)  # shardshift pads to 128 × tp
+    it = open(os.path.join(run_dir, "latest_checkpointed_iteration.txt")).read().strip()
+    t, e = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+    d = os.path.join(run_dir, f"iter_{int(it):07d}", f"mp_rank_{t:02d}" + (f"_{e:03d}" if ep > 1 else ""), "model_optim_rng.pt")
+    sd = torch.load(d, map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict(sd, strict=True)
+    logits = forward(model)
+    if rank == 0:
+        ref, _, _ = hf_logits(hf_dir)
+        json.dump({"max_abs_diff": (logits[..., : c["vocab"]] - ref).abs().max().item()}, open(out_file, "w"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def cmd_load_legacy(run_dir, hf_dir, tp, ep):
+    import torch.multiprocessing as mp
+    out = tempfile.mktemp()
+    mp.spawn(load_legacy_worker, args=(tp * ep, tempfile.mktemp(), run_dir, hf_dir, tp, ep, out), nprocs=tp * ep, join=True)
+    return json.load(open(out))
 
 
 def cmd_check_hf(hf_dir, run_dir):
@@ -244,7 +292,9 @@ def main():
     elif a[0] == "load":
         r = cmd_load(a[1], a[2])
     elif a[0] == "save":
-        r = cmd_save(a[1], a[2], opt("--tp", 1), opt("--ep", 1))
+        r = cmd_save(a[1], a[2], opt("--tp", 1), opt("--ep", 1), "--legacy" in a)
+    elif a[0] == "load_legacy":
+        r = cmd_load_legacy(a[1], a[2], opt("--tp", 1), opt("--ep", 1))
     elif a[0] == "check_hf":
         r = cmd_check_hf(a[1], a[2])
     else:

@@ -130,7 +130,7 @@ test('the reference docs\' spellings tp / pp / ep address parallel.*; ep > 1 is 
   assert.equal(j.params['parallel.pp'], 2);
   const e = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'ep=8', '-d']);
   assert.equal(e.code, 2);
-  assert.match(e.stderr, /ep=8: expert parallelism applies to MoE models/);
+  assert.match(e.stderr, /--ep 8: expert parallelism applies to MoE models; llama is dense/);
   const s = await run(['steps', 'show', 'convert/hf_to_megatron']);
   assert.match(s.stdout, /parallel\.tp .*\(also: tp\)/);
 });
