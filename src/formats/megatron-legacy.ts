@@ -20,7 +20,7 @@ import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './me
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, type PyValue } from '../pickle/values.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
-import { expertOf, rankDirName, stageLayers, tpSplitOf } from '../models/parallel.js';
+import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from '../models/parallel.js';
 import type { CheckpointSource, OutputFile, SourceObject, SourceTensor, TargetTensor } from './types.js';
 import { targetView } from '../plan/view.js';
 
@@ -177,7 +177,7 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
   const perStage = new Map<number, number>();
   const leaves = new Map<RankFile, Array<{ name: string; value: PyValue }>>();
   for (const r of files) {
-    const ls = flattenTree(modelDict(r, path)).map((l) => ({ name: mcoreName(l.name, version, path), value: l.value }));
+    const ls = flattenTree(modelDict(r, path)).map((l) => ({ name: ungroupedExpertName(mcoreName(l.name, version, path)), value: l.value }));
     leaves.set(r, ls);
     for (const l of ls) {
       const m = /^decoder\.layers\.(\d+)\./.exec(l.name);

@@ -23,6 +23,7 @@ import type { Family, SourcePart } from './spec.js';
 import { targetView } from '../plan/view.js';
 import { badInput } from '../errors.js';
 import { MEGATRON_IGNORED } from './dense.js';
+import { ungroupedExpertName } from './parallel.js';
 
 const LAYER = /^decoder\.layers\.(\d+)\.(.+)$/;
 const EXPERT = /^(.*?)mlp\.experts\.local_experts\.(\d+)\.(.+)$/;
@@ -104,7 +105,7 @@ export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<st
     out.set(name, { part: { src: t, prefix }, origin: t.name });
   };
   for (const [name, t] of src.tensors) {
-    const per = LAYER.exec(name);
+    const per = LAYER.exec(ungroupedExpertName(name));
     if (per) {
       const rest = per[2]!;
       const at = rest.indexOf('mlp.experts.experts.');
@@ -115,7 +116,7 @@ export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<st
         else for (let e = 0; e < (t.shape[0] ?? 0); e++) put(`decoder.layers.${per[1]}.${pre}mlp.experts.local_experts.${e}.${ex[2]}`, t, [e]);
         continue;
       }
-      put(name, t, []);
+      put(`decoder.layers.${per[1]}.${rest}`, t, []);
       continue;
     }
     const st = /^decoder\.layers\.(.+)$/.exec(name);

@@ -42,3 +42,12 @@ export function expertOf(name: string): { before: string; expert: number; after:
   const m = /^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..+)$/.exec(name);
   return m ? { before: m[1]!, expert: Number(m[2]), after: m[3]! } : undefined;
 }
+
+/**
+ * TE grouped-GEMM expert names (`….mlp.experts.linear_fc1.weight7`, as TEGroupedMLP's state dict
+ * and Megatron-FSDP's fsdp_dtensor files name them) → the SequentialMLP form the maps use
+ * (`….mlp.experts.local_experts.7.linear_fc1.weight`); other names unchanged.
+ */
+export function ungroupedExpertName(name: string): string {
+  return name.replace(/(^|\.)mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$/, '$1mlp.experts.local_experts.$4.$2.$3');
+}

@@ -14,6 +14,9 @@ import { writeSyntheticMoe } from '../helpers/synthetic.js';
 import { digestPath, sortKeys } from '../helpers/describe.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
 import { openMegatron } from '../../src/formats/megatron.js';
+import { canonicalMegatron } from '../../src/models/megatron-keys.js';
+import type { ModelConfig } from '../../src/models/config.js';
+import type { CheckpointSource, SourceTensor } from '../../src/formats/types.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
@@ -148,4 +151,26 @@ test('bad input: --ep not dividing the experts, --etp not dividing the expert ff
     await writeFile(cfgPath, orig);
   }
   for (const d of ['bad1', 'bad2', 'bad3', 'bad4']) assert.equal(await readdir(join(tmp, d)).catch(() => 'absent'), 'absent');
+});
+
+test('fsdp_dtensor: experts under global indices (as Megatron-LM renames them for Megatron-FSDP), back to the same tensors', async () => {
+  const hf = join(tmp, 'qwen3_moe');
+  const meg = join(tmp, 'q.fsdp');
+  await convertHfToMegatron(hf, meg, { dtype: 'F32', ckptFormat: 'fsdp_dtensor' });
+  const back = join(tmp, 'q.fsdp.hf');
+  await convertMegatronToHf(meg, back, {});
+  assert.ok(await same(hf, back));
+});
+
+test('grouped-GEMM expert names (linear_fc1.weight<e>) read as the SequentialMLP names the maps use', () => {
+  const t = (name: string, shape: number[]): SourceTensor => ({ name, dtype: 'F32', shape, byteLength: 0, where: '', read: async () => undefined });
+  const tensors = new Map<string, SourceTensor>([
+    ['decoder.layers.0.mlp.experts.linear_fc1.weight3', t('decoder.layers.0.mlp.experts.linear_fc1.weight3', [4, 2])],
+    ['decoder.layers.mlp.experts.experts.linear_fc2.weight', t('decoder.layers.mlp.experts.experts.linear_fc2.weight', [2, 5, 2, 2])],
+  ]);
+  const src: CheckpointSource = { format: 'megatron', path: 'x', root: 'x', tensors, objects: new Map(), metadata: new Map(), dataFiles: [], sideFiles: [], close: async () => undefined };
+  const view = canonicalMegatron(src, { numLayers: 2 } as ModelConfig);
+  assert.ok(view.has('decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight'));
+  assert.deepEqual(view.get('decoder.layers.1.mlp.experts.local_experts.4.linear_fc2.weight')?.part.prefix, [1, 4]);
+  assert.equal(view.get('decoder.layers.1.mlp.experts.local_experts.4.linear_fc2.weight')?.origin, 'decoder.layers.mlp.experts.experts.linear_fc2.weight');
 });
