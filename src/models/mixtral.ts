@@ -35,5 +35,6 @@ export const mixtral: Family = {
     }),
   ],
   extraStateModules: (c, i) => linearExtraState(c, i),
+  hfConfig: (c) => ({ num_local_experts: c.moe!.numExperts, num_experts_per_tok: c.moe!.topK, intermediate_size: c.moe!.ffnHiddenSize }),
   megatronArgs: (c) => ({ ...moeArgs(c), moe_router_pre_softmax: false, moe_router_load_balancing_type: 'aux_loss' }),
 };

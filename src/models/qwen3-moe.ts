@@ -45,6 +45,14 @@ export const qwen3Moe: Family = {
       : denseMlpParams(c)),
   ],
   extraStateModules: (c, i) => linearExtraState(c, i),
+  hfConfig: (c, field) => ({
+    num_experts: c.moe!.numExperts,
+    num_experts_per_tok: c.moe!.topK,
+    moe_intermediate_size: c.moe!.ffnHiddenSize,
+    decoder_sparse_step: 1,
+    mlp_only_layers: c.moe!.moeLayers ? c.moe!.moeLayers.flatMap((x, i) => (x ? [] : [i])) : [],
+    norm_topk_prob: field('moe_router_pre_softmax') !== true,
+  }),
   megatronArgs: (c) => ({
     ...moeArgs(c),
     moe_router_pre_softmax: c.hf?.norm_topk_prob === false,

@@ -76,4 +76,9 @@ export interface Family {
   extraStateModules(c: ModelConfig, layer: number): readonly string[];
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
+  /**
+   * config.json fields beyond the dense ones, when a config is synthesized from a Megatron
+   * checkpoint's args (`field` reads an MLM arg / Megatron-Bridge provider field by MLM name).
+   */
+  hfConfig?(c: ModelConfig, field: (mlmArgName: string) => unknown): Record<string, unknown>;
 }

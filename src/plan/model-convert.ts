@@ -19,7 +19,7 @@ import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '.
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
-import { paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
+import { paddedVocab, validateConfig, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
 import { buildExport, buildImport } from '../models/map.js';
@@ -78,6 +78,11 @@ export async function configFromHfDir(dir: string): Promise<ModelConfig> {
   const file = join(dir, 'config.json');
   const cfg = await readJson(file);
   return familyForHfConfig(cfg, file).fromHf(cfg, file);
+}
+
+/** The dtype of a Megatron checkpoint's weights (its embedding's, else its first tensor's). */
+function storedDtype(src: CheckpointSource): DType {
+  return (src.tensors.get('embedding.word_embeddings.weight') ?? [...src.tensors.values()][0])?.dtype ?? 'BF16';
 }
 
 /** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
@@ -294,10 +299,14 @@ function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig
   const target = String(m.get('_target_') ?? '').toLowerCase();
   const qkNorm = m.get('qk_layernorm') === true;
   const qkvBias = m.get('add_qkv_bias') === true;
-  const family = target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  const moe = moeFromMegatron((k) => m.get(k), file);
+  const family = moe
+    ? target.includes('mixtral') || (!target.includes('qwen') && !qkNorm) ? 'mixtral' : 'qwen3_moe'
+    : target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const c: ModelConfig = {
+    ...(moe ? { moe } : {}),
     family,
     numLayers: need('num_layers'),
     hiddenSize: hidden,
@@ -327,8 +336,10 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
   const famName = args.get('shardshift_family');
   const qkNorm = args.get('qk_layernorm') === true;
   const qkvBias = args.get('add_qkv_bias') === true;
-  const family = typeof famName === 'string' && familyById(famName) ? famName : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  const moe = moeFromMegatron((k) => args.get(k), file);
+  const family = typeof famName === 'string' && familyById(famName) ? famName : moe ? (qkNorm ? 'qwen3_moe' : 'mixtral') : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
   return {
+    ...(moe ? { moe } : {}),
     family,
     numLayers: need('num_layers'),
     hiddenSize: hidden,
@@ -344,6 +355,33 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
 }
 
 type FieldGetter = (mlmArgName: string) => unknown;
+
+/**
+ * The MoE section from Megatron's config fields (MLM args or Megatron-Bridge provider fields:
+ * `num_experts` / `num_moe_experts`, `moe_router_topk`, `moe_ffn_hidden_size`, shared experts,
+ * expert bias, `moe_layer_freq`), or undefined for dense models.
+ */
+function moeFromMegatron(get: (k: string) => unknown, file: string): MoeConfig | undefined {
+  const n = (k: string): number | undefined => {
+    const v = get(k);
+    return typeof v === 'number' ? v : asNumber(v as PyValue);
+  };
+  const E = n('num_experts') ?? n('num_moe_experts');
+  if (!E) return undefined;
+  const F = n('moe_ffn_hidden_size') ?? n('ffn_hidden_size');
+  if (!F) throw badInput(`${file}: an MoE config (${E} experts) without moe_ffn_hidden_size or ffn_hidden_size`, file);
+  const freq = get('moe_layer_freq');
+  const list = Array.isArray(freq) ? (freq as unknown[]).map((x) => Number(x) === 1) : undefined;
+  const shared = n('moe_shared_expert_intermediate_size');
+  return {
+    numExperts: E,
+    topK: n('moe_router_topk') ?? 2,
+    ffnHiddenSize: F,
+    ...(shared ? { sharedExpertFfn: shared, sharedExpertGate: get('moe_shared_expert_gate') === true } : {}),
+    ...(get('moe_router_enable_expert_bias') === true ? { routerBias: true } : {}),
+    ...(list && list.some((x) => !x) ? { moeLayers: list } : {}),
+  };
+}
 
 /** Megatron-Bridge provider field names for the MLM args hfConfigFor reads. */
 const MB_FIELD: Record<string, string> = { max_position_embeddings: 'seq_length', norm_epsilon: 'layernorm_epsilon' };
@@ -370,6 +408,7 @@ function hfConfigFor(c: ModelConfig, field: FieldGetter, dtype: DType): Record<s
     rope_theta: num('rotary_base', 10000),
     tie_word_embeddings: c.tieEmbeddings,
     hidden_act: 'silu',
+    ...(fam.hfConfig?.(c, field) ?? {}),
     torch_dtype: dtype === 'F32' ? 'float32' : dtype === 'F16' ? 'float16' : 'bfloat16',
   };
 }
@@ -407,7 +446,7 @@ async function megatronConfig(
       } else {
         throw badInput(`${meg.resolved.iterDir}: no recorded config (hf/config.json, run_config.yaml, or args in common.pt); give --hf-model <reference HF dir>`, meg.resolved.iterDir);
       }
-      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, fields, opts.dtype ?? 'BF16'), null, 2) + '\n');
+      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, fields, opts.dtype ?? storedDtype(meg.source)), null, 2) + '\n');
       extra.push({ relPath: 'config.json', size: bytes.length, parts: [bytes] });
     }
   return { cfg, refDir, extra, notes };
@@ -419,7 +458,8 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
   const src = meg.source;
   try {
     const { cfg, refDir, extra, notes } = await megatronConfig(meg, opts);
-    const dtype = opts.dtype ?? hfDtype(cfg.hf);
+    // No HF config to say: keep the dtype the weights are stored in.
+    const dtype = opts.dtype ?? (cfg.hf ? hfDtype(cfg.hf) : storedDtype(src));
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
     const { tensors, skipped } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped });
     const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });

@@ -174,3 +174,19 @@ test('grouped-GEMM expert names (linear_fc1.weight<e>) read as the SequentialMLP
   assert.deepEqual(view.get('decoder.layers.1.mlp.experts.local_experts.4.linear_fc2.weight')?.part.prefix, [1, 4]);
   assert.equal(view.get('decoder.layers.1.mlp.experts.local_experts.4.linear_fc2.weight')?.origin, 'decoder.layers.mlp.experts.experts.linear_fc2.weight');
 });
+
+test('export without an HF config: MoE fields come from the training args in common.pt; config.json is synthesized', async () => {
+  for (const fam of ['mixtral', 'qwen3_mixed'] as const) {
+    const hf = join(tmp, fam);
+    const meg = join(tmp, `${fam}.noconf`);
+    await convertHfToMegatron(hf, meg, { dtype: 'F32' });
+    await rm(join(meg, 'iter_0000000', 'hf'), { recursive: true });
+    const back = join(tmp, `${fam}.noconf.hf`);
+    await convertMegatronToHf(meg, back, {});
+    assert.ok(await same(hf, back));
+    const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as Record<string, unknown>;
+    const want = JSON.parse(await readFile(join(hf, 'config.json'), 'utf8')) as Record<string, unknown>;
+    assert.deepEqual(cfg.architectures, want.architectures);
+    for (const k of ['num_local_experts', 'num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'mlp_only_layers']) assert.deepEqual(cfg[k], want[k], k);
+  }
+});
