@@ -273,7 +273,10 @@ async function openAgainst(srcPath: string, out: CheckpointSource): Promise<Map<
     const emb = out.tensors.get('embedding.word_embeddings.weight');
     const Vp = emb?.shape[0] ?? cfg.vocabSize;
     // Pad to the output's row count (a divisor equal to it reproduces the same padding).
-    const { entries } = buildImport(cfg, src, { tp: 1, makeVocabSizeDivisibleBy: Vp, dtype: emb?.dtype ?? 'BF16' });
+    // The output's keys say which layer spec named them (they differ for MoE pre-MLP norms).
+    const keyed = (spec: 'te' | 'local'): ReturnType<typeof buildImport>['entries'] => buildImport(cfg, src, { tp: 1, makeVocabSizeDivisibleBy: Vp, dtype: emb?.dtype ?? 'BF16', spec }).entries;
+    const te = keyed('te');
+    const entries = te.every((e) => out.tensors.has(e.name)) ? te : keyed('local');
     for (const e of entries) {
       result.set(e.name, entryTarget(e));
     }

@@ -190,3 +190,13 @@ test('export without an HF config: MoE fields come from the training args in com
     for (const k of ['num_local_experts', 'num_experts', 'num_experts_per_tok', 'moe_intermediate_size', 'mlp_only_layers']) assert.deepEqual(cfg[k], want[k], k);
   }
 });
+
+test('verify --against the HF source passes for MoE outputs keyed by either layer spec', async () => {
+  for (const spec of ['te', 'local']) {
+    const meg = join(tmp, `verify.${spec}`);
+    await convertHfToMegatron(join(tmp, 'mixtral'), meg, { dtype: 'F32', megatronSpec: spec as 'te' | 'local' });
+    const r = await run(['verify', meg, '--against', join(tmp, 'mixtral')]);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(r.stdout, /tensors bit-identical to their mapping/);
+  }
+});
