@@ -200,3 +200,13 @@ test('verify --against the HF source passes for MoE outputs keyed by either laye
     assert.match(r.stdout, /tensors bit-identical to their mapping/);
   }
 });
+
+test('step convert/hf_to_megatron takes ep / etp as the reference docs spell them', async () => {
+  const out = join(tmp, 'step.ep');
+  const r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${join(tmp, 'mixtral')}`, `megatron_path=${out}`, 'ep=2', 'tp=2', 'etp=1', 'ckpt_format=torch', 'dtype=float32']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual((await readdir(join(out, 'iter_0000000'))).filter((d) => d.startsWith('mp_rank')).sort(), ['mp_rank_00_000', 'mp_rank_00_001', 'mp_rank_01_000', 'mp_rank_01_001']);
+  const back = join(tmp, 'step.ep.hf');
+  await convertMegatronToHf(out, back, {});
+  assert.ok(await same(join(tmp, 'mixtral'), back));
+});
