@@ -58,8 +58,9 @@ def init(rank, world, tp, init_file, pp=1):
     torch.manual_seed(1234)
 
 
-def build(c, padded_vocab):
-    """GPTModel for a config dict with keys as below (local spec, fp32)."""
+def build(c, padded_vocab, extra=None, block_spec=None):
+    """GPTModel for a config dict with keys as below (local spec, fp32); `extra` adds
+    TransformerConfig fields, `block_spec(config)` replaces the layer spec (e.g. MoE blocks)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -71,9 +72,10 @@ def build(c, padded_vocab):
         num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"],
         num_query_groups=c["groups"], ffn_hidden_size=c["ffn"], kv_channels=c["head_dim"],
         gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
-        layernorm_epsilon=c["eps"], add_bias_linear=False, add_qkv_bias=c["bias"], qk_layernorm=c["qk"],
+        layernorm_epsilon=c["eps"], add_bias_linear=False, add_qkv_bias=c.get("bias", False), qk_layernorm=c["qk"],
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+        **(extra or {}),
     )
     # Tied embeddings with PP>1: GPTModel moves the last stage's copy with .cuda(); keep it on CPU.
     orig_cuda = torch.Tensor.cuda
@@ -81,7 +83,7 @@ def build(c, padded_vocab):
     try:
         model = GPTModel(
         config=cfg,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=c["qk"]),
+        transformer_layer_spec=block_spec(cfg) if block_spec else get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=c["qk"]),
         vocab_size=padded_vocab, max_sequence_length=c["max_pos"], pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(), parallel_output=False, share_embeddings_and_output_weights=c["tied"],
         position_embedding_type="rope", rotary_base=c["rope_theta"],

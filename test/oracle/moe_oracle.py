@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from megatron_oracle import TOKENS, forward, shims  # noqa: E402
+from megatron_oracle import build as megatron_build  # noqa: E402
 
 CASES = {
     "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], qk=False),
@@ -89,32 +90,19 @@ def mcore_cfg(h):
 
 
 def build(c, padded_vocab):
+    """megatron_oracle's GPTModel with MoE layers (SequentialMLP, local spec, dropless)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer import TransformerConfig
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    ep = ps.get_expert_model_parallel_world_size()
-    cfg = TransformerConfig(
-        num_layers=c["layers"], hidden_size=c["hidden"], num_attention_heads=c["heads"],
-        num_query_groups=c["groups"], ffn_hidden_size=c["ffn"], kv_channels=c["head_dim"],
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, normalization="RMSNorm",
-        layernorm_epsilon=c["eps"], add_bias_linear=False, qk_layernorm=c["qk"],
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=False,
+    extra = dict(
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(), sequence_parallel=False,
         num_moe_experts=c["experts"], moe_router_topk=c["topk"], moe_ffn_hidden_size=c["moe_ffn"],
         moe_layer_freq=c["freq"], moe_router_pre_softmax=c["pre_softmax"], moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",  # alltoall needs CUDA streams
         moe_grouped_gemm=False,
     )
-    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
-    model = GPTModel(
-        config=cfg, transformer_layer_spec=spec, vocab_size=padded_vocab, max_sequence_length=c["max_pos"],
-        pre_process=True, post_process=True, parallel_output=False,
-        share_embeddings_and_output_weights=c["tied"], position_embedding_type="rope", rotary_base=c["rope_theta"],
-    )
-    return model.eval()
+    spec = lambda cfg: get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")  # noqa: E731
+    return megatron_build(c, padded_vocab, extra=extra, block_spec=spec)
 
 
 def moe_shims():
