@@ -221,6 +221,8 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLay
   }
   // Layer-wise regrouping: fused QKV (hf + fuse_qkv), megatron's query_key_value / key_value.
   const final = new Map<string, TargetTensor>();
+  // The converter pops q/k/v and appends the regrouped tensors: they end each rank's dict.
+  const regrouped = new Map<string, TargetTensor>();
   for (const [name, t] of out) {
     const m = /^(model\.layers\.\d+\.self_attn\.)(qkv_proj\.weight_[qkv]|[qkv]_proj\.weight)$/.exec(name);
     if (m && (l.fuseQkv || l.modelStyle === 'megatron')) {
@@ -228,24 +230,24 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLay
       if (l.qkvLinear && l.fuseQkv && l.modelStyle === 'hf') {
         if (!name.endsWith('weight_q')) continue;
         const n = `${p}qkv_proj.weight_qkv`;
-        final.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_q`)!, out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
+        regrouped.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_q`)!, out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
       } else if (l.qkvLinear) {
-        if (name.endsWith('weight_q')) final.set(megatronName(name), targetView(t, { name: megatronName(name) }));
+        if (name.endsWith('weight_q')) regrouped.set(megatronName(name), targetView(t, { name: megatronName(name) }));
         else if (name.endsWith('weight_k')) {
           const n = megatronName(`${p}qkv_proj.weight_kv`);
-          final.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
+          regrouped.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
         }
       } else {
         if (!name.endsWith('q_proj.weight')) continue;
         const n = megatronName(`${p}qkv_proj.weight`);
-        final.set(n, concatRows(n, [out.get(`${p}q_proj.weight`)!, out.get(`${p}k_proj.weight`)!, out.get(`${p}v_proj.weight`)!]));
+        regrouped.set(n, concatRows(n, [out.get(`${p}q_proj.weight`)!, out.get(`${p}k_proj.weight`)!, out.get(`${p}v_proj.weight`)!]));
       }
       continue;
     }
     const n = l.modelStyle === 'megatron' ? megatronName(name) : name;
     final.set(n, n === name ? t : targetView(t, { name: n }));
   }
-  return [...final.values()];
+  return [...final.values(), ...regrouped.values()];
 }
 
 // ---------------------------------------------------------------------------------------------
