@@ -24,7 +24,7 @@
  * Every move is a row or column range of a source tensor: nothing is computed, so round trips are
  * bit-exact.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../formats/index.js';
 import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankTensor } from '../formats/nxd.js';
@@ -482,7 +482,15 @@ async function configPathFor(src: string, given: string | undefined): Promise<st
   throw usage(`${src}: no config.json beside the weights; give the model config (--config / --hf-model)`);
 }
 
-/** HF full state (a directory, or one file such as pytorch_model.bin) → NxD shards. */
+/** A directory holding only the converter's full-state `checkpoint.pt` (its --convert_to_full_state output) reads as that file. */
+async function fullStatePath(src: string): Promise<string> {
+  const names = await readdir(src).catch(() => undefined);
+  if (!names || !names.includes('checkpoint.pt')) return src;
+  if (names.some((n) => /\.safetensors$|^pytorch_model.*\.bin$|\.index\.json$|\.distcp$/.test(n))) return src;
+  return join(src, 'checkpoint.pt');
+}
+
+/** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
 export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
   const configPath = await configPathFor(srcPath, opts.config);
@@ -497,7 +505,7 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     hwBackend: opts.hwBackend ?? 'trn1',
   };
   checkLayout(layout, heads);
-  const src: CheckpointSource = await openCheckpoint(srcPath);
+  const src: CheckpointSource = await openCheckpoint(await fullStatePath(srcPath));
   try {
     const targets = new Map<string, TargetTensor>();
     for (const [n, s] of src.tensors) {

@@ -172,3 +172,52 @@ test('bad input: a missing rank file, an xser reference to a missing tensor file
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr, /replicated 2× .* --kv_size_multiplier says 1/);
 });
+
+/** The README's side-by-side table: every example of NxDT's conversion docs, scaled to the tiny model (tp 8 → 2, pp 4 → 2, 32 layers → 2). */
+test('README: each NxDT converter example, with the command name replaced, round-trips the original bytes', async () => {
+  const full = join(tmp, 'docs', 'hf');
+  let r = await run(['convert', '--to', 'torch', example, join(full, 'pytorch_model.bin'), '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  const sizes = ['--tp_size', '2', '--pp_size', '2'];
+  const same = async (ckpt: string, what: string): Promise<void> => {
+    const a = await openCheckpoint(example);
+    const b = await openCheckpoint(ckpt);
+    try {
+      assert.equal(await assertSameTensors(a.tensors, b.tensors, what), 21);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  };
+  const d = (n: string): string => join(tmp, 'docs', n);
+  // 1. HF style: HF → NxDT, then NxDT → HF.
+  r = await run(['nxd-convert', '--model_style', 'hf', '--hw_backend', 'trn1', '--input_dir', join(full, 'pytorch_model.bin'), '--output_dir', d('converted_hf_style_hf_to_nxdt_tp8pp4/'), '--save_xser', 'True', '--config', config, ...sizes, '--n_layers', '2', '--kv_size_multiplier', '1', '--qkv_linear', 'True', '--convert_from_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await run(['nxd-convert', '--model_style', 'hf', '--hw_backend', 'trn1', '--input_dir', d('converted_hf_style_hf_to_nxdt_tp8pp4/model'), '--output_dir', d('converted_hf_style_nxdt_to_hf_tp8pp4/'), '--load_xser', 'True', '--config', config, ...sizes, '--kv_size_multiplier', '1', '--qkv_linear', 'True', '--convert_to_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  await same(d('converted_hf_style_nxdt_to_hf_tp8pp4/checkpoint.pt'), 'hf style');
+  // 2. Megatron style: the docs' input_dir is the previous full-state output directory (checkpoint.pt).
+  r = await run(['nxd-convert', '--model_style', 'megatron', '--hw_backend', 'trn1', '--input_dir', d('converted_hf_style_nxdt_to_hf_tp8pp4/'), '--output_dir', d('meg_nxdt_hf3_nxdt3'), '--config', config, '--save_xser', 'True', ...sizes, '--n_layers', '2', '--kv_size_multiplier', '1', '--qkv_linear', 'True', '--convert_from_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await run(['nxd-convert', '--model_style', 'megatron', '--hw_backend', 'trn1', '--input_dir', d('meg_nxdt_hf3_nxdt3/model'), '--output_dir', d('megatron-tp8pp4-nxdt-to-hf4'), '--load_xser', 'True', '--config', config, ...sizes, '--kv_size_multiplier', '1', '--qkv_linear', 'True', '--convert_to_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  await same(d('megatron-tp8pp4-nxdt-to-hf4/checkpoint.pt'), 'megatron style');
+  // 3. "Conversion Example" (--convert_from_full_state given twice): the same files as 1.
+  r = await run(['nxd-convert', '--model_style', 'hf', '--hw_backend', 'trn1', '--input_dir', join(full, 'pytorch_model.bin'), '--output_dir', d('nxdt_checkpoint'), '--save_xser', 'True', '--convert_from_full_state', '--config', config, ...sizes, '--n_layers', '2', '--kv_size_multiplier', '1', '--qkv_linear', 'True', '--convert_from_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  const ls = async (p: string): Promise<string[]> => (await readdir(p, { recursive: true })).map(String).filter((n) => !n.startsWith('shardshift')).sort();
+  assert.deepEqual(await ls(d('nxdt_checkpoint')), await ls(d('converted_hf_style_hf_to_nxdt_tp8pp4')));
+  // 4. --hf_model_name instead of --input_dir (a local directory here; hub ids download), --qkv_linear False.
+  r = await run(['nxd-convert', '--model_style', 'hf', '--hw_backend', 'trn1', '--hf_model_name', example, '--output_dir', d('from_hub'), '--save_xser', 'True', '--config', config, ...sizes, '--n_layers', '2', '--kv_size_multiplier', '1', '--qkv_linear', 'False', '--convert_from_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  const sh = await openNxdShards(d('from_hub'));
+  assert.ok(sh.rank(0, 0).tensors.has('model.layers.0.self_attn.q_proj.weight'), 'qkv_linear False: separate q/k/v_proj');
+  await sh.close();
+  r = await run(['nxd-convert', '--hw_backend', 'trn1', '--input_dir', d('from_hub/model'), '--output_dir', d('from_hub_back'), '--load_xser', 'True', '--config', config, ...sizes, '--convert_to_full_state']);
+  assert.equal(r.code, 0, r.stderr);
+  await same(d('from_hub_back/checkpoint.pt'), '--hf_model_name');
+  // --n_layers is checked against the config.
+  r = await run(['nxd-convert', '--hw_backend', 'trn1', '--input_dir', join(full, 'pytorch_model.bin'), '--output_dir', d('bad-layers'), '--config', config, '--n_layers', '32', '--convert_from_full_state']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /--n_layers 32 disagrees with num_hidden_layers 2/);
+});
