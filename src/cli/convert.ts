@@ -96,8 +96,9 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     hwBackend: f.hwBackend,
   };
   const nxdSource = f.to === 'hf' && (await isNxdPath(src));
+  const nxdRef = nxdSource && f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined;
   const r = nxdSource
-    ? await convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, config: f.hfModel ? join(await resolveModel(f.hfModel, 'config', hubLog), 'config.json') : undefined })
+    ? await convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, hfModel: nxdRef, config: nxdRef ? join(nxdRef, 'config.json') : undefined })
     : f.to === 'nxd'
     ? await convertHfToNxd((await isFile(src)) ? src : await resolveModel(src, 'all', hubLog), out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, config: f.hfModel ? join(await resolveModel(f.hfModel, 'config', hubLog), 'config.json') : undefined })
     : f.to === 'megatron'

@@ -31,6 +31,7 @@ import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankT
 import { sliceTarget, concatRows } from '../formats/megatron-legacy.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { writeTorch } from '../formats/torch.js';
+import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { badInput, unsupported, usage } from '../errors.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
@@ -109,6 +110,17 @@ export function checkLayout(l: NxdLayout, h: NxdHeads): void {
     }
   } else if (h.kv % tp !== 0) {
     throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} (${h.file})`);
+  }
+}
+
+/** Whether trn1 and trn2 give different Q/o_proj bytes for this layout (then --hw_backend must be given). */
+function hwBackendMatters(l: Pick<NxdLayout, 'modelStyle' | 'qkvLinear' | 'tp'>, h: NxdHeads): boolean {
+  return l.modelStyle === 'hf' && l.qkvLinear && h.kv > 1 && h.kv < l.tp;
+}
+
+function requireHwBackend(given: string | undefined, l: Pick<NxdLayout, 'modelStyle' | 'qkvLinear' | 'tp'>, h: NxdHeads): void {
+  if (given === undefined && hwBackendMatters(l, h)) {
+    throw usage(`give --hw_backend trn1 or trn2: with qkv_linear, ${h.kv} KV heads and tp_size ${l.tp} the two order the Q heads (and o_proj columns) differently across ranks`);
   }
 }
 
@@ -327,6 +339,7 @@ export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout>
     kvm = found;
   }
   const layout: NxdLayout = { modelStyle, tp, pp: sh.pp, kvSizeMultiplier: kvm ?? 1, qkvLinear, fuseQkv, hwBackend: given.hwBackend ?? 'trn1' };
+  requireHwBackend(given.hwBackend, layout, h);
   checkLayout(layout, h);
   const acc = new Map<string, Acc>();
   const add = (name: string, rt: RankTensor, r: NxdRank, shape: number[], piece: Piece, replica = 0): void => {
@@ -462,6 +475,8 @@ export interface NxdConvertOptions {
   xser?: boolean;
   hwBackend?: string;
   dtype?: DType;
+  /** NxD → HF: a reference HF directory whose config, generation config and tokenizer files are carried. */
+  hfModel?: string;
   /** NxD → full state: `checkpoint.pt` (the converter's output) or an HF safetensors directory. */
   fullStateAs?: 'checkpoint.pt' | 'hf';
   /** Recorded in the manifest (the command line as given). */
@@ -504,6 +519,7 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     fuseQkv: opts.fuseQkv ?? false,
     hwBackend: opts.hwBackend ?? 'trn1',
   };
+  requireHwBackend(opts.hwBackend, layout, heads);
   checkLayout(layout, heads);
   const src: CheckpointSource = await openCheckpoint(await fullStatePath(srcPath));
   try {
@@ -561,7 +577,11 @@ export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConv
     const asCkpt = opts.fullStateAs === 'checkpoint.pt';
     const files: OutputFile[] = asCkpt ? writeTorch(targets, { singleFile: 'checkpoint.pt' }).files : writeSafetensors(targets, { maxShardSize: opts.maxShardSize }).files;
     checkComplete(targets, files);
-    const side = asCkpt ? [] : [{ from: opts.config, to: 'config.json' }];
+    const side = asCkpt
+      ? []
+      : opts.hfModel
+        ? (await listSideFiles(opts.hfModel, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$/.test(n))).map((f) => ({ from: join(opts.hfModel!, f), to: f }))
+        : [{ from: opts.config, to: 'config.json' }];
     const plan: ConvertPlan = {
       source: { path: srcPath, format: `nxd (${sh.xser ? 'xser' : 'torch.save'})`, tensors: sh.ranks.reduce((n, r) => n + r.tensors.size, 0), bytes: sh.ranks.reduce((n, r) => n + [...r.tensors.values()].reduce((s, x) => s + x.byteLength, 0), 0) },
       target: { path: out, format: asCkpt ? 'full state (checkpoint.pt)' : 'hf (safetensors)', kind: 'dir' },

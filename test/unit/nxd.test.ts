@@ -221,3 +221,26 @@ test('README: each NxDT converter example, with the command name replaced, round
   assert.equal(r.code, 2, r.stderr);
   assert.match(r.stderr, /--n_layers 32 disagrees with num_hidden_layers 2/);
 });
+
+test('--hw-backend must be given when trn1 and trn2 differ; convert --to hf carries the reference model\'s side files', async () => {
+  let r = await run(['convert', '--to', 'nxd', example, join(tmp, 'hw-missing'), '--tp', '4', '--qkv-linear', '--kv-size-multiplier', '2']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /give --hw_backend trn1 or trn2: with qkv_linear, 2 KV heads and tp_size 4/);
+  const nxd = join(tmp, 'hw-trn1');
+  r = await run(['convert', '--to', 'nxd', example, nxd, '--tp', '4', '--qkv-linear', '--kv-size-multiplier', '2', '--hw-backend', 'trn1', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  r = await run(['convert', '--to', 'hf', nxd, join(tmp, 'hw-back-none'), '--hf-model', example]);
+  assert.equal(r.code, 2, r.stderr);
+  const back = join(tmp, 'hw-back');
+  r = await run(['convert', '--to', 'hf', nxd, back, '--hf-model', example, '--hw-backend', 'trn1', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(existsSync(join(back, 'config.json')) && existsSync(join(back, 'generation_config.json')));
+  const a = await openCheckpoint(example);
+  const b = await openCheckpoint(back);
+  try {
+    assert.equal(await assertSameTensors(a.tensors, b.tensors, 'trn1 tp 4 kvm 2'), 21);
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
