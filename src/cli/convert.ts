@@ -8,9 +8,21 @@ import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
 import { isMegatronPath } from '../formats/megatron.js';
 import { jsonEvents } from './events.js';
+import { isNxdPath } from '../formats/nxd.js';
+import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
+import { join } from 'node:path';
+import { stat } from 'node:fs/promises';
+
+const isFile = (p: string): Promise<boolean> => stat(p).then((s) => s.isFile(), () => false);
 
 interface Flags {
-  to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf';
+  to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf' | 'nxd';
+  modelStyle: 'hf' | 'megatron';
+  kvSizeMultiplier?: string;
+  qkvLinear?: boolean;
+  fuseQkv?: boolean;
+  xser?: boolean;
+  hwBackend?: string;
   tp: string;
   pp: string;
   ep: string;
@@ -78,8 +90,20 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const hubLog = { log: f.quiet || f.json ? undefined : (m: string) => process.stderr.write(`${m}\n`) };
   const events = f.json && !f.dryRun ? jsonEvents(process.stderr) : undefined;
   const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, hashSource: f.hashSource, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
-  const r =
-    f.to === 'megatron'
+  const nxd = {
+    modelStyle: f.modelStyle,
+    kvSizeMultiplier: f.kvSizeMultiplier === undefined ? undefined : positive(f.kvSizeMultiplier, '--kv-size-multiplier'),
+    qkvLinear: f.qkvLinear,
+    fuseQkv: f.fuseQkv,
+    hwBackend: f.hwBackend,
+  };
+  const nxdSource = f.to === 'hf' && (await isNxdPath(src));
+  const nxdRef = nxdSource && f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined;
+  const r = nxdSource
+    ? await convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, hfModel: nxdRef, config: nxdRef ? join(nxdRef, 'config.json') : undefined })
+    : f.to === 'nxd'
+    ? await convertHfToNxd((await isFile(src)) ? src : await resolveModel(src, 'all', hubLog), out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, config: f.hfModel ? join(await resolveModel(f.hfModel, 'config', hubLog), 'config.json') : undefined })
+    : f.to === 'megatron'
       ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog), out, {
           ...common,
           allowUnmapped: f.allowUnmapped,

@@ -15,6 +15,7 @@ import { EXIT } from './exit.js';
 import { runVerify, runDiff } from './verify.js';
 import { runStepsList, runStepsShow, runStepsRun } from './steps.js';
 import { runDcpToHf } from './dcp-to-hf.js';
+import { registerNxdCommands } from './nxd.js';
 
 
 function program(): Command {
@@ -37,7 +38,7 @@ function program(): Command {
     .description('Convert a checkpoint to another format, streaming tensor by tensor within a memory budget.')
     .argument('<src>', 'source checkpoint (file or directory; never modified)')
     .argument('<out>', 'output directory (or a .safetensors / .bin / .pt file); must not exist')
-    .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf']).makeOptionMandatory())
+    .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf', 'nxd']).makeOptionMandatory())
     .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...READ_FORMAT_NAMES]))
     .option('--max-memory <size>', 'byte budget for tensor buffers', '1GiB')
     .option('--shard-size <size>', 'largest output shard (safetensors, torch); transformers 5 default', '50GB')
@@ -52,6 +53,12 @@ function program(): Command {
     .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, torch (legacy mp_rank_* files for --tp × --pp), or fsdp_dtensor (Megatron-FSDP)').choices(['torch_dist', 'torch', 'fsdp_dtensor']).default('torch_dist'))
     .addOption(new Option('--megatron-spec <spec>', 'megatron: key names of the TransformerEngine (te) or local (TE-free) layer spec; they differ for legacy norms and MoE pre-MLP norms').choices(['te', 'local']).default('te'))
     .option('--hf-model <dir>', 'hf: reference HF model directory or hub id (config, tokenizer) for the export')
+    .addOption(new Option('--model-style <style>', 'nxd: names inside the shards (NxDT --model_style)').choices(['hf', 'megatron']).default('hf'))
+    .option('--kv-size-multiplier <n>', 'nxd: KV-head replication (read back: detected and checked)')
+    .option('--qkv-linear', 'nxd: GQA layer names qkv_proj.weight_q/k/v')
+    .option('--fuse-qkv', 'nxd: one qkv_proj.weight_qkv per rank (with --qkv-linear)')
+    .option('--xser', 'nxd: write xser shards (tensors in <shard>.tensors/tensor_N.pt)')
+    .option('--hw-backend <trn1|trn2>', 'nxd: Q-head order of --qkv-linear (trn1 grouped per KV head, trn2 contiguous); default trn1')
     .option('--allow-unmapped', 'megatron/hf: skip source tensors the model map has no place for (listed) instead of failing')
     .option('--overwrite', 'replace an existing output (the source is never touched)')
     .option('--hash-source', 'record full SHA-256s of the source files in the manifest (default: first and last MiB)')
@@ -60,7 +67,7 @@ function program(): Command {
     .option('-q, --quiet', 'no progress display')
     .addHelpText(
       'after',
-      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B',
+      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B\n  $ shardshift convert --to nxd ./Llama-3.2-1B ./nxd-tag --tp 2 --pp 2 --qkv-linear --kv-size-multiplier 2 --xser\n  $ shardshift convert --to hf ./nxd-tag ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B   # NxD source detected',
     )
     .action(runConvert);
   p.command('dcp-to-hf')
@@ -113,6 +120,7 @@ function program(): Command {
     .addHelpText('after', '\nExit code 0 when identical, 1 otherwise.\n\nExamples:\n  $ shardshift diff ./Llama-3.2-1B out/llama-megatron\n  $ shardshift diff merged-by-peft/ merged-by-shardshift/')
     .action(runDiff);
   registerLoraCommands(p);
+  registerNxdCommands(p);
   return p;
 }
 

@@ -1,0 +1,604 @@
+/**
+ * Hugging Face (Llama-named full state) ↔ NxD / NxD Training shards, the parameter layout of
+ * NxD's `scripts/checkpoint_converter.py` (CheckpointConverterBase, which NxDT's
+ * `checkpoint_converter.py` runs), read from its source (Release 2.29):
+ *
+ * - PP: layers `model.layers.<i>` keep their global numbers; `create_partitions(pp, layers)` gives
+ *   each stage ⌊L/pp⌋ layers, the remainder going to the *last* stages; embed_tokens on pp 0,
+ *   lm_head and model.norm on the last pp rank, any other tensor on every pp rank.
+ * - TP: embed_tokens / lm_head rows; q/k/v rows; o_proj, down_proj columns; gate_proj and
+ *   up_proj rows fused per rank as `mlp.gate_up_proj.weight = [gate_r; up_r]`; the rest replicated.
+ * - `qkv_linear` (GQAQKVColumnParallelLinear): `self_attn.qkv_proj.weight_q/_k/_v`, with
+ *   `fuse_qkv` one `qkv_proj.weight_qkv = [q_r; k_r; v_r]`. K and V are tiled `kv_size_multiplier`
+ *   times (`repeat(kvm, 1)`) and then split in rows; reading takes the first replica and checks the
+ *   others hold the same bytes. Q rows and o_proj columns go per rank in head groups: on trn2
+ *   contiguously; on any other `hw_backend` (trn1) rank r = i·kv + j holds group j·(tp/kv) + i of
+ *   the q/tp-head groups, which the converter computes correctly only when kv·kvm = tp.
+ * - megatron style: `language_model.embedding.word_embeddings.weight`,
+ *   `language_model.encoder.layers.<i>.{input_layernorm, self_attention.{query_key_value | query,
+ *   key_value, dense}, post_attention_layernorm, mlp.{dense_h_to_4h, dense_4h_to_h}}.weight`,
+ *   `language_model.encoder.final_layernorm.weight`, `language_model.output_layer.weight`;
+ *   `query_key_value = [q_r; k_r; v_r]` (MHA), `query = q_r`, `key_value = [k_r; v_r]` (qkv_linear,
+ *   no KV replication and no Q permutation).
+ *
+ * Every move is a row or column range of a source tensor: nothing is computed, so round trips are
+ * bit-exact.
+ */
+import { readFile, readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { openCheckpoint } from '../formats/index.js';
+import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankTensor } from '../formats/nxd.js';
+import { sliceTarget, concatRows } from '../formats/megatron-legacy.js';
+import { writeSafetensors } from '../formats/safetensors.js';
+import { writeTorch } from '../formats/torch.js';
+import { listSideFiles } from '../formats/side-files.js';
+import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
+import { badInput, unsupported, usage } from '../errors.js';
+import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
+import { readBox, type Box, type Piece } from '../tensor/layout.js';
+import { castTo, copyOf } from './targets.js';
+import { targetView } from './view.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
+import { writeOutput } from './output.js';
+import type { ProgressEvent } from './executor.js';
+
+export type ModelStyle = 'hf' | 'megatron';
+
+/** The converter's layout flags. */
+export interface NxdLayout {
+  readonly modelStyle: ModelStyle;
+  readonly tp: number;
+  readonly pp: number;
+  readonly kvSizeMultiplier: number;
+  readonly qkvLinear: boolean;
+  readonly fuseQkv: boolean;
+  /** `trn2` selects the contiguous Q order; anything else is the converter's trn1 path. */
+  readonly hwBackend: string;
+}
+
+/** What the converter reads from config.json. */
+export interface NxdHeads {
+  readonly q: number;
+  readonly kv: number;
+  readonly headDim: number;
+  readonly hidden: number;
+  readonly layers: number;
+  readonly file: string;
+}
+
+export async function readNxdConfig(file: string): Promise<{ heads: NxdHeads; json: Record<string, unknown> }> {
+  let json: Record<string, unknown>;
+  try {
+    json = JSON.parse(await readFile(file, 'utf8')) as Record<string, unknown>;
+  } catch (e) {
+    throw badInput(`${file}: cannot read the model config (${(e as Error).message})`, file);
+  }
+  const n = (k: string, d?: number): number => {
+    const v = json[k] ?? d;
+    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) throw badInput(`${file}: ${k} is ${JSON.stringify(json[k])}, expected a positive integer`, file);
+    return v;
+  };
+  const q = n('num_attention_heads');
+  const hidden = n('hidden_size');
+  const kv = n('num_key_value_heads', q);
+  if (hidden % q !== 0) throw badInput(`${file}: hidden_size ${hidden} is not a multiple of num_attention_heads ${q}`, file);
+  const headDim = hidden / q; // the converter's head_dim (it ignores config.head_dim)
+  if (typeof json.head_dim === 'number' && json.head_dim !== headDim) {
+    throw unsupported(`${file}: head_dim ${json.head_dim} differs from hidden_size/num_attention_heads (${headDim}); NxD's converter assumes they are equal`, file);
+  }
+  if (q % kv !== 0) throw badInput(`${file}: num_attention_heads ${q} is not a multiple of num_key_value_heads ${kv}`, file);
+  return { heads: { q, kv, headDim, hidden, layers: n('num_hidden_layers'), file }, json };
+}
+
+/** Refuses the layouts the converter cannot produce or read back correctly, naming the flag. */
+export function checkLayout(l: NxdLayout, h: NxdHeads): void {
+  const { tp, kvSizeMultiplier: kvm } = l;
+  if (tp < 1 || l.pp < 1 || kvm < 1) throw usage('--tp_size, --pp_size and --kv_size_multiplier must be at least 1');
+  if (h.q % tp !== 0) throw usage(`--tp_size ${tp} does not divide num_attention_heads ${h.q} (${h.file})`);
+  if (l.fuseQkv && !l.qkvLinear) throw usage('--fuse_qkv needs --qkv_linear (the converter ignores it otherwise)');
+  if (l.modelStyle === 'megatron') {
+    if (kvm !== 1) throw usage(`--kv_size_multiplier ${kvm}: the converter's megatron style does not replicate KV heads (its repeat would tile Q and o_proj too); use 1`);
+    if (!l.qkvLinear && h.q !== h.kv) throw usage(`megatron style without --qkv_linear fuses q, k, v in equal thirds, which needs num_key_value_heads = num_attention_heads; pass --qkv_linear True for GQA (${h.file})`);
+    if (h.kv % tp !== 0 && l.qkvLinear) throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} (${h.file})`);
+  } else if (l.qkvLinear) {
+    if (tp % kvm !== 0) throw usage(`--tp_size ${tp} is not a multiple of --kv_size_multiplier ${kvm}`);
+    if ((h.kv * kvm) % tp !== 0) throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} × kv_size_multiplier ${kvm}`);
+    if (l.hwBackend !== 'trn2' && h.kv * kvm !== tp) {
+      throw usage(
+        `--hw_backend ${l.hwBackend}: the converter's trn1 Q-head order assigns heads correctly only when num_key_value_heads × kv_size_multiplier = tp_size (here ${h.kv} × ${kvm} ≠ ${tp}); choose --kv_size_multiplier ${tp / h.kv >= 1 && tp % h.kv === 0 ? tp / h.kv : '…'} or --hw_backend trn2`,
+      );
+    }
+  } else if (h.kv % tp !== 0) {
+    throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} (${h.file})`);
+  }
+}
+
+/** Whether trn1 and trn2 give different Q/o_proj bytes for this layout (then --hw_backend must be given). */
+function hwBackendMatters(l: Pick<NxdLayout, 'modelStyle' | 'qkvLinear' | 'tp'>, h: NxdHeads): boolean {
+  return l.modelStyle === 'hf' && l.qkvLinear && h.kv > 1 && h.kv < l.tp;
+}
+
+function requireHwBackend(given: string | undefined, l: Pick<NxdLayout, 'modelStyle' | 'qkvLinear' | 'tp'>, h: NxdHeads): void {
+  if (given === undefined && hwBackendMatters(l, h)) {
+    throw usage(`give --hw_backend trn1 or trn2: with qkv_linear, ${h.kv} KV heads and tp_size ${l.tp} the two order the Q heads (and o_proj columns) differently across ranks`);
+  }
+}
+
+/** Q head group held by tp rank r (groups of q/tp heads). */
+function qGroupOf(l: NxdLayout, h: NxdHeads, r: number): number {
+  if (l.modelStyle === 'megatron' || !l.qkvLinear || l.hwBackend === 'trn2') return r;
+  const per = l.tp / h.kv; // kv·kvm = tp: tp/kv ranks share a KV head
+  return (r % h.kv) * per + Math.floor(r / h.kv);
+}
+
+/** PP rank of layer index `i` among the sorted layer indices (NxD's create_partitions + stage % pp). */
+export function ppRankOfLayer(layers: readonly number[], pp: number, i: number): number {
+  const L = layers.length;
+  const base = Math.floor(L / pp);
+  if (base < 1) throw usage(`--pp_size ${pp} is larger than the ${L} layers`);
+  const per = Array.from({ length: pp }, () => base);
+  for (let k = pp - (L % pp); k < pp && L % pp; k++) per[k]!++;
+  const cuts: number[] = [];
+  let at = 0;
+  for (const c of per.slice(0, -1)) {
+    at += c;
+    cuts.push(layers[at - 1]!);
+  }
+  for (let s = 0; s < cuts.length; s++) if (i <= cuts[s]!) return s % pp;
+  return cuts.length % pp;
+}
+
+const LAYER = /^model\.layers\.(\d+)\.(.+)$/;
+
+// ---------------------------------------------------------------------------------------------
+// HF → NxD
+
+function megatronName(hfName: string): string {
+  if (hfName === 'model.embed_tokens.weight') return 'language_model.embedding.word_embeddings.weight';
+  if (hfName === 'model.norm.weight') return 'language_model.encoder.final_layernorm.weight';
+  if (hfName === 'lm_head.weight') return 'language_model.output_layer.weight';
+  const m = LAYER.exec(hfName);
+  if (!m) return hfName.replace(/^model\./, 'language_model.encoder.');
+  const rest = m[2]!
+    .replace(/^self_attn\./, 'self_attention.')
+    .replace(/^self_attention\.o_proj\.weight$/, 'self_attention.dense.weight')
+    .replace(/^mlp\.gate_up_proj\.weight$/, 'mlp.dense_h_to_4h.weight')
+    .replace(/^mlp\.down_proj\.weight$/, 'mlp.dense_4h_to_h.weight')
+    .replace(/^self_attention\.qkv_proj\.weight_q$/, 'self_attention.query.weight')
+    .replace(/^self_attention\.qkv_proj\.weight_kv$/, 'self_attention.key_value.weight')
+    .replace(/^self_attention\.qkv_proj\.weight$/, 'self_attention.query_key_value.weight');
+  return `language_model.encoder.layers.${m[1]}.${rest}`;
+}
+
+function split(t: TargetTensor, dim: number, tp: number, r: number, what: string): TargetTensor {
+  const d = t.shape[dim]!;
+  if (d % tp !== 0) throw usage(`--tp_size ${tp} does not divide dim ${dim} (${d}) of ${t.name}${what}`);
+  const n = d / tp;
+  return sliceTarget(t, dim, r * n, n);
+}
+
+/** One rank's tensors, named as NxD stores them. */
+export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLayout, h: NxdHeads, tpRank: number, ppRank: number): TargetTensor[] {
+  const layers = [...new Set([...src.keys()].map((k) => LAYER.exec(k)).filter((m) => m).map((m) => Number(m![1])))].sort((a, b) => a - b);
+  const out = new Map<string, TargetTensor>();
+  const put = (name: string, t: TargetTensor): void => void out.set(name, targetView(t, { name }));
+  const { tp } = l;
+  const qRows = (h.q / tp) * h.headDim;
+  const kvRowsPerRank = (h.kv * h.headDim * l.kvSizeMultiplier) / tp;
+  const kvRows = h.kv * h.headDim;
+  for (const [name, t] of src) {
+    const m = LAYER.exec(name);
+    if (m) {
+      if (ppRankOfLayer(layers, l.pp, Number(m[1])) !== ppRank) continue;
+    } else if (name.includes('embed_tokens') || name.includes('wte')) {
+      if (ppRank !== 0) continue;
+    } else if (name.includes('lm_head') || name === 'model.norm.weight' || name === 'norm_f.weight') {
+      if (ppRank !== l.pp - 1) continue;
+    }
+    const attn = m ? /^self_attn\.(q|k|v|o)_proj\.(weight|bias)$/.exec(m[2]!) : null;
+    if (attn && attn[2] === 'bias') throw unsupported(`${name}: attention biases are not handled by NxD's converter (Llama-style models only)`, undefined, name);
+    const prefix = m ? `model.layers.${m[1]}.self_attn.` : '';
+    if (attn && attn[1] !== 'o' && l.qkvLinear) {
+      const which = attn[1]!;
+      if (which === 'q') {
+        if (t.shape[0] !== h.q * h.headDim) throw badInput(`${name}: ${t.shape[0]} rows, config says ${h.q} heads × ${h.headDim}`, undefined, name);
+        put(`${prefix}qkv_proj.weight_q`, sliceTarget(t, 0, qGroupOf(l, h, tpRank) * qRows, qRows));
+      } else {
+        if (t.shape[0] !== kvRows) throw badInput(`${name}: ${t.shape[0]} rows, config says ${h.kv} KV heads × ${h.headDim}`, undefined, name);
+        // Row r·R.. of the tiled tensor is row (r·R mod kv·hd) of the original (R divides kv·hd).
+        put(`${prefix}qkv_proj.weight_${which}`, sliceTarget(t, 0, (tpRank * kvRowsPerRank) % kvRows, kvRowsPerRank));
+      }
+    } else if (attn && attn[1] === 'o') {
+      const cols = t.shape[1]!;
+      if (l.qkvLinear && cols !== h.q * h.headDim) throw badInput(`${name}: ${cols} columns, config says ${h.q} heads × ${h.headDim}`, undefined, name);
+      put(name, l.qkvLinear ? sliceTarget(t, 1, qGroupOf(l, h, tpRank) * qRows, qRows) : split(t, 1, tp, tpRank, ''));
+    } else if (attn) {
+      put(name, split(t, 0, tp, tpRank, ''));
+    } else if (name.includes('embed_tokens') || name.includes('lm_head') || name.includes('wte')) {
+      put(name, split(t, 0, tp, tpRank, ' (the vocabulary is not padded: it must divide evenly)'));
+    } else if (m && /^mlp\.down_proj\.weight$/.test(m[2]!)) {
+      put(name, split(t, 1, tp, tpRank, ''));
+    } else if (m && /^mlp\.(gate|up)_proj\.weight$/.test(m[2]!)) {
+      const fused = `model.layers.${m[1]}.mlp.gate_up_proj.weight`;
+      if (out.has(fused)) continue;
+      const gate = src.get(`model.layers.${m[1]}.mlp.gate_proj.weight`);
+      const up = src.get(`model.layers.${m[1]}.mlp.up_proj.weight`);
+      if (!gate || !up) throw badInput(`${name}: layer ${m[1]} needs both gate_proj and up_proj`, undefined, name);
+      out.set(fused, concatRows(fused, [split(gate, 0, tp, tpRank, ''), split(up, 0, tp, tpRank, '')]));
+    } else if (m && /(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj)\./.test(m[2]!)) {
+      throw unsupported(`${name}: not a parameter NxD's converter handles (Llama-style weights only)`, undefined, name);
+    } else {
+      put(name, t); // replicated
+    }
+  }
+  // Layer-wise regrouping: fused QKV (hf + fuse_qkv), megatron's query_key_value / key_value.
+  const final = new Map<string, TargetTensor>();
+  // The converter pops q/k/v and appends the regrouped tensors: they end each rank's dict.
+  const regrouped = new Map<string, TargetTensor>();
+  for (const [name, t] of out) {
+    const m = /^(model\.layers\.\d+\.self_attn\.)(qkv_proj\.weight_[qkv]|[qkv]_proj\.weight)$/.exec(name);
+    if (m && (l.fuseQkv || l.modelStyle === 'megatron')) {
+      const p = m[1]!;
+      if (l.qkvLinear && l.fuseQkv && l.modelStyle === 'hf') {
+        if (!name.endsWith('weight_q')) continue;
+        const n = `${p}qkv_proj.weight_qkv`;
+        regrouped.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_q`)!, out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
+      } else if (l.qkvLinear) {
+        if (name.endsWith('weight_q')) regrouped.set(megatronName(name), targetView(t, { name: megatronName(name) }));
+        else if (name.endsWith('weight_k')) {
+          const n = megatronName(`${p}qkv_proj.weight_kv`);
+          regrouped.set(n, concatRows(n, [out.get(`${p}qkv_proj.weight_k`)!, out.get(`${p}qkv_proj.weight_v`)!]));
+        }
+      } else {
+        if (!name.endsWith('q_proj.weight')) continue;
+        const n = megatronName(`${p}qkv_proj.weight`);
+        regrouped.set(n, concatRows(n, [out.get(`${p}q_proj.weight`)!, out.get(`${p}k_proj.weight`)!, out.get(`${p}v_proj.weight`)!]));
+      }
+      continue;
+    }
+    const n = l.modelStyle === 'megatron' ? megatronName(name) : name;
+    final.set(n, n === name ? t : targetView(t, { name: n }));
+  }
+  return [...final.values(), ...regrouped.values()];
+}
+
+// ---------------------------------------------------------------------------------------------
+// NxD → HF
+
+/** A global tensor assembled from rank pieces; `replicas` are other copies checked against it. */
+class AssembledTensor implements SourceTensor {
+  readonly byteLength: number;
+  constructor(
+    readonly name: string,
+    readonly dtype: DType,
+    readonly shape: readonly number[],
+    readonly pieces: readonly Piece[],
+    readonly where: string,
+    readonly replicas: ReadonlyArray<{ pieces: readonly Piece[]; where: string }> = [],
+  ) {
+    this.byteLength = byteLength(dtype, numelOf(shape));
+  }
+  async read(box: Box, out: Uint8Array): Promise<void> {
+    await readBox(this.name, this.dtype, this.shape, this.pieces, box, out);
+    for (const [k, rep] of this.replicas.entries()) {
+      const tmp = new Uint8Array(out.length);
+      await readBox(this.name, this.dtype, this.shape, rep.pieces, box, tmp);
+      if (Buffer.compare(tmp, out) !== 0) {
+        throw badInput(
+          `${this.name}: KV replica ${k + 1} (${rep.where}) differs from replica 0 (${this.where}) in rows ${box.start[0]}..${box.start[0]! + box.size[0]!} — the shards do not hold kv_size_multiplier identical copies of the KV heads`,
+          undefined,
+          this.name,
+        );
+      }
+    }
+  }
+}
+
+interface Acc {
+  dtype: DType;
+  shape: number[];
+  pieces: Piece[];
+  replicas: Map<number, Piece[]>;
+  where: string[];
+}
+
+/** The sub-rows [start, start+count) of a rank tensor placed at `at` of the global tensor. */
+function placed(t: RankTensor, at: readonly number[], start = 0, count = t.shape[0]!): Piece {
+  const p = t.piece;
+  const item = itemSize(t.dtype)!;
+  return { file: p.file, strides: p.strides, byteOffset: p.byteOffset + start * (p.strides[0] ?? 0) * item, box: { start: [...at], size: [count, ...t.shape.slice(1)] } };
+}
+
+export interface AssembleResult {
+  readonly tensors: Map<string, SourceTensor>;
+  readonly layout: NxdLayout;
+  readonly notes: string[];
+}
+
+/** Detects style, qkv_linear, fuse_qkv and kv_size_multiplier from the names and shapes where the flags were not given. */
+export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout> & { nLayers?: number }): AssembleResult {
+  const all = sh.ranks.flatMap((r) => [...r.tensors.keys()]);
+  const modelStyle: ModelStyle = given.modelStyle ?? (all.some((n) => n.startsWith('language_model.')) ? 'megatron' : 'hf');
+  const qkvLinear = given.qkvLinear ?? all.some((n) => /\.(qkv_proj\.weight_(q|qkv)|self_attention\.query\.weight)$/.test(n));
+  const fuseQkv = given.fuseQkv ?? all.some((n) => n.endsWith('qkv_proj.weight_qkv'));
+  const notes: string[] = [];
+  const tp = sh.tp;
+  if (given.tp !== undefined && given.tp !== tp) throw badInput(`${sh.dir}: holds tp_size ${tp} shards, --tp_size says ${given.tp}`, sh.dir);
+  if (given.pp !== undefined && given.pp !== sh.pp) throw badInput(`${sh.dir}: holds pp_size ${sh.pp} shards, --pp_size says ${given.pp}`, sh.dir);
+  // kv_size_multiplier from the K rows of the first layer found.
+  let kvm = given.kvSizeMultiplier;
+  const kname = all.find((n) => /\.(qkv_proj\.weight_k|qkv_proj\.weight_qkv|self_attention\.key_value\.weight)$/.test(n));
+  if (qkvLinear && kname) {
+    const r0 = sh.ranks.find((r) => r.tensors.has(kname))!;
+    const rows = r0.tensors.get(kname)!.shape[0]!;
+    const qr = (h.q / tp) * h.headDim;
+    const kRows = kname.endsWith('weight_qkv') ? (rows - qr) / 2 : kname.endsWith('key_value.weight') ? rows / 2 : rows;
+    const found = (kRows * tp) / (h.kv * h.headDim);
+    if (!Number.isInteger(found) || found < 1) throw badInput(`${sh.dir}: ${kname} has ${rows} rows per rank, which fits no kv_size_multiplier for ${h.kv} KV heads × ${h.headDim} at tp_size ${tp}`, join(sh.dir, r0.file), kname);
+    if (kvm !== undefined && kvm !== found) throw badInput(`${sh.dir}: the KV heads are replicated ${found}× (${kname}: ${kRows} K rows per rank), --kv_size_multiplier says ${kvm}`, join(sh.dir, r0.file), kname);
+    kvm = found;
+  }
+  const layout: NxdLayout = { modelStyle, tp, pp: sh.pp, kvSizeMultiplier: kvm ?? 1, qkvLinear, fuseQkv, hwBackend: given.hwBackend ?? 'trn1' };
+  requireHwBackend(given.hwBackend, layout, h);
+  checkLayout(layout, h);
+  const acc = new Map<string, Acc>();
+  const add = (name: string, rt: RankTensor, r: NxdRank, shape: number[], piece: Piece, replica = 0): void => {
+    let a = acc.get(name);
+    if (!a) acc.set(name, (a = { dtype: rt.dtype, shape, pieces: [], replicas: new Map(), where: [] }));
+    if (a.dtype !== rt.dtype) throw badInput(`${name}: ${rt.dtype} in ${r.file} but ${a.dtype} in another rank`, join(sh.dir, r.file), name);
+    if (a.shape.some((d, i) => d !== shape[i]) || a.shape.length !== shape.length) throw badInput(`${name}: rank shards of different shapes (${r.file}: ${rt.where})`, join(sh.dir, r.file), name);
+    if (replica === 0) {
+      a.pieces.push(piece);
+      a.where.push(`${r.file}:${rt.name}`);
+    } else a.replicas.set(replica, [...(a.replicas.get(replica) ?? []), piece]);
+  };
+  const qRows = (h.q / tp) * h.headDim;
+  const kvAll = h.kv * h.headDim;
+  const kvR = (kvAll * layout.kvSizeMultiplier) / tp;
+  const layerIdx = new Set<number>();
+  for (const r of sh.ranks) {
+    for (const [local, rt] of r.tensors) {
+      const name = modelStyle === 'megatron' ? hfNameOfMegatron(local) : local;
+      const m = LAYER.exec(name);
+      if (m) layerIdx.add(Number(m[1]));
+      const p = m ? `model.layers.${m[1]}.` : '';
+      const cols = rt.shape[1];
+      const rowsIn = (n: string, row0: number, start: number, count: number, total: number): void =>
+        add(n, rt, r, [total, ...rt.shape.slice(1)], placed(rt, [row0, ...rt.shape.slice(1).map(() => 0)], start, count));
+      const attn = m ? /^self_attn\.(qkv_proj\.weight_(q|k|v|qkv|kv)|qkv_proj\.weight|([qkvo])_proj\.weight)$/.exec(m[2]!) : null;
+      if (attn && (attn[2] || attn[1] === 'qkv_proj.weight')) {
+        const kind = attn[2] ?? 'mha';
+        const q = (at: number): void => rowsIn(`${p}self_attn.q_proj.weight`, qGroupOf(layout, h, r.tp) * qRows, at, qRows, h.q * h.headDim);
+        const kv = (which: 'k' | 'v', at: number): void => {
+          const tiled = r.tp * kvR;
+          const rep = Math.floor(tiled / kvAll);
+          const n = `${p}self_attn.${which}_proj.weight`;
+          add(n, rt, r, [kvAll, cols!], placed(rt, [tiled % kvAll, 0], at, kvR), rep);
+        };
+        if (kind === 'q') q(0);
+        else if (kind === 'k' || kind === 'v') kv(kind, 0);
+        else if (kind === 'kv') {
+          kv('k', 0);
+          kv('v', kvR);
+        } else if (kind === 'qkv') {
+          if (rt.shape[0] !== qRows + 2 * kvR) throw badInput(`${name}: ${rt.shape[0]} rows in ${r.file}, expected q ${qRows} + k ${kvR} + v ${kvR}`, join(sh.dir, r.file), local);
+          q(0);
+          kv('k', qRows);
+          kv('v', qRows + kvR);
+        } else {
+          // MHA fused query_key_value / coalesced qkv_proj.weight: [q_r; k_r; v_r], hidden/tp rows each.
+          const third = rt.shape[0]! / 3;
+          if (!Number.isInteger(third)) throw badInput(`${name}: ${rt.shape[0]} rows in ${r.file} do not split into q, k, v thirds`, join(sh.dir, r.file), local);
+          (['q', 'k', 'v'] as const).forEach((w, i) => rowsIn(`${p}self_attn.${w}_proj.weight`, r.tp * third, i * third, third, third * tp));
+        }
+      } else if (attn && attn[3] === 'o') {
+        const n = `${p}self_attn.o_proj.weight`;
+        add(n, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, qGroupOf(layout, h, r.tp) * cols!]));
+      } else if (attn) {
+        rowsIn(name, r.tp * rt.shape[0]!, 0, rt.shape[0]!, rt.shape[0]! * tp);
+      } else if (m && m[2] === 'mlp.gate_up_proj.weight') {
+        const half = rt.shape[0]! / 2;
+        rowsIn(`${p}mlp.gate_proj.weight`, r.tp * half, 0, half, half * tp);
+        rowsIn(`${p}mlp.up_proj.weight`, r.tp * half, half, half, half * tp);
+      } else if (m && m[2] === 'mlp.down_proj.weight') {
+        add(name, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, r.tp * cols!]));
+      } else if (name.includes('embed_tokens') || name.includes('lm_head') || name.includes('wte')) {
+        rowsIn(name, r.tp * rt.shape[0]!, 0, rt.shape[0]!, rt.shape[0]! * tp);
+      } else {
+        // Replicated: the first copy (tp 0 of the first pp rank holding it), as the converter keeps.
+        if (!acc.has(name)) add(name, rt, r, [...rt.shape], placed(rt, rt.shape.map(() => 0)));
+      }
+    }
+  }
+  const layers = [...layerIdx].sort((a, b) => a - b);
+  const want = given.nLayers || h.layers;
+  if (layers.length !== h.layers || layers.some((x, i) => x !== i)) {
+    throw badInput(`${sh.dir}: the shards hold ${layers.length} layers (${layers.length ? `${layers[0]}..${layers[layers.length - 1]}` : 'none'}), ${h.file} says num_hidden_layers ${h.layers}`, sh.dir);
+  }
+  if (want !== h.layers) throw usage(`--n_layers ${want} disagrees with num_hidden_layers ${h.layers} in ${h.file}`);
+  const tensors = new Map<string, SourceTensor>();
+  for (const [name, a] of acc) {
+    const covered = a.pieces.reduce((s, p) => s + numelOf(p.box.size), 0);
+    if (covered !== numelOf(a.shape)) throw badInput(`${sh.dir}: ${name} is not covered by its rank shards (${covered} of ${numelOf(a.shape)} elements: ${a.where.join(', ')})`, sh.dir, name);
+    const reps = [...a.replicas.entries()].sort((x, y) => x[0] - y[0]).map(([k, ps]) => ({ pieces: ps, where: `replica ${k}` }));
+    tensors.set(name, new AssembledTensor(name, a.dtype, a.shape, a.pieces, a.where.join(','), reps));
+  }
+  if (layout.kvSizeMultiplier > 1) notes.push(`kv_size_multiplier ${layout.kvSizeMultiplier}: K/V from the first replica, the other ${layout.kvSizeMultiplier - 1} checked byte for byte while reading`);
+  notes.push(`NxD ${modelStyle} style, tp_size ${tp}, pp_size ${sh.pp}${qkvLinear ? `, qkv_linear${fuseQkv ? ' + fuse_qkv' : ''}, hw_backend ${layout.hwBackend}` : ''}${sh.xser ? ', xser' : ''}`);
+  return { tensors, layout, notes };
+}
+
+function hfNameOfMegatron(n: string): string {
+  if (n === 'language_model.embedding.word_embeddings.weight') return 'model.embed_tokens.weight';
+  if (n === 'language_model.encoder.final_layernorm.weight') return 'model.norm.weight';
+  if (n === 'language_model.output_layer.weight') return 'lm_head.weight';
+  const m = /^language_model\.encoder\.layers\.(\d+)\.(.+)$/.exec(n);
+  if (!m) return n.replace(/^language_model\.encoder\./, 'model.');
+  const rest = m[2]!
+    .replace(/^self_attention\.dense\.weight$/, 'self_attn.o_proj.weight')
+    .replace(/^self_attention\.query_key_value\.weight$/, 'self_attn.qkv_proj.weight')
+    .replace(/^self_attention\.query\.weight$/, 'self_attn.qkv_proj.weight_q')
+    .replace(/^self_attention\.key_value\.weight$/, 'self_attn.qkv_proj.weight_kv')
+    .replace(/^self_attention\./, 'self_attn.')
+    .replace(/^mlp\.dense_h_to_4h\.weight$/, 'mlp.gate_up_proj.weight')
+    .replace(/^mlp\.dense_4h_to_h\.weight$/, 'mlp.down_proj.weight');
+  return `model.layers.${m[1]}.${rest}`;
+}
+
+/** HF order: embed, layers by index (attention, mlp, norms as HF lists them), norm, lm_head. */
+function hfOrder(a: string, b: string): number {
+  const key = (n: string): [number, number, string] => {
+    const m = LAYER.exec(n);
+    if (n.includes('embed_tokens')) return [0, 0, n];
+    if (m) return [1, Number(m[1]), m[2]!];
+    if (n === 'lm_head.weight') return [3, 0, n];
+    return [2, 0, n];
+  };
+  const x = key(a);
+  const y = key(b);
+  return x[0] - y[0] || x[1] - y[1] || (x[2] < y[2] ? -1 : x[2] > y[2] ? 1 : 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans
+
+export interface NxdConvertOptions {
+  /** config.json (the converter's --config); default: the HF source's own. */
+  config?: string;
+  modelStyle?: ModelStyle;
+  tp?: number;
+  pp?: number;
+  nLayers?: number;
+  kvSizeMultiplier?: number;
+  qkvLinear?: boolean;
+  fuseQkv?: boolean;
+  xser?: boolean;
+  hwBackend?: string;
+  dtype?: DType;
+  /** NxD → HF: a reference HF directory whose config, generation config and tokenizer files are carried. */
+  hfModel?: string;
+  /** NxD → full state: `checkpoint.pt` (the converter's output) or an HF safetensors directory. */
+  fullStateAs?: 'checkpoint.pt' | 'hf';
+  /** Recorded in the manifest (the command line as given). */
+  command?: string;
+  maxMemory?: number;
+  maxShardSize?: number;
+  overwrite?: boolean;
+  hashSource?: boolean;
+  dryRun?: boolean;
+  onProgress?: (e: ProgressEvent) => void;
+}
+
+async function configPathFor(src: string, given: string | undefined): Promise<string> {
+  if (given) return given;
+  const isDir = await stat(src).then((s) => s.isDirectory(), () => false);
+  const c = isDir ? join(src, 'config.json') : join(src, '..', 'config.json');
+  if (await stat(c).then((s) => s.isFile(), () => false)) return c;
+  throw usage(`${src}: no config.json beside the weights; give the model config (--config / --hf-model)`);
+}
+
+/** A directory holding only the converter's full-state `checkpoint.pt` (its --convert_to_full_state output) reads as that file. */
+async function fullStatePath(src: string): Promise<string> {
+  const names = await readdir(src).catch(() => undefined);
+  if (!names || !names.includes('checkpoint.pt')) return src;
+  if (names.some((n) => /\.safetensors$|^pytorch_model.*\.bin$|\.index\.json$|\.distcp$/.test(n))) return src;
+  return join(src, 'checkpoint.pt');
+}
+
+/** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
+export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  const configPath = await configPathFor(srcPath, opts.config);
+  const { heads } = await readNxdConfig(configPath);
+  const layout: NxdLayout = {
+    modelStyle: opts.modelStyle ?? 'hf',
+    tp: opts.tp ?? 1,
+    pp: opts.pp ?? 1,
+    kvSizeMultiplier: opts.kvSizeMultiplier ?? 1,
+    qkvLinear: opts.qkvLinear ?? false,
+    fuseQkv: opts.fuseQkv ?? false,
+    hwBackend: opts.hwBackend ?? 'trn1',
+  };
+  requireHwBackend(opts.hwBackend, layout, heads);
+  checkLayout(layout, heads);
+  const src: CheckpointSource = await openCheckpoint(await fullStatePath(srcPath));
+  try {
+    const targets = new Map<string, TargetTensor>();
+    for (const [n, s] of src.tensors) {
+      targets.set(n, opts.dtype ? castTo(copyOf(n, s), opts.dtype) : copyOf(n, s));
+    }
+    const layerCount = new Set([...targets.keys()].map((k) => LAYER.exec(k)?.[1]).filter((x) => x !== undefined)).size;
+    if (layerCount !== heads.layers) throw badInput(`${srcPath}: holds ${layerCount} layers, ${configPath} says num_hidden_layers ${heads.layers}`, srcPath);
+    if (opts.nLayers && opts.nLayers !== heads.layers) throw usage(`--n_layers ${opts.nLayers} disagrees with num_hidden_layers ${heads.layers} in ${configPath}`);
+    if (layerCount < layout.pp) throw usage(`--pp_size ${layout.pp} is larger than the ${layerCount} layers`);
+    const ranks: Array<{ tp: number; pp: number; tensors: TargetTensor[] }> = [];
+    for (let t = 0; t < layout.tp; t++) for (let p = 0; p < layout.pp; p++) ranks.push({ tp: t, pp: p, tensors: nxdRankTargets(targets, layout, heads, t, p) });
+    const files = writeNxdShards(ranks, { xser: !!opts.xser });
+    const plan: ConvertPlan = {
+      source: { path: srcPath, format: `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((n, x) => n + x.byteLength, 0) },
+      target: { path: out, format: `nxd ${layout.modelStyle} style${opts.xser ? ' (xser)' : ''}, tp_size ${layout.tp} × pp_size ${layout.pp}`, kind: 'dir' },
+      files: filePlan(files),
+      dropped: [],
+      skipped: [],
+      sideFiles: [],
+      totalBytes: files.reduce((n, f) => n + f.size, 0),
+      notes: [
+        `config ${configPath}: ${heads.q} heads / ${heads.kv} KV heads × ${heads.headDim}, ${heads.layers} layers`,
+        layout.qkvLinear
+          ? `qkv_linear${layout.fuseQkv ? ' + fuse_qkv' : ''}, kv_size_multiplier ${layout.kvSizeMultiplier}, hw_backend ${layout.hwBackend} (${layout.modelStyle === 'hf' && layout.hwBackend !== 'trn2' ? 'trn1 Q-head order' : 'contiguous Q heads'})`
+          : `separate q/k/v (no qkv_linear); hw_backend ${layout.hwBackend} recorded, it changes nothing here`,
+        `layers per pp rank: ${Array.from({ length: layout.pp }, (_, p) => ranks.find((r) => r.pp === p)!.tensors.filter((x) => /layers\.\d+\./.test(x.name)).map((x) => Number(/layers\.(\d+)\./.exec(x.name)![1])).filter((v, i, a) => a.indexOf(v) === i).join(',')).join(' | ')}`,
+      ],
+    };
+    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+    await writeOutput(srcPath, out, 'dir', files, [], {
+      ...opts,
+      manifest: { command: opts.command ?? 'convert --to nxd', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: src.root, sourceFiles: src.dataFiles },
+    });
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+  } finally {
+    await src.close();
+  }
+}
+
+/** NxD shards (a tag directory or its model/) → HF safetensors directory, or the converter's checkpoint.pt. */
+export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  if (!opts.config) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give config.json (--config, or --hf-model <dir>)`);
+  const { heads } = await readNxdConfig(opts.config);
+  const sh = await openNxdShards(srcPath, { tp: opts.tp, pp: opts.pp });
+  try {
+    if (opts.xser === true && !sh.xser) throw usage(`${sh.dir}: --load_xser given but the shards have no .tensors folders (not xser)`);
+    const { tensors, notes } = assembleHf(sh, heads, { ...opts });
+    const targets: TargetTensor[] = [...tensors.keys()].sort(hfOrder).map((n) => {
+      const c = copyOf(n, tensors.get(n)!);
+      return opts.dtype ? castTo(c, opts.dtype) : c;
+    });
+    const asCkpt = opts.fullStateAs === 'checkpoint.pt';
+    const files: OutputFile[] = asCkpt ? writeTorch(targets, { singleFile: 'checkpoint.pt' }).files : writeSafetensors(targets, { maxShardSize: opts.maxShardSize }).files;
+    checkComplete(targets, files);
+    const side = asCkpt
+      ? []
+      : opts.hfModel
+        ? (await listSideFiles(opts.hfModel, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$/.test(n))).map((f) => ({ from: join(opts.hfModel!, f), to: f }))
+        : [{ from: opts.config, to: 'config.json' }];
+    const plan: ConvertPlan = {
+      source: { path: srcPath, format: `nxd (${sh.xser ? 'xser' : 'torch.save'})`, tensors: sh.ranks.reduce((n, r) => n + r.tensors.size, 0), bytes: sh.ranks.reduce((n, r) => n + [...r.tensors.values()].reduce((s, x) => s + x.byteLength, 0), 0) },
+      target: { path: out, format: asCkpt ? 'full state (checkpoint.pt)' : 'hf (safetensors)', kind: 'dir' },
+      files: filePlan(files),
+      dropped: [],
+      skipped: [],
+      sideFiles: side.map((s) => s.to),
+      totalBytes: files.reduce((n, f) => n + f.size, 0),
+      notes,
+    };
+    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+    await writeOutput(srcPath, out, 'dir', files, side, {
+      ...opts,
+      manifest: { command: opts.command ?? 'convert --to hf', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: sh.dir, sourceFiles: sh.ranks.map((r) => r.file) },
+    });
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+  } finally {
+    await sh.close();
+  }
+}
