@@ -10,13 +10,19 @@
  * midpoint between two float32 values. `fma32` detects that case and decides it by the sign of the
  * binary64 rounding error, so it is exact.
  *
- * MKL's sgemm (torch's CPU matmul on x86) accumulates each element of `B @ A` as a chain of FMAs
- * over k starting from 0. Measured on torch 2.13 (MKL 2024.2, AVX512, 1 and 2 threads) over shapes
- * from 16×16 to 4096×2816: for an inner dimension r ≤ 384 one chain over all of k; for
- * 384 < r ≤ 768 two chains, over the first ⌈r/2⌉ and the remaining k, added in fp32. Above 768
- * MKL's blocking was not identified; `loraDot` then sums blocks of at most 384 in order, which can
- * differ from MKL in the last bits of the fp32 product.
+ * MKL's sgemm (torch's CPU matmul on x86) accumulates each element of `B @ A` as chains of FMAs
+ * over blocks of k, each chain from 0, the block sums added in fp32 in order. The blocking depends
+ * on the kernel MKL dispatches to, i.e. on the CPU torch runs on (measured with torch 2.13, MKL
+ * 2024.2, 1 and 2 threads):
+ * - AVX512 (Intel, avx512f): r ≤ 384 one chain; 384 < r ≤ 768 two chains over the first ⌈r/2⌉
+ *   and the rest (shapes 16×16 to 4096×2816). Above 768 not identified: blocks of at most 384.
+ * - AVX2 (this includes AMD EPYC without AVX512): blocks of 192 in order, every r up to 1000
+ *   checked (0 of 3072 elements differ for r = 400, 500, 600, 768, 1000).
+ * The kernel is picked like MKL picks it, from the CPU's flags (Linux /proc/cpuinfo), so a merge
+ * equals what torch computes on the same machine; SHARDSHIFT_MKL_PATH=avx2|avx512 reproduces
+ * another machine's merge.
  */
+import { readFileSync } from 'node:fs';
 import { castBytes } from '../tensor/cast.js';
 import type { DType } from '../tensor/dtype.js';
 
@@ -81,14 +87,40 @@ export function roundThrough(values: Float32Array, dtype: DType): void {
   castBytes(bytes, dtype, 'F32', new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
 }
 
-/** Largest inner dimension MKL sums in one FMA chain; up to twice this it uses two halves. */
+/** Largest inner dimension MKL's AVX512 kernel sums in one FMA chain; up to twice this it uses two halves. */
 export const MKL_KC = 384;
+/** The k block of MKL's AVX2 kernel. */
+export const MKL_AVX2_KC = 192;
+
+export type MklPath = 'avx512' | 'avx2';
+
+let path: MklPath | undefined;
+
+/** The sgemm kernel MKL uses on this machine (or as SHARDSHIFT_MKL_PATH says). */
+export function mklPath(): MklPath {
+  if (path) return path;
+  const env = process.env.SHARDSHIFT_MKL_PATH;
+  if (env === 'avx2' || env === 'avx512') return (path = env);
+  let info = '';
+  try {
+    info = readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    // Not Linux: MKL on current x86 servers is mostly AVX512-capable Intel; say so in docs.
+  }
+  return (path = /\bavx512f\b/.test(info) && /GenuineIntel/.test(info) ? 'avx512' : info ? 'avx2' : 'avx512');
+}
+
+/** Fixes the kernel whose order `loraDot` follows (undefined: detect again). */
+export function setMklPath(p: MklPath | undefined): void {
+  path = p;
+}
 
 /** One element of `B @ A` (x a row of B, y a column of A, r the rank) in MKL's order (see above). */
 export function loraDot(x: Float32Array, xo: number, y: Float32Array, yo: number, r: number): number {
-  if (r <= MKL_KC) return dotChain(x, xo, y, yo, r);
-  const blocks = Math.ceil(r / MKL_KC);
-  const kc = Math.ceil(r / blocks);
+  const avx2 = mklPath() === 'avx2';
+  if (r <= (avx2 ? MKL_AVX2_KC : MKL_KC)) return dotChain(x, xo, y, yo, r);
+  const blocks = avx2 ? 0 : Math.ceil(r / MKL_KC);
+  const kc = avx2 ? MKL_AVX2_KC : Math.ceil(r / blocks);
   let acc = dotChain(x, xo, y, yo, kc);
   for (let k = kc; k < r; k += kc) acc = Math.fround(acc + dotChain(x, xo + k, y, yo + k, Math.min(kc, r - k)));
   return acc;

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { encodeHeader } from '../../src/formats/safetensors.js';
-import { dotChain, fma32, loraDot } from '../../src/lora/fp32.js';
+import { dotChain, fma32, loraDot, setMklPath } from '../../src/lora/fp32.js';
 import { moduleScaling, patternValue, targetStatus } from '../../src/lora/match.js';
 import { parseAdapterConfig } from '../../src/formats/peft.js';
 import { laneNorm } from '../../src/lora/merge.js';
@@ -104,24 +104,49 @@ test('fma32 is the correctly rounded float32 a·b + c (random operands and binar
   }
 });
 
-test('loraDot: one FMA chain up to rank 384, two halves added in fp32 up to 768 (MKL sgemm order)', () => {
+test('loraDot, AVX512 MKL: one FMA chain up to rank 384, two halves added in fp32 up to 768', () => {
   const rng = lcg(3);
-  for (const r of [1, 7, 16, 384, 385, 500, 768]) {
-    const x = Float32Array.from({ length: r }, () => rand32(rng));
-    const y = Float32Array.from({ length: r }, () => rand32(rng));
-    let chain = 0;
-    for (let k = 0; k < r; k++) chain = refFma(x[k]!, y[k]!, chain);
-    if (r <= 384) {
-      assert.equal(loraDot(x, 0, y, 0, r), chain);
-      assert.equal(dotChain(x, 0, y, 0, r), chain);
-    } else {
-      const h = Math.ceil(r / 2);
-      let c1 = 0;
-      let c2 = 0;
-      for (let k = 0; k < h; k++) c1 = refFma(x[k]!, y[k]!, c1);
-      for (let k = h; k < r; k++) c2 = refFma(x[k]!, y[k]!, c2);
-      assert.equal(loraDot(x, 0, y, 0, r), Math.fround(c1 + c2));
+  setMklPath('avx512');
+  try {
+    for (const r of [1, 7, 16, 384, 385, 500, 768]) {
+      const x = Float32Array.from({ length: r }, () => rand32(rng));
+      const y = Float32Array.from({ length: r }, () => rand32(rng));
+      let chain = 0;
+      for (let k = 0; k < r; k++) chain = refFma(x[k]!, y[k]!, chain);
+      if (r <= 384) {
+        assert.equal(loraDot(x, 0, y, 0, r), chain);
+        assert.equal(dotChain(x, 0, y, 0, r), chain);
+      } else {
+        const h = Math.ceil(r / 2);
+        let c1 = 0;
+        let c2 = 0;
+        for (let k = 0; k < h; k++) c1 = refFma(x[k]!, y[k]!, c1);
+        for (let k = h; k < r; k++) c2 = refFma(x[k]!, y[k]!, c2);
+        assert.equal(loraDot(x, 0, y, 0, r), Math.fround(c1 + c2));
+      }
     }
+  } finally {
+    setMklPath(undefined);
+  }
+});
+
+test('loraDot, AVX2 MKL: FMA chains over blocks of 192, added in order', () => {
+  const rng = lcg(4);
+  setMklPath('avx2');
+  try {
+    for (const r of [1, 16, 192, 193, 500, 1000]) {
+      const x = Float32Array.from({ length: r }, () => rand32(rng));
+      const y = Float32Array.from({ length: r }, () => rand32(rng));
+      let acc = 0;
+      for (let b = 0; b < r; b += 192) {
+        let c = 0;
+        for (let k = b; k < Math.min(r, b + 192); k++) c = refFma(x[k]!, y[k]!, c);
+        acc = b === 0 ? c : Math.fround(acc + c);
+      }
+      assert.equal(loraDot(x, 0, y, 0, r), acc, `r=${r}`);
+    }
+  } finally {
+    setMklPath(undefined);
   }
 });
 
