@@ -102,10 +102,15 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const r = nxdSource
     ? await convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, hfModel: nxdRef, config: nxdRef ? join(nxdRef, 'config.json') : undefined })
     : f.to === 'nxd'
-    ? await convertHfToNxd((await isFile(src)) ? src : await resolveModel(src, 'all', hubLog), out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, config: f.hfModel ? join(await resolveModel(f.hfModel, 'config', hubLog), 'config.json') : undefined })
+    ? await (async () => {
+        const ref = f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined;
+        const from = (await isFile(src)) || (await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog);
+        return convertHfToNxd(from, out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, hfModel: ref, config: ref ? join(ref, 'config.json') : undefined });
+      })()
     : f.to === 'megatron'
-      ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog), out, {
+      ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) || (await isNxdPath(src)) ? src : await resolveModel(src, 'all', hubLog), out, {
           ...common,
+          nxd,
           allowUnmapped: f.allowUnmapped,
           ckptFormat: f.ckptFormat,
           megatronSpec: f.megatronSpec,

@@ -12,7 +12,7 @@ import type { Box } from '../tensor/layout.js';
 import type { PyValue } from '../pickle/values.js';
 
 /** On-disk formats: the first three are written by `convert --to`; megatron is read here (and written by the model conversion). */
-export type FormatName = 'safetensors' | 'torch' | 'dcp' | 'megatron';
+export type FormatName = 'safetensors' | 'torch' | 'dcp' | 'megatron' | 'nxd';
 
 export interface SourceTensor {
   readonly name: string;

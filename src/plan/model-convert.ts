@@ -46,8 +46,10 @@ export interface ModelConvertOptions {
   etp?: number;
   makeVocabSizeDivisibleBy?: number;
   iteration?: number;
-  /** Reference HF model directory (config, tokenizer) for exports. */
+  /** Reference HF model directory (config, tokenizer) for exports, and for NxD sources. */
   hfModel?: string;
+  /** Reading an NxD source: its layout flags (as the NxD converter names them). */
+  nxd?: import('./nxd-convert.js').NxdConvertOptions;
   maxMemory?: number;
   maxShardSize?: number;
   dcpFiles?: number;
@@ -100,7 +102,9 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
 export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
   const fromMegatron = await isMegatronPath(srcPath);
-  if (!fromMegatron && !(await stat(srcPath)).isDirectory()) throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
+  const { isNxdPath } = await import('../formats/nxd.js');
+  const fromNxd = !fromMegatron && (await isNxdPath(srcPath));
+  if (!fromMegatron && !fromNxd && !(await stat(srcPath)).isDirectory()) throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
   const meg = fromMegatron ? await openMegatron(srcPath) : undefined;
   let src: CheckpointSource | undefined;
   try {
@@ -117,6 +121,13 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       const exp = buildExport(cfg, meg.source, { dtype: [...meg.source.tensors.values()][0]?.dtype ?? 'BF16', allowUnmapped: opts.allowUnmapped });
       skippedBefore = exp.skipped;
       src = sourceFromTargets(srcPath, exp.tensors, meg.source.root);
+    } else if (fromNxd) {
+      if (!opts.hfModel) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give --hf-model <reference HF dir>`);
+      cfg = await configFromHfDir(opts.hfModel);
+      const { openNxdAsHf } = await import('./nxd-convert.js');
+      src = await openNxdAsHf(srcPath, { ...opts.nxd, config: join(opts.hfModel, 'config.json') });
+      sideDir = opts.hfModel;
+      notes.push('NxD shards read as their HF-named full state, then mapped to Megatron');
     } else {
       cfg = await configFromHfDir(srcPath);
       src = await openCheckpoint(srcPath);
@@ -160,7 +171,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const iterDir = iterDirName(iteration);
     const side = sideDir ? await listSideFiles(sideDir, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$|^\.metadata$|^metadata\.json$/.test(n)) : [];
     const plan: ConvertPlan = {
-      source: { path: srcPath, format: meg ? 'megatron' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
+      source: { path: srcPath, format: meg ? 'megatron' : fromNxd ? 'nxd' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
       target: { path: out, format: fsdp ? 'megatron fsdp_dtensor' : legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
       files: filePlan(files),
       dropped: [],
@@ -192,6 +203,26 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await (meg?.source ?? src)?.close();
+  }
+}
+
+/**
+ * A Megatron checkpoint (any layout) seen as its HF-named tensors, lazily — for conversions that
+ * start from HF names (NxD). `configPath` is the HF config.json it maps with (`--hf-model`, or the
+ * checkpoint's own `hf/`); checkpoints without one need `hfModel`.
+ */
+export async function openMegatronAsHf(path: string, opts: { hfModel?: string; allowUnmapped?: boolean }): Promise<{ source: CheckpointSource; configPath: string; cfg: ModelConfig }> {
+  const meg = await openMegatron(path);
+  try {
+    const mc = await megatronConfig(meg, { hfModel: opts.hfModel });
+    if (!mc.refDir) throw usage(`${path}: records no HF config (hf/config.json); give --hf-model <reference HF dir>`);
+    const dtype = storedDtype(meg.source);
+    const exp = buildExport(mc.cfg, meg.source, { dtype, allowUnmapped: opts.allowUnmapped });
+    const view = sourceFromTargets(path, exp.tensors, meg.source.root);
+    return { source: { ...view, dataFiles: meg.source.dataFiles, close: () => meg.source.close() }, configPath: join(mc.refDir, 'config.json'), cfg: mc.cfg };
+  } catch (e) {
+    await meg.source.close();
+    throw e;
   }
 }
 

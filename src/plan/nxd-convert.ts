@@ -508,8 +508,14 @@ async function fullStatePath(src: string): Promise<string> {
 /** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
 export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
-  const configPath = await configPathFor(srcPath, opts.config);
-  const { heads } = await readNxdConfig(configPath);
+  const { isMegatronPath } = await import('../formats/megatron.js');
+  // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
+  const meg = (await isMegatronPath(srcPath)) ? await (await import('./model-convert.js')).openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
+  const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);
+  const { heads } = await readNxdConfig(configPath).catch(async (e: unknown) => {
+    await meg?.source.close();
+    throw e;
+  });
   const layout: NxdLayout = {
     modelStyle: opts.modelStyle ?? 'hf',
     tp: opts.tp ?? 1,
@@ -519,9 +525,14 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     fuseQkv: opts.fuseQkv ?? false,
     hwBackend: opts.hwBackend ?? 'trn1',
   };
-  requireHwBackend(opts.hwBackend, layout, heads);
-  checkLayout(layout, heads);
-  const src: CheckpointSource = await openCheckpoint(await fullStatePath(srcPath));
+  try {
+    requireHwBackend(opts.hwBackend, layout, heads);
+    checkLayout(layout, heads);
+  } catch (e) {
+    await meg?.source.close();
+    throw e;
+  }
+  const src: CheckpointSource = meg ? meg.source : await openCheckpoint(await fullStatePath(srcPath));
   try {
     const targets = new Map<string, TargetTensor>();
     for (const [n, s] of src.tensors) {
@@ -535,7 +546,7 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     for (let t = 0; t < layout.tp; t++) for (let p = 0; p < layout.pp; p++) ranks.push({ tp: t, pp: p, tensors: nxdRankTargets(targets, layout, heads, t, p) });
     const files = writeNxdShards(ranks, { xser: !!opts.xser });
     const plan: ConvertPlan = {
-      source: { path: srcPath, format: `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((n, x) => n + x.byteLength, 0) },
+      source: { path: srcPath, format: meg ? 'megatron (through its HF names)' : `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((n, x) => n + x.byteLength, 0) },
       target: { path: out, format: `nxd ${layout.modelStyle} style${opts.xser ? ' (xser)' : ''}, tp_size ${layout.tp} × pp_size ${layout.pp}`, kind: 'dir' },
       files: filePlan(files),
       dropped: [],
@@ -558,6 +569,20 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await src.close();
+  }
+}
+
+/** NxD shards as their HF-named full state (a lazy source; closing it closes the shards). */
+export async function openNxdAsHf(srcPath: string, opts: NxdConvertOptions): Promise<CheckpointSource> {
+  if (!opts.config) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give config.json (--config, or --hf-model <dir>)`);
+  const { heads } = await readNxdConfig(opts.config);
+  const sh = await openNxdShards(srcPath, { tp: opts.tp, pp: opts.pp });
+  try {
+    const { tensors } = assembleHf(sh, heads, { ...opts });
+    return { format: 'nxd', path: srcPath, root: sh.dir, tensors, objects: new Map(), metadata: new Map(), dataFiles: sh.ranks.map((r) => r.file), sideFiles: [], close: () => sh.close() };
+  } catch (e) {
+    await sh.close();
+    throw e;
   }
 }
 

@@ -6,7 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm, readdir, open, unlink, cp } from 'node:fs/promises';
+import { mkdtemp, rm, readdir, readFile, open, unlink, cp } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -243,4 +243,24 @@ test('--hw-backend must be given when trn1 and trn2 differ; convert --to hf carr
     await a.close();
     await b.close();
   }
+});
+
+test('Megatron on the other side: HF → Megatron (TP2 legacy) → NxD (tp 2, pp 2, kvm 2, fuse_qkv) → Megatron torch_dist → HF keeps every byte', async () => {
+  const meg = join(tmp, 'mx.meg');
+  let r = await run(['convert', '--to', 'megatron', example, meg, '--ckpt-format', 'torch', '--tp', '2', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  const nxd = join(tmp, 'mx.nxd');
+  r = await run(['convert', '--to', 'nxd', meg, nxd, '--tp', '2', '--pp', '2', '--qkv-linear', '--fuse-qkv', '--kv-size-multiplier', '2', '--hw-backend', 'trn2', '--xser', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  const back = join(tmp, 'mx.meg2');
+  r = await run(['convert', '--to', 'megatron', nxd, back, '--hf-model', example, '--qkv-linear', '--fuse-qkv', '--hw-backend', 'trn2', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  const hf = join(tmp, 'mx.hf');
+  r = await run(['convert', '--to', 'hf', back, hf, '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(example, 'model.safetensors'))), 'byte-identical to the original');
+  // Without a config an NxD source is refused with the fix in the message.
+  r = await run(['convert', '--to', 'megatron', nxd, join(tmp, 'mx.bad'), '-q']);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /does not record its model config; give --hf-model/);
 });
