@@ -17,7 +17,7 @@ import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
-import { badInput, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
@@ -119,6 +119,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads and ${cfg.numQueryGroups} query groups`);
     }
     if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
+    const mamba = cfg.hybrid?.pattern.includes('M') ? cfg.hybrid.mamba : undefined;
+    if (mamba && (mamba.numHeads % tp !== 0 || mamba.numGroups % tp !== 0)) throw usage(`--tp ${tp} does not divide the ${mamba.numHeads} Mamba heads and ${mamba.numGroups} groups`);
+    // Legacy and fsdp writers would need the per-rank regrouping of Mamba in_proj/conv1d (z_r, x_r, B_r, C_r, dt_r).
+    if (cfg.hybrid && opts.ckptFormat && opts.ckptFormat !== 'torch_dist') throw unsupported(`--ckpt-format ${opts.ckptFormat} is not supported for ${cfg.family} (hybrid Mamba) models yet; use torch_dist`);
     if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
@@ -237,6 +241,7 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
     fp16: o.dtype === 'F16',
     iteration: o.iteration,
     shardshift_family: c.family,
+    ...familyOf(c).megatronArgs?.(c),
   };
 }
 
