@@ -103,6 +103,7 @@ export function torchDistExtraState(fam: Family, c: ModelConfig): Map<string, Py
   const stacked = fam.keying(c) === 'stacked';
   const E = c.moe?.numExperts ?? 0;
   const out = new Map<string, PyValue>();
+  for (const mod of fam.globalExtraStateModules?.(c) ?? []) out.set(`${mod}._extra_state/shard_0_1`, [null]);
   for (let i = 0; i < c.numLayers; i++) {
     for (const mod of fam.extraStateModules(c, i)) {
       const { key, lead } = keyOf(`decoder.layers.${i}.${mod}._extra_state`, stacked);

@@ -192,6 +192,8 @@ export const nemotronH: Family = {
       }
     }
   },
+  // MambaModel keeps output_layer._extra_state in its sharded_state_dict (tied or not); GPTModel pops it.
+  globalExtraStateModules: () => ['output_layer'],
   splitKeys(c, i): SplitParam[] {
     if (layerChar(c, i) !== 'M') return [];
     const { di, bc, nh } = mambaRows(c);

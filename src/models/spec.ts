@@ -85,6 +85,8 @@ export interface Family {
   layerParams(c: ModelConfig, layer: number): readonly LayerParam[];
   /** Modules of layer i whose empty `_extra_state` megatron-core's strict load expects (canonical names). */
   extraStateModules(c: ModelConfig, layer: number): readonly string[];
+  /** Modules outside the layers with an `_extra_state` megatron-core's strict load expects (MambaModel's `output_layer`; GPTModel drops its own). */
+  globalExtraStateModules?(c: ModelConfig): readonly string[];
   /** Parameters of layer i stored as several torch_dist keys (none when absent). */
   splitKeys?(c: ModelConfig, layer: number): readonly SplitParam[];
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
