@@ -40,3 +40,14 @@ test('nemotron_h: megatron-core MambaModel strictly loads the hybrid checkpoint 
   await convertMegatronToHf(meg, back, {});
   assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'round trip is not byte-identical');
 });
+
+test('megatron-core MambaModel saved at TP=2 (split Mamba keys, TP-sharded mixer) → HF: clean load, megatron-core\'s logits', async () => {
+  const run = join(tmp, 'saved-tp2');
+  await runOracle('nemotronh_oracle.py', ['save', run, '--tp', '2'], { timeoutMs: 300_000 });
+  const hf = `${run}.hf`;
+  await convertMegatronToHf(run, hf, { hfModel: join(run, 'hf_ref'), dtype: 'F32' });
+  const r = lastJson<{ max_abs_diff: number; missing: string[]; unexpected: string[] }>(await runOracle('nemotronh_oracle.py', ['check_hf', hf, run]));
+  assert.deepEqual(r.missing, []);
+  assert.deepEqual(r.unexpected, []);
+  assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff}`);
+});

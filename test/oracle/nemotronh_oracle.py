@@ -7,6 +7,11 @@
       megatron-core's own MambaModel (MambaStack, MambaLayer/MambaMixer, TransformerLayer, MLPLayer,
       MoETransformerLayer) built for the HF config loads the torch_dist checkpoint with
       dist_checkpointing.load(strict=RAISE_ALL); its logits are compared with transformers' (JSON)
+  save <run_dir> [--tp N]
+      megatron-core saves a random MambaModel of the same shape under TP=N (N gloo ranks) with
+      dist_checkpointing.save (iter_0000003 + tracker), with its logits and the HF config (hf_ref/)
+  check_hf <hf_dir> <run_dir>
+      from_pretrained(hf_dir) loads with no missing/unexpected keys; logits vs megatron-core's (JSON)
 
 megatron-core's Mamba mixer needs CUDA-only packages (mamba_ssm, causal_conv1d, triton) and
 TransformerEngine; none is installed, so this oracle supplies CPU stand-ins, all outside the
@@ -259,15 +264,15 @@ def build(h, padded_vocab):
     return model.eval()
 
 
-def init():
+def init(rank=0, world=1, tp=1, init_file=None):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     shims()
     cpu_stubs()
-    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
+    dist.init_process_group("gloo", init_method=f"file://{init_file or tempfile.mktemp()}", rank=rank, world_size=world)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True)
     torch.manual_seed(1234)
 
@@ -297,12 +302,70 @@ def cmd_load(iter_dir, hf_dir):
     }
 
 
+def save_worker(rank, world, init_file, run_dir, tp):
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    init(rank, world, tp, init_file)
+    h = hf_config()
+    model = build(h, 128)
+    # Replicated parameters (layer norms, final norm, routers, expert biases) get the same random
+    # values on every rank; TP-sharded Mamba parameters their own per rank (they are shards).
+    shared = torch.Generator().manual_seed(99)
+    own = torch.Generator().manual_seed(500 + ps.get_tensor_model_parallel_rank())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(n.endswith(x) for x in ("mixer.norm.weight", "mixer.D", "mixer.conv1d.bias", "mixer.dt_bias")):
+                p.copy_(torch.randn(p.shape, generator=own) * 0.5 + (1.0 if "norm" in n else 0.0))
+            elif "norm" in n:
+                p.copy_(torch.randn(p.shape, generator=shared) * 0.5 + 1.0)
+            elif "router" in n:
+                p.copy_(torch.randn(p.shape, generator=shared))
+        for n, b in model.named_buffers():
+            if n.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=shared) * 0.3)
+    iter_dir = os.path.join(run_dir, "iter_0000003")
+    if rank == 0:
+        os.makedirs(iter_dir, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
+    logits = forward(model)
+    if rank == 0:
+        torch.save(logits[..., :V], os.path.join(run_dir, "logits.pt"))
+        with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("3")
+        h.save_pretrained(os.path.join(run_dir, "hf_ref"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def cmd_save(run_dir, tp):
+    import torch.multiprocessing as mp
+    os.makedirs(run_dir, exist_ok=True)
+    mp.spawn(save_worker, args=(tp, tempfile.mktemp(), run_dir, tp), nprocs=tp, join=True)
+    return {"ok": True}
+
+
+def cmd_check_hf(hf_dir, run_dir):
+    from transformers import AutoModelForCausalLM
+    ref = torch.load(os.path.join(run_dir, "logits.pt"))
+    m, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    with torch.no_grad():
+        logits = m.eval()(TOKENS).logits
+    return {"max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item(),
+            "missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"])}
+
+
 def main():
     a = sys.argv[1:]
     if a[0] == "make":
         r = cmd_make(a[1], *(a[2:3]))
     elif a[0] == "load":
         r = cmd_load(a[1], a[2])
+    elif a[0] == "save":
+        r = cmd_save(a[1], int(a[a.index("--tp") + 1]) if "--tp" in a else 1)
+    elif a[0] == "check_hf":
+        r = cmd_check_hf(a[1], a[2])
     else:
         raise SystemExit(f"unknown command {a[0]}")
     print(json.dumps(r))
