@@ -281,6 +281,9 @@ function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig
     return v;
   };
   const target = String(m.get('_target_') ?? '').toLowerCase();
+  if (m.get('hybrid_override_pattern') !== undefined || m.get('hybrid_layer_pattern') !== undefined || /mamba|hybrid|nemotronh/.test(target)) {
+    throw badInput(`${file}: a hybrid (Mamba) model's config is not read from run_config.yaml yet; give --hf-model <reference HF dir>`, file);
+  }
   const qkNorm = m.get('qk_layernorm') === true;
   const qkvBias = m.get('add_qkv_bias') === true;
   const family = target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
@@ -314,6 +317,9 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const famName = args.get('shardshift_family');
+  if (args.get('hybrid_override_pattern') !== undefined || args.get('is_hybrid_model') === true) {
+    throw badInput(`${file}: a hybrid (Mamba) model's config is not rebuilt from the training args yet; give --hf-model <reference HF dir>`, file);
+  }
   const qkNorm = args.get('qk_layernorm') === true;
   const qkvBias = args.get('add_qkv_bias') === true;
   const family = typeof famName === 'string' && familyById(famName) ? famName : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
