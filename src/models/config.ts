@@ -22,6 +22,8 @@ export interface ModelConfig {
   readonly qkNorm: boolean;
   /** Mixture-of-experts layers, when the model has them. */
   readonly moe?: MoeConfig;
+  /** Hybrid (Mamba / attention / MLP / MoE) layer stacks: megatron-core's MambaModel. */
+  readonly hybrid?: HybridConfig;
   /** The HF config.json this came from, when known (carried to HF outputs). */
   readonly hf?: Readonly<Record<string, unknown>>;
 }
@@ -39,6 +41,24 @@ export interface MoeConfig {
   readonly routerBias?: boolean;
   /** Which layers are MoE (the rest dense), when not all are. */
   readonly moeLayers?: readonly boolean[];
+}
+
+/**
+ * A hybrid stack as megatron-core's `hybrid_override_pattern` spells it, one char per layer:
+ * `M` Mamba-2 mixer, `*` self-attention, `-` MLP, `E` MoE; with the Mamba-2 mixer's sizes.
+ */
+export interface HybridConfig {
+  readonly pattern: string;
+  readonly mamba: {
+    readonly numHeads: number;
+    readonly headDim: number;
+    /** B/C groups (Megatron mamba_num_groups, HF n_groups). */
+    readonly numGroups: number;
+    /** SSM state size (Megatron mamba_state_dim, HF ssm_state_size). */
+    readonly stateDim: number;
+    readonly convKernel: number;
+    readonly convBias: boolean;
+  };
 }
 
 /** Whether layer i is an MoE layer. */

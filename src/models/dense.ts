@@ -47,12 +47,21 @@ export function denseMlpParams(c: ModelConfig, hfPrefix = `${L}.mlp`, normName =
 export interface MoeNames {
   readonly norm: string;
   readonly router: string;
-  readonly gate: string;
+  /** The experts' gate projection; without one the experts are not gated (`linear_fc1` = up_proj, e.g. squared ReLU). */
+  readonly gate?: string;
   readonly up: string;
   readonly down: string;
   readonly routerBias?: string;
-  /** Shared expert: gate/up/down and its output gate. */
-  readonly shared?: { readonly gate: string; readonly up: string; readonly down: string; readonly outputGate?: string };
+  /** Shared expert: gate (absent: not gated)/up/down and its output gate. */
+  readonly shared?: { readonly gate?: string; readonly up: string; readonly down: string; readonly outputGate?: string };
+}
+
+/** `linear_fc1` of F rows: [gate; up] (2F rows) when there is a gate name, else up_proj as is. */
+function fc1Param(megatron: string, gate: string | undefined, up: string, F: number, H: number, experts?: number): LayerParam {
+  const p: LayerParam = gate
+    ? { megatron, hf: [gate, up], kind: 'gated', hfShapes: [[F, H], [F, H]], shape: [2 * F, H] }
+    : { megatron, hf: [up], kind: 'copy', hfShapes: [[F, H]], shape: [F, H] };
+  return experts === undefined ? p : { ...p, experts };
 }
 
 /**
@@ -71,13 +80,13 @@ export function moeParams(c: ModelConfig, n: MoeNames): LayerParam[] {
   ];
   if (m.routerBias && n.routerBias) p.push({ megatron: 'mlp.router.expert_bias', hf: [n.routerBias], kind: 'copy', hfShapes: [[E]], shape: [E] });
   p.push(
-    { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [n.gate, n.up], kind: 'gated', hfShapes: [[F, H], [F, H]], shape: [2 * F, H], experts: E },
+    fc1Param('mlp.experts.local_experts.{e}.linear_fc1.weight', n.gate, n.up, F, H, E),
     { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
   );
   if (m.sharedExpertFfn && n.shared) {
     const S = m.sharedExpertFfn;
     p.push(
-      { megatron: 'mlp.shared_experts.linear_fc1.weight', hf: [n.shared.gate, n.shared.up], kind: 'gated', hfShapes: [[S, H], [S, H]], shape: [2 * S, H] },
+      fc1Param('mlp.shared_experts.linear_fc1.weight', n.shared.gate, n.shared.up, S, H),
       { megatron: 'mlp.shared_experts.linear_fc2.weight', hf: [n.shared.down], kind: 'copy', hfShapes: [[H, S]], shape: [H, S] },
     );
     if (m.sharedExpertGate && n.shared.outputGate) p.push({ megatron: 'mlp.shared_experts.gate_weight', hf: [n.shared.outputGate], kind: 'copy', hfShapes: [[1, H]], shape: [1, H] });

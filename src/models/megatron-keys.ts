@@ -8,6 +8,8 @@
  * - experts: `….mlp.experts.local_experts.<e>.<q>` → `….mlp.experts.experts.<q>` with one more
  *   leading axis of size E (global expert e at offset e, whatever the EP split was), or
  *   `….mlp.experts.experts.<e>.<q>` under `singleton_local_shards`;
+ * - parameters a family lists in `splitKeys` (MambaMixer's in_proj and conv1d): one key per row
+ *   block, `<key>.<suffix>`;
  * - `_extra_state` of each linear: a ShardedObject `<key>._extra_state/shard_<offsets>_<shape>`
  *   over the same leading axes (`shard_0_1` when there are none).
  *
@@ -19,7 +21,8 @@ import type { DcpTensorEntry } from '../formats/dcp.js';
 import type { DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
 import type { ModelConfig } from './config.js';
-import type { Family, SourcePart } from './spec.js';
+import type { Family, SourcePart, SplitParam } from './spec.js';
+import { allRows, rowConcat } from '../plan/targets.js';
 import { targetView } from '../plan/view.js';
 import { badInput } from '../errors.js';
 import { MEGATRON_IGNORED } from './dense.js';
@@ -42,6 +45,18 @@ function keyOf(name: string, stacked: boolean): { key: string; lead: number[] } 
   return { key: layerKey(m[2]!), lead: stacked ? [i] : [] };
 }
 
+/** The split of a canonical per-layer name, if its family stores it as several keys. */
+function splitOf(fam: Family, c: ModelConfig, name: string): SplitParam | undefined {
+  if (!fam.splitKeys) return undefined;
+  const m = LAYER.exec(name);
+  return m ? fam.splitKeys(c, Number(m[1])).find((s) => s.param === m[2]) : undefined;
+}
+
+/** Rows [start, start + count) of a target. */
+function rowSlice(t: TargetTensor, start: number, count: number): TargetTensor {
+  return targetView(t, { shape: [count, ...t.shape.slice(1)], produce: (box, out) => t.produce({ start: [box.start[0]! + start, ...box.start.slice(1)], size: box.size }, out) });
+}
+
 function leadingOnes(t: TargetTensor, n: number): TargetTensor {
   if (n === 0) return t;
   return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(n), size: box.size.slice(n) }, out) });
@@ -61,13 +76,25 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
   const stacked = fam.keying(c) === 'stacked';
   const E = c.moe?.numExperts ?? 0;
   const groups = new Map<string, { shape: number[]; dtype: DType; chunks: Array<{ offsets: number[]; tensor: TargetTensor }> }>();
-  for (const [name, t] of targets) {
-    const { key: k, lead } = keyOf(name, stacked);
-    const key = spec === 'local' ? localSpecKey(k) : k;
+  const add = (key: string, lead: number[], t: TargetTensor): void => {
     const leadShape = lead.length === 0 ? [] : stacked ? (lead.length === 2 ? [c.numLayers, E] : [c.numLayers]) : [E];
     let g = groups.get(key);
     if (!g) groups.set(key, (g = { shape: [...leadShape, ...t.shape], dtype: t.dtype ?? dtype, chunks: [] }));
     g.chunks.push({ offsets: [...lead, ...t.shape.map(() => 0)], tensor: leadingOnes(t, lead.length) });
+  };
+  for (const [name, t] of targets) {
+    const { key: k, lead } = keyOf(name, stacked);
+    const key = spec === 'local' ? localSpecKey(k) : k;
+    const split = splitOf(fam, c, name);
+    if (!split) {
+      add(key, lead, t);
+      continue;
+    }
+    let at = 0;
+    for (const part of split.parts) {
+      add(`${key}.${part.suffix}`, lead, rowSlice(t, at, part.rows));
+      at += part.rows;
+    }
   }
   return [...groups].map(([name, g]) => ({ name, dtype: g.dtype, shape: g.shape, chunks: g.chunks }));
 }
@@ -77,6 +104,7 @@ export function torchDistExtraState(fam: Family, c: ModelConfig): Map<string, Py
   const stacked = fam.keying(c) === 'stacked';
   const E = c.moe?.numExperts ?? 0;
   const out = new Map<string, PyValue>();
+  for (const mod of fam.globalExtraStateModules?.(c) ?? []) out.set(`${mod}._extra_state/shard_0_1`, [null]);
   for (let i = 0; i < c.numLayers; i++) {
     for (const mod of fam.extraStateModules(c, i)) {
       const { key, lead } = keyOf(`decoder.layers.${i}.${mod}._extra_state`, stacked);
@@ -92,6 +120,8 @@ export function torchDistExtraState(fam: Family, c: ModelConfig): Map<string, Py
 export interface CanonicalEntry {
   readonly part: SourcePart;
   readonly origin: string;
+  /** Further stored keys it is made of (a split parameter's other parts). */
+  readonly alsoFrom?: readonly string[];
 }
 
 /**
@@ -99,7 +129,7 @@ export interface CanonicalEntry {
  * keys as they are, and singleton expert keys renamed. Legacy and fsdp sources already use
  * per-layer names; their expert keys are global (the readers renumber).
  */
-export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<string, CanonicalEntry> {
+export function canonicalMegatron(src: CheckpointSource, c: ModelConfig, fam?: Family): Map<string, CanonicalEntry> {
   const out = new Map<string, CanonicalEntry>();
   const put = (name: string, t: SourceTensor, prefix: number[]): void => {
     out.set(name, { part: { src: t, prefix }, origin: t.name });
@@ -134,6 +164,27 @@ export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<st
       if (!ex) put(`decoder.layers.${i}.${p}`, t, [i]);
       else if (ex[2] !== undefined) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${ex[2]}.${ex[3]}`, t, [i]);
       else for (let e = 0; e < (t.shape[1] ?? 0); e++) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${e}.${ex[3]}`, t, [i, e]);
+    }
+  }
+  // Split parameters: their parts' row blocks concatenated back into the canonical tensor.
+  for (let i = 0; fam?.splitKeys && i < c.numLayers; i++) {
+    for (const sp of fam.splitKeys(c, i)) {
+      const name = `decoder.layers.${i}.${sp.param}`;
+      const parts = sp.parts.map((p) => out.get(`${name}.${p.suffix}`));
+      if (parts.some((p) => !p)) continue;
+      const have = parts as CanonicalEntry[];
+      const first = have[0]!.part.src;
+      const rest = first.shape.slice(have[0]!.part.prefix.length + 1);
+      have.forEach((p, k) => {
+        const shape = p.part.src.shape.slice(p.part.prefix.length);
+        if (shape[0] !== sp.parts[k]!.rows || shape.slice(1).join() !== rest.join()) {
+          throw badInput(`${p.origin}: shape [${p.part.src.shape.join(', ')}] does not match the config, which needs ${sp.parts[k]!.rows} rows of [${rest.join(', ')}] for ${name}.${sp.parts[k]!.suffix}`, src.path, p.origin);
+        }
+      });
+      const t = rowConcat(name, first.dtype, rest, have.map((p) => allRows(p.part.src, p.part.prefix)), `${sp.parts.map((p) => `${name}.${p.suffix}`).join(' + ')}`);
+      const merged: SourceTensor = { name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce(b, o) };
+      for (const p of sp.parts) out.delete(`${name}.${p.suffix}`);
+      out.set(name, { part: { src: merged, prefix: [] }, origin: have[0]!.origin, alsoFrom: have.slice(1).map((p) => p.origin) });
     }
   }
   return out;

@@ -56,6 +56,17 @@ export interface GlobalParam {
   readonly shape: readonly number[];
 }
 
+/**
+ * A layer parameter megatron-core's `sharded_state_dict` stores as several torch_dist keys
+ * `<param>.<suffix>`, consecutive row blocks in order (MambaMixer's `_split_tensor_factory`:
+ * `in_proj.weight` → z, x, B, C, dt; `conv1d.weight`/`bias` → x, B, C), each a global tensor.
+ */
+export interface SplitParam {
+  /** Canonical name after `decoder.layers.<i>.`. */
+  readonly param: string;
+  readonly parts: ReadonlyArray<{ readonly suffix: string; readonly rows: number }>;
+}
+
 /** How torch_dist keys a family's layers: stacked `[L, …]` (GPTModel) or one key per layer (MambaModel). */
 export type LayerKeying = 'stacked' | 'per-layer';
 
@@ -74,6 +85,10 @@ export interface Family {
   layerParams(c: ModelConfig, layer: number): readonly LayerParam[];
   /** Modules of layer i whose empty `_extra_state` megatron-core's strict load expects (canonical names). */
   extraStateModules(c: ModelConfig, layer: number): readonly string[];
+  /** Modules outside the layers with an `_extra_state` megatron-core's strict load expects (MambaModel's `output_layer`; GPTModel drops its own). */
+  globalExtraStateModules?(c: ModelConfig): readonly string[];
+  /** Parameters of layer i stored as several torch_dist keys (none when absent). */
+  splitKeys?(c: ModelConfig, layer: number): readonly SplitParam[];
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
   /**

@@ -17,7 +17,7 @@ import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
-import { badInput, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
@@ -139,6 +139,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads and ${cfg.numQueryGroups} query groups`);
     }
     if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
+    const mamba = cfg.hybrid?.pattern.includes('M') ? cfg.hybrid.mamba : undefined;
+    if (mamba && (mamba.numHeads % tp !== 0 || mamba.numGroups % tp !== 0)) throw usage(`--tp ${tp} does not divide the ${mamba.numHeads} Mamba heads and ${mamba.numGroups} groups`);
+    // Legacy and fsdp writers would need the per-rank regrouping of Mamba in_proj/conv1d (z_r, x_r, B_r, C_r, dt_r).
+    if (cfg.hybrid && opts.ckptFormat && opts.ckptFormat !== 'torch_dist') throw unsupported(`--ckpt-format ${opts.ckptFormat} is not supported for ${cfg.family} (hybrid Mamba) models yet; use torch_dist`);
     if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
     const ep = opts.ep ?? 1;
     const etp = opts.etp ?? tp;
@@ -328,6 +332,9 @@ function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig
     return v;
   };
   const target = String(m.get('_target_') ?? '').toLowerCase();
+  if (m.get('hybrid_override_pattern') !== undefined || m.get('hybrid_layer_pattern') !== undefined || /mamba|hybrid|nemotronh/.test(target)) {
+    throw badInput(`${file}: a hybrid (Mamba) model's config is not read from run_config.yaml yet; give --hf-model <reference HF dir>`, file);
+  }
   const qkNorm = m.get('qk_layernorm') === true;
   const qkvBias = m.get('add_qkv_bias') === true;
   const moe = moeFromMegatron((k) => m.get(k), file);
@@ -365,6 +372,9 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const famName = args.get('shardshift_family');
+  if (args.get('hybrid_override_pattern') !== undefined || args.get('is_hybrid_model') === true) {
+    throw badInput(`${file}: a hybrid (Mamba) model's config is not rebuilt from the training args yet; give --hf-model <reference HF dir>`, file);
+  }
   const qkNorm = args.get('qk_layernorm') === true;
   const qkvBias = args.get('add_qkv_bias') === true;
   const moe = moeFromMegatron((k) => args.get(k), file);
