@@ -178,7 +178,7 @@ function stackExperts(name: string, parts: readonly TargetTensor[]): TargetTenso
 export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportOptions): { tensors: TargetTensor[]; skipped: Skipped[] } {
   const fam: Family = familyOf(c);
   const file = meg.path;
-  const view = canonicalMegatron(meg, c);
+  const view = canonicalMegatron(meg, c, fam);
   const used = new Set<string>();
   const missing: string[] = [];
   const out: TargetTensor[] = [];
@@ -187,6 +187,7 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
       const v = view.get(n);
       if (v) {
         used.add(v.origin);
+        for (const o of v.alsoFrom ?? []) used.add(o);
         return v.part;
       }
     }

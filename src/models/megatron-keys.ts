@@ -16,7 +16,7 @@
  */
 import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
-import type { DType } from '../tensor/dtype.js';
+import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
 import type { ModelConfig } from './config.js';
 import type { Family, SourcePart } from './spec.js';
@@ -60,7 +60,7 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
   const stacked = fam.keying(c) === 'stacked';
   const E = c.moe?.numExperts ?? 0;
   const groups = new Map<string, { shape: number[]; dtype: DType; chunks: Array<{ offsets: number[]; tensor: TargetTensor }> }>();
-  for (const [name, t] of targets) {
+  for (const [name, t] of splitTargets(fam, c, targets)) {
     const { key: k, lead } = keyOf(name, stacked);
     const key = spec === 'local' ? localSpecKey(k) : k;
     const leadShape = lead.length === 0 ? [] : stacked ? (lead.length === 2 ? [c.numLayers, E] : [c.numLayers]) : [E];
@@ -69,6 +69,70 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
     g.chunks.push({ offsets: [...lead, ...t.shape.map(() => 0)], tensor: leadingOnes(t, lead.length) });
   }
   return [...groups].map(([name, g]) => ({ name, dtype: g.dtype, shape: g.shape, chunks: g.chunks }));
+}
+
+/** The canonical parameters of each layer that torch_dist splits into row runs (`<name>.<suffix>`). */
+function splitsOf(fam: Family, c: ModelConfig): Map<string, ReadonlyArray<readonly [string, number]>> {
+  const out = new Map<string, ReadonlyArray<readonly [string, number]>>();
+  if (!fam.torchDistSplits) return out;
+  for (let i = 0; i < c.numLayers; i++) for (const s of fam.torchDistSplits(c, i)) out.set(`decoder.layers.${i}.${s.param}`, s.parts);
+  return out;
+}
+
+/** Targets with the split parameters replaced by their row runs. */
+function* splitTargets(fam: Family, c: ModelConfig, targets: ReadonlyMap<string, TargetTensor>): Generator<[string, TargetTensor]> {
+  const splits = splitsOf(fam, c);
+  for (const [name, t] of targets) {
+    const parts = splits.get(name);
+    if (!parts) {
+      yield [name, t];
+      continue;
+    }
+    let at = 0;
+    for (const [suffix, n] of parts) {
+      const start = at;
+      yield [`${name}.${suffix}`, targetView(t, { name: `${name}.${suffix}`, shape: [n, ...t.shape.slice(1)], produce: (box, out) => t.produce({ start: [box.start[0]! + start, ...box.start.slice(1)], size: box.size }, out) })];
+      at += n;
+    }
+    if (at !== t.shape[0]) throw new Error(`internal: ${name} splits into ${at} rows but has ${t.shape[0]}`);
+  }
+}
+
+/** Row runs of stored tensors (at their prefixes) read as one tensor. */
+function joinedRows(name: string, parts: readonly SourcePart[]): SourceTensor {
+  const first = parts[0]!;
+  const rest = first.src.shape.slice(first.prefix.length + 1);
+  const counts = parts.map((p) => p.src.shape[p.prefix.length]!);
+  for (const p of parts) {
+    const r = p.src.shape.slice(p.prefix.length + 1);
+    if (p.src.dtype !== first.src.dtype || r.length !== rest.length || r.some((d, k) => d !== rest[k])) {
+      throw badInput(`${p.src.name}: shape [${p.src.shape.join(', ')}] (${p.src.dtype}) does not join with ${first.src.name} into ${name}`, undefined, p.src.name);
+    }
+  }
+  const shape = [counts.reduce((a, b) => a + b, 0), ...rest];
+  return {
+    name,
+    dtype: first.src.dtype,
+    shape,
+    byteLength: byteLength(first.src.dtype, numelOf(shape)),
+    where: parts.map((p) => p.src.where).join(' + '),
+    read: async (box, out) => {
+      const a = box.start[0]!;
+      const n = box.size[0]!;
+      const boxRow = byteLength(first.src.dtype, numelOf(box.size.slice(1)));
+      const reads: Array<Promise<void>> = [];
+      let at = 0;
+      parts.forEach((p, k) => {
+        const lo = Math.max(a, at);
+        const hi = Math.min(a + n, at + counts[k]!);
+        if (lo < hi) {
+          reads.push(p.src.read({ start: [...p.prefix, lo - at, ...box.start.slice(1)], size: [...p.prefix.map(() => 1), hi - lo, ...box.size.slice(1)] }, out.subarray((lo - a) * boxRow, (hi - a) * boxRow)));
+        }
+        at += counts[k]!;
+      });
+      await Promise.all(reads);
+    },
+  };
 }
 
 /** The empty `_extra_state` ShardedObjects megatron-core's strict load expects. */
@@ -91,6 +155,8 @@ export function torchDistExtraState(fam: Family, c: ModelConfig): Map<string, Py
 export interface CanonicalEntry {
   readonly part: SourcePart;
   readonly origin: string;
+  /** Further stored keys it was joined from (torch_dist row-run splits). */
+  readonly alsoFrom?: readonly string[];
 }
 
 /**
@@ -98,7 +164,7 @@ export interface CanonicalEntry {
  * keys as they are, and singleton expert keys renamed. Legacy and fsdp sources already use
  * per-layer names; their expert keys are global (the readers renumber).
  */
-export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<string, CanonicalEntry> {
+export function canonicalMegatron(src: CheckpointSource, c: ModelConfig, fam?: Family): Map<string, CanonicalEntry> {
   const out = new Map<string, CanonicalEntry>();
   const put = (name: string, t: SourceTensor, prefix: number[]): void => {
     out.set(name, { part: { src: t, prefix }, origin: t.name });
@@ -133,6 +199,16 @@ export function canonicalMegatron(src: CheckpointSource, c: ModelConfig): Map<st
       if (!ex) put(`decoder.layers.${i}.${p}`, t, [i]);
       else if (ex[2] !== undefined) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${ex[2]}.${ex[3]}`, t, [i]);
       else for (let e = 0; e < (t.shape[1] ?? 0); e++) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${e}.${ex[3]}`, t, [i, e]);
+    }
+  }
+  // Parameters torch_dist split into row runs are joined back under their canonical name.
+  if (fam) {
+    for (const [name, parts] of splitsOf(fam, c)) {
+      const found = parts.map(([suffix]) => out.get(`${name}.${suffix}`));
+      if (found.some((x) => !x)) continue;
+      const entries = found as CanonicalEntry[];
+      for (const [suffix] of parts) out.delete(`${name}.${suffix}`);
+      out.set(name, { part: { src: joinedRows(name, entries.map((x) => x.part)), prefix: [] }, origin: entries[0]!.origin, alsoFrom: entries.slice(1).map((x) => x.origin) });
     }
   }
   return out;

@@ -74,6 +74,11 @@ export interface Family {
   layerParams(c: ModelConfig, layer: number): readonly LayerParam[];
   /** Modules of layer i whose empty `_extra_state` megatron-core's strict load expects (canonical names). */
   extraStateModules(c: ModelConfig, layer: number): readonly string[];
+  /**
+   * Canonical parameters of layer i that torch_dist stores as several keys `<name>.<suffix>`, each
+   * a run of consecutive rows (megatron-core's `_split_tensor_factory`, e.g. GDN `in_proj.weight`).
+   */
+  torchDistSplits?(c: ModelConfig, layer: number): ReadonlyArray<{ readonly param: string; readonly parts: ReadonlyArray<readonly [suffix: string, rows: number]> }>;
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
 }

@@ -236,6 +236,7 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
     bf16: o.dtype === 'BF16',
     fp16: o.dtype === 'F16',
     iteration: o.iteration,
+    ...familyById(c.family)?.megatronArgs?.(c),
     shardshift_family: c.family,
   };
 }
