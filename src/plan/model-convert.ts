@@ -17,7 +17,7 @@ import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
-import { badInput, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type ModelConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
@@ -120,6 +120,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     }
     if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
     if (cfg.numLayers % pp !== 0) throw usage(`--pp ${pp} does not divide the ${cfg.numLayers} layers`);
+    if (opts.ckptFormat && opts.ckptFormat !== 'torch_dist' && familyOf(cfg).torchDistSplits) {
+      // Their GDN in_proj / conv1d TP layout ([q_r; k_r; v_r; z_r; b_r; a_r] per rank) is not in parallel.ts yet.
+      throw unsupported(`--ckpt-format ${opts.ckptFormat} is not supported for ${familyOf(cfg).description} yet; write torch_dist (the default)`);
+    }
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
     const { targets, entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec });

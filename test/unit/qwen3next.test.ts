@@ -217,3 +217,11 @@ test('Qwen3-Next: an unknown layer type in the hybrid pattern is one clear error
   assert.match(r.stderr, /^shardshift: error: .*layer_types\[1\] is "mamba"; a Qwen3-Next layer is "linear_attention" \(gated delta-net\) or "full_attention"/);
   assert.ok(!existsSync(out), 'nothing written');
 });
+
+test('Qwen3-Next: legacy / fsdp_dtensor outputs are refused (their GDN TP layout is not mapped yet)', async () => {
+  await makeHf('hf-legacy', TYPES);
+  for (const ckptFormat of ['torch', 'fsdp_dtensor'] as const) {
+    await assert.rejects(convertHfToMegatron(join(tmp, 'hf-legacy'), join(tmp, `legacy-${ckptFormat}`), { ckptFormat }), new RegExp(`--ckpt-format ${ckptFormat} is not supported for Qwen3-Next \\(80B-A3B\\) yet`));
+    assert.ok(!existsSync(join(tmp, `legacy-${ckptFormat}`)));
+  }
+});
