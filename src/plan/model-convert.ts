@@ -150,6 +150,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     if (cfg.moe && cfg.moe.numExperts % ep !== 0) throw usage(`--ep ${ep} does not divide the ${cfg.moe.numExperts} experts`);
     if (cfg.moe && cfg.moe.ffnHiddenSize % etp !== 0) throw usage(`--etp ${etp} does not divide the experts' ffn hidden size ${cfg.moe.ffnHiddenSize}`);
     if (cfg.moe?.sharedExpertFfn && cfg.moe.sharedExpertFfn % tp !== 0) throw usage(`--tp ${tp} does not divide the shared experts' ffn hidden size ${cfg.moe.sharedExpertFfn}`);
+    if (opts.ckptFormat && opts.ckptFormat !== 'torch_dist' && familyOf(cfg).splitKeys) {
+      // Their GDN in_proj / conv1d TP layout ([q_r; k_r; v_r; z_r; b_r; a_r] per rank) is not in parallel.ts yet.
+      throw unsupported(`--ckpt-format ${opts.ckptFormat} is not supported for ${familyOf(cfg).description} yet; write torch_dist (the default)`);
+    }
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
     const { targets, entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec });
@@ -291,6 +295,7 @@ function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: numb
     bf16: o.dtype === 'BF16',
     fp16: o.dtype === 'F16',
     iteration: o.iteration,
+    ...familyById(c.family)?.megatronArgs?.(c),
     shardshift_family: c.family,
     ...(familyOf(c).megatronArgs?.(c) ?? {}),
   };
