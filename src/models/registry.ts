@@ -7,9 +7,10 @@ import { qwen2 } from './qwen2.js';
 import { qwen3 } from './qwen3.js';
 import { mixtral } from './mixtral.js';
 import { qwen3Moe } from './qwen3-moe.js';
+import { gptOss } from './gpt-oss.js';
 import { unsupported } from '../errors.js';
 
-export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe];
+export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, gptOss];
 
 export function familyById(id: string): Family | undefined {
   return FAMILIES.find((f) => f.id === id);
