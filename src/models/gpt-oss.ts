@@ -1,0 +1,217 @@
+/**
+ * GPT-OSS (openai/gpt-oss-20b, -120b), as Megatron-Bridge's GPT-OSS bridge maps it onto a
+ * Megatron-Core GPTModel (`add_bias_linear`, `softmax_type='learnable'`, quick-GEGLU with
+ * `activation_func_clamp_value` and `glu_linear_offset`, sliding-window layers):
+ *
+ * - attention: q/k/v weights and biases → `linear_qkv.weight`/`.bias` (the usual per-group
+ *   interleave), `o_proj.weight`/`.bias` → `linear_proj.weight`/`.bias`, the per-head attention
+ *   sinks `self_attn.sinks` [heads] → `self_attention.core_attention.softmax_offset`;
+ * - router `mlp.router.weight` [E, H] / `.bias` [E] → `mlp.router.weight` / `mlp.router.bias`;
+ * - experts, stored by transformers stacked and *input-major*: `mlp.experts.gate_up_proj`
+ *   [E, H, 2F] with gate and up columns interleaved (gate = columns 0, 2, 4 …, up = 1, 3, 5 …),
+ *   `gate_up_proj_bias` [E, 2F] likewise, `down_proj` [E, F, H], `down_proj_bias` [E, H].
+ *   Expert e's `linear_fc1.weight` [2F, H] = [gate; up] = (gate_up_proj[e] de-interleaved)ᵀ, its
+ *   `linear_fc1.bias` [2F] = [bias[e, 0::2]; bias[e, 1::2]], `linear_fc2.weight` [H, F] =
+ *   down_proj[e]ᵀ, `linear_fc2.bias` = down_proj_bias[e].
+ *
+ * Hub checkpoints store the expert weights in MXFP4 (`*_blocks` / `*_scales`); reading them as
+ * the bf16 tensors above is the source's business, not the map's. Exports are unquantised.
+ */
+import { badInput, unsupported } from '../errors.js';
+import type { TargetTensor } from '../formats/types.js';
+import type { Box } from '../tensor/layout.js';
+import { byteLength, itemSize, numelOf } from '../tensor/dtype.js';
+import { PyFloat, PyTuple } from '../pickle/values.js';
+import { fromHfConfig, num, type ModelConfig } from './config.js';
+import { attentionParams, denseGlobals, linearExtraState, moeArgs } from './dense.js';
+import type { CustomKind, Family, LayerParam, SourcePart } from './spec.js';
+
+const L = 'model.layers.{i}';
+
+/** Copies element `from` of `src` to element `to` of `dst` (both `k`-byte items). */
+function copyItem(src: Uint8Array, from: number, dst: Uint8Array, to: number, k: number): void {
+  for (let b = 0; b < k; b++) dst[to * k + b] = src[from * k + b]!;
+}
+
+/**
+ * A lazy 2-D target over the trailing 2-D sub-tensor of `part` with rows and columns swapped and
+ * permuted: `out[r, c] = src[rowOf(c), colOf(r)]`.
+ */
+function swapped(name: string, part: SourcePart, shape: readonly [number, number], rowOf: (c: number) => number, colOf: (r: number) => number, describe: string): TargetTensor {
+  const t = part.src;
+  const k = itemSize(t.dtype);
+  if (k === undefined) throw unsupported(`${t.name}: ${t.dtype} cannot be transposed element-wise`, undefined, t.name);
+  const srcCols = t.shape[part.prefix.length + 1]!;
+  return {
+    name,
+    dtype: t.dtype,
+    shape,
+    byteLength: byteLength(t.dtype, numelOf(shape)),
+    describe,
+    produce: async (box: Box, out: Uint8Array) => {
+      const [a, b] = box.start as [number, number];
+      const [n, m] = box.size as [number, number];
+      let lo = Infinity;
+      let hi = -1;
+      for (let c = b; c < b + m; c++) {
+        lo = Math.min(lo, rowOf(c));
+        hi = Math.max(hi, rowOf(c));
+      }
+      if (n === 0 || m === 0) return;
+      const buf = new Uint8Array((hi - lo + 1) * srcCols * k);
+      await t.read({ start: [...part.prefix, lo, 0], size: [...part.prefix.map(() => 1), hi - lo + 1, srcCols] }, buf);
+      const aligned = (x: Uint8Array): boolean => x.byteOffset % k === 0;
+      if ((k === 2 || k === 4) && aligned(out) && aligned(buf)) {
+        const view = (x: Uint8Array, len: number): Uint16Array | Uint32Array => (k === 2 ? new Uint16Array(x.buffer, x.byteOffset, len) : new Uint32Array(x.buffer, x.byteOffset, len));
+        const s = view(buf, buf.byteLength / k);
+        const d = view(out, n * m);
+        for (let r = 0; r < n; r++) {
+          const col = colOf(a + r);
+          for (let c = 0; c < m; c++) d[r * m + c] = s[(rowOf(b + c) - lo) * srcCols + col]!;
+        }
+        return;
+      }
+      for (let r = 0; r < n; r++) {
+        const col = colOf(a + r);
+        for (let c = 0; c < m; c++) copyItem(buf, (rowOf(b + c) - lo) * srcCols + col, out, r * m + c, k);
+      }
+    },
+  };
+}
+
+/** A lazy 1-D target `out[r] = src[at(r)]` over the trailing 1-D sub-tensor of `part`. */
+function permuted(name: string, part: SourcePart, len: number, at: (r: number) => number, describe: string): TargetTensor {
+  const t = part.src;
+  const k = itemSize(t.dtype);
+  if (k === undefined) throw unsupported(`${t.name}: ${t.dtype} cannot be permuted element-wise`, undefined, t.name);
+  return {
+    name,
+    dtype: t.dtype,
+    shape: [len],
+    byteLength: byteLength(t.dtype, len),
+    describe,
+    produce: async (box: Box, out: Uint8Array) => {
+      const buf = new Uint8Array(len * k);
+      await t.read({ start: [...part.prefix, 0], size: [...part.prefix.map(() => 1), len] }, buf);
+      const a = box.start[0]!;
+      for (let r = 0; r < box.size[0]!; r++) copyItem(buf, at(a + r), out, r, k);
+    },
+  };
+}
+
+function at(p: SourcePart): string {
+  return `${p.src.name}${p.prefix.length ? `[${p.prefix.join(', ')}]` : ''}`;
+}
+
+/** Megatron row r of [gate; up] (2F rows) ← HF interleaved column: gate f at 2f, up f at 2f + 1. */
+const interleavedCol = (F: number) => (r: number): number => (r < F ? 2 * r : 2 * (r - F) + 1);
+/** HF interleaved column c ← Megatron row of [gate; up]. */
+const fusedRow = (F: number) => (c: number): number => (c % 2 === 0 ? c / 2 : F + (c - 1) / 2);
+const id = (x: number): number => x;
+
+/** `gate_up_proj[e]` [H, 2F] (interleaved) ↔ `linear_fc1.weight` [2F, H] ([gate; up]). */
+const GATE_UP: CustomKind = {
+  id: 'gpt-oss-gate-up',
+  toMegatron: (name, [p], shape) => {
+    const F = shape[0]! / 2;
+    return swapped(name, p!, [shape[0]!, shape[1]!], id, interleavedCol(F), `de-interleave+transpose(${at(p!)})`);
+  },
+  toHf: ([name], src, [shape]) => {
+    const F = shape![1]! / 2;
+    return [swapped(name!, src, [shape![0]!, shape![1]!], fusedRow(F), id, `transpose+interleave(${at(src)})`)];
+  },
+};
+
+/** `gate_up_proj_bias[e]` [2F] (interleaved) ↔ `linear_fc1.bias` [2F] ([gate; up]). */
+const GATE_UP_BIAS: CustomKind = {
+  id: 'gpt-oss-gate-up-bias',
+  toMegatron: (name, [p], shape) => permuted(name, p!, shape[0]!, interleavedCol(shape[0]! / 2), `de-interleave(${at(p!)})`),
+  toHf: ([name], src, [shape]) => [permuted(name!, src, shape![0]!, fusedRow(shape![0]! / 2), `interleave(${at(src)})`)],
+};
+
+/** `down_proj[e]` [F, H] ↔ `linear_fc2.weight` [H, F]. */
+const TRANSPOSED: CustomKind = {
+  id: 'transpose',
+  toMegatron: (name, [p], shape) => swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${at(p!)})`),
+  toHf: ([name], src, [shape]) => [swapped(name!, src, [shape![0]!, shape![1]!], id, id, `transpose(${at(src)})`)],
+};
+
+const LAYER_TYPES = ['sliding_attention', 'full_attention'];
+
+/** Whether layer i uses the sliding window (HF `layer_types`; transformers' default alternates, sliding first). */
+export function slidingLayers(c: ModelConfig): boolean[] {
+  const lt = c.hf?.layer_types;
+  return Array.from({ length: c.numLayers }, (_, i) => (Array.isArray(lt) ? lt[i] === 'sliding_attention' : i % 2 === 0));
+}
+
+function expertParams(c: ModelConfig): LayerParam[] {
+  const m = c.moe!;
+  const H = c.hiddenSize;
+  const F = m.ffnHiddenSize;
+  const E = m.numExperts;
+  const X = `${L}.mlp.experts`;
+  const ex = 'mlp.experts.local_experts.{e}';
+  return [
+    { megatron: 'pre_mlp_layernorm.weight', hf: [`${L}.post_attention_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['mlp.linear_fc1.layer_norm_weight'] },
+    { megatron: 'mlp.router.weight', hf: [`${L}.mlp.router.weight`], kind: 'copy', hfShapes: [[E, H]], shape: [E, H] },
+    { megatron: 'mlp.router.bias', hf: [`${L}.mlp.router.bias`], kind: 'copy', hfShapes: [[E]], shape: [E] },
+    { megatron: `${ex}.linear_fc1.weight`, hf: [`${X}.gate_up_proj`], kind: GATE_UP, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E },
+    { megatron: `${ex}.linear_fc1.bias`, hf: [`${X}.gate_up_proj_bias`], kind: GATE_UP_BIAS, hfShapes: [[2 * F]], shape: [2 * F], experts: E },
+    { megatron: `${ex}.linear_fc2.weight`, hf: [`${X}.down_proj`], kind: TRANSPOSED, hfShapes: [[F, H]], shape: [H, F], experts: E },
+    { megatron: `${ex}.linear_fc2.bias`, hf: [`${X}.down_proj_bias`], kind: 'copy', hfShapes: [[H]], shape: [H], experts: E },
+  ];
+}
+
+export const gptOss: Family = {
+  id: 'gpt_oss',
+  architectures: ['GptOssForCausalLM'],
+  modelType: 'gpt_oss',
+  description: 'GPT-OSS (20b, 120b; MXFP4 experts read as bf16)',
+  keying: () => 'stacked',
+  fromHf(cfg, file): ModelConfig {
+    if (cfg.attention_bias === false) throw unsupported(`${file}: attention_bias=false is not supported for GPT-OSS (Megatron's add_bias_linear covers attention and experts alike)`, file);
+    // GptOssConfig defaults: untied embeddings, attention biases.
+    const withDefaults = { tie_word_embeddings: false, attention_bias: true, ...cfg };
+    const base = fromHfConfig('gpt_oss', withDefaults, file, { qkvBias: true, qkNorm: false });
+    const numExperts = num(cfg, 'num_local_experts', file, 128);
+    const topK = num(cfg, 'num_experts_per_tok', file, 4);
+    if (topK > numExperts) throw badInput(`${file}: num_experts_per_tok (${topK}) exceeds num_local_experts (${numExperts})`, file);
+    if (Array.isArray(cfg.layer_types)) {
+      const lt = cfg.layer_types as unknown[];
+      const bad = lt.findIndex((t) => typeof t !== 'string' || !LAYER_TYPES.includes(t));
+      if (bad >= 0) throw badInput(`${file}: layer_types[${bad}] is ${JSON.stringify(lt[bad])}; GPT-OSS layers are ${LAYER_TYPES.join(' or ')}`, file);
+      if (lt.length !== base.numLayers) throw badInput(`${file}: layer_types lists ${lt.length} layers but num_hidden_layers is ${base.numLayers}`, file);
+    }
+    return { ...base, moe: { numExperts, topK, ffnHiddenSize: base.ffnHiddenSize } };
+  },
+  globalParams: (c) => denseGlobals(c),
+  layerParams: (c) => {
+    const H = c.hiddenSize;
+    return [
+      ...attentionParams(c),
+      { megatron: 'self_attention.linear_proj.bias', hf: [`${L}.self_attn.o_proj.bias`], kind: 'copy', hfShapes: [[H]], shape: [H] },
+      { megatron: 'self_attention.core_attention.softmax_offset', hf: [`${L}.self_attn.sinks`], kind: 'copy', hfShapes: [[c.numAttentionHeads]], shape: [c.numAttentionHeads] },
+      ...expertParams(c),
+    ];
+  },
+  extraStateModules: (c, i) => linearExtraState(c, i),
+  megatronArgs: (c) => {
+    const hf = c.hf ?? {};
+    const window = typeof hf.sliding_window === 'number' ? hf.sliding_window : 128;
+    return {
+      ...moeArgs(c),
+      add_bias_linear: true,
+      moe_router_pre_softmax: false,
+      moe_router_load_balancing_type: 'none',
+      moe_grouped_gemm: true,
+      quick_geglu: true,
+      activation_func_clamp_value: new PyFloat(typeof hf.swiglu_limit === 'number' ? hf.swiglu_limit : 7.0),
+      glu_linear_offset: new PyFloat(1.0),
+      softmax_type: 'learnable',
+      window_size: new PyTuple([window - 1, 0]),
+      // megatron-core: a list marks the window-attention layers (1 = sliding).
+      window_attn_skip_freq: slidingLayers(c).map((s) => (s ? 1 : 0)),
+      position_embedding_type: 'yarn',
+    };
+  },
+};
