@@ -10,6 +10,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../formats/index.js';
+import { withMxfp4Dequantized } from '../tensor/mxfp4.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../formats/megatron.js';
 import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
@@ -130,7 +131,8 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       notes.push('NxD shards read as their HF-named full state, then mapped to Megatron');
     } else {
       cfg = await configFromHfDir(srcPath);
-      src = await openCheckpoint(srcPath);
+      // MXFP4 expert weights (GPT-OSS hub checkpoints) read as the bf16 tensors transformers dequantises them to.
+      src = withMxfp4Dequantized(await openCheckpoint(srcPath));
       sideDir = src.root;
     }
     const tp = opts.tp ?? 1;

@@ -13,6 +13,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runOracle } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
+import { openCheckpoint } from '../../src/formats/index.js';
+import { withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
+import { wholeBox } from '../../src/tensor/layout.js';
 
 let tmp: string;
 before(async () => {
@@ -40,5 +43,61 @@ test('gpt_oss: megatron-core strictly loads every key with transformers\' logits
     const back = join(tmp, `${name}.back`);
     await convertMegatronToHf(meg, back, {});
     assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${name} keys: round trip is not byte-identical`);
+  }
+});
+
+test('MXFP4: every scale byte and nibble dequantises bit for bit as transformers\' convert_moe_packed_tensors', async () => {
+  const dir = join(tmp, 'table');
+  await runOracle('gptoss_oracle.py', ['mxfp4_table', dir]);
+  const packed = withMxfp4Dequantized(await openCheckpoint(join(dir, 'packed.safetensors')));
+  const expected = await openCheckpoint(join(dir, 'expected.safetensors'));
+  try {
+    const got = packed.tensors.get('w')!;
+    const want = expected.tensors.get('w')!;
+    assert.deepEqual(got.shape, want.shape);
+    const a = new Uint8Array(got.byteLength);
+    const b = new Uint8Array(want.byteLength);
+    await got.read(wholeBox(got.shape), a);
+    await want.read(wholeBox(want.shape), b);
+    assert.ok(Buffer.from(a).equals(Buffer.from(b)), 'whole tensor');
+    // A sub-box (rows and a column range inside one block) reads the same bytes.
+    const box = { start: [1, 37, 2], size: [1, 20, 5] };
+    const sa = new Uint8Array(200);
+    const sb = new Uint8Array(200);
+    await got.read(box, sa);
+    await want.read(box, sb);
+    assert.ok(Buffer.from(sa).equals(Buffer.from(sb)), 'sub-box');
+  } finally {
+    await packed.close();
+    await expected.close();
+  }
+});
+
+test('MXFP4 GPT-OSS checkpoint → Megatron → HF: the bf16 experts equal transformers\' dequantisation bit for bit', async () => {
+  const hf = join(tmp, 'hf.q');
+  await runOracle('gptoss_oracle.py', ['make', hf]);
+  const q = join(tmp, 'mxfp4');
+  await runOracle('gptoss_oracle.py', ['mxfp4', hf, q]);
+  const meg = join(tmp, 'mxfp4.meg');
+  await convertHfToMegatron(q, meg, {});
+  const back = join(tmp, 'mxfp4.hf');
+  await convertMegatronToHf(meg, back, { dtype: 'BF16' });
+  const out = await openCheckpoint(back);
+  const deq = await openCheckpoint(`${q}.dequantized.safetensors`);
+  try {
+    assert.ok(deq.tensors.size >= 2);
+    for (const [n, want] of deq.tensors) {
+      const got = out.tensors.get(n);
+      assert.ok(got, `${n} in the export`);
+      assert.deepEqual(got.shape, want.shape, n);
+      const a = new Uint8Array(got.byteLength);
+      const b = new Uint8Array(want.byteLength);
+      await got.read(wholeBox(got.shape), a);
+      await want.read(wholeBox(want.shape), b);
+      assert.ok(Buffer.from(a).equals(Buffer.from(b)), `${n} differs from transformers' dequantisation`);
+    }
+  } finally {
+    await out.close();
+    await deq.close();
   }
 });

@@ -170,11 +170,27 @@ def cmd_mxfp4(hf_dir, out_dir):
             out[n] = t
     os.makedirs(out_dir, exist_ok=True)
     save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    save_file(deq, os.path.join(out_dir, "dequantized.safetensors"), metadata={"format": "pt"})
+    save_file(deq, out_dir.rstrip("/") + ".dequantized.safetensors", metadata={"format": "pt"})  # beside the model dir
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     json.dump(cfg, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
     return {"ok": True, "tensors": {n: list(t.shape) for n, t in out.items() if "_blocks" in n or "_scales" in n}}
+
+
+def cmd_mxfp4_table(out_dir):
+    """Every scale byte (0..255) and every nibble, through transformers' own dequantisation."""
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(5)
+    scales = torch.arange(256, dtype=torch.int32).reshape(2, 8, 16).to(torch.uint8)  # [E=2, R=8, G=16]
+    blocks = torch.randint(0, 256, (2, 8, 16, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+    blocks[0, 0, :, :] = torch.arange(256, dtype=torch.int32).reshape(16, 16).to(torch.uint8)  # every byte
+    deq = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({"w_blocks": blocks, "w_scales": scales}, os.path.join(out_dir, "packed.safetensors"))
+    save_file({"w": deq}, os.path.join(out_dir, "expected.safetensors"))
+    return {"shape": list(deq.shape)}
 
 
 def main():
@@ -183,6 +199,8 @@ def main():
         r = cmd_make(a[1])
     elif a[0] == "load":
         r = cmd_load(a[1], a[2])
+    elif a[0] == "mxfp4_table":
+        r = cmd_mxfp4_table(a[1])
     elif a[0] == "mxfp4":
         r = cmd_mxfp4(a[1], a[2])
     else:
