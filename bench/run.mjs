@@ -13,7 +13,7 @@
 //
 //   cases: hf-to-megatron megatron-to-hf dcp-to-hf dcp-to-torch hf-to-dcp cast reshard lora
 //          memory (1B/3B/8B peak RSS) sparse-70b (70B-shaped sparse checkpoint) all
-//   options: --model 1b|3b|8b|tiny   shape for the cases that take one (reshard defaults to 8b)
+//   options: --model 1b|3b|8b|tiny|mixtral-tiny|mixtral-1b|mixtral-8x7b   shape for the cases that take one (reshard defaults to 8b)
 //            --runs N (3) --max-memory 1GiB --no-peer --no-cp --json FILE
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
