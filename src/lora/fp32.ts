@@ -115,12 +115,19 @@ export function setMklPath(p: MklPath | undefined): void {
   path = p;
 }
 
+/**
+ * The k block of MKL's FMA chains for inner dimension r on this machine's kernel: each output
+ * element is chains over [0, kc), [kc, 2kc), … summed in fp32 in order.
+ */
+export function mklBlock(r: number): number {
+  if (mklPath() === 'avx2') return MKL_AVX2_KC;
+  return r <= MKL_KC ? MKL_KC : Math.ceil(r / Math.ceil(r / MKL_KC));
+}
+
 /** One element of `B @ A` (x a row of B, y a column of A, r the rank) in MKL's order (see above). */
 export function loraDot(x: Float32Array, xo: number, y: Float32Array, yo: number, r: number): number {
-  const avx2 = mklPath() === 'avx2';
-  if (r <= (avx2 ? MKL_AVX2_KC : MKL_KC)) return dotChain(x, xo, y, yo, r);
-  const blocks = avx2 ? 0 : Math.ceil(r / MKL_KC);
-  const kc = avx2 ? MKL_AVX2_KC : Math.ceil(r / blocks);
+  const kc = mklBlock(r);
+  if (r <= kc) return dotChain(x, xo, y, yo, r);
   let acc = dotChain(x, xo, y, yo, kc);
   for (let k = kc; k < r; k += kc) acc = Math.fround(acc + dotChain(x, xo + k, y, yo + k, Math.min(kc, r - k)));
   return acc;

@@ -30,14 +30,9 @@ import type { TargetTensor } from '../formats/types.js';
 import type { LoraModuleTensors } from '../formats/peft.js';
 import { wholeBox, type Box } from '../tensor/layout.js';
 import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
-import { loraDot, fromF32, roundThrough, toF32 } from './fp32.js';
-
-/** LoRA factors as fp32: b [nb, r] (B rows) and at [na, r] (A transposed: one row per A column). */
-export interface Factors {
-  readonly r: number;
-  readonly b: Float32Array;
-  readonly at: Float32Array;
-}
+import { fromF32, mklBlock, roundThrough, toF32 } from './fp32.js';
+import { deltaBlock, runLoraMerge, type FactorMatrices, type LoraMergeTask } from './merge-task.js';
+import { poolThreads, runOnPool } from '../plan/workers.js';
 
 /** How the delta is rounded (see the module comment). */
 export interface MergeRounding {
@@ -53,18 +48,37 @@ async function readAll(t: { shape: readonly number[]; byteLength: number; dtype:
   return toF32(buf, t.dtype);
 }
 
-/** Loads a module's factors: b = B as is, at = Aᵀ. */
-export async function loadFactors(m: LoraModuleTensors, factorDtype?: DType): Promise<Factors> {
+/** A Float64Array on a SharedArrayBuffer (posted to pool workers without a copy). */
+function sharedF64(n: number): Float64Array {
+  return new Float64Array(new SharedArrayBuffer(n * 8));
+}
+
+/**
+ * Loads a module's factors as the X and Y of W[R, C] = Σ_k X[R, k]·Y[k, C]: for `out-in`
+ * (W[o, i], nn.Linear) X = B, Y = A; for `in-out` (W[i, o]) X = Aᵀ, Y = Bᵀ.
+ */
+export async function loadFactors(m: LoraModuleTensors, layout: WeightLayout, factorDtype?: DType): Promise<FactorMatrices> {
   const [a, b] = await Promise.all([readAll(m.a), readAll(m.b)]);
   if (factorDtype) {
     roundThrough(a, factorDtype);
     roundThrough(b, factorDtype);
   }
   const r = m.a.shape[0]!;
-  const n = m.a.shape[1]!;
-  const at = new Float32Array(n * r);
-  for (let k = 0; k < r; k++) for (let j = 0; j < n; j++) at[j * r + k] = a[k * n + j]!;
-  return { r, b, at };
+  const na = m.a.shape[1]!;
+  const nb = m.b.shape[0]!;
+  const kc = mklBlock(r);
+  if (layout === 'out-in') {
+    const x = sharedF64(nb * r);
+    x.set(b);
+    const y = sharedF64(r * na);
+    y.set(a);
+    return { r, kc, x, y, cols: na };
+  }
+  const x = sharedF64(na * r);
+  for (let k = 0; k < r; k++) for (let j = 0; j < na; j++) x[j * r + k] = a[k * na + j]!;
+  const y = sharedF64(r * nb);
+  for (let o = 0; o < nb; o++) for (let k = 0; k < r; k++) y[k * nb + o] = b[o * r + k]!;
+  return { r, kc, x, y, cols: nb };
 }
 
 /** A value computed on first use and dropped once the tensor has been fully produced. */
@@ -133,6 +147,9 @@ export function laneNorm(v: Float32Array, off: number, n: number): number {
   return f(Math.sqrt(s));
 }
 
+/** Boxes at least this many elements are merged on the worker pool (smaller ones inline). */
+const POOL_MIN_ELEMENTS = 1 << 16;
+
 /** A merged weight: base + LoRA delta (or DoRA), box by box. */
 export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
   const { base, module: m, layout } = spec;
@@ -140,33 +157,17 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
   const [rows, cols] = base.shape as [number, number];
   const s32 = Math.fround(spec.scaling);
   const total = rows * cols;
-  const factors = new Memo(() => loadFactors(m, spec.rounding.factorDtype), total);
+  const factors = new Memo(() => loadFactors(m, layout, spec.rounding.factorDtype), total);
   const magnitude = spec.dora && m.magnitude ? new Memo(() => readAll(m.magnitude!), total) : undefined;
   // Per output-feature DoRA norms computed in a pass of their own (fan_in_fan_out, or rows wider than a box).
   let norms: Promise<Float32Array> | undefined;
 
-  /** fp32 ΔW (scaled, rounded as configured) for rows [r0, r0+n) × cols [c0, c0+w). */
-  const delta = (f: Factors, r0: number, n: number, c0: number, w: number): Float32Array => {
-    const out = new Float32Array(n * w);
-    const r = f.r;
-    for (let i = 0; i < n; i++) {
-      const R = r0 + i;
-      for (let j = 0; j < w; j++) {
-        const C = c0 + j;
-        const dot = layout === 'out-in' ? loraDot(f.b, R * r, f.at, C * r, r) : loraDot(f.b, C * r, f.at, R * r, r);
-        out[i * w + j] = Math.fround(dot * s32);
-      }
-    }
-    if (spec.rounding.roundDelta && !spec.dora) roundThrough(out, dtype);
-    return out;
-  };
-
-  /** V = W + ΔW in fp32 for a block. */
-  const vBlock = async (f: Factors, box: Box): Promise<Float32Array> => {
+  /** V = W + ΔW in fp32 for a block (DoRA: ΔW is never rounded first). */
+  const vBlock = async (f: FactorMatrices, box: Box): Promise<Float32Array> => {
     const raw = new Uint8Array(byteLength(dtype, numelOf(box.size)));
     await base.produce(box, raw);
     const w = toF32(raw, dtype);
-    const d = delta(f, box.start[0]!, box.size[0]!, box.start[1]!, box.size[1]!);
+    const d = deltaBlock(f, box.start[0]!, box.size[0]!, box.start[1]!, box.size[1]!, s32);
     for (let k = 0; k < w.length; k++) w[k] = Math.fround(w[k]! + d[k]!);
     return w;
   };
@@ -201,6 +202,38 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
     return acc;
   };
 
+  /** Plain LoRA: the base box into `out`, then merged in place — on the pool when it pays. */
+  const mergeBox = async (f: FactorMatrices, box: Box, out: Uint8Array): Promise<void> => {
+    const [r0, n] = [box.start[0]!, box.size[0]!];
+    const [c0, w] = [box.start[1]!, box.size[1]!];
+    const shared = out.buffer instanceof SharedArrayBuffer;
+    const buf = shared ? out : new Uint8Array(new SharedArrayBuffer(out.length));
+    await base.produce(box, buf);
+    const task = (rr: number, nn: number): LoraMergeTask => ({
+      kind: 'lora',
+      buf: buf.buffer as SharedArrayBuffer,
+      offset: buf.byteOffset + byteLength(dtype, (rr - r0) * w),
+      dtype,
+      r0: rr,
+      n: nn,
+      c0,
+      w,
+      factors: f,
+      scale: s32,
+      roundDelta: spec.rounding.roundDelta,
+    });
+    const threads = poolThreads();
+    if (threads > 0 && n * w >= POOL_MIN_ELEMENTS) {
+      // Split into about two pieces per thread so a lone box still uses every core.
+      const pieces = Math.min(n, threads * 2);
+      const per = Math.ceil(n / pieces);
+      const runs: Promise<number>[] = [];
+      for (let i = 0; i < n; i += per) runs.push(runOnPool(task(r0 + i, Math.min(per, n - i))));
+      await Promise.all(runs);
+    } else runLoraMerge(task(r0, n));
+    if (!shared) out.set(buf);
+  };
+
   return {
     name: spec.name,
     dtype,
@@ -211,24 +244,26 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
       const n = numelOf(box.size);
       try {
         const f = await factors.get();
+        if (!magnitude) {
+          await mergeBox(f, box, out);
+          return;
+        }
         const v = await vBlock(f, box);
-        if (magnitude) {
-          const mag = await magnitude.get();
-          const [r0, nr] = [box.start[0]!, box.size[0]!];
-          const [c0, nc] = [box.start[1]!, box.size[1]!];
-          if (layout === 'out-in' && c0 === 0 && nc === cols) {
-            for (let i = 0; i < nr; i++) {
-              const fac = Math.fround(mag[r0 + i]! / laneNorm(v, i * cols, cols));
-              for (let j = 0; j < cols; j++) v[i * cols + j] = Math.fround(fac * v[i * cols + j]!);
-            }
-          } else {
-            const nv = await (norms ??= computeNorms());
-            for (let i = 0; i < nr; i++) {
-              for (let j = 0; j < nc; j++) {
-                const feat = layout === 'out-in' ? r0 + i : c0 + j;
-                const fac = Math.fround(mag[feat]! / nv[feat]!);
-                v[i * nc + j] = Math.fround(fac * v[i * nc + j]!);
-              }
+        const mag = await magnitude.get();
+        const [r0, nr] = [box.start[0]!, box.size[0]!];
+        const [c0, nc] = [box.start[1]!, box.size[1]!];
+        if (layout === 'out-in' && c0 === 0 && nc === cols) {
+          for (let i = 0; i < nr; i++) {
+            const fac = Math.fround(mag[r0 + i]! / laneNorm(v, i * cols, cols));
+            for (let j = 0; j < cols; j++) v[i * cols + j] = Math.fround(fac * v[i * cols + j]!);
+          }
+        } else {
+          const nv = await (norms ??= computeNorms());
+          for (let i = 0; i < nr; i++) {
+            for (let j = 0; j < nc; j++) {
+              const feat = layout === 'out-in' ? r0 + i : c0 + j;
+              const fac = Math.fround(mag[feat]! / nv[feat]!);
+              v[i * nc + j] = Math.fround(fac * v[i * nc + j]!);
             }
           }
         }

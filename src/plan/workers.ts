@@ -4,8 +4,8 @@
  * - SHA-256 of each output file runs on one dedicated worker thread (`hash-worker.ts`): a file's
  *   hash is a sequential stream, so it cannot be split over a task pool. The worker reads the
  *   bytes straight from the executor's SharedArrayBuffer arena; nothing is copied.
- * - Casts run as tasks on a tinypool of worker threads sized to the cores (`cast-worker.ts`), also
- *   in place in the arena.
+ * - Casts and LoRA merges run as tasks on one tinypool of worker threads sized to the cores
+ *   (`pool-worker.ts`), also in place in the arena.
  *
  * Both are started lazily, only for outputs large enough to pay for a thread's start-up, and are
  * unref'd while idle so they never keep the process alive.
@@ -15,6 +15,7 @@ import { availableParallelism } from 'node:os';
 import Tinypool from 'tinypool';
 import type { DType } from '../tensor/dtype.js';
 import type { TargetTensor } from '../formats/types.js';
+import type { LoraMergeTask } from '../lora/merge-task.js';
 
 /** When the executor uses worker threads (bytes of one output file / of one cast chunk). */
 export const workerTuning = {
@@ -22,7 +23,7 @@ export const workerTuning = {
   hashWorkerMinBytes: 64 << 20,
   /** Cast chunks at least this large go to the cast pool; smaller ones are cast inline. */
   castWorkerMinBytes: 1 << 20,
-  /** Threads of the cast pool (0: inline casts only). */
+  /** Threads of the task pool for casts and LoRA merges (0: everything inline). */
   castThreads: availableParallelism(),
 };
 
@@ -65,6 +66,7 @@ export function giveScratch(b: Uint8Array): void {
 }
 
 export interface CastTask {
+  kind: 'cast';
   arena: SharedArrayBuffer;
   src: number;
   srcLength: number;
@@ -74,18 +76,30 @@ export interface CastTask {
   dstLength: number;
 }
 
+export type PoolTask = CastTask | LoraMergeTask;
+
 let pool: Tinypool | undefined;
 
-/** Runs a cast on the pool; undefined when the pool is disabled (cast inline instead). */
-export function castOnPool(task: CastTask): Promise<number> | undefined {
-  if (workerTuning.castThreads <= 0) return undefined;
+/** Threads of the task pool (0: run tasks inline). */
+export function poolThreads(): number {
+  return Math.max(0, workerTuning.castThreads);
+}
+
+/** Runs a task on the pool (call only when `poolThreads()` > 0); resolves to the bytes it wrote. */
+export function runOnPool(task: PoolTask): Promise<number> {
   pool ??= new Tinypool({
-    filename: new URL('./cast-worker.js', import.meta.url).href,
+    filename: new URL('./pool-worker.js', import.meta.url).href,
     minThreads: 0,
     maxThreads: workerTuning.castThreads,
     idleTimeout: 2000,
   });
   return pool.run(task) as Promise<number>;
+}
+
+/** Runs a cast on the pool; undefined when the pool is disabled (cast inline instead). */
+export function castOnPool(task: Omit<CastTask, 'kind'>): Promise<number> | undefined {
+  if (poolThreads() <= 0) return undefined;
+  return runOnPool({ kind: 'cast', ...task });
 }
 
 // ---------------------------------------------------------------------------------------------

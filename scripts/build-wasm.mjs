@@ -1,0 +1,238 @@
+// Generates src/lora/fma-kernel.wasm.ts: the WebAssembly SIMD kernel behind the exact fp32 LoRA
+// merge (see src/lora/fma-kernel.ts for what it computes and why it is exact).
+//
+// The WAT is written here as a template because the inner loop is four copies of the same lane
+// group; `wabt` (a devDependency) assembles it, and the module's bytes are committed as base64 so
+// that neither a build nor a user's install needs an assembler. `node scripts/build-wasm.mjs`
+// regenerates the file; `--check` exits non-zero when the committed file is stale (a unit test runs
+// that).
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const target = join(root, 'src', 'lora', 'fma-kernel.wasm.ts');
+
+/** Lane groups per output group: 4 × f64x2 = 8 output elements, enough chains to hide latency. */
+const V = Number(process.env.KERNEL_V ?? 4);
+const range = (n) => [...Array(n).keys()];
+
+/**
+ * One FMA step of lane group g in the fast path: s = p + acc rounded to binary64, acc = s rounded
+ * to binary32; flags the lanes where that double rounding might differ from a single one.
+ * `midpoint`: s is exactly a binary32 midpoint of the normal range (low 29 mantissa bits
+ * 0x10000000) — complete when no exact sum can fall in the binary32 subnormal range off its grid,
+ * which the caller guarantees (fma-kernel.ts `gridSafe`). Otherwise (`$safe`): s has its low 28
+ * bits clear and is not a binary32 — every midpoint, subnormal ones included.
+ */
+const fastStep = (safe) => (g) => `
+      (local.set $s (f64x2.add (f64x2.mul (local.get $xv) (v128.load offset=${16 * g} (local.get $yp))) (local.get $a${g})))
+      (local.set $a${g} (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (local.get $s))))` + (safe ? `
+      (local.set $fl (v128.or (local.get $fl) (v128.and
+        (f64x2.ne (local.get $s) (local.get $a${g}))
+        (i64x2.eq (v128.and (local.get $s) (local.get $low28)) (local.get $zero)))))` : `
+      (local.set $fl (v128.or (local.get $fl)
+        (i64x2.eq (v128.and (local.get $s) (local.get $low29)) (local.get $mid))))`);
+
+/**
+ * One FMA step in the exact path: s rounded to odd (TwoSum error; if inexact and s's last bit is
+ * 0, step s one ulp towards the exact sum), then to binary32. Round-to-odd at 53 bits followed by
+ * round-to-nearest at 24 bits equals one rounding of the exact sum (Boldo & Melquiond).
+ */
+const exactStep = (g) => `
+      (local.set $p (f64x2.mul (local.get $xv) (v128.load offset=${16 * g} (local.get $yp))))
+      (local.set $s (f64x2.add (local.get $p) (local.get $a${g})))
+      (local.set $bb (f64x2.sub (local.get $s) (local.get $p)))
+      (local.set $err (f64x2.add
+        (f64x2.sub (local.get $p) (f64x2.sub (local.get $s) (local.get $bb)))
+        (f64x2.sub (local.get $a${g}) (local.get $bb))))
+      (local.set $s (i64x2.add (local.get $s) (v128.and
+        (v128.or (i64x2.shr_s (v128.xor (local.get $err) (local.get $s)) (i32.const 63)) (local.get $one))
+        (v128.and
+          (f64x2.ne (local.get $err) (local.get $zero))
+          (i64x2.eq (v128.and (local.get $s) (local.get $one)) (local.get $zero))))))
+      (local.set $a${g} (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (local.get $s))))`;
+
+/** The k loop over one block [kb, kend) for the group at (xrow, column j), with `step` per lane group. */
+const kLoop = (step) => `
+    (local.set $xp (i32.add (local.get $xrow) (i32.shl (local.get $kb) (i32.const 3))))
+    (local.set $yp (i32.add (local.get $y) (i32.shl (i32.add (i32.mul (local.get $kb) (local.get $w8)) (local.get $j)) (i32.const 3))))
+    (local.set $k (local.get $kb))
+    (block $k_done (loop $k_loop
+      (br_if $k_done (i32.ge_u (local.get $k) (local.get $kend)))
+      (local.set $xv (f64x2.splat (f64.load (local.get $xp))))${range(V).map(step).join('')}
+      (local.set $xp (i32.add (local.get $xp) (i32.const 8)))
+      (local.set $yp (i32.add (local.get $yp) (local.get $ystride)))
+      (local.set $k (i32.add (local.get $k) (i32.const 1)))
+      (br $k_loop)))`;
+
+/** Every block of the group's chains into $t0.., block sums added in binary32. */
+const group = (step) => `
+    (local.set $kb (i32.const 0))
+    (block $kb_done (loop $kb_loop
+      (br_if $kb_done (i32.ge_u (local.get $kb) (local.get $r)))
+      (local.set $kend (select
+        (i32.add (local.get $kb) (local.get $kc)) (local.get $r)
+        (i32.lt_u (i32.add (local.get $kb) (local.get $kc)) (local.get $r))))${range(V).map((g) => `
+      (local.set $a${g} (local.get $zero))`).join('')}
+${kLoop(step)}
+      (if (i32.eqz (local.get $kb))
+        (then${range(V).map((g) => `
+          (local.set $t${g} (local.get $a${g}))`).join('')})
+        (else${range(V).map((g) => `
+          (local.set $t${g} (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (f64x2.add (local.get $t${g}) (local.get $a${g})))))`).join('')}))
+      (local.set $kb (i32.add (local.get $kb) (local.get $kc)))
+      (br $kb_loop)))
+`;
+
+/** f32x4 RNE to bf16 in the high half of each lane (NaN → 0xFFFF, as torch's vectorised cast). */
+const bf16Round = (v) => `(v128.bitselect (local.get $nan16)
+      (i32x4.shr_u (i32x4.add (i32x4.add ${v} (local.get $c7fff)) (v128.and (i32x4.shr_u ${v} (i32.const 16)) (local.get $one32))) (i32.const 16))
+      (f32x4.ne ${v} ${v}))`;
+
+/**
+ * The group's epilogue: ΔW = f32(t × scale), then by $mode: 0 store ΔW (f32 [n, w8] at $out);
+ * 1 bf16 base at $out ([n, w8] u16) ← bf16(f32(base + ΔW)); 2 the same with ΔW rounded to bf16
+ * first (safe_merge); 3 f32 base at $out ← f32(base + ΔW).
+ */
+const epilogue = `
+    ${range(V / 2).map((h) => `(local.set $d${h} (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
+      (f32x4.demote_f64x2_zero (f64x2.mul (local.get $t${2 * h}) (local.get $sc)))
+      (f32x4.demote_f64x2_zero (f64x2.mul (local.get $t${2 * h + 1}) (local.get $sc)))))`).join('\n    ')}
+    (local.set $o (i32.add (i32.mul (local.get $i) (local.get $w8)) (local.get $j)))
+    (if (i32.le_u (local.get $mode) (i32.const 0))
+      (then
+        (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(V / 2).map((h) => `
+        (v128.store offset=${16 * h} (local.get $o) (local.get $d${h}))`).join('')})
+      (else (if (i32.eq (local.get $mode) (i32.const 3))
+        (then
+          (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(V / 2).map((h) => `
+          (v128.store offset=${16 * h} (local.get $o) (f32x4.add (v128.load offset=${16 * h} (local.get $o)) (local.get $d${h})))`).join('')})
+        (else
+          (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 1))))
+          (if (i32.eq (local.get $mode) (i32.const 2))
+            (then${range(V / 2).map((h) => `
+              (local.set $d${h} (i32x4.shl ${bf16Round(`(local.get $d${h})`)} (i32.const 16)))`).join('')}))${range(V / 4).map((q) => `
+          (local.set $raw (v128.load offset=${16 * q} (local.get $o)))
+          (local.set $lo (f32x4.add (i32x4.shl (i32x4.extend_low_i16x8_u (local.get $raw)) (i32.const 16)) (local.get $d${2 * q})))
+          (local.set $hi (f32x4.add (i32x4.shl (i32x4.extend_high_i16x8_u (local.get $raw)) (i32.const 16)) (local.get $d${2 * q + 1})))
+          (v128.store offset=${16 * q} (local.get $o) (i16x8.narrow_i32x4_u ${bf16Round('(local.get $lo)')} ${bf16Round('(local.get $hi)')}))`).join('')}))))`;
+
+const locals = `
+    (local $jt i32) (local $jend i32) (local $i i32) (local $j i32) (local $kb i32) (local $kend i32)
+    (local $k i32) (local $xrow i32) (local $xp i32) (local $yp i32) (local $ystride i32) (local $o i32)
+    (local $count i32)
+    ${range(V).map((g) => `(local $a${g} v128) (local $t${g} v128)`).join(' ')}
+    (local $s v128) (local $p v128) (local $bb v128) (local $err v128) (local $xv v128) (local $fl v128)
+    (local $low28 v128) (local $low29 v128) (local $mid v128) (local $one v128) (local $zero v128) (local $sc v128)
+    ${range(V / 2).map((h) => `(local $d${h} v128)`).join(' ')} (local $raw v128) (local $lo v128) (local $hi v128)
+    (local $nan16 v128) (local $c7fff v128) (local $one32 v128)`;
+
+const constants = `
+    (local.set $low28 (v128.const i64x2 0x0FFFFFFF 0x0FFFFFFF))
+    (local.set $low29 (v128.const i64x2 0x1FFFFFFF 0x1FFFFFFF))
+    (local.set $mid (v128.const i64x2 0x10000000 0x10000000))
+    (local.set $one (v128.const i64x2 1 1))
+    (local.set $zero (v128.const i64x2 0 0))
+    (local.set $nan16 (v128.const i32x4 0xFFFF 0xFFFF 0xFFFF 0xFFFF))
+    (local.set $c7fff (v128.const i32x4 0x7FFF 0x7FFF 0x7FFF 0x7FFF))
+    (local.set $one32 (v128.const i32x4 1 1 1 1))
+    (local.set $sc (f64x2.splat (local.get $scale)))
+    (local.set $ystride (i32.shl (local.get $w8) (i32.const 3)))`;
+
+/** The fast kernel: fast steps, a flagged group redone exactly, then the epilogue. */
+const fastFunc = (name, safe) => `
+  ;; For i < n, j < w8 (a multiple of ${2 * V}): ΔW[i, j] = f32(chain(Σ_k x[i, k]·y[k, j]) × scale),
+  ;; each chain an fp32 FMA chain from 0 over a block of kc (MKL's order), block sums added in
+  ;; fp32; then stored or merged into the base at $out as $mode says (see the epilogue).
+  ;; x: f64 [n, r] row-major; y: f64 [r, w8] row-major. Returns the number of ${2 * V}-element
+  ;; groups that took the exact path (for tests). "chains" needs the caller's grid guarantee
+  ;; (see fastStep); "chainsSafe" does not.
+  (func (export "${name}")
+    (param $x i32) (param $y i32) (param $out i32) (param $n i32) (param $w8 i32) (param $r i32)
+    (param $kc i32) (param $scale f64) (param $mode i32) (result i32)${locals}${constants}
+    ;; Column tiles of 256 keep y's tile (r × 256 f64) in L1/L2 while every row passes over it.
+    (local.set $jt (i32.const 0))
+    (block $jt_done (loop $jt_loop
+      (br_if $jt_done (i32.ge_u (local.get $jt) (local.get $w8)))
+      (local.set $jend (select
+        (i32.add (local.get $jt) (i32.const 256)) (local.get $w8)
+        (i32.lt_u (i32.add (local.get $jt) (i32.const 256)) (local.get $w8))))
+      (local.set $i (i32.const 0))
+      (block $i_done (loop $i_loop
+        (br_if $i_done (i32.ge_u (local.get $i) (local.get $n)))
+        (local.set $xrow (i32.add (local.get $x) (i32.shl (i32.mul (local.get $i) (local.get $r)) (i32.const 3))))
+        (local.set $j (local.get $jt))
+        (block $j_done (loop $j_loop
+          (br_if $j_done (i32.ge_u (local.get $j) (local.get $jend)))
+          (local.set $fl (local.get $zero))
+${group(fastStep(safe))}
+          ;; A flagged lane: redo the whole group with the exact step (rare for real data).
+          (if (v128.any_true (local.get $fl))
+            (then
+              (local.set $count (i32.add (local.get $count) (i32.const 1)))
+${group(exactStep)}))
+${epilogue}
+          (local.set $j (i32.add (local.get $j) (i32.const ${2 * V})))
+          (br $j_loop)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $i_loop)))
+      (local.set $jt (i32.add (local.get $jt) (i32.const 256)))
+      (br $jt_loop)))
+    (local.get $count))
+
+`;
+
+const wat = `(module
+  ;; Memory is laid out by the caller (fma-kernel.ts) and grown from JS as needed.
+  (memory (export "memory") 1)
+
+${fastFunc('chains', false)}${fastFunc('chainsSafe', true)}
+  ;; The same with the exact step only (tests compare the two paths).
+  (func (export "chainsExact")
+    (param $x i32) (param $y i32) (param $out i32) (param $n i32) (param $w8 i32) (param $r i32)
+    (param $kc i32) (param $scale f64) (param $mode i32) (result i32)${locals}${constants}
+    (local.set $i (i32.const 0))
+    (block $i_done (loop $i_loop
+      (br_if $i_done (i32.ge_u (local.get $i) (local.get $n)))
+      (local.set $xrow (i32.add (local.get $x) (i32.shl (i32.mul (local.get $i) (local.get $r)) (i32.const 3))))
+      (local.set $j (i32.const 0))
+      (block $j_done (loop $j_loop
+        (br_if $j_done (i32.ge_u (local.get $j) (local.get $w8)))
+${group(exactStep)}
+${epilogue}
+        (local.set $j (i32.add (local.get $j) (i32.const ${2 * V})))
+        (br $j_loop)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $i_loop)))
+    (i32.const 0))
+)
+`;
+
+const wabt = await (await import('wabt')).default();
+const mod = wabt.parseWat('fma-kernel.wat', wat, { simd: true });
+mod.validate();
+const { buffer } = mod.toBinary({});
+const b64 = Buffer.from(buffer).toString('base64');
+const text = `// Generated by scripts/build-wasm.mjs (the WAT is there); do not edit.
+/** The fp32 FMA-chain kernel (WebAssembly SIMD), ${buffer.length} bytes. */
+export const FMA_KERNEL_WASM = '${b64}';
+/** Output elements per kernel group: the kernel's width must be a multiple of this. */
+export const FMA_KERNEL_GROUP = ${2 * V};
+`;
+
+if (process.argv.includes('--check')) {
+  let old = '';
+  try {
+    old = readFileSync(target, 'utf8');
+  } catch {
+    // missing: stale
+  }
+  if (old !== text) {
+    console.error(`${target} is stale: run node scripts/build-wasm.mjs`);
+    process.exit(1);
+  }
+} else {
+  writeFileSync(target, text);
+  console.log(`wrote ${target} (${buffer.length} bytes of wasm)`);
+}

@@ -1,0 +1,163 @@
+/**
+ * Blocks of `B @ A` as exact fp32 FMA chains, in WebAssembly SIMD — the hot loop of a LoRA merge.
+ *
+ * `fp32.ts` defines the arithmetic: every output element is MKL's sgemm order (FMA chains from 0
+ * over blocks of kc, block sums added in fp32), each FMA correctly rounded. In JavaScript that is
+ * ~4 ns per FMA; this kernel does the same in two lanes of f64 per instruction, four lane groups
+ * in flight (8 output elements per group), about an order of magnitude faster.
+ *
+ * Why it is exact: a product of two float32 is exact in binary64, so an FMA is one binary64 add
+ * and a rounding to binary32 — which is a *double* rounding, wrong exactly when the binary64 sum
+ * lands on a binary32 midpoint. The fast path rounds twice and flags any lane whose binary64 sum
+ * could be such a midpoint (its low 28 mantissa bits are clear and it is not a binary32); a
+ * flagged group is recomputed with the exact step: the binary64 sum rounded to odd (TwoSum error
+ * decides the last bit), which makes the second rounding exact (Boldo & Melquiond, "Emulation of
+ * FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008). Random fp32
+ * factors flag almost no groups; low-precision factors (bf16 values) flag more, and stay exact.
+ *
+ * The WAT and the reason for its shape are in `scripts/build-wasm.mjs`; the bytes are generated
+ * into `fma-kernel.wasm.ts`. Hand-written because no library computes an fp32 GEMM in a chosen
+ * FMA order with correct rounding.
+ */
+import { FMA_KERNEL_GROUP, FMA_KERNEL_WASM } from './fma-kernel.wasm.js';
+
+// @types/node 20 does not declare WebAssembly; the little used here, typed locally.
+declare const WebAssembly: {
+  Module: new (bytes: Uint8Array) => object;
+  Instance: new (module: object, imports: object) => { exports: unknown };
+};
+
+interface KernelExports {
+  memory: { readonly buffer: ArrayBuffer; grow(pages: number): number };
+  chains(x: number, y: number, out: number, n: number, w8: number, r: number, kc: number, scale: number, mode: number): number;
+  chainsSafe(x: number, y: number, out: number, n: number, w8: number, r: number, kc: number, scale: number, mode: number): number;
+  chainsExact(x: number, y: number, out: number, n: number, w8: number, r: number, kc: number, scale: number, mode: number): number;
+}
+
+let compiled: object | undefined;
+let instance: KernelExports | undefined;
+
+function kernel(): KernelExports {
+  if (instance) return instance;
+  compiled ??= new WebAssembly.Module(Buffer.from(FMA_KERNEL_WASM, 'base64'));
+  instance = new WebAssembly.Instance(compiled, {}).exports as unknown as KernelExports;
+  return instance;
+}
+
+/** Output elements computed per kernel call at most (bounds the kernel's memory to ~8 MiB). */
+const BATCH_ELEMENTS = 1 << 20;
+
+export interface ChainBlock {
+  /** x: float32 values as f64, row-major [xRows, r]; rows x0 .. x0+n are used. */
+  readonly x: Float64Array;
+  readonly x0: number;
+  /** y: float32 values as f64, row-major [r, yCols]; columns y0 .. y0+w are used. */
+  readonly y: Float64Array;
+  readonly yCols: number;
+  readonly y0: number;
+  readonly n: number;
+  readonly w: number;
+  readonly r: number;
+  /** Block length of the FMA chains (see fp32.ts `mklBlock`). */
+  readonly kc: number;
+  /** Applied to each sum: f32(sum × scale), one rounding. */
+  readonly scale: number;
+}
+
+export interface ChainStats {
+  /** 8-element groups recomputed on the exact path. */
+  exactGroups: number;
+}
+
+/** The smallest nonzero |v| (Infinity when there is none). */
+function minMagnitude(v: Float64Array): number {
+  let m = Infinity;
+  for (let i = 0; i < v.length; i++) {
+    const a = Math.abs(v[i]!);
+    if (a !== 0 && a < m) m = a;
+  }
+  return m;
+}
+
+/**
+ * True when every product x·y of nonzero float32 factors at least this large is a multiple of
+ * 2^-149 (ulp(x)·ulp(y) ≥ 2^-149, i.e. floor(log2 x) + floor(log2 y) ≥ -103; a margin of 2 covers
+ * Math.log2's rounding). Then every exact sum of the chains is on the float32 subnormal grid, so a
+ * sum below 2^-126 is a float32 and cannot be misrounded: only normal-range midpoints need the
+ * flag, and the kernel's cheaper `chains` is exact. Otherwise `chainsSafe` flags every midpoint.
+ */
+function onGrid(xLow: number, yLow: number): boolean {
+  if (xLow === Infinity || yLow === Infinity) return true;
+  return Math.floor(Math.log2(xLow)) + Math.floor(Math.log2(yLow)) >= -101;
+}
+
+/** The kernel's epilogue modes (see scripts/build-wasm.mjs). */
+const MODE = { delta: 0, bf16: 1, bf16SafeMerge: 2, f32: 3 } as const;
+
+/** Base dtypes the kernel merges into itself; others take ΔW from `chainBlock` and merge in JS. */
+export type KernelMergeDtype = 'BF16' | 'F32';
+
+export interface MergeInto {
+  readonly dtype: KernelMergeDtype;
+  /** ΔW rounded to the base dtype before the add (peft's safe_merge). */
+  readonly roundDelta: boolean;
+  /** The base block, row-major [n, w] in `dtype`; replaced by the merged values. */
+  readonly bytes: Uint8Array;
+}
+
+/**
+ * out[i·w + j] = f32(chain(Σ_k x[x0+i, k]·y[k, y0+j]) × scale) for i < n, j < w. `exactOnly`
+ * runs every group on the exact path (tests).
+ */
+export function chainBlock(b: ChainBlock, out: Float32Array, stats?: ChainStats, exactOnly = false): void {
+  run(b, MODE.delta, new Uint8Array(out.buffer, out.byteOffset, out.byteLength), 4, stats, exactOnly);
+}
+
+/**
+ * base ← dtype(f32(base + ΔW)) in place, ΔW as `chainBlock` computes it (rounded to the dtype
+ * first when `roundDelta`): one LoRA merge block, entirely in the kernel.
+ */
+export function mergeBlock(b: ChainBlock, into: MergeInto, stats?: ChainStats, exactOnly = false): void {
+  const mode = into.dtype === 'F32' ? MODE.f32 : into.roundDelta ? MODE.bf16SafeMerge : MODE.bf16;
+  run(b, mode, into.bytes, into.dtype === 'F32' ? 4 : 2, stats, exactOnly, true);
+}
+
+function run(b: ChainBlock, mode: number, io: Uint8Array, item: number, stats: ChainStats | undefined, exactOnly: boolean, load = false): void {
+  const k = kernel();
+  const { r, w, n } = b;
+  const w8 = Math.ceil(w / FMA_KERNEL_GROUP) * FMA_KERNEL_GROUP;
+  const rows = Math.max(1, Math.min(n, Math.floor(BATCH_ELEMENTS / w8)));
+  const yBytes = r * w8 * 8;
+  const xBytes = rows * r * 8;
+  const need = yBytes + xBytes + rows * w8 * 4;
+  const have = k.memory.buffer.byteLength;
+  if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
+  const mem = k.memory.buffer;
+  const yPtr = 0;
+  const xPtr = yBytes;
+  const outPtr = yBytes + xBytes;
+  // y's columns [y0, y0+w), zero-padded to w8.
+  const ym = new Float64Array(mem, yPtr, r * w8);
+  for (let kk = 0; kk < r; kk++) {
+    ym.set(b.y.subarray(kk * b.yCols + b.y0, kk * b.yCols + b.y0 + w), kk * w8);
+    if (w8 > w) ym.fill(0, kk * w8 + w, (kk + 1) * w8);
+  }
+  const xm = new Float64Array(mem, xPtr, rows * r);
+  const om = new Uint8Array(mem, outPtr, rows * w8 * item);
+  const [rowIn, rowPad] = [w * item, w8 * item];
+  const yLow = minMagnitude(ym);
+  for (let i0 = 0; i0 < n; i0 += rows) {
+    const m = Math.min(rows, n - i0);
+    xm.set(b.x.subarray((b.x0 + i0) * r, (b.x0 + i0 + m) * r));
+    const fn = exactOnly ? k.chainsExact : onGrid(minMagnitude(xm.subarray(0, m * r)), yLow) ? k.chains : k.chainsSafe;
+    const block = io.subarray(i0 * rowIn, (i0 + m) * rowIn);
+    if (load) {
+      if (w8 === w) om.set(block);
+      else for (let i = 0; i < m; i++) om.set(block.subarray(i * rowIn, (i + 1) * rowIn), i * rowPad);
+    }
+    const flagged = fn(xPtr, yPtr, outPtr, m, w8, r, b.kc, b.scale, mode);
+    if (stats) stats.exactGroups += flagged;
+    if (w8 === w) block.set(om.subarray(0, m * rowIn));
+    else for (let i = 0; i < m; i++) block.set(om.subarray(i * rowPad, i * rowPad + rowIn), i * rowIn);
+  }
+}
