@@ -90,29 +90,32 @@ const bf16Round = (v) => `(v128.bitselect (local.get $nan16)
       (i32x4.shr_u (i32x4.add (i32x4.add ${v} (local.get $c7fff)) (v128.and (i32x4.shr_u ${v} (i32.const 16)) (local.get $one32))) (i32.const 16))
       (f32x4.ne ${v} ${v}))`;
 
-/**
- * The group's epilogue: ΔW = f32(t × scale), then by $mode: 0 store ΔW (f32 [n, w8] at $out);
- * 1 bf16 base at $out ([n, w8] u16) ← bf16(f32(base + ΔW)); 2 the same with ΔW rounded to bf16
- * first (safe_merge); 3 f32 base at $out ← f32(base + ΔW).
- */
-const epilogue = `
+/** $d0.. from the f64 sums $t0..: ΔW = f32(t × scale), one rounding (the product is exact). */
+const deltaFromF64 = `
     ${range(V / 2).map((h) => `(local.set $d${h} (i8x16.shuffle 0 1 2 3 4 5 6 7 16 17 18 19 20 21 22 23
       (f32x4.demote_f64x2_zero (f64x2.mul (local.get $t${2 * h}) (local.get $sc)))
-      (f32x4.demote_f64x2_zero (f64x2.mul (local.get $t${2 * h + 1}) (local.get $sc)))))`).join('\n    ')}
+      (f32x4.demote_f64x2_zero (f64x2.mul (local.get $t${2 * h + 1}) (local.get $sc)))))`).join('\n    ')}`;
+
+/**
+ * The group's epilogue over ΔW in $d0..$d{nd-1} (f32x4 each): by $mode, 0 store ΔW (f32 [n, w8]
+ * at $out); 1 bf16 base at $out ([n, w8] u16) ← bf16(f32(base + ΔW)); 2 the same with ΔW rounded
+ * to bf16 first (safe_merge); 3 f32 base at $out ← f32(base + ΔW).
+ */
+const epilogue = (nd) => `
     (local.set $o (i32.add (i32.mul (local.get $i) (local.get $w8)) (local.get $j)))
     (if (i32.le_u (local.get $mode) (i32.const 0))
       (then
-        (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(V / 2).map((h) => `
+        (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(nd).map((h) => `
         (v128.store offset=${16 * h} (local.get $o) (local.get $d${h}))`).join('')})
       (else (if (i32.eq (local.get $mode) (i32.const 3))
         (then
-          (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(V / 2).map((h) => `
+          (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 2))))${range(nd).map((h) => `
           (v128.store offset=${16 * h} (local.get $o) (f32x4.add (v128.load offset=${16 * h} (local.get $o)) (local.get $d${h})))`).join('')})
         (else
           (local.set $o (i32.add (local.get $out) (i32.shl (local.get $o) (i32.const 1))))
           (if (i32.eq (local.get $mode) (i32.const 2))
-            (then${range(V / 2).map((h) => `
-              (local.set $d${h} (i32x4.shl ${bf16Round(`(local.get $d${h})`)} (i32.const 16)))`).join('')}))${range(V / 4).map((q) => `
+            (then${range(nd).map((h) => `
+              (local.set $d${h} (i32x4.shl ${bf16Round(`(local.get $d${h})`)} (i32.const 16)))`).join('')}))${range(nd / 2).map((q) => `
           (local.set $raw (v128.load offset=${16 * q} (local.get $o)))
           (local.set $lo (f32x4.add (i32x4.shl (i32x4.extend_low_i16x8_u (local.get $raw)) (i32.const 16)) (local.get $d${2 * q})))
           (local.set $hi (f32x4.add (i32x4.shl (i32x4.extend_high_i16x8_u (local.get $raw)) (i32.const 16)) (local.get $d${2 * q + 1})))
@@ -172,7 +175,7 @@ ${group(fastStep(safe))}
             (then
               (local.set $count (i32.add (local.get $count) (i32.const 1)))
 ${group(exactStep)}))
-${epilogue}
+${deltaFromF64}${epilogue(V / 2)}
           (local.set $j (i32.add (local.get $j) (i32.const ${2 * V})))
           (br $j_loop)))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
@@ -200,7 +203,7 @@ ${fastFunc('chains', false)}${fastFunc('chainsSafe', true)}
       (block $j_done (loop $j_loop
         (br_if $j_done (i32.ge_u (local.get $j) (local.get $w8)))
 ${group(exactStep)}
-${epilogue}
+${deltaFromF64}${epilogue(V / 2)}
         (local.set $j (i32.add (local.get $j) (i32.const ${2 * V})))
         (br $j_loop)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
@@ -209,16 +212,98 @@ ${epilogue}
 )
 `;
 
+/** f32x4 lane groups per output group of the fused kernel: 16 elements, 4 FMA chains in flight. */
+const F = 4;
+
+/**
+ * The fused kernel: the same chains with `f32x4.relaxed_madd`, which V8 compiles to one fused
+ * multiply-add instruction on CPUs with FMA3 (then each step is exactly MKL's). "Relaxed" allows an
+ * engine to multiply and add separately instead, so fma-kernel.ts uses this module only after a
+ * probe on known double-rounding cases shows it fused on this machine and engine.
+ */
+const fusedWat = `(module
+  (memory (export "memory") 1)
+  (func (export "chains")
+    (param $x i32) (param $y i32) (param $out i32) (param $n i32) (param $w8 i32) (param $r i32)
+    (param $kc i32) (param $scale f32) (param $mode i32) (result i32)
+    (local $jt i32) (local $jend i32) (local $i i32) (local $j i32) (local $kb i32) (local $kend i32)
+    (local $k i32) (local $xrow i32) (local $xp i32) (local $yp i32) (local $ystride i32) (local $o i32)
+    ${range(F).map((g) => `(local $a${g} v128) (local $t${g} v128) (local $d${g} v128)`).join(' ')}
+    (local $xv v128) (local $sc v128) (local $raw v128) (local $lo v128) (local $hi v128)
+    (local $nan16 v128) (local $c7fff v128) (local $one32 v128) (local $zero v128)
+    (local.set $zero (v128.const i64x2 0 0))
+    (local.set $nan16 (v128.const i32x4 0xFFFF 0xFFFF 0xFFFF 0xFFFF))
+    (local.set $c7fff (v128.const i32x4 0x7FFF 0x7FFF 0x7FFF 0x7FFF))
+    (local.set $one32 (v128.const i32x4 1 1 1 1))
+    (local.set $sc (f32x4.splat (local.get $scale)))
+    (local.set $ystride (i32.shl (local.get $w8) (i32.const 2)))
+    (local.set $jt (i32.const 0))
+    (block $jt_done (loop $jt_loop
+      (br_if $jt_done (i32.ge_u (local.get $jt) (local.get $w8)))
+      (local.set $jend (select
+        (i32.add (local.get $jt) (i32.const 512)) (local.get $w8)
+        (i32.lt_u (i32.add (local.get $jt) (i32.const 512)) (local.get $w8))))
+      (local.set $i (i32.const 0))
+      (block $i_done (loop $i_loop
+        (br_if $i_done (i32.ge_u (local.get $i) (local.get $n)))
+        (local.set $xrow (i32.add (local.get $x) (i32.shl (i32.mul (local.get $i) (local.get $r)) (i32.const 2))))
+        (local.set $j (local.get $jt))
+        (block $j_done (loop $j_loop
+          (br_if $j_done (i32.ge_u (local.get $j) (local.get $jend)))
+          (local.set $kb (i32.const 0))
+          (block $kb_done (loop $kb_loop
+            (br_if $kb_done (i32.ge_u (local.get $kb) (local.get $r)))
+            (local.set $kend (select
+              (i32.add (local.get $kb) (local.get $kc)) (local.get $r)
+              (i32.lt_u (i32.add (local.get $kb) (local.get $kc)) (local.get $r))))${range(F).map((g) => `
+            (local.set $a${g} (local.get $zero))`).join('')}
+            (local.set $xp (i32.add (local.get $xrow) (i32.shl (local.get $kb) (i32.const 2))))
+            (local.set $yp (i32.add (local.get $y) (i32.shl (i32.add (i32.mul (local.get $kb) (local.get $w8)) (local.get $j)) (i32.const 2))))
+            (local.set $k (local.get $kb))
+            (block $k_done (loop $k_loop
+              (br_if $k_done (i32.ge_u (local.get $k) (local.get $kend)))
+              (local.set $xv (f32x4.splat (f32.load (local.get $xp))))${range(F).map((g) => `
+              (local.set $a${g} (f32x4.relaxed_madd (local.get $xv) (v128.load offset=${16 * g} (local.get $yp)) (local.get $a${g})))`).join('')}
+              (local.set $xp (i32.add (local.get $xp) (i32.const 4)))
+              (local.set $yp (i32.add (local.get $yp) (local.get $ystride)))
+              (local.set $k (i32.add (local.get $k) (i32.const 1)))
+              (br $k_loop)))
+            (if (i32.eqz (local.get $kb))
+              (then${range(F).map((g) => `
+                (local.set $t${g} (local.get $a${g}))`).join('')})
+              (else${range(F).map((g) => `
+                (local.set $t${g} (f32x4.add (local.get $t${g}) (local.get $a${g})))`).join('')}))
+            (local.set $kb (i32.add (local.get $kb) (local.get $kc)))
+            (br $kb_loop)))${range(F).map((g) => `
+          (local.set $d${g} (f32x4.mul (local.get $t${g}) (local.get $sc)))`).join('')}
+${epilogue(F)}
+          (local.set $j (i32.add (local.get $j) (i32.const ${4 * F})))
+          (br $j_loop)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $i_loop)))
+      (local.set $jt (i32.add (local.get $jt) (i32.const 512)))
+      (br $jt_loop)))
+    (i32.const 0))
+)
+`;
+
 const wabt = await (await import('wabt')).default();
-const mod = wabt.parseWat('fma-kernel.wat', wat, { simd: true });
-mod.validate();
-const { buffer } = mod.toBinary({});
-const b64 = Buffer.from(buffer).toString('base64');
+function assemble(name, source, features) {
+  const mod = wabt.parseWat(name, source, features);
+  mod.validate();
+  return Buffer.from(mod.toBinary({}).buffer);
+}
+const exact = assemble('fma-kernel.wat', wat, { simd: true });
+const fused = assemble('fma-kernel-fused.wat', fusedWat, { simd: true, relaxed_simd: true });
 const text = `// Generated by scripts/build-wasm.mjs (the WAT is there); do not edit.
-/** The fp32 FMA-chain kernel (WebAssembly SIMD), ${buffer.length} bytes. */
-export const FMA_KERNEL_WASM = '${b64}';
-/** Output elements per kernel group: the kernel's width must be a multiple of this. */
+/** The exact fp32 FMA-chain kernel (WebAssembly SIMD, f64 lanes), ${exact.length} bytes. */
+export const FMA_KERNEL_WASM = '${exact.toString('base64')}';
+/** Output elements per group of that kernel: its width must be a multiple of this. */
 export const FMA_KERNEL_GROUP = ${2 * V};
+/** The fused kernel (relaxed SIMD f32x4.relaxed_madd), ${fused.length} bytes; used only where a probe shows it fused. */
+export const FMA_FUSED_KERNEL_WASM = '${fused.toString('base64')}';
+/** Output elements per group of the fused kernel. */
+export const FMA_FUSED_KERNEL_GROUP = ${4 * F};
 `;
 
 if (process.argv.includes('--check')) {
@@ -234,5 +319,5 @@ if (process.argv.includes('--check')) {
   }
 } else {
   writeFileSync(target, text);
-  console.log(`wrote ${target} (${buffer.length} bytes of wasm)`);
+  console.log(`wrote ${target} (${exact.length} + ${fused.length} bytes of wasm)`);
 }

@@ -15,11 +15,18 @@
  * FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008). Random fp32
  * factors flag almost no groups; low-precision factors (bf16 values) flag more, and stay exact.
  *
+ * Where the engine fuses WebAssembly's relaxed-SIMD `f32x4.relaxed_madd` (V8 on x86 with FMA3,
+ * ARM64), a second kernel does each step as one hardware FMA on four fp32 lanes — exactly MKL's
+ * arithmetic, several times faster again. "Relaxed" permits an unfused multiply-add, so that
+ * kernel is used only after a probe on known double-rounding cases (`fusedKernel`) returns the
+ * exact kernel's bits; otherwise, or with `setFmaKernel('exact')`, the f64 kernel runs.
+ *
  * The WAT and the reason for its shape are in `scripts/build-wasm.mjs`; the bytes are generated
  * into `fma-kernel.wasm.ts`. Hand-written because no library computes an fp32 GEMM in a chosen
  * FMA order with correct rounding.
  */
-import { FMA_KERNEL_GROUP, FMA_KERNEL_WASM } from './fma-kernel.wasm.js';
+import v8 from 'node:v8';
+import { FMA_FUSED_KERNEL_GROUP, FMA_FUSED_KERNEL_WASM, FMA_KERNEL_GROUP, FMA_KERNEL_WASM } from './fma-kernel.wasm.js';
 
 // @types/node 20 does not declare WebAssembly; the little used here, typed locally.
 declare const WebAssembly: {
@@ -36,6 +43,92 @@ interface KernelExports {
 
 let compiled: object | undefined;
 let instance: KernelExports | undefined;
+
+interface FusedExports {
+  memory: KernelExports['memory'];
+  chains(x: number, y: number, out: number, n: number, w16: number, r: number, kc: number, scale: number, mode: number): number;
+}
+
+/** Which kernel merges: `auto` — the fused one where the probe passes; `exact` — the f64 one. */
+export type FmaKernelChoice = 'auto' | 'exact';
+
+let choice: FmaKernelChoice = process.env.SHARDSHIFT_FMA === 'exact' ? 'exact' : 'auto';
+
+/** Sets the kernel choice of this thread (tests; `LoraMergeTask.kernel` carries it to workers). */
+export function setFmaKernel(c: FmaKernelChoice): void {
+  choice = c;
+}
+
+export function fmaKernelChoice(): FmaKernelChoice {
+  return choice;
+}
+
+/** undefined: not tried yet; null: unavailable or not fused here. */
+let fused: FusedExports | null | undefined;
+
+function compileFused(): object | undefined {
+  const bytes = Buffer.from(FMA_FUSED_KERNEL_WASM, 'base64');
+  try {
+    return new WebAssembly.Module(bytes);
+  } catch {
+    // Node 20's V8 (11.3) has relaxed SIMD behind a flag (on by default from V8 11.4); the flag
+    // is read when a module is compiled, so setting it now is enough.
+    try {
+      v8.setFlagsFromString('--experimental-wasm-relaxed-simd');
+      return new WebAssembly.Module(bytes);
+    } catch {
+      return undefined;
+    }
+  }
+}
+
+/** The fused kernel if this engine has it and it fuses (probed once per thread), else null. */
+export function fusedKernel(): FusedExports | null {
+  if (fused !== undefined) return fused;
+  fused = null;
+  const mod = compileFused();
+  if (!mod) return null;
+  const k = new WebAssembly.Instance(mod, {}).exports as unknown as FusedExports;
+  fused = probeFused(k) ? k : null;
+  return fused;
+}
+
+/**
+ * Runs the fused kernel on cases where an unfused multiply-add (or a different chain order)
+ * gives other bits — the binary64 double-rounding trap and wide-range random values, over three
+ * chain blocks — and compares with the exact kernel.
+ */
+function probeFused(k: FusedExports): boolean {
+  const r = 40;
+  const w = 32;
+  const n = 3;
+  let seed = 12345;
+  const rnd = (): number => {
+    seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0;
+    return seed / 2 ** 32;
+  };
+  const wide = (): number => Math.fround((rnd() < 0.5 ? -1 : 1) * (1 + rnd()) * 2 ** Math.floor(rnd() * 24 - 12));
+  const x = Float64Array.from({ length: n * r }, wide);
+  const y = Float64Array.from({ length: r * w }, wide);
+  // Row 0, column 0: fma(a, b, fma(c, 1, 0)) = 1 + 2^-23 exactly; unfused gives 1 + 2^-22.
+  x.fill(0, 0, r);
+  for (let kk = 0; kk < r; kk++) y[kk * w] = 0;
+  x[0] = Math.fround(1 + 2 ** -23);
+  y[0] = 1;
+  x[1] = Math.fround(1 + 2 ** -23);
+  y[w] = Math.fround(2 ** -24 * (1 - 2 ** -23));
+  const block: ChainBlock = { x, x0: 0, y, yCols: w, y0: 0, n, w, r, kc: 16, scale: 1 };
+  const want = new Float32Array(n * w);
+  runExact(block, MODE.delta, new Uint8Array(want.buffer), 4, undefined, true);
+  if (want[0] !== 1 + 2 ** -23) return false;
+  const got = new Float32Array(n * w);
+  try {
+    runFused(k, block, MODE.delta, new Uint8Array(got.buffer), 4);
+  } catch {
+    return false;
+  }
+  return Buffer.from(got.buffer).equals(Buffer.from(want.buffer));
+}
 
 function kernel(): KernelExports {
   if (instance) return instance;
@@ -113,6 +206,11 @@ export function chainBlock(b: ChainBlock, out: Float32Array, stats?: ChainStats,
   run(b, MODE.delta, new Uint8Array(out.buffer, out.byteOffset, out.byteLength), 4, stats, exactOnly);
 }
 
+/** The kernel `chainBlock`/`mergeBlock` use on this thread: `fused` or `exact` (f64 lanes). */
+export function activeKernel(): 'fused' | 'exact' {
+  return choice === 'auto' && fusedKernel() ? 'fused' : 'exact';
+}
+
 /**
  * base ← dtype(f32(base + ΔW)) in place, ΔW as `chainBlock` computes it (rounded to the dtype
  * first when `roundDelta`): one LoRA merge block, entirely in the kernel.
@@ -123,6 +221,46 @@ export function mergeBlock(b: ChainBlock, into: MergeInto, stats?: ChainStats, e
 }
 
 function run(b: ChainBlock, mode: number, io: Uint8Array, item: number, stats: ChainStats | undefined, exactOnly: boolean, load = false): void {
+  const f = !exactOnly && choice === 'auto' ? fusedKernel() : null;
+  if (f) runFused(f, b, mode, io, item, load);
+  else runExact(b, mode, io, item, stats, exactOnly, load);
+}
+
+/** The fused kernel over a block: x, y as f32 in its memory, groups of FMA_FUSED_KERNEL_GROUP. */
+function runFused(k: FusedExports, b: ChainBlock, mode: number, io: Uint8Array, item: number, load = false): void {
+  const { r, w, n } = b;
+  const wg = Math.ceil(w / FMA_FUSED_KERNEL_GROUP) * FMA_FUSED_KERNEL_GROUP;
+  const rows = Math.max(1, Math.min(n, Math.floor(BATCH_ELEMENTS / wg)));
+  const yBytes = r * wg * 4;
+  const xBytes = rows * r * 4;
+  const need = yBytes + xBytes + rows * wg * 4;
+  const have = k.memory.buffer.byteLength;
+  if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
+  const mem = k.memory.buffer;
+  const [yPtr, xPtr, outPtr] = [0, yBytes, yBytes + xBytes];
+  const ym = new Float32Array(mem, yPtr, r * wg);
+  for (let kk = 0; kk < r; kk++) {
+    ym.set(b.y.subarray(kk * b.yCols + b.y0, kk * b.yCols + b.y0 + w), kk * wg);
+    if (wg > w) ym.fill(0, kk * wg + w, (kk + 1) * wg);
+  }
+  const xm = new Float32Array(mem, xPtr, rows * r);
+  const om = new Uint8Array(mem, outPtr, rows * wg * item);
+  const [rowIn, rowPad] = [w * item, wg * item];
+  for (let i0 = 0; i0 < n; i0 += rows) {
+    const m = Math.min(rows, n - i0);
+    xm.set(b.x.subarray((b.x0 + i0) * r, (b.x0 + i0 + m) * r));
+    const block = io.subarray(i0 * rowIn, (i0 + m) * rowIn);
+    if (load) {
+      if (wg === w) om.set(block);
+      else for (let i = 0; i < m; i++) om.set(block.subarray(i * rowIn, (i + 1) * rowIn), i * rowPad);
+    }
+    k.chains(xPtr, yPtr, outPtr, m, wg, r, b.kc, b.scale, mode);
+    if (wg === w) block.set(om.subarray(0, m * rowIn));
+    else for (let i = 0; i < m; i++) block.set(om.subarray(i * rowPad, i * rowPad + rowIn), i * rowIn);
+  }
+}
+
+function runExact(b: ChainBlock, mode: number, io: Uint8Array, item: number, stats: ChainStats | undefined, exactOnly: boolean, load = false): void {
   const k = kernel();
   const { r, w, n } = b;
   const w8 = Math.ceil(w / FMA_KERNEL_GROUP) * FMA_KERNEL_GROUP;

@@ -10,7 +10,7 @@
  */
 import type { DType } from '../tensor/dtype.js';
 import { byteLength } from '../tensor/dtype.js';
-import { chainBlock, mergeBlock } from './fma-kernel.js';
+import { chainBlock, mergeBlock, setFmaKernel, type FmaKernelChoice } from './fma-kernel.js';
 import { fromF32, roundThrough, toF32 } from './fp32.js';
 
 /** X and Y with W[R, C] = Σ_k X[R, k]·Y[k, C]: float32 values as f64, shared. */
@@ -40,6 +40,8 @@ export interface LoraMergeTask {
   /** fp32 scaling. */
   readonly scale: number;
   readonly roundDelta: boolean;
+  /** The kernel choice of the thread that made the task (fma-kernel.ts). */
+  readonly kernel: FmaKernelChoice;
 }
 
 /** f32 ΔW for rows r0..r0+n × cols c0..c0+w (scaled, rounded to `roundTo` first if given). */
@@ -52,6 +54,7 @@ export function deltaBlock(f: FactorMatrices, r0: number, n: number, c0: number,
 
 /** Runs a merge task (in a worker or inline); returns the bytes merged. */
 export function runLoraMerge(t: LoraMergeTask): number {
+  setFmaKernel(t.kernel);
   const bytes = new Uint8Array(t.buf, t.offset, byteLength(t.dtype, t.n * t.w));
   // Rows at a time, so a worker's temporaries stay a few MiB whatever the box (JS epilogue).
   const step = Math.max(1, Math.floor((1 << 20) / t.w));

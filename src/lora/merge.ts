@@ -33,6 +33,7 @@ import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
 import { fromF32, mklBlock, roundThrough, toF32 } from './fp32.js';
 import { deltaBlock, runLoraMerge, type FactorMatrices, type LoraMergeTask } from './merge-task.js';
 import { poolThreads, runOnPool } from '../plan/workers.js';
+import { fmaKernelChoice } from './fma-kernel.js';
 
 /** How the delta is rounded (see the module comment). */
 export interface MergeRounding {
@@ -221,6 +222,7 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
       factors: f,
       scale: s32,
       roundDelta: spec.rounding.roundDelta,
+      kernel: fmaKernelChoice(),
     });
     const threads = poolThreads();
     if (threads > 0 && n * w >= POOL_MIN_ELEMENTS) {

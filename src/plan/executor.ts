@@ -65,8 +65,12 @@ export const executorTuning = {
   holeMinBytes: 64 << 10,
   /** O_DIRECT staging: blocks of this size (at most the chunk size) … */
   directBlock: 16 << 20,
-  /** … this many (0 turns direct writes off) … */
-  directBlocks: 4,
+  /**
+   * … this many (0 turns direct writes off: SHARDSHIFT_DIRECT_IO=off; on VMs whose block device
+   * splits requests at a few hundred 4 KiB segments, O_DIRECT from fragmented memory can run at a
+   * third of buffered speed — see bench/README.md) …
+   */
+  directBlocks: process.env.SHARDSHIFT_DIRECT_IO === 'off' ? 0 : 4,
   /** … used only with at least this budget (files must also be ≥ workerTuning.hashWorkerMinBytes). */
   directMinBudget: 128 << 20,
 };

@@ -16,7 +16,7 @@ import { workerTuning } from '../../src/plan/workers.js';
 import { castBytes } from '../../src/tensor/cast.js';
 import type { Box } from '../../src/tensor/layout.js';
 import type { SourceTensor, TargetTensor } from '../../src/formats/types.js';
-import { chainBlock, type ChainStats } from '../../src/lora/fma-kernel.js';
+import { activeKernel, chainBlock, setFmaKernel, type ChainStats, type FmaKernelChoice } from '../../src/lora/fma-kernel.js';
 
 function lcg(seed: number): () => number {
   let s = seed >>> 0;
@@ -67,12 +67,14 @@ function runCase(c: Case, seed: number): ChainStats {
   const [x0, n, y0, w] = [2, 7, 3, 37];
   const want = reference(x, x0, y, yCols, y0, n, w, c.r, c.kc, c.scale);
   const stats: ChainStats = { exactGroups: 0 };
-  for (const exactOnly of [false, true]) {
+  for (const [kernel, exactOnly] of [['exact', false], ['exact', true], ['auto', false]] as const) {
+    setFmaKernel(kernel);
     const got = new Float32Array(n * w);
-    chainBlock({ x, x0, y, yCols, y0, n, w, r: c.r, kc: c.kc, scale: Math.fround(c.scale) }, got, exactOnly ? undefined : stats, exactOnly);
+    chainBlock({ x, x0, y, yCols, y0, n, w, r: c.r, kc: c.kc, scale: Math.fround(c.scale) }, got, kernel === 'exact' && !exactOnly ? stats : undefined, exactOnly);
+    setFmaKernel('auto');
     for (let k = 0; k < want.length; k++) {
       if (!Object.is(got[k], want[k])) {
-        assert.fail(`${c.name} r=${c.r} kc=${c.kc}${exactOnly ? ' (exact path)' : ''}: element ${k} is ${got[k]}, want ${want[k]}`);
+        assert.fail(`${c.name} r=${c.r} kc=${c.kc} (${exactOnly ? 'exact path only' : kernel === 'auto' ? `${activeKernel()} kernel` : 'f64 kernel'}): element ${k} is ${got[k]}, want ${want[k]}`);
       }
     }
   }
@@ -82,7 +84,8 @@ function runCase(c: Case, seed: number): ChainStats {
 const wide = (rng: () => number): number => Math.fround((rng() < 0.5 ? -1 : 1) * (1 + rng()) * 2 ** (Math.floor(rng() * 40) - 20));
 const normal = (rng: () => number): number => Math.fround((rng() - 0.5) * 0.04);
 
-test('kernel = scalar exact fp32 chains: random fp32, bf16-valued, subnormal factors; 1 to 3 chain blocks', () => {
+test('kernel = scalar exact fp32 chains: random fp32, bf16-valued, subnormal factors; 1 to 3 chain blocks', (t) => {
+  t.diagnostic(`kernel on this machine: ${activeKernel()}`);
   let bf16Exact = 0;
   let seed = 1;
   for (const r of [1, 3, 16, 64, 200, 500]) {
@@ -108,9 +111,14 @@ test('kernel rounds the binary64 double-rounding trap correctly (exact path take
   y[8] = b;
   const out = new Float32Array(8);
   const stats: ChainStats = { exactGroups: 0 };
+  setFmaKernel('exact');
   chainBlock({ x, x0: 0, y, yCols: 8, y0: 0, n: 1, w: 8, r: 2, kc: 192, scale: 1 }, out, stats);
+  setFmaKernel('auto');
   assert.equal(out[0], 1 + 2 ** -23);
   assert.equal(stats.exactGroups, 1);
+  const auto = new Float32Array(8);
+  chainBlock({ x, x0: 0, y, yCols: 8, y0: 0, n: 1, w: 8, r: 2, kc: 192, scale: 1 }, auto);
+  assert.equal(auto[0], 1 + 2 ** -23, `${activeKernel()} kernel`);
   const exact = new Float32Array(8);
   chainBlock({ x, x0: 0, y, yCols: 8, y0: 0, n: 1, w: 8, r: 2, kc: 192, scale: 1 }, exact, undefined, true);
   assert.equal(exact[0], 1 + 2 ** -23);
@@ -122,7 +130,9 @@ test('kernel: a zero adapter (B = 0) takes no exact path and gives zeros', () =>
   const y = Float64Array.from({ length: r * 64 }, (_, i) => Math.fround(Math.sin(i)));
   const out = new Float32Array(4 * 64).fill(7);
   const stats: ChainStats = { exactGroups: 0 };
+  setFmaKernel('exact');
   chainBlock({ x, x0: 0, y, yCols: 64, y0: 0, n: 4, w: 64, r, kc: 192, scale: 2 }, out, stats);
+  setFmaKernel('auto');
   assert.equal(stats.exactGroups, 0);
   assert.ok(out.every((v) => v === 0));
 });
@@ -189,8 +199,9 @@ test('mergedWeight: worker pool, inline and the scalar definition give the same 
         const item = dtype === 'F32' ? 4 : 2;
         const want = new Uint8Array(R * C * item);
         fromF32(w, dtype, want);
-        for (const threads of [2, 0]) {
+        for (const [threads, kernel] of [[2, 'auto'], [0, 'auto'], [2, 'exact'], [0, 'exact']] as Array<[number, FmaKernelChoice]>) {
           workerTuning.castThreads = threads;
+          setFmaKernel(kernel);
           const t = mergedWeight(spec);
           // Three row bands (the last partial) and, for one band, two column halves.
           const boxes: Box[] = [
@@ -207,12 +218,30 @@ test('mergedWeight: worker pool, inline and the scalar definition give the same 
             await t.produce(bx, dst);
             for (let i = 0; i < bx.size[0]!; i++) got.set(dst.subarray(i * bx.size[1]! * item, (i + 1) * bx.size[1]! * item), ((bx.start[0]! + i) * C + bx.start[1]!) * item);
           }
-          assert.ok(Buffer.from(got).equals(Buffer.from(want)), `${dtype} base, ${factorKind} factors, ${layout}, roundDelta=${roundDelta}, threads=${threads}`);
+          setFmaKernel('auto');
+          assert.ok(Buffer.from(got).equals(Buffer.from(want)), `${dtype} base, ${factorKind} factors, ${layout}, roundDelta=${roundDelta}, threads=${threads}, kernel ${kernel}`);
         }
       }
     }
    }
   } finally {
     workerTuning.castThreads = saved;
+  }
+});
+
+test('the fused kernel stays exact once the engine has optimised it (many calls, both tiers)', () => {
+  const rng = lcg(5);
+  const [n, w, r] = [64, 512, 24];
+  for (let rep = 0; rep < 12; rep++) {
+    const x = Float64Array.from({ length: n * r }, () => wide(rng));
+    const y = Float64Array.from({ length: r * w }, () => wide(rng));
+    const block = { x, x0: 0, y, yCols: w, y0: 0, n, w, r, kc: 16, scale: 0.5 };
+    const a = new Float32Array(n * w);
+    const b = new Float32Array(n * w);
+    chainBlock(block, a);
+    setFmaKernel('exact');
+    chainBlock(block, b);
+    setFmaKernel('auto');
+    assert.ok(Buffer.from(a.buffer).equals(Buffer.from(b.buffer)), `call ${rep}: the ${activeKernel()} kernel differs from the f64 kernel`);
   }
 });
