@@ -61,6 +61,8 @@ export const executorTuning = {
   maxWrite: 64 << 20,
   /** Writes in flight at once (at distinct positions). */
   writesInFlight: 2,
+  /** Buffered writes: start writing dirty pages back after this many bytes (see BufferedSink). */
+  writeBackBytes: 64 << 20,
   /** Tensor chunks at least this large are checked for all-zero and left as holes. */
   holeMinBytes: 64 << 10,
   /** O_DIRECT staging: blocks of this size (at most the chunk size) … */
@@ -567,11 +569,34 @@ class BufferedSink implements Sink {
   private pos = 0;
   private end = 0;
   private progress: (pos: number) => void = () => undefined;
+  /** Bytes written since the last early flush was started. */
+  private unsynced = 0;
+  private syncing: Promise<void> | undefined;
 
   private constructor(
     private readonly fh: FileHandle,
     private readonly hasher: FileHasher,
   ) {}
+
+  /**
+   * Starts writing the file's dirty pages back while production goes on (one fdatasync at a
+   * time, not awaited by the write path). Without it the page cache absorbs the first few GB and
+   * the disk only starts at the final fsync, so computing and writing run one after the other.
+   */
+  private writeBack(len: number): void {
+    this.unsynced += len;
+    if (this.syncing || this.unsynced < executorTuning.writeBackBytes) return;
+    this.unsynced = 0;
+    this.syncing = this.fh.datasync().then(
+      () => {
+        this.syncing = undefined;
+      },
+      (e: unknown) => {
+        this.writeError ??= e;
+        this.syncing = undefined;
+      },
+    );
+  }
 
   static async open(path: string, replace: boolean, arena: Arena, large: boolean): Promise<BufferedSink> {
     const fh = await open(path, replace ? 'w' : 'wx');
@@ -619,6 +644,7 @@ class BufferedSink implements Sink {
         this.writes.delete(w);
         finish();
         this.progress(at + len);
+        this.writeBack(len);
       },
       (e: unknown) => {
         this.writes.delete(w);
@@ -638,6 +664,8 @@ class BufferedSink implements Sink {
 
   async finish(size: number): Promise<string> {
     await this.drain();
+    await this.syncing;
+    if (this.writeError) throw this.writeError;
     if (this.end < size) await this.fh.truncate(size);
     const hex = await this.hasher.digest();
     await this.fh.sync();
@@ -646,7 +674,7 @@ class BufferedSink implements Sink {
   }
 
   async abort(): Promise<void> {
-    await Promise.allSettled([...this.writes]);
+    await Promise.allSettled([...this.writes, this.syncing]);
     this.hasher.drop();
     await this.fh.close().catch(() => undefined);
   }

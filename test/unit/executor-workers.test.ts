@@ -77,6 +77,7 @@ function fileOf(): { f: OutputFile; expect: () => Promise<Uint8Array> } {
 const modes: Array<{ name: string; e: Partial<typeof executorTuning>; w: Partial<typeof workerTuning>; budget: number }> = [
   { name: 'inline hashing, buffered writes, inline casts', e: { directBlocks: 0 }, w: { hashWorkerMinBytes: Infinity, castThreads: 0 }, budget: 4 << 20 },
   { name: 'hash worker, buffered writes, cast pool', e: { directBlocks: 0 }, w: { hashWorkerMinBytes: 0, castWorkerMinBytes: 0 }, budget: 4 << 20 },
+  { name: 'buffered writes with early write-back every 64 KiB', e: { directBlocks: 0, writeBackBytes: 64 << 10 }, w: { hashWorkerMinBytes: 0, castWorkerMinBytes: 0 }, budget: 4 << 20 },
   { name: 'hash worker, O_DIRECT blocks with an unaligned tail, cast pool', e: { directBlocks: 3, directBlock: 1 << 20, directMinBudget: 0 }, w: { hashWorkerMinBytes: 0, castWorkerMinBytes: 0 }, budget: 4 << 20 },
 ];
 
