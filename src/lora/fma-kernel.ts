@@ -9,14 +9,16 @@
  * Why it is exact: a product of two float32 is exact in binary64, so an FMA is one binary64 add
  * and a rounding to binary32 — which is a *double* rounding, wrong exactly when the binary64 sum
  * lands on a binary32 midpoint. The fast path rounds twice and flags any lane whose binary64 sum
- * could be such a midpoint (its low 28 mantissa bits are clear and it is not a binary32); a
- * flagged group is recomputed with the exact step: the binary64 sum rounded to odd (TwoSum error
+ * is such a midpoint: `chains` tests the normal-range midpoint pattern only, which is complete
+ * when the factors' magnitudes keep every sum on the binary32 subnormal grid (`onGrid`, true for
+ * any real adapter); `chainsSafe` flags every sum with its low 28 mantissa bits clear that is not
+ * a binary32, subnormal midpoints included. A flagged group is recomputed with the exact step: the binary64 sum rounded to odd (TwoSum error
  * decides the last bit), which makes the second rounding exact (Boldo & Melquiond, "Emulation of
  * FMA and correctly rounded sums: proved algorithms using rounding to odd", 2008). Random fp32
  * factors flag almost no groups; low-precision factors (bf16 values) flag more, and stay exact.
  *
  * Where the engine fuses WebAssembly's relaxed-SIMD `f32x4.relaxed_madd` (V8 on x86 with FMA3,
- * ARM64), a second kernel does each step as one hardware FMA on four fp32 lanes — exactly MKL's
+ * for one), a second kernel does each step as one hardware FMA on four fp32 lanes — exactly MKL's
  * arithmetic, several times faster again. "Relaxed" permits an unfused multiply-add, so that
  * kernel is used only after a probe on known double-rounding cases (`fusedKernel`) returns the
  * exact kernel's bits; otherwise, or with `setFmaKernel('exact')`, the f64 kernel runs.
