@@ -40,9 +40,10 @@ const runs = Number(values['--runs'] ?? 3);
 const maxMemory = values['--max-memory'] ?? '1GiB';
 const withPeer = !flags.has('--no-peer');
 const withCp = !flags.has('--no-cp');
-// How shardshift writes large files: `on` (its default: O_DIRECT from aligned staging blocks) or
-// `off` (buffered writes). Passed to every shardshift run as SHARDSHIFT_DIRECT_IO.
-const directIo = values['--direct-io'] ?? process.env.SHARDSHIFT_DIRECT_IO ?? 'on';
+// How shardshift writes large files: `off` (its default: buffered writes with early write-back)
+// or `on` (O_DIRECT from aligned staging blocks). Passed to every shardshift run as
+// SHARDSHIFT_DIRECT_IO.
+const directIo = values['--direct-io'] ?? process.env.SHARDSHIFT_DIRECT_IO ?? 'off';
 if (!['on', 'off'].includes(directIo)) throw new Error(`--direct-io ${directIo}: use on or off`);
 process.env.SHARDSHIFT_DIRECT_IO = directIo;
 const log = (s) => process.stderr.write(s + '\n');
@@ -324,7 +325,7 @@ function parseBudget(s) {
 
 const ALL = ['hf-to-megatron', 'megatron-to-hf', 'dcp-to-hf', 'cast', 'lora', 'reshard', 'memory', 'sparse-70b'];
 const todo = positional.length === 0 || positional.includes('all') ? ALL : positional;
-console.log(`machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Node ${process.version}; shardshift writes: ${directIo === "on" ? "O_DIRECT (default)" : "buffered (--direct-io off)"}; cache ${cacheRoot}`);
+console.log(`machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Node ${process.version}; shardshift writes: ${directIo === "on" ? "O_DIRECT (--direct-io on)" : "buffered (default)"}; cache ${cacheRoot}`);
 for (const name of todo) {
   if (name === 'memory') await runMemory(values['--model'] ? [values['--model']] : ['1b', '3b', '8b'], false);
   else if (name === 'sparse-70b') await runMemory([values['--model'] ?? '70b'], true);

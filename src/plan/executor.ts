@@ -14,13 +14,15 @@
  * of each large file (the hash worker) and casts (a tinypool sized to the cores) — see
  * `workers.ts`. Two sinks:
  *
- * - `DirectSink` (large files, when the filesystem takes O_DIRECT): bytes are copied into aligned
- *   staging blocks that are hashed and written straight to the device, several in flight. On the
- *   VM this was measured on, a buffered write's copy into fresh page-cache pages cost more CPU
- *   than SHA-256, and dirty-page throttling made it erratic; direct writes avoid both and leave
- *   almost nothing for the final fsync.
- * - `BufferedSink` (small files, or no O_DIRECT): adjacent chunks batched into one `writev`, two
- *   in flight at distinct positions.
+ * - `BufferedSink` (the default): adjacent chunks batched into one `writev`, two in flight at
+ *   distinct positions, and write-back started every 64 MiB (`fdatasync`, one at a time) so the
+ *   disk works while tensors are produced and dirty pages never pile up into throttling.
+ * - `DirectSink` (large files with SHARDSHIFT_DIRECT_IO=on, when the filesystem takes O_DIRECT):
+ *   bytes are copied into aligned staging blocks that are hashed and written straight to the
+ *   device, several in flight. It keeps the output out of the page cache, and on one VM it was
+ *   the faster path (buffered writes without early write-back stalled on dirty-page throttling);
+ *   on another (a virtio disk that splits requests at 254 segments) O_DIRECT from user memory
+ *   with physically scattered pages ran at a third of buffered speed — bench/README.md. Opt-in.
  *
  * All-zero runs of tensor data are left as holes (the file is extended to its full size at the
  * end), as `cp --sparse=auto` does; they read back as the same zeros.
@@ -67,12 +69,8 @@ export const executorTuning = {
   holeMinBytes: 64 << 10,
   /** O_DIRECT staging: blocks of this size (at most the chunk size) … */
   directBlock: 16 << 20,
-  /**
-   * … this many (0 turns direct writes off: SHARDSHIFT_DIRECT_IO=off; on VMs whose block device
-   * splits requests at a few hundred 4 KiB segments, O_DIRECT from fragmented memory can run at a
-   * third of buffered speed — see bench/README.md) …
-   */
-  directBlocks: process.env.SHARDSHIFT_DIRECT_IO === 'off' ? 0 : 4,
+  /** … this many (0: no direct writes — the default; SHARDSHIFT_DIRECT_IO=on makes it 4) … */
+  directBlocks: process.env.SHARDSHIFT_DIRECT_IO === 'on' ? 4 : 0,
   /** … used only with at least this budget (files must also be ≥ workerTuning.hashWorkerMinBytes). */
   directMinBudget: 128 << 20,
 };
