@@ -14,7 +14,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const target = join(root, 'src', 'lora', 'fma-kernel.wasm.ts');
 
 /** Lane groups per output group: 4 × f64x2 = 8 output elements, enough chains to hide latency. */
-const V = Number(process.env.KERNEL_V ?? 4);
+const V = 4;
 const range = (n) => [...Array(n).keys()];
 
 /**
