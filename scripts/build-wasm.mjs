@@ -49,7 +49,9 @@ const exactStep = (g) => `
       (local.set $s (i64x2.add (local.get $s) (v128.and
         (v128.or (i64x2.shr_s (v128.xor (local.get $err) (local.get $s)) (i32.const 63)) (local.get $one))
         (v128.and
-          (f64x2.ne (local.get $err) (local.get $zero))
+          ;; inexact (a NaN error — Inf − Inf once the chain has overflowed — is not inexact:
+          ;; s is ±Inf and stays so)
+          (v128.and (f64x2.ne (local.get $err) (local.get $zero)) (f64x2.eq (local.get $err) (local.get $err)))
           (i64x2.eq (v128.and (local.get $s) (local.get $one)) (local.get $zero))))))
       (local.set $a${g} (f64x2.promote_low_f32x4 (f32x4.demote_f64x2_zero (local.get $s))))`;
 

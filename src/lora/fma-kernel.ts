@@ -139,7 +139,7 @@ function kernel(): KernelExports {
   return instance;
 }
 
-/** Output elements computed per kernel call at most (bounds the kernel's memory to ~8 MiB). */
+/** Output rows per kernel call hold at most this many elements (bounds x and out; y is r × w). */
 const BATCH_ELEMENTS = 1 << 20;
 
 export interface ChainBlock {

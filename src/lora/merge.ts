@@ -231,7 +231,11 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
       const per = Math.ceil(n / pieces);
       const runs: Promise<number>[] = [];
       for (let i = 0; i < n; i += per) runs.push(runOnPool(task(r0 + i, Math.min(per, n - i))));
-      await Promise.all(runs);
+      // Every piece settles before the box is given back (a failed one must not leave others
+      // writing into arena space the executor may reuse); then the first error is thrown.
+      const settled = await Promise.allSettled(runs);
+      const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
     } else runLoraMerge(task(r0, n));
     if (!shared) out.set(buf);
   };

@@ -672,7 +672,9 @@ class BufferedSink implements Sink {
   }
 
   async abort(): Promise<void> {
-    await Promise.allSettled([...this.writes, this.syncing]);
+    await Promise.allSettled([...this.writes]);
+    // A write that completed meanwhile may have started a write-back: wait for it too.
+    while (this.syncing) await this.syncing;
     this.hasher.drop();
     await this.fh.close().catch(() => undefined);
   }

@@ -245,3 +245,24 @@ test('the fused kernel stays exact once the engine has optimised it (many calls,
     assert.ok(Buffer.from(a.buffer).equals(Buffer.from(b.buffer)), `call ${rep}: the ${activeKernel()} kernel differs from the f64 kernel`);
   }
 });
+
+test('an overflowed chain stays ±Inf on every path (the exact step must not turn Inf − Inf into NaN)', () => {
+  // Lane 0: -2^100·2^100 overflows to -Inf, then a tiny product; lane 1: the midpoint trap, so the
+  // group takes the exact path on the f64 kernel.
+  const x = new Float64Array([-(2 ** 100), Math.fround(1 + 2 ** -23)]);
+  const y = new Float64Array(2 * 8).fill(0);
+  y[0] = 2 ** 100;
+  y[8] = 2 ** -20;
+  const block = { x, x0: 0, y, yCols: 8, y0: 0, n: 1, w: 8, r: 2, kc: 192, scale: 1 };
+  for (const [kernel, exactOnly] of [['exact', false], ['exact', true], ['auto', false]] as const) {
+    setFmaKernel(kernel);
+    const out = new Float32Array(8);
+    chainBlock(block, out, undefined, exactOnly);
+    setFmaKernel('auto');
+    assert.equal(out[0], -Infinity, `${kernel}${exactOnly ? ' exact-only' : ''}`);
+  }
+  const pos = { ...block, x: new Float64Array([2 ** 100, 2 ** -120]) };
+  const out = new Float32Array(8);
+  chainBlock(pos, out, undefined, true);
+  assert.equal(out[0], Infinity);
+});
