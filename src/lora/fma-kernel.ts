@@ -228,24 +228,49 @@ function run(b: ChainBlock, mode: number, io: Uint8Array, item: number, stats: C
   else runExact(b, mode, io, item, stats, exactOnly, load);
 }
 
-/** The fused kernel over a block: x, y as f32 in its memory, groups of FMA_FUSED_KERNEL_GROUP. */
-function runFused(k: FusedExports, b: ChainBlock, mode: number, io: Uint8Array, item: number, load = false): void {
+/** Where a kernel call finds its inputs in the kernel's memory, and the rows it covers. */
+interface KernelCall {
+  x: number;
+  y: number;
+  out: number;
+  m: number;
+  wg: number;
+  /** The batch's x rows as copied (for the exact kernel's grid test). */
+  xm: Float32Array | Float64Array;
+}
+
+/**
+ * Lays a block out in a kernel's memory — y's columns [y0, y0+w) zero-padded to a multiple of
+ * `group`, then x rows and the base/output rows in batches — and calls `call` per batch.
+ * `Lane` is the kernel's input element type (f32 for the fused kernel, f64 for the exact one).
+ */
+function drive(
+  memory: KernelExports['memory'],
+  Lane: Float32ArrayConstructor | Float64ArrayConstructor,
+  group: number,
+  b: ChainBlock,
+  io: Uint8Array,
+  item: number,
+  load: boolean,
+  call: (c: KernelCall, ym: Float32Array | Float64Array) => void,
+): void {
   const { r, w, n } = b;
-  const wg = Math.ceil(w / FMA_FUSED_KERNEL_GROUP) * FMA_FUSED_KERNEL_GROUP;
+  const lane = Lane.BYTES_PER_ELEMENT;
+  const wg = Math.ceil(w / group) * group;
   const rows = Math.max(1, Math.min(n, Math.floor(BATCH_ELEMENTS / wg)));
-  const yBytes = r * wg * 4;
-  const xBytes = rows * r * 4;
+  const yBytes = r * wg * lane;
+  const xBytes = rows * r * lane;
   const need = yBytes + xBytes + rows * wg * 4;
-  const have = k.memory.buffer.byteLength;
-  if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
-  const mem = k.memory.buffer;
+  const have = memory.buffer.byteLength;
+  if (need > have) memory.grow(Math.ceil((need - have) / 65536));
+  const mem = memory.buffer;
   const [yPtr, xPtr, outPtr] = [0, yBytes, yBytes + xBytes];
-  const ym = new Float32Array(mem, yPtr, r * wg);
+  const ym = new Lane(mem, yPtr, r * wg);
   for (let kk = 0; kk < r; kk++) {
     ym.set(b.y.subarray(kk * b.yCols + b.y0, kk * b.yCols + b.y0 + w), kk * wg);
     if (wg > w) ym.fill(0, kk * wg + w, (kk + 1) * wg);
   }
-  const xm = new Float32Array(mem, xPtr, rows * r);
+  const xm = new Lane(mem, xPtr, rows * r);
   const om = new Uint8Array(mem, outPtr, rows * wg * item);
   const [rowIn, rowPad] = [w * item, wg * item];
   for (let i0 = 0; i0 < n; i0 += rows) {
@@ -256,48 +281,27 @@ function runFused(k: FusedExports, b: ChainBlock, mode: number, io: Uint8Array, 
       if (wg === w) om.set(block);
       else for (let i = 0; i < m; i++) om.set(block.subarray(i * rowIn, (i + 1) * rowIn), i * rowPad);
     }
-    k.chains(xPtr, yPtr, outPtr, m, wg, r, b.kc, b.scale, mode);
+    call({ x: xPtr, y: yPtr, out: outPtr, m, wg, xm: xm.subarray(0, m * r) }, ym);
     if (wg === w) block.set(om.subarray(0, m * rowIn));
     else for (let i = 0; i < m; i++) block.set(om.subarray(i * rowPad, i * rowPad + rowIn), i * rowIn);
   }
 }
 
+/** The fused kernel over a block: x, y as f32 in its memory. */
+function runFused(k: FusedExports, b: ChainBlock, mode: number, io: Uint8Array, item: number, load = false): void {
+  drive(k.memory, Float32Array, FMA_FUSED_KERNEL_GROUP, b, io, item, load, (c) => {
+    k.chains(c.x, c.y, c.out, c.m, c.wg, b.r, b.kc, b.scale, mode);
+  });
+}
+
+/** The exact kernel over a block: x, y as f64; picks `chains` where the grid test allows it. */
 function runExact(b: ChainBlock, mode: number, io: Uint8Array, item: number, stats: ChainStats | undefined, exactOnly: boolean, load = false): void {
   const k = kernel();
-  const { r, w, n } = b;
-  const w8 = Math.ceil(w / FMA_KERNEL_GROUP) * FMA_KERNEL_GROUP;
-  const rows = Math.max(1, Math.min(n, Math.floor(BATCH_ELEMENTS / w8)));
-  const yBytes = r * w8 * 8;
-  const xBytes = rows * r * 8;
-  const need = yBytes + xBytes + rows * w8 * 4;
-  const have = k.memory.buffer.byteLength;
-  if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
-  const mem = k.memory.buffer;
-  const yPtr = 0;
-  const xPtr = yBytes;
-  const outPtr = yBytes + xBytes;
-  // y's columns [y0, y0+w), zero-padded to w8.
-  const ym = new Float64Array(mem, yPtr, r * w8);
-  for (let kk = 0; kk < r; kk++) {
-    ym.set(b.y.subarray(kk * b.yCols + b.y0, kk * b.yCols + b.y0 + w), kk * w8);
-    if (w8 > w) ym.fill(0, kk * w8 + w, (kk + 1) * w8);
-  }
-  const xm = new Float64Array(mem, xPtr, rows * r);
-  const om = new Uint8Array(mem, outPtr, rows * w8 * item);
-  const [rowIn, rowPad] = [w * item, w8 * item];
-  const yLow = minMagnitude(ym);
-  for (let i0 = 0; i0 < n; i0 += rows) {
-    const m = Math.min(rows, n - i0);
-    xm.set(b.x.subarray((b.x0 + i0) * r, (b.x0 + i0 + m) * r));
-    const fn = exactOnly ? k.chainsExact : onGrid(minMagnitude(xm.subarray(0, m * r)), yLow) ? k.chains : k.chainsSafe;
-    const block = io.subarray(i0 * rowIn, (i0 + m) * rowIn);
-    if (load) {
-      if (w8 === w) om.set(block);
-      else for (let i = 0; i < m; i++) om.set(block.subarray(i * rowIn, (i + 1) * rowIn), i * rowPad);
-    }
-    const flagged = fn(xPtr, yPtr, outPtr, m, w8, r, b.kc, b.scale, mode);
+  let yLow: number | undefined;
+  drive(k.memory, Float64Array, FMA_KERNEL_GROUP, b, io, item, load, (c, ym) => {
+    yLow ??= minMagnitude(ym as Float64Array);
+    const fn = exactOnly ? k.chainsExact : onGrid(minMagnitude(c.xm as Float64Array), yLow) ? k.chains : k.chainsSafe;
+    const flagged = fn(c.x, c.y, c.out, c.m, c.wg, b.r, b.kc, b.scale, mode);
     if (stats) stats.exactGroups += flagged;
-    if (w8 === w) block.set(om.subarray(0, m * rowIn));
-    else for (let i = 0; i < m; i++) block.set(om.subarray(i * rowPad, i * rowPad + rowIn), i * rowIn);
-  }
+  });
 }
