@@ -104,6 +104,6 @@ test('bad input: inconsistent blocks/scales shapes, blocks without scales, throu
   const r = await new Promise<{ code: number; stderr: string }>((res) => execFile(process.execPath, [cli, 'convert', '--to', 'megatron', dir, join(tmp, 'bad.out')], (err, _o, stderr) => res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stderr })));
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr, /down_proj_blocks \(U8 \[2, 32, 1, 16\]\) and model\.layers\.0\.mlp\.experts\.down_proj_scales \(U8 \[2, 32, 2\]\) are not MXFP4 blocks and scales/);
-  assert.equal(r.stderr.trim().split('\n').length, 1, 'one message line');
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one message line, got:\n${r.stderr}`);
   assert.equal(await readdir(join(tmp, 'bad.out')).catch(() => 'absent'), 'absent');
 });
