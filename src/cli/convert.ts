@@ -31,6 +31,7 @@ interface Flags {
   iteration: string;
   hfModel?: string;
   allowUnmapped?: boolean;
+  dropMtp?: boolean;
   ckptFormat: 'torch_dist' | 'torch' | 'fsdp_dtensor';
   megatronSpec: 'te' | 'local';
   from?: FormatName;
@@ -52,6 +53,19 @@ function skippedSummary(plan: ConvertPlan): string[] {
   return [...by].map(([reason, names]) => `${reason} ×${names.length} (${names[0]}${names.length > 1 ? ', …' : ''})`);
 }
 
+/** `46 tensors stored as F32, not BF16 — <reason> (first, …)` per reason. */
+function dtypeSummary(plan: ConvertPlan): string[] {
+  const by = new Map<string, string[]>();
+  for (const d of plan.dtypeExceptions ?? []) {
+    const k = `${d.dtype}\0${d.reason}`;
+    by.set(k, [...(by.get(k) ?? []), d.name]);
+  }
+  return [...by].map(([k, names]) => {
+    const [dtype, reason] = k.split('\0');
+    return `${names.length} tensor${names.length === 1 ? '' : 's'} stored as ${dtype}${plan.dtype ? `, not ${plan.dtype}` : ''} — ${reason} (${names[0]}${names.length > 1 ? ', …' : ''})`;
+  });
+}
+
 export function describePlan(plan: ConvertPlan): string {
   const lines = [
     `source: ${plan.source.path} (${plan.source.format}, ${plan.source.tensors} tensors, ${formatBytes(plan.source.bytes)})`,
@@ -60,6 +74,7 @@ export function describePlan(plan: ConvertPlan): string {
   ];
   if (plan.sideFiles.length) lines.push(`side files copied: ${plan.sideFiles.join(', ')}`);
   for (const n of plan.notes ?? []) lines.push(`note: ${n}`);
+  for (const d of dtypeSummary(plan)) lines.push(`dtype: ${d}`);
   for (const s of skippedSummary(plan)) lines.push(`skipped: ${s}`);
   for (const d of plan.dropped) lines.push(`not carried: ${d.name} (${d.reason})`);
   return lines.join('\n');
@@ -112,6 +127,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
           ...common,
           nxd,
           allowUnmapped: f.allowUnmapped,
+          dropMtp: f.dropMtp,
           ckptFormat: f.ckptFormat,
           megatronSpec: f.megatronSpec,
           hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined,
@@ -123,7 +139,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
           iteration: whole(f.iteration, '--iteration'),
         })
       : f.to === 'hf'
-        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
+        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, dropMtp: f.dropMtp, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
         : await convert(src, out, { ...common, to: f.to, from: f.from });
   progress?.done();
   if (f.json) {

@@ -24,9 +24,9 @@ import {
   type PyValue,
 } from '../pickle/values.js';
 import { byteLength, dtypeFromTorch, dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
-import { checkTiling, contiguousStrides, readBox, type Box, type Piece } from '../tensor/layout.js';
+import { checkTiling, contiguousStrides, intersect, readBox, type Box, type Piece } from '../tensor/layout.js';
 import { type CheckpointSource, type OutputFile, type Part, type SourceObject, type SourceTensor, type TargetTensor, type WriteReport } from './types.js';
-import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, unpickleChecked } from './torch-archive.js';
+import { openTorchArchive, tensorPiece, torchArchiveParts, tensorArchiveParts, contiguousTensorRef, unpickleChecked } from './torch-archive.js';
 import { listSideFiles } from './side-files.js';
 
 const DCP_MODULE = 'torch.distributed.checkpoint.metadata';
@@ -74,7 +74,8 @@ function propsDtype(props: PyObject, fqn: string, file: string): DType {
 
 class DcpTensor implements SourceTensor {
   readonly byteLength: number;
-  private pieces?: Promise<Piece[]>;
+  /** Each chunk's piece, resolved (its archive opened) on the first read that needs it. */
+  private readonly pieces: Array<Promise<Piece> | undefined>;
   constructor(
     readonly name: string,
     readonly dtype: DType,
@@ -83,6 +84,7 @@ class DcpTensor implements SourceTensor {
     private readonly files: ReadonlyMap<string, ReadOnlyFile>,
   ) {
     this.byteLength = byteLength(dtype, numelOf(shape));
+    this.pieces = new Array<Promise<Piece> | undefined>(chunks.length);
   }
 
   get where(): string {
@@ -91,8 +93,12 @@ class DcpTensor implements SourceTensor {
   }
 
   async read(box: Box, out: Uint8Array): Promise<void> {
-    this.pieces ??= Promise.all(this.chunks.map((c) => this.resolve(c)));
-    return readBox(this.name, this.dtype, this.shape, await this.pieces, box, out);
+    // Only the chunks the box meets: a box of expert e of a stacked [E, …] tensor opens one archive, not E.
+    const need: Array<Promise<Piece>> = [];
+    this.chunks.forEach((c, i) => {
+      if (intersect(c.box, box)) need.push((this.pieces[i] ??= this.resolve(c)));
+    });
+    return readBox(this.name, this.dtype, this.shape, await Promise.all(need), box, out);
   }
 
   /** A chunk's bytes: an embedded torch.save archive of the chunk tensor, or its raw bytes. */
@@ -318,16 +324,29 @@ export function writeDcp(tensors: readonly TargetTensor[], opts: DcpWriteOptions
 
 export function writeDcpChunked(entries: readonly DcpTensorEntry[], opts: DcpWriteOptions = {}): WriteReport {
   const items: Item[] = [];
+  // Objects without tensors are literal archives; equal pickles (Megatron's thousands of empty
+  // `_extra_state` entries) share one.
+  const objectArchives = new Map<string, { parts: Part[]; size: number }>();
   for (const [fqn, value] of opts.objects ?? []) {
-    const a = torchArchiveParts('archive', value, []);
+    const pkl = pickle(value);
+    const key = Buffer.from(pkl).toString('latin1');
+    let a = objectArchives.get(key);
+    if (!a) objectArchives.set(key, (a = torchArchiveParts('archive', value, [], pkl)));
     items.push({ fqn, size: a.size, parts: a.parts });
   }
+  // A chunk archive's pickle depends only on the chunk's dtype and shape: pickled once per kind
+  // (MoE checkpoints have tens of thousands of same-shaped expert chunks).
+  const pickles = new Map<string, Uint8Array>();
   for (const e of entries) {
     if (!dtypeInfo(e.dtype).torchDtype) throw unsupported(`tensor ${e.name}: torch has no dtype for ${e.dtype}`, undefined, e.name);
     checkTiling(e.name, e.shape, e.chunks.map((c) => ({ start: c.offsets, size: c.tensor.shape })), '(output)');
     for (const c of e.chunks) {
       if (c.tensor.dtype !== e.dtype) throw new Error(`internal: chunk of ${e.name} is ${c.tensor.dtype}, tensor is ${e.dtype}`);
-      const a = torchArchiveParts('archive', contiguousTensorRef('0', c.tensor), [{ key: '0', tensor: c.tensor }]);
+      const ref = contiguousTensorRef('0', c.tensor);
+      const kind = `${c.tensor.dtype}:${c.tensor.shape.join(',')}`;
+      let pkl = pickles.get(kind);
+      if (!pkl) pickles.set(kind, (pkl = pickle(ref)));
+      const a = tensorArchiveParts('archive', c.tensor, pkl);
       items.push({ fqn: e.name, size: a.size, parts: a.parts, offsets: c.offsets });
     }
   }
@@ -345,12 +364,13 @@ export function writeDcpChunked(entries: readonly DcpTensorEntry[], opts: DcpWri
   }
   const files: OutputFile[] = [];
   const storageData = new PyDict();
+  const itemsOf: Item[][] = Array.from({ length: nFiles }, () => []);
+  for (const it of items) itemsOf[fileOf.get(it)!]!.push(it);
   for (let i = 0; i < nFiles; i++) {
     const rel = `__0_${i}.distcp`;
     const parts: Part[] = [];
     let at = 0;
-    for (const it of items) {
-      if (fileOf.get(it) !== i) continue;
+    for (const it of itemsOf[i]!) {
       // torch leaves None fields out of MetadataIndex and _StorageInfo states.
       const index = new PyObject(DCP_MODULE, 'MetadataIndex', PyDict.from(it.offsets ? { fqn: it.fqn, offset: new TorchSize([...it.offsets]), index: 0 } : { fqn: it.fqn, index: null }));
       const info = new PyObject(FS_MODULE, '_StorageInfo', PyDict.from({ relative_path: rel, offset: at, length: it.size }));

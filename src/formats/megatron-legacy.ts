@@ -385,6 +385,10 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
         }
         const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gated);
         const renamed = targetView(g, { name: local });
+        const along = split === 'row' ? g.shape[1]! : split === 'gated' ? g.shape[0]! / 2 : g.shape[0]!;
+        if (split !== 'replicated' && along % tp !== 0) {
+          throw unsupported(`${name} [${g.shape.join(', ')}]: TP ${tp} does not divide its ${along} ${split === 'row' ? 'columns' : split === 'gated' ? 'rows per half' : 'rows'}`, undefined, name);
+        }
         if (split === 'replicated') put(local, renamed);
         else if (split === 'column') {
           const n = g.shape[0]! / tp;

@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { ByteSource } from '../io/file.js';
-import { readEntryChecked, readZipIndex, zipParts, type ZipEntry, type ZipRecord } from '../io/zip.js';
+import { readEntryChecked, readZipIndex, zipParts, zipTemplate, type ZipEntry, type ZipRecord, type ZipTemplate } from '../io/zip.js';
 import { badInput, unsupported, ShardshiftError } from '../errors.js';
 import { unpickle, pickle, storageFromPersistentId, UnpicklingError, type UnpickleOptions } from '../pickle/index.js';
 import type { AllowList } from '../pickle/index.js';
@@ -115,15 +115,14 @@ export function torchArchiveParts(
   prefix: string,
   root: PyValue,
   storages: ReadonlyArray<{ key: string; tensor: TargetTensor }>,
+  /** `pickle(root)`, when the caller already has it (many archives of the same structure). */
+  pickled?: Uint8Array,
 ): { parts: Part[]; size: number } {
-  const pkl = pickle(root);
+  const pkl = pickled ?? pickle(root);
   const enc = (s: string): Uint8Array => Buffer.from(s, 'utf8');
   const p = (n: string): string => `${prefix}/${n}`;
   const sorted = [...storages].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
-  // torch derives the id from the process; a hash of what is written keeps outputs reproducible.
-  const h = createHash('sha256').update(pkl);
-  for (const s of sorted) h.update(`${s.key}:${s.tensor.name}:${s.tensor.byteLength};`);
-  const serializationId = BigInt('0x' + h.digest('hex').slice(0, 32)).toString().padStart(40, '0').slice(-40);
+  const sid = serializationId(pkl, sorted);
   const records: ZipRecord[] = [
     { name: p('data.pkl'), data: pkl },
     { name: p('.format_version'), data: enc('1') },
@@ -131,10 +130,47 @@ export function torchArchiveParts(
     { name: p('byteorder'), data: enc('little') },
     ...sorted.map((s) => ({ name: p(`data/${s.key}`), slot: tensorSlot(s.tensor, true) })),
     { name: p('version'), data: enc('3\n') },
-    { name: p('.data/serialization_id'), data: enc(serializationId) },
+    { name: p('.data/serialization_id'), data: enc(sid) },
   ];
   const z = zipParts(records);
   return { parts: z.parts, size: z.size };
+}
+
+/** torch derives `.data/serialization_id` from the process; a hash of what is written keeps outputs reproducible. */
+function serializationId(pkl: Uint8Array, storages: ReadonlyArray<{ key: string; tensor: TargetTensor }>): string {
+  const h = createHash('sha256').update(pkl);
+  for (const s of storages) h.update(`${s.key}:${s.tensor.name}:${s.tensor.byteLength};`);
+  return BigInt('0x' + h.digest('hex').slice(0, 32)).toString().padStart(40, '0').slice(-40);
+}
+
+const templates = new Map<string, WeakMap<Uint8Array, ZipTemplate>>();
+
+/**
+ * The archive `torch.save(tensor)` writes for one tensor alone in storage `key` (what DCP embeds
+ * per chunk), from its pickle `pkl` — the same bytes as `torchArchiveParts`, through a layout
+ * computed once per pickle (callers pass the same `pkl` object for same-shaped tensors).
+ */
+export function tensorArchiveParts(prefix: string, tensor: TargetTensor, pkl: Uint8Array, key = '0'): { parts: Part[]; size: number } {
+  let byPkl = templates.get(`${prefix}\0${key}`);
+  if (!byPkl) templates.set(`${prefix}\0${key}`, (byPkl = new WeakMap()));
+  let t = byPkl.get(pkl);
+  // The pickle names the tensor's dtype and shape, so it fixes the data's length too.
+  if (!t) {
+    const enc = (s: string): Uint8Array => Buffer.from(s, 'utf8');
+    const p = (n: string): string => `${prefix}/${n}`;
+    t = zipTemplate([
+      { name: p('data.pkl'), data: pkl },
+      { name: p('.format_version'), data: enc('1') },
+      { name: p('.storage_alignment'), data: enc('64') },
+      { name: p('byteorder'), data: enc('little') },
+      { name: p(`data/${key}`), slotBytes: tensor.byteLength },
+      { name: p('version'), data: enc('3\n') },
+      { name: p('.data/serialization_id'), dynamicBytes: 40 },
+    ]);
+    byPkl.set(pkl, t);
+  }
+  const slot = tensorSlot(tensor, true);
+  return { parts: t.parts(slot, () => [Buffer.from(serializationId(pkl, [{ key, tensor }]), 'utf8')]), size: t.size };
 }
 
 /** A fresh contiguous TensorRef for a target tensor stored alone in storage `key`. */

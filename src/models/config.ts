@@ -24,8 +24,28 @@ export interface ModelConfig {
   readonly moe?: MoeConfig;
   /** Hybrid (Mamba / attention / MLP / MoE) layer stacks: megatron-core's MambaModel. */
   readonly hybrid?: HybridConfig;
+  /** Multi-token-prediction layers (megatron-core's MTP block, the hub's `mtp.*`), when mapped. */
+  readonly mtpLayers?: number;
+  /** How the HF checkpoint lays its tensors out where the config does not say (read from its names, recorded in Megatron args). */
+  readonly hfLayout?: HfLayout;
   /** The HF config.json this came from, when known (carried to HF outputs). */
   readonly hf?: Readonly<Record<string, unknown>>;
+}
+
+/** How an HF checkpoint stores MoE experts: one tensor per expert and projection, or fused per layer (transformers 5). */
+export type ExpertLayout = 'per-expert' | 'fused';
+
+/**
+ * Facts of an HF checkpoint's naming that its config does not record, found from its tensor names
+ * on import and kept in the Megatron args (`shardshift_hf_layout`) so the export writes the same.
+ */
+export interface HfLayout {
+  /** MoE experts of the decoder (default per expert). */
+  readonly experts?: ExpertLayout;
+  /** MoE experts of the MTP layers (the Qwen3.5 hub checkpoints fuse the decoder's, not the MTP layer's). */
+  readonly mtpExperts?: ExpertLayout;
+  /** The text model's name prefix where a family has two (`model.` or `model.language_model.`: a Qwen3.5 causal LM re-saved from a VL checkpoint). */
+  readonly textPrefix?: string;
 }
 
 export interface MoeConfig {

@@ -11,7 +11,7 @@
  */
 import type { PyValue } from '../pickle/values.js';
 import { fromHfConfig, isMoeLayer, type ModelConfig } from './config.js';
-import type { Family, GlobalParam, LayerParam } from './spec.js';
+import type { Family, GlobalParam, LayerParam, PrecisionRule } from './spec.js';
 
 const L = 'model.layers.{i}';
 
@@ -43,6 +43,31 @@ export function denseMlpParams(c: ModelConfig, hfPrefix = `${L}.mlp`, normName =
   ];
 }
 
+/**
+ * Router weights keep a float32 source's precision on both sides (a bf16 router changes top-k
+ * routing), and are always float32 on the HF side where transformers keeps them so.
+ */
+export function routerPrecision(n: { routerFp32?: boolean }): PrecisionRule {
+  return {
+    hf: n.routerFp32 ? 'fp32' : 'keep-fp32',
+    megatron: 'keep-fp32',
+    why: n.routerFp32 ? 'router weight: transformers keeps it in float32 (_keep_in_fp32_modules_strict), Megatron keeps the float32 source' : 'router weight: a float32 source keeps its precision',
+  };
+}
+
+/**
+ * The router's score-correction bias (`e_score_correction_bias` → `router.expert_bias`):
+ * megatron-core stores it as a float32 buffer (re-cast to float32 before every save, "to avoid
+ * routing errors"); cast to bf16, distinct biases collapse and top-k routing changes.
+ */
+export function expertBiasPrecision(n: { routerFp32?: boolean }): PrecisionRule {
+  return {
+    hf: n.routerFp32 ? 'fp32' : 'keep-fp32',
+    megatron: 'fp32',
+    why: 'router expert bias: megatron-core stores router.expert_bias in float32' + (n.routerFp32 ? ', transformers keeps e_score_correction_bias in float32' : ''),
+  };
+}
+
 /** HF names of an MoE block's pieces (`{e}` = expert index). */
 export interface MoeNames {
   readonly norm: string;
@@ -52,6 +77,14 @@ export interface MoeNames {
   readonly up: string;
   readonly down: string;
   readonly routerBias?: string;
+  /** transformers keeps the router (weight and score-correction bias) in float32 (`_keep_in_fp32_modules_strict`). */
+  readonly routerFp32?: boolean;
+  /**
+   * The experts fused per layer (transformers 5's in-memory layout, saved so by models loaded from
+   * fused checkpoints): `gateUp` [E, 2F, H] = [gate; up] per expert, `down` [E, H, F]. Used in
+   * place of the per-expert names when given.
+   */
+  readonly fused?: { readonly gateUp: string; readonly down: string };
   /** Shared expert: gate (absent: not gated)/up/down and its output gate. */
   readonly shared?: { readonly gate?: string; readonly up: string; readonly down: string; readonly outputGate?: string };
 }
@@ -76,13 +109,22 @@ export function moeParams(c: ModelConfig, n: MoeNames): LayerParam[] {
   const E = m.numExperts;
   const p: LayerParam[] = [
     { megatron: 'pre_mlp_layernorm.weight', hf: [n.norm], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['mlp.linear_fc1.layer_norm_weight'] },
-    { megatron: 'mlp.router.weight', hf: [n.router], kind: 'copy', hfShapes: [[E, H]], shape: [E, H] },
+    { megatron: 'mlp.router.weight', hf: [n.router], kind: 'copy', hfShapes: [[E, H]], shape: [E, H], precision: routerPrecision(n) },
   ];
-  if (m.routerBias && n.routerBias) p.push({ megatron: 'mlp.router.expert_bias', hf: [n.routerBias], kind: 'copy', hfShapes: [[E]], shape: [E] });
-  p.push(
-    fc1Param('mlp.experts.local_experts.{e}.linear_fc1.weight', n.gate, n.up, F, H, E),
-    { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
-  );
+  if (m.routerBias && n.routerBias) p.push({ megatron: 'mlp.router.expert_bias', hf: [n.routerBias], kind: 'copy', hfShapes: [[E]], shape: [E], precision: expertBiasPrecision(n) });
+  if (n.fused) {
+    // One HF tensor stacked over experts per projection (no `{e}` in the name): expert e at index e.
+    const gated = n.gate !== undefined;
+    p.push(
+      { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [n.fused.gateUp], kind: 'copy', hfShapes: [[gated ? 2 * F : F, H]], shape: [gated ? 2 * F : F, H], experts: E },
+      { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.fused.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
+    );
+  } else {
+    p.push(
+      fc1Param('mlp.experts.local_experts.{e}.linear_fc1.weight', n.gate, n.up, F, H, E),
+      { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
+    );
+  }
   if (m.sharedExpertFfn && n.shared) {
     const S = m.sharedExpertFfn;
     p.push(

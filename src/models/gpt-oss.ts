@@ -23,8 +23,8 @@ import type { Box } from '../tensor/layout.js';
 import { byteLength, itemSize, numelOf } from '../tensor/dtype.js';
 import { PyFloat, PyTuple } from '../pickle/values.js';
 import { fromHfConfig, num, type ModelConfig } from './config.js';
-import { attentionParams, denseGlobals, linearExtraState, moeArgs } from './dense.js';
-import type { CustomKind, Family, LayerParam, SourcePart } from './spec.js';
+import { attentionParams, denseGlobals, linearExtraState, moeArgs, routerPrecision } from './dense.js';
+import type { CustomKind, Family, LayerParam, PrecisionRule, SourcePart } from './spec.js';
 
 const L = 'model.layers.{i}';
 
@@ -138,6 +138,9 @@ const TRANSPOSED: CustomKind = {
 
 const LAYER_TYPES = ['sliding_attention', 'full_attention'];
 
+/** GptOssPreTrainedModel._keep_in_fp32_modules = ['post_attention_layernorm', 'input_layernorm', 'norm']: float32 under float16. */
+const NORM_PRECISION: PrecisionRule = { hf: 'fp32-with-fp16', why: 'norm: transformers keeps GPT-OSS norms in float32 when loading float16 (_keep_in_fp32_modules)' };
+
 /** Whether layer i uses the sliding window (HF `layer_types`; transformers' default alternates, sliding first). */
 export function slidingLayers(c: ModelConfig): boolean[] {
   const lt = c.hf?.layer_types;
@@ -153,8 +156,8 @@ function expertParams(c: ModelConfig): LayerParam[] {
   const ex = 'mlp.experts.local_experts.{e}';
   return [
     { megatron: 'pre_mlp_layernorm.weight', hf: [`${L}.post_attention_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['mlp.linear_fc1.layer_norm_weight'] },
-    { megatron: 'mlp.router.weight', hf: [`${L}.mlp.router.weight`], kind: 'copy', hfShapes: [[E, H]], shape: [E, H] },
-    { megatron: 'mlp.router.bias', hf: [`${L}.mlp.router.bias`], kind: 'copy', hfShapes: [[E]], shape: [E] },
+    { megatron: 'mlp.router.weight', hf: [`${L}.mlp.router.weight`], kind: 'copy', hfShapes: [[E, H]], shape: [E, H], precision: routerPrecision({}) },
+    { megatron: 'mlp.router.bias', hf: [`${L}.mlp.router.bias`], kind: 'copy', hfShapes: [[E]], shape: [E], precision: routerPrecision({}) },
     { megatron: `${ex}.linear_fc1.weight`, hf: [`${X}.gate_up_proj`], kind: GATE_UP, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E },
     { megatron: `${ex}.linear_fc1.bias`, hf: [`${X}.gate_up_proj_bias`], kind: GATE_UP_BIAS, hfShapes: [[2 * F]], shape: [2 * F], experts: E },
     { megatron: `${ex}.linear_fc2.weight`, hf: [`${X}.down_proj`], kind: TRANSPOSED, hfShapes: [[F, H]], shape: [H, F], experts: E },
@@ -184,15 +187,16 @@ export const gptOss: Family = {
     }
     return { ...base, moe: { numExperts, topK, ffnHiddenSize: base.ffnHiddenSize } };
   },
-  globalParams: (c) => denseGlobals(c),
+  globalParams: (c) => denseGlobals(c).map((g) => (g.hf === 'model.norm.weight' ? { ...g, precision: NORM_PRECISION } : g)),
   layerParams: (c) => {
     const H = c.hiddenSize;
-    return [
+    const params: LayerParam[] = [
       ...attentionParams(c),
       { megatron: 'self_attention.linear_proj.bias', hf: [`${L}.self_attn.o_proj.bias`], kind: 'copy', hfShapes: [[H]], shape: [H] },
       { megatron: 'self_attention.core_attention.softmax_offset', hf: [`${L}.self_attn.sinks`], kind: 'copy', hfShapes: [[c.numAttentionHeads]], shape: [c.numAttentionHeads] },
       ...expertParams(c),
     ];
+    return params.map((p) => (/_layernorm\.weight$/.test(p.hf[0]!) ? { ...p, precision: NORM_PRECISION } : p));
   },
   extraStateModules: (c, i) => linearExtraState(c, i),
   megatronArgs: (c) => {

@@ -12,13 +12,44 @@ import { allRows, castTo, rowConcat, rows, zeroRows, type RowSegment } from '../
 import { paddedVocab, type ModelConfig } from './config.js';
 import { HF_IGNORED, MEGATRON_IGNORED } from './dense.js';
 import { familyOf } from './registry.js';
-import type { Family, LayerParam, SourcePart } from './spec.js';
+import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from './spec.js';
 import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
 import { targetView } from '../plan/view.js';
 
 export interface Skipped {
   readonly name: string;
   readonly reason: string;
+}
+
+/** A target stored in another dtype than the one asked for, and why (a family's precision rule). */
+export interface DtypeException {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly reason: string;
+}
+
+/** The dtype a parameter is stored in on one side: `requested`, unless its rule keeps float32 (spec.ts `Precision`). */
+export function precisionDtype(requested: DType, source: DType, rule: Precision | undefined): DType {
+  if (requested === 'F32' || requested === 'F64' || rule === undefined) return requested;
+  if (rule === 'fp32') return 'F32';
+  if (rule === 'fp32-with-fp16') return requested === 'F16' ? 'F32' : requested;
+  return source === 'F32' ? 'F32' : requested;
+}
+
+/** The dtype most of a checkpoint's bytes are in (its weights' dtype, whatever a few tensors keep). */
+export function mainDtype(src: CheckpointSource): DType {
+  const bytes = new Map<DType, number>();
+  for (const t of src.tensors.values()) bytes.set(t.dtype, (bytes.get(t.dtype) ?? 0) + t.byteLength);
+  let best: DType = 'BF16';
+  let most = -1;
+  for (const [d, n] of bytes) if (n > most) [best, most] = [d, n];
+  return best;
+}
+
+/** Every layer of every stack (decoder, then the family's blocks) with its parameters and canonical prefix. */
+function* layers(fam: Family, c: ModelConfig): Generator<{ readonly i: number; readonly prefix: string; readonly params: readonly LayerParam[] }> {
+  for (let i = 0; i < c.numLayers; i++) yield { i, prefix: `decoder.layers.${i}.`, params: fam.layerParams(c, i) };
+  for (const b of fam.blocks?.(c) ?? []) for (let i = 0; i < b.layers; i++) yield { i, prefix: `${b.prefix}${i}.`, params: b.params(i) };
 }
 
 /** `{i}` and `{e}` filled in. */
@@ -82,9 +113,17 @@ function toHf(c: ModelConfig, p: LayerParam, names: string[], src: SourcePart): 
   ];
 }
 
+/** A rule that leaves source tensors out on purpose (listed in the plan as skipped). */
+export interface SkipRule {
+  readonly pattern: RegExp;
+  readonly reason: string;
+}
+
 export interface ImportOptions {
   /** Skip source tensors the map has no place for (listed as skipped) instead of failing. */
   readonly allowUnmapped?: boolean;
+  /** Source tensors left out on purpose (e.g. `--drop-mtp`). */
+  readonly skip?: readonly SkipRule[];
   readonly tp: number;
   readonly makeVocabSizeDivisibleBy: number;
   readonly dtype: DType;
@@ -98,6 +137,16 @@ export interface ImportResult {
   /** The same as torch_dist entries (the family's keying: stacked layers and experts). */
   readonly entries: DcpTensorEntry[];
   readonly skipped: Skipped[];
+  /** Targets stored in another dtype than `opts.dtype` (precision rules). */
+  readonly dtypes: DtypeException[];
+}
+
+/** `t` cast to the dtype its rule gives on this side, noting it when that is not the requested one. */
+function toStored(t: TargetTensor, requested: DType | 'keep', rule: PrecisionRule | undefined, side: 'hf' | 'megatron', notes: DtypeException[]): TargetTensor {
+  if (requested === 'keep') return t;
+  const d = precisionDtype(requested, t.dtype, rule?.[side]);
+  if (d !== requested) notes.push({ name: t.name, dtype: d, reason: rule!.why });
+  return castTo(t, d);
 }
 
 /** HF → Megatron. */
@@ -122,23 +171,24 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
     return { src: t, prefix: [] };
   };
   const targets = new Map<string, TargetTensor>();
+  const dtypes: DtypeException[] = [];
   const Vp = paddedVocab(c.vocabSize, opts.makeVocabSizeDivisibleBy, opts.tp);
   for (const g of fam.globalParams(c)) {
     const src = get(g.hf, g.shape);
     if (!src) continue;
     const pad = g.kind === 'vocab' && Vp > c.vocabSize;
     const segs = [allRows(src.src), ...(pad ? [zeroRows(Vp - c.vocabSize)] : [])];
-    targets.set(g.megatron, castTo(rowConcat(g.megatron, src.src.dtype, g.shape.slice(1), segs, `${g.hf}${pad ? ` + ${Vp - c.vocabSize} zero rows` : ''}`), opts.dtype));
+    targets.set(g.megatron, toStored(rowConcat(g.megatron, src.src.dtype, g.shape.slice(1), segs, `${g.hf}${pad ? ` + ${Vp - c.vocabSize} zero rows` : ''}`), opts.dtype, g.precision, 'megatron', dtypes));
   }
-  for (let i = 0; i < c.numLayers; i++) {
-    for (const p of fam.layerParams(c, i)) {
+  for (const { i, prefix, params } of layers(fam, c)) {
+    for (const p of params) {
       for (const e of p.experts === undefined ? [undefined] : Array.from({ length: p.experts }, (_, k) => k)) {
         const names = p.hf.map((h) => fill(h, i, e));
         const pieces = names.map((n, k) => get(n, p.hfShapes[k]!, e !== undefined && !p.hf[k]!.includes('{e}') ? e : undefined));
         if (pieces.some((s) => !s)) continue;
-        const name = `decoder.layers.${i}.${fill(p.megatron, i, e)}`;
+        const name = `${prefix}${fill(p.megatron, i, e)}`;
         const described = names.map((n, k) => (pieces[k]!.prefix.length ? `${n}[${e}]` : n)).join(', ');
-        targets.set(name, castTo(toMegatron(c, p, name, pieces as SourcePart[], described), opts.dtype));
+        targets.set(name, toStored(toMegatron(c, p, name, pieces as SourcePart[], described), opts.dtype, p.precision, 'megatron', dtypes));
       }
     }
   }
@@ -150,7 +200,7 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   const tiedHead = c.tieEmbeddings ? fam.globalParams({ ...c, tieEmbeddings: false }).find((g) => g.megatron === 'output_layer.weight')?.hf : undefined;
   for (const name of hf.tensors.keys()) {
     if (used.has(name)) continue;
-    const rule = HF_IGNORED.find((r) => r.pattern.test(name));
+    const rule = [...(opts.skip ?? []), ...HF_IGNORED].find((r) => r.pattern.test(name));
     if (rule) skipped.push({ name, reason: rule.reason });
     else if (name === tiedHead) skipped.push({ name, reason: 'tied to the input embedding' });
     else unmapped.push(name);
@@ -159,12 +209,15 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   else if (unmapped.length) {
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} Megatron model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
-  return { targets, entries: torchDistEntries(fam, c, targets, opts.dtype, opts.spec), skipped };
+  return { targets, entries: torchDistEntries(fam, c, targets, opts.dtype, opts.spec), skipped, dtypes };
 }
 
 export interface ExportOptions {
   readonly allowUnmapped?: boolean;
-  readonly dtype: DType;
+  /** Source tensors left out on purpose (e.g. `--drop-mtp`). */
+  readonly skip?: readonly SkipRule[];
+  /** The requested HF dtype (precision rules may keep some tensors float32), or `keep` every stored dtype. */
+  readonly dtype: DType | 'keep';
 }
 
 /** An HF tensor stacked over experts (`[E, …]`) from per-expert targets. */
@@ -175,13 +228,14 @@ function stackExperts(name: string, parts: readonly TargetTensor[]): TargetTenso
 }
 
 /** Megatron → HF. */
-export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportOptions): { tensors: TargetTensor[]; skipped: Skipped[] } {
+export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportOptions): { tensors: TargetTensor[]; skipped: Skipped[]; dtypes: DtypeException[] } {
   const fam: Family = familyOf(c);
   const file = meg.path;
   const view = canonicalMegatron(meg, c, fam);
   const used = new Set<string>();
   const missing: string[] = [];
   const out: TargetTensor[] = [];
+  const dtypes: DtypeException[] = [];
   const find = (names: readonly string[]): SourcePart | undefined => {
     for (const n of names) {
       const v = view.get(n);
@@ -210,19 +264,19 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
         throw badInput(`${s.name}: shape [${s.shape.join(', ')}] cannot hold the ${c.vocabSize}-token vocabulary with hidden size ${c.hiddenSize}`, file, s.name);
       }
       // Megatron pads the vocabulary; HF has exactly vocab_size rows.
-      out.push(castTo(rowConcat(g.hf, s.dtype, [c.hiddenSize], [rows(s, 0, c.vocabSize)], `${s.name}[:${c.vocabSize}]`), opts.dtype));
+      out.push(toStored(rowConcat(g.hf, s.dtype, [c.hiddenSize], [rows(s, 0, c.vocabSize)], `${s.name}[:${c.vocabSize}]`), opts.dtype, g.precision, 'hf', dtypes));
     } else {
       expect(src, g.shape);
-      out.push(castTo(rowConcat(g.hf, src.src.dtype, g.shape.slice(1), [partRows(src, 0, g.shape[0] ?? 1)], src.src.name), opts.dtype));
+      out.push(toStored(rowConcat(g.hf, src.src.dtype, g.shape.slice(1), [partRows(src, 0, g.shape[0] ?? 1)], src.src.name), opts.dtype, g.precision, 'hf', dtypes));
     }
   }
-  for (let i = 0; i < c.numLayers; i++) {
-    for (const p of fam.layerParams(c, i)) {
+  for (const { i, prefix, params } of layers(fam, c)) {
+    for (const p of params) {
       const experts = p.experts === undefined ? [undefined] : Array.from({ length: p.experts }, (_, k) => k);
       // HF pieces stacked over experts are assembled from every expert's part.
       const stacked = new Map<number, TargetTensor[]>();
       for (const e of experts) {
-        const names = [p.megatron, ...(p.aliases ?? [])].map((m) => `decoder.layers.${i}.${fill(m, i, e)}`);
+        const names = [p.megatron, ...(p.aliases ?? [])].map((m) => `${prefix}${fill(m, i, e)}`);
         const src = find(names);
         if (!src) continue;
         expect(src, p.shape);
@@ -230,10 +284,10 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
         const pieces = toHf(c, p, hfNames, src);
         pieces.forEach((t, k) => {
           if (e !== undefined && !p.hf[k]!.includes('{e}')) stacked.set(k, [...(stacked.get(k) ?? []), t]);
-          else out.push(castTo(t, opts.dtype));
+          else out.push(toStored(t, opts.dtype, p.precision, 'hf', dtypes));
         });
       }
-      for (const [k, parts] of stacked) if (parts.length === p.experts) out.push(castTo(stackExperts(fill(p.hf[k]!, i), parts), opts.dtype));
+      for (const [k, parts] of stacked) if (parts.length === p.experts) out.push(toStored(stackExperts(fill(p.hf[k]!, i), parts), opts.dtype, p.precision, 'hf', dtypes));
     }
   }
   if (missing.length) {
@@ -243,7 +297,7 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
   const unmapped: string[] = [];
   for (const name of meg.tensors.keys()) {
     if (used.has(name)) continue;
-    const rule = MEGATRON_IGNORED.find((r) => r.pattern.test(name));
+    const rule = [...(opts.skip ?? []), ...MEGATRON_IGNORED].find((r) => r.pattern.test(name));
     if (rule) skipped.push({ name, reason: rule.reason });
     else unmapped.push(name);
   }
@@ -255,7 +309,7 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
   else if (unmapped.length) {
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
-  return { tensors: out, skipped };
+  return { tensors: out, skipped, dtypes };
 }
 
 /** A target viewed with leading dims of 1 (a layer's — or a layer's expert's — chunk of a stacked tensor). */

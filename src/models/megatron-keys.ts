@@ -28,28 +28,61 @@ import { badInput } from '../errors.js';
 import { MEGATRON_IGNORED } from './dense.js';
 import { ungroupedExpertName } from './parallel.js';
 
-const LAYER = /^decoder\.layers\.(\d+)\.(.+)$/;
 const EXPERT = /^(.*?)mlp\.experts\.local_experts\.(\d+)\.(.+)$/;
 
-/** Where a canonical name lives in torch_dist: its key and its leading indices (layer, expert). */
-function keyOf(name: string, stacked: boolean): { key: string; lead: number[] } {
-  const m = LAYER.exec(name);
-  if (!m) return { key: name, lead: [] };
-  const i = Number(m[1]);
-  const e = EXPERT.exec(m[2]!);
-  const layerKey = (p: string): string => (stacked ? `decoder.layers.${p}` : `decoder.layers.${i}.${p}`);
-  if (e) {
-    const base = `${e[1]}mlp.experts.experts.${e[3]}`;
-    return { key: layerKey(base), lead: stacked ? [i, Number(e[2])] : [Number(e[2])] };
+/** A layer stack as torch_dist keys it: the decoder, the MTP block, a vision tower. */
+export interface Stack {
+  readonly prefix: string;
+  readonly layers: number;
+  readonly stacked: boolean;
+  /** Matches `<prefix><i>.<rest>`. */
+  readonly perLayer: RegExp;
+}
+
+function stack(prefix: string, layers: number, stacked: boolean): Stack {
+  return { prefix, layers, stacked, perLayer: new RegExp(`^${prefix.replace(/\./g, '\\.')}(\\d+)\\.(.+)$`) };
+}
+
+/** Every layer stack of a config: the decoder first, then the family's other blocks. */
+export function stacksOf(fam: Family, c: ModelConfig): Stack[] {
+  return [stack('decoder.layers.', c.numLayers, fam.keying(c) === 'stacked'), ...(fam.blocks?.(c) ?? []).map((b) => stack(b.prefix, b.layers, b.keying === 'stacked'))];
+}
+
+/** Where a canonical name lives in torch_dist: its key, its leading indices (layer, expert) and their extent. */
+function keyOf(name: string, stacks: readonly Stack[], E: number): { key: string; lead: number[]; leadShape: number[] } {
+  for (const st of stacks) {
+    const m = st.perLayer.exec(name);
+    if (!m) continue;
+    const i = Number(m[1]);
+    const e = EXPERT.exec(m[2]!);
+    const layerKey = (p: string): string => (st.stacked ? `${st.prefix}${p}` : `${st.prefix}${i}.${p}`);
+    if (e) {
+      const base = `${e[1]}mlp.experts.experts.${e[3]}`;
+      return st.stacked ? { key: layerKey(base), lead: [i, Number(e[2])], leadShape: [st.layers, E] } : { key: layerKey(base), lead: [Number(e[2])], leadShape: [E] };
+    }
+    return st.stacked ? { key: layerKey(m[2]!), lead: [i], leadShape: [st.layers] } : { key: layerKey(m[2]!), lead: [], leadShape: [] };
   }
-  return { key: layerKey(m[2]!), lead: stacked ? [i] : [] };
+  return { key: name, lead: [], leadShape: [] };
+}
+
+/** The wrapper prefix of a family's Megatron names (`language_model.`), applied to a key. */
+export function prefixer(fam: Family, c: ModelConfig): (key: string) => string {
+  const p = fam.megatronPrefix?.(c);
+  if (!p) return (k) => k;
+  return (k) => (p.except.some((x) => k.startsWith(x)) ? k : `${p.prefix}${k}`);
 }
 
 /** The split of a canonical per-layer name, if its family stores it as several keys. */
-function splitOf(fam: Family, c: ModelConfig, name: string): SplitParam | undefined {
+function splitOf(splits: ReadonlyMap<string, SplitParam> | undefined, name: string): SplitParam | undefined {
+  return splits?.get(name);
+}
+
+/** Every split parameter of a config by its canonical per-layer name (computed once per plan). */
+function splitParams(fam: Family, c: ModelConfig): Map<string, SplitParam> | undefined {
   if (!fam.splitKeys) return undefined;
-  const m = LAYER.exec(name);
-  return m ? fam.splitKeys(c, Number(m[1])).find((s) => s.param === m[2]) : undefined;
+  const out = new Map<string, SplitParam>();
+  for (let i = 0; i < c.numLayers; i++) for (const sp of fam.splitKeys(c, i)) out.set(`decoder.layers.${i}.${sp.param}`, sp);
+  return out;
 }
 
 /** Rows [start, start + count) of a target. */
@@ -73,26 +106,27 @@ function localSpecKey(name: string): string {
 
 /** Canonical targets as torch_dist entries, keyed as the TE (default) or local layer spec keys them. */
 export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyMap<string, TargetTensor>, dtype: DType, spec: 'te' | 'local' = 'te'): DcpTensorEntry[] {
-  const stacked = fam.keying(c) === 'stacked';
+  const stacks = stacksOf(fam, c);
   const E = c.moe?.numExperts ?? 0;
+  const withPrefix = prefixer(fam, c);
   const groups = new Map<string, { shape: number[]; dtype: DType; chunks: Array<{ offsets: number[]; tensor: TargetTensor }> }>();
-  const add = (key: string, lead: number[], t: TargetTensor): void => {
-    const leadShape = lead.length === 0 ? [] : stacked ? (lead.length === 2 ? [c.numLayers, E] : [c.numLayers]) : [E];
+  const add = (key: string, lead: number[], leadShape: number[], t: TargetTensor): void => {
     let g = groups.get(key);
     if (!g) groups.set(key, (g = { shape: [...leadShape, ...t.shape], dtype: t.dtype ?? dtype, chunks: [] }));
     g.chunks.push({ offsets: [...lead, ...t.shape.map(() => 0)], tensor: leadingOnes(t, lead.length) });
   };
+  const splits = splitParams(fam, c);
   for (const [name, t] of targets) {
-    const { key: k, lead } = keyOf(name, stacked);
-    const key = spec === 'local' ? localSpecKey(k) : k;
-    const split = splitOf(fam, c, name);
+    const { key: k, lead, leadShape } = keyOf(name, stacks, E);
+    const key = withPrefix(spec === 'local' ? localSpecKey(k) : k);
+    const split = splitOf(splits, name);
     if (!split) {
-      add(key, lead, t);
+      add(key, lead, leadShape, t);
       continue;
     }
     let at = 0;
     for (const part of split.parts) {
-      add(`${key}.${part.suffix}`, lead, rowSlice(t, at, part.rows));
+      add(`${key}.${part.suffix}`, lead, leadShape, rowSlice(t, at, part.rows));
       at += part.rows;
     }
   }
@@ -101,18 +135,23 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
 
 /** The empty `_extra_state` ShardedObjects megatron-core's strict load expects. */
 export function torchDistExtraState(fam: Family, c: ModelConfig): Map<string, PyValue> {
-  const stacked = fam.keying(c) === 'stacked';
+  const stacks = stacksOf(fam, c);
   const E = c.moe?.numExperts ?? 0;
+  const withPrefix = prefixer(fam, c);
   const out = new Map<string, PyValue>();
-  for (const mod of fam.globalExtraStateModules?.(c) ?? []) out.set(`${mod}._extra_state/shard_0_1`, [null]);
-  for (let i = 0; i < c.numLayers; i++) {
-    for (const mod of fam.extraStateModules(c, i)) {
-      const { key, lead } = keyOf(`decoder.layers.${i}.${mod}._extra_state`, stacked);
-      const shape = lead.length === 0 ? [1] : stacked ? (lead.length === 2 ? [c.numLayers, E] : [c.numLayers]) : [E];
-      const offsets = lead.length === 0 ? [0] : lead;
-      out.set(`${key}/shard_${offsets.join('.')}_${shape.join('.')}`, [null]);
+  for (const mod of fam.globalExtraStateModules?.(c) ?? []) out.set(`${withPrefix(mod)}._extra_state/shard_0_1`, [null]);
+  const blocks = fam.blocks?.(c) ?? [];
+  const modulesOf = (s: number, i: number): readonly string[] => (s === 0 ? fam.extraStateModules(c, i) : blocks[s - 1]!.extraStateModules(i));
+  stacks.forEach((st, s) => {
+    for (let i = 0; i < st.layers; i++) {
+      for (const mod of modulesOf(s, i)) {
+        const { key, lead, leadShape } = keyOf(`${st.prefix}${i}.${mod}._extra_state`, stacks, E);
+        const shape = lead.length === 0 ? [1] : leadShape;
+        const offsets = lead.length === 0 ? [0] : lead;
+        out.set(`${withPrefix(key)}/shard_${offsets.join('.')}_${shape.join('.')}`, [null]);
+      }
     }
-  }
+  });
   return out;
 }
 
@@ -125,45 +164,53 @@ export interface CanonicalEntry {
 }
 
 /**
- * Canonical names over a Megatron source: stacked keys split per layer (and expert), per-layer
- * keys as they are, and singleton expert keys renamed. Legacy and fsdp sources already use
- * per-layer names; their expert keys are global (the readers renumber).
+ * Canonical names over a Megatron source: the wrapper prefix dropped, stacked keys split per layer
+ * (and expert), per-layer keys as they are, and singleton expert keys renamed. Legacy and fsdp
+ * sources already use per-layer names; their expert keys are global (the readers renumber).
  */
 export function canonicalMegatron(src: CheckpointSource, c: ModelConfig, fam?: Family): Map<string, CanonicalEntry> {
   const out = new Map<string, CanonicalEntry>();
+  const stacks = fam ? stacksOf(fam, c) : [stack('decoder.layers.', c.numLayers, true)];
+  const wrap = fam?.megatronPrefix?.(c);
   const put = (name: string, t: SourceTensor, prefix: number[]): void => {
     out.set(name, { part: { src: t, prefix }, origin: t.name });
   };
-  for (const [name, t] of src.tensors) {
-    const per = LAYER.exec(ungroupedExpertName(name));
+  for (const [stored, t] of src.tensors) {
+    const name = wrap && stored.startsWith(wrap.prefix) ? stored.slice(wrap.prefix.length) : stored;
+    const plain = ungroupedExpertName(name);
+    const st = stacks.find((x) => plain.startsWith(x.prefix));
+    if (!st) {
+      put(name, t, []);
+      continue;
+    }
+    const per = st.perLayer.exec(plain);
     if (per) {
       const rest = per[2]!;
       const at = rest.indexOf('mlp.experts.experts.');
       if (at >= 0) {
         const pre = rest.slice(0, at);
         const ex = /^(?:(\d+)\.)?(.+)$/.exec(rest.slice(at + 'mlp.experts.experts.'.length))!;
-        if (ex[1] !== undefined) put(`decoder.layers.${per[1]}.${pre}mlp.experts.local_experts.${ex[1]}.${ex[2]}`, t, []);
-        else for (let e = 0; e < (t.shape[0] ?? 0); e++) put(`decoder.layers.${per[1]}.${pre}mlp.experts.local_experts.${e}.${ex[2]}`, t, [e]);
+        if (ex[1] !== undefined) put(`${st.prefix}${per[1]}.${pre}mlp.experts.local_experts.${ex[1]}.${ex[2]}`, t, []);
+        else for (let e = 0; e < (t.shape[0] ?? 0); e++) put(`${st.prefix}${per[1]}.${pre}mlp.experts.local_experts.${e}.${ex[2]}`, t, [e]);
         continue;
       }
-      put(`decoder.layers.${per[1]}.${rest}`, t, []);
+      put(`${st.prefix}${per[1]}.${rest}`, t, []);
       continue;
     }
-    const st = /^decoder\.layers\.(.+)$/.exec(name);
-    if (!st || t.shape.length === 0) {
+    if (t.shape.length === 0) {
       put(name, t, []);
       continue;
     }
-    const p = st[1]!;
+    const p = plain.slice(st.prefix.length);
     const L = t.shape[0]!;
-    if (L !== c.numLayers && !MEGATRON_IGNORED.some((r) => r.pattern.test(name))) {
-      throw badInput(`${name}: holds ${L} layers but the config has ${c.numLayers}`, src.path, name);
+    if (L !== st.layers && !MEGATRON_IGNORED.some((r) => r.pattern.test(name))) {
+      throw badInput(`${stored}: holds ${L} layers but the config has ${st.layers}`, src.path, stored);
     }
     const ex = /^(.*?)mlp\.experts\.experts\.(?:(\d+)\.)?(.+)$/.exec(p);
     for (let i = 0; i < L; i++) {
-      if (!ex) put(`decoder.layers.${i}.${p}`, t, [i]);
-      else if (ex[2] !== undefined) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${ex[2]}.${ex[3]}`, t, [i]);
-      else for (let e = 0; e < (t.shape[1] ?? 0); e++) put(`decoder.layers.${i}.${ex[1]}mlp.experts.local_experts.${e}.${ex[3]}`, t, [i, e]);
+      if (!ex) put(`${st.prefix}${i}.${p}`, t, [i]);
+      else if (ex[2] !== undefined) put(`${st.prefix}${i}.${ex[1]}mlp.experts.local_experts.${ex[2]}.${ex[3]}`, t, [i]);
+      else for (let e = 0; e < (t.shape[1] ?? 0); e++) put(`${st.prefix}${i}.${ex[1]}mlp.experts.local_experts.${e}.${ex[3]}`, t, [i, e]);
     }
   }
   // Split parameters: their parts' row blocks concatenated back into the canonical tensor.

@@ -170,6 +170,8 @@ export const nemotronH: Family = {
           norm: NORM,
           router: `${B}.mixer.gate.weight`,
           routerBias: `${B}.mixer.gate.e_score_correction_bias`,
+          // NemotronHPreTrainedModel._keep_in_fp32_modules_strict = ['e_score_correction_bias', 'gate.weight'].
+          routerFp32: true,
           up: `${B}.mixer.experts.{e}.up_proj.weight`,
           down: `${B}.mixer.experts.{e}.down_proj.weight`,
           shared: { up: `${B}.mixer.shared_experts.up_proj.weight`, down: `${B}.mixer.shared_experts.down_proj.weight` },

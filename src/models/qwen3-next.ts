@@ -16,23 +16,25 @@
  *   (`out_norm.weight` = HF − 1);
  * - the other norms are zero-centred on both sides (copied);
  * - torch_dist stores `in_proj.weight` as six keys `.query/.key/.value/.z/.beta/.alpha` and
- *   `conv1d.weight` as three (`.query/.key/.value`), megatron-core's `_split_tensor_factory`.
- *
- * Multi-token-prediction (`mtp.*`) weights are not mapped.
+ *   `conv1d.weight` as three (`.query/.key/.value`), megatron-core's `_split_tensor_factory`;
+ * - multi-token prediction (the hub's `mtp.*`, one layer) → megatron-core's MTP block as
+ *   Megatron-Bridge's Qwen3-Next / Qwen3.5 bridges map it: `mtp.fc` → `mtp.layers.0.eh_proj`
+ *   ([embedding; hidden] on both sides), `mtp.pre_fc_norm_embedding` / `_hidden` → `enorm` /
+ *   `hnorm`, `mtp.norm` → `final_layernorm`, `mtp.layers.0.*` → `transformer_layer.*` — a
+ *   full-attention layer of the decoder's kind (megatron-core builds the MTP layer from the last
+ *   decoder layer's spec), experts per expert as the hub stores them. torch_dist keys MTP layers
+ *   per layer (`MultiTokenPredictionBlock.sharded_state_dict`; `transformer_layer` is also the
+ *   on-disk name of megatron-core ≥ 0.17's `mtp_model_layer`).
  */
 import { badInput, unsupported } from '../errors.js';
-import { fromHfConfig, isMoeLayer, num, type ModelConfig } from './config.js';
+import { fromHfConfig, isMoeLayer, num, type ExpertLayout, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeParams } from './dense.js';
-import type { CustomKind, Family, LayerParam, SourcePart } from './spec.js';
+import type { Block, CustomKind, Family, GlobalParam, LayerParam, PrecisionRule, SourcePart } from './spec.js';
 import type { TargetTensor } from '../formats/types.js';
 import { PyFloat } from '../pickle/values.js';
 import { rowConcat, rows, type RowSegment } from '../plan/targets.js';
 import { castBytes } from '../tensor/cast.js';
 import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
-
-const L = 'model.layers.{i}';
-const M = `${L}.mlp`;
-const A = `${L}.linear_attn`;
 
 export type LayerType = 'linear_attention' | 'full_attention';
 
@@ -59,7 +61,15 @@ export function layerTypes(cfg: Readonly<Record<string, unknown>>, numLayers: nu
   return Array.from({ length: numLayers }, (_, i) => ((i + 1) % every === 0 ? 'full_attention' : 'linear_attention'));
 }
 
+const gdnOf = new WeakMap<ModelConfig, Gdn>();
+
 function gdn(c: ModelConfig): Gdn {
+  let g = gdnOf.get(c);
+  if (!g) gdnOf.set(c, (g = readGdn(c)));
+  return g;
+}
+
+function readGdn(c: ModelConfig): Gdn {
   const h = hfOf(c);
   const g = {
     nk: num(h as Record<string, unknown>, 'linear_num_key_heads', 'config.json', 16),
@@ -81,11 +91,16 @@ function partialRotary(h: Readonly<Record<string, unknown>>): number {
 /** The HF config the GDN shapes and the layer pattern come from (Megatron args alone do not carry them). */
 function hfOf(c: ModelConfig): Readonly<Record<string, unknown>> {
   if (!c.hf) throw badInput(`a Qwen3-Next checkpoint needs its HF config (layer_types, linear_* head counts and dims): give --hf-model <reference HF dir>`);
-  return c.hf;
+  return textConfig(c.hf);
 }
 
+// Per config, computed once: the maps ask for every layer's kind many times over.
+const typesOf = new WeakMap<ModelConfig, LayerType[]>();
+
 function types(c: ModelConfig): LayerType[] {
-  return layerTypes(hfOf(c), c.numLayers, 'config.json');
+  let t = typesOf.get(c);
+  if (!t) typesOf.set(c, (t = layerTypes(hfOf(c), c.numLayers, 'config.json')));
+  return t;
 }
 
 function partRows(p: SourcePart, start: number, count: number): RowSegment {
@@ -209,7 +224,10 @@ const ZERO_CENTRED: CustomKind = {
   toHf: ([n], src, shapes) => [offsetOf(n!, src, 1, shapes[0]!)],
 };
 
-function fullAttentionParams(c: ModelConfig): LayerParam[] {
+/** Qwen3.5's hub checkpoints store the GatedDeltaNet `A_log` and output norm in float32 (vLLM #51836): kept so. */
+const GDN_STATE_PRECISION: PrecisionRule = { hf: 'keep-fp32', megatron: 'keep-fp32', why: 'GatedDeltaNet A_log / output norm: a float32 source keeps its precision' };
+
+function fullAttentionParams(c: ModelConfig, L: string): LayerParam[] {
   const H = c.hiddenSize;
   const hn = c.kvChannels;
   const q = c.numAttentionHeads * hn;
@@ -224,24 +242,88 @@ function fullAttentionParams(c: ModelConfig): LayerParam[] {
   ];
 }
 
-function gdnParams(c: ModelConfig, separate: boolean): LayerParam[] {
+function gdnParams(c: ModelConfig, L: string, separate: boolean): LayerParam[] {
   const H = c.hiddenSize;
   const g = gdn(c);
   const qk = g.nk * g.dk;
   const vd = g.nv * g.dv;
   const r = g.nv / g.nk;
   const conv = 2 * qk + vd;
+  const A = `${L}.linear_attn`;
   return [
     { megatron: 'self_attention.in_proj.layer_norm_weight', hf: [`${L}.input_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['input_layernorm.weight'] },
     separate
       ? { megatron: 'self_attention.in_proj.weight', hf: ['qkv', 'z', 'b', 'a'].map((x) => `${A}.in_proj_${x}.weight`), kind: concatKind([conv, vd, g.nv, g.nv]), hfShapes: [[conv, H], [vd, H], [g.nv, H], [g.nv, H]], shape: [2 * qk + 2 * vd + 2 * g.nv, H] }
       : { megatron: 'self_attention.in_proj.weight', hf: [`${A}.in_proj_qkvz.weight`, `${A}.in_proj_ba.weight`], kind: gdnInProj(g), hfShapes: [[g.nk * (2 * g.dk + 2 * r * g.dv), H], [2 * g.nv, H]], shape: [2 * qk + 2 * vd + 2 * g.nv, H] },
     { megatron: 'self_attention.conv1d.weight', hf: [`${A}.conv1d.weight`], kind: 'copy', hfShapes: [[conv, 1, g.kernel]], shape: [conv, 1, g.kernel] },
-    { megatron: 'self_attention.A_log', hf: [`${A}.A_log`], kind: 'copy', hfShapes: [[g.nv]], shape: [g.nv] },
+    { megatron: 'self_attention.A_log', hf: [`${A}.A_log`], kind: 'copy', hfShapes: [[g.nv]], shape: [g.nv], precision: GDN_STATE_PRECISION },
     { megatron: 'self_attention.dt_bias', hf: [`${A}.dt_bias`], kind: 'copy', hfShapes: [[g.nv]], shape: [g.nv] },
-    { megatron: 'self_attention.out_norm.weight', hf: [`${A}.norm.weight`], kind: ZERO_CENTRED, hfShapes: [[g.dv]], shape: [g.dv] },
+    { megatron: 'self_attention.out_norm.weight', hf: [`${A}.norm.weight`], kind: ZERO_CENTRED, hfShapes: [[g.dv]], shape: [g.dv], precision: GDN_STATE_PRECISION },
     { megatron: 'self_attention.out_proj.weight', hf: [`${A}.out_proj.weight`], kind: 'copy', hfShapes: [[H, vd]], shape: [H, vd] },
   ];
+}
+
+/** The MoE block of a layer at HF prefix `L` (`{i}` = layer), experts per expert or fused per layer. */
+function moeBlockParams(c: ModelConfig, L: string, experts: 'per-expert' | 'fused'): LayerParam[] {
+  const M = `${L}.mlp`;
+  return moeParams(c, {
+    norm: `${L}.post_attention_layernorm.weight`,
+    router: `${M}.gate.weight`,
+    gate: `${M}.experts.{e}.gate_proj.weight`,
+    up: `${M}.experts.{e}.up_proj.weight`,
+    down: `${M}.experts.{e}.down_proj.weight`,
+    // transformers 5's fused layout (Qwen3.5-MoE hub checkpoints): gate_up_proj [E, 2F, H] = [gate; up] per expert, down_proj [E, H, F].
+    ...(experts === 'fused' ? { fused: { gateUp: `${M}.experts.gate_up_proj`, down: `${M}.experts.down_proj` } } : {}),
+    shared: { gate: `${M}.shared_expert.gate_proj.weight`, up: `${M}.shared_expert.up_proj.weight`, down: `${M}.shared_expert.down_proj.weight`, outputGate: `${M}.shared_expert_gate.weight` },
+  });
+}
+
+/** The parameters of a decoder layer of kind `kind` whose HF names start with `L` (`{i}` = layer). */
+function hybridLayerParams(c: ModelConfig, spec: HybridSpec, L: string, kind: LayerType, moe: boolean, experts: 'per-expert' | 'fused'): LayerParam[] {
+  return [
+    ...(kind === 'full_attention' ? fullAttentionParams(c, L) : gdnParams(c, L, spec.separateInProj)),
+    ...(moe ? moeBlockParams(c, L, experts) : denseMlpParams(c, `${L}.mlp`, `${L}.post_attention_layernorm.weight`)),
+  ];
+}
+
+function hybridExtraState(c: ModelConfig, kind: LayerType, moe: boolean): string[] {
+  const attn = kind === 'full_attention' ? ['self_attention.linear_qkv', 'self_attention.linear_proj'] : ['self_attention.in_proj', 'self_attention.out_proj'];
+  if (!moe) return [...attn, 'mlp.linear_fc1', 'mlp.linear_fc2'];
+  const out = [...attn];
+  for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
+  if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
+  return out;
+}
+
+/**
+ * megatron-core's MTP block for the hub's one `mtp.*` layer: the head tensors and a full-attention
+ * transformer layer of the last decoder layer's MLP kind (MoE for MoE models), experts as the hub
+ * stores the MTP experts.
+ */
+function mtpBlock(c: ModelConfig, spec: HybridSpec): Block {
+  const H = c.hiddenSize;
+  const moe = isMoeLayer(c, c.numLayers - 1);
+  const norm = (megatron: string, hf: string): LayerParam => ({ megatron, hf: [hf], kind: 'copy', hfShapes: [[H]], shape: [H] });
+  const inLayer = (p: LayerParam): LayerParam => ({ ...p, megatron: `transformer_layer.${p.megatron}`, ...(p.aliases ? { aliases: p.aliases.map((a) => `transformer_layer.${a}`) } : {}) });
+  return {
+    prefix: 'mtp.layers.',
+    layers: c.mtpLayers ?? 0,
+    keying: 'per-layer',
+    params: () => [
+      norm('enorm.weight', 'mtp.pre_fc_norm_embedding.weight'),
+      norm('hnorm.weight', 'mtp.pre_fc_norm_hidden.weight'),
+      { megatron: 'eh_proj.weight', hf: ['mtp.fc.weight'], kind: 'copy', hfShapes: [[H, 2 * H]], shape: [H, 2 * H] },
+      ...hybridLayerParams(c, spec, 'mtp.layers.{i}', 'full_attention', moe, c.hfLayout?.mtpExperts ?? 'per-expert').map(inLayer),
+      norm('final_layernorm.weight', 'mtp.norm.weight'),
+    ],
+    extraStateModules: () => ['eh_proj', ...hybridExtraState(c, 'full_attention', moe).map((m) => `transformer_layer.${m}`)],
+  };
+}
+
+/** A VL wrapper's vision tower, carried through Megatron as the wrapper model holds it. */
+export interface VisionTower {
+  readonly globals: (c: ModelConfig) => readonly GlobalParam[];
+  readonly block: (c: ModelConfig) => Block;
 }
 
 export interface HybridSpec {
@@ -253,10 +335,29 @@ export interface HybridSpec {
   readonly separateInProj: boolean;
   /** MoE MLPs (else dense MLPs in every layer). */
   readonly moe: boolean;
+  /** The HF prefix of the text model: `model.` (causal LM) or `model.language_model.` (VL wrapper). */
+  readonly hfModel?: string;
+  /** A vision-language wrapper (`*ForConditionalGeneration`): text under `text_config`, its vision tower, Megatron names under `language_model.`. */
+  readonly vision?: VisionTower;
+}
+
+/** The text section of an HF config (`text_config` of a VL wrapper). */
+export function textConfig(cfg: Readonly<Record<string, unknown>>): Record<string, unknown> {
+  const t = cfg.text_config;
+  return t && typeof t === 'object' && !Array.isArray(t) ? (t as Record<string, unknown>) : (cfg as Record<string, unknown>);
+}
+
+/** MTP layers the config records (`mtp_num_hidden_layers`, or DeepSeek-style `num_nextn_predict_layers`); undefined when it says nothing. */
+function configMtpLayers(t: Record<string, unknown>, file: string): number | undefined {
+  const v = t.mtp_num_hidden_layers ?? t.num_nextn_predict_layers;
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) throw badInput(`${file}: mtp_num_hidden_layers is ${JSON.stringify(v)}, expected a whole number`, file);
+  return v;
 }
 
 /** A Qwen3-Next-style hybrid GDN / gated-attention family. */
 export function hybridFamily(spec: HybridSpec): Family {
+  const prefixOf = (c: ModelConfig): string => c.hfLayout?.textPrefix ?? spec.hfModel ?? 'model.';
   return {
     id: spec.id,
     architectures: spec.architectures,
@@ -264,13 +365,36 @@ export function hybridFamily(spec: HybridSpec): Family {
     description: spec.description,
     // megatron-core keys the experimental-attention hybrid stack per layer (non-homogeneous).
     keying: () => 'per-layer',
-    fromHf(cfg, file): ModelConfig {
-      const base = fromHfConfig(spec.id, cfg, file, { qkvBias: false, qkNorm: true });
+    fromHfNames(c, names): ModelConfig {
+      const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout; textPrefix?: string } = { ...c.hfLayout };
+      // A Qwen3.5 causal LM loaded from a VL checkpoint is re-saved by transformers with the wrapper's prefix.
+      if (!spec.vision && names.some((n) => n.startsWith('model.language_model.'))) layout.textPrefix = 'model.language_model.';
+      if (names.some((n) => /\.layers\.\d+\.mlp\.experts\.gate_up_proj$/.test(n) && !n.startsWith('mtp.'))) layout.experts = 'fused';
+      if (names.some((n) => /^mtp\.layers\.\d+\.mlp\.experts\.gate_up_proj$/.test(n))) layout.mtpExperts = 'fused';
+      let mtpLayers = c.mtpLayers;
+      if (mtpLayers === undefined) {
+        // The config may not record MTP (Qwen3-Next's has no field): the checkpoint's mtp.layers.<k> tell.
+        const ks = names.map((n) => /^mtp\.layers\.(\d+)\./.exec(n)?.[1]).filter((k): k is string => k !== undefined).map(Number);
+        if (ks.length) mtpLayers = Math.max(...ks) + 1;
+        if (mtpLayers !== undefined && mtpLayers > 1) throw unsupported(`${mtpLayers} MTP layers (mtp.layers.0 … ${mtpLayers - 1}); the Qwen hub layout has one`);
+      }
+      return { ...c, ...(mtpLayers !== undefined ? { mtpLayers } : {}), ...(Object.keys(layout).length ? { hfLayout: layout } : {}) };
+    },
+    fromHf(whole, file): ModelConfig {
+      const cfg = textConfig(whole);
+      if (spec.vision && cfg === whole) throw badInput(`${file}: a ${spec.architectures[0]} config needs its text_config`, file);
+      const tie = whole.tie_word_embeddings ?? cfg.tie_word_embeddings;
+      // An all-MoE stack has no dense MLP and its config no intermediate_size (Qwen3.5-35B-A3B): Megatron's ffn_hidden_size is the experts'.
+      const ffn = cfg.intermediate_size ?? (spec.moe ? cfg.moe_intermediate_size : undefined);
+      const base = { ...fromHfConfig(spec.id, { ...cfg, tie_word_embeddings: tie, intermediate_size: ffn }, file, { qkvBias: false, qkNorm: true }), hf: whole };
       layerTypes(cfg, base.numLayers, file);
       const nk = num(cfg, 'linear_num_key_heads', file, 16);
       const nv = num(cfg, 'linear_num_value_heads', file, 32);
       if (nv % nk !== 0) throw badInput(`${file}: linear_num_value_heads (${nv}) is not a multiple of linear_num_key_heads (${nk})`, file);
-      if (!spec.moe) return base;
+      const mtp = configMtpLayers(cfg, file);
+      if (mtp !== undefined && mtp > 1) throw unsupported(`${file}: ${mtp} MTP layers; the Qwen hub layout has one (mtp.fc, mtp.norm, mtp.layers.0)`, file);
+      const withMtp = mtp === undefined ? base : { ...base, mtpLayers: mtp };
+      if (!spec.moe) return withMtp;
       const numExperts = num(cfg, cfg.num_experts === undefined ? 'num_local_experts' : 'num_experts', file);
       const topK = num(cfg, 'num_experts_per_tok', file, 10);
       if (topK > numExperts) throw badInput(`${file}: num_experts_per_tok (${topK}) exceeds the ${numExperts} experts`, file);
@@ -279,7 +403,7 @@ export function hybridFamily(spec: HybridSpec): Family {
       const moeLayers = Array.from({ length: base.numLayers }, (_, i) => !only.includes(i) && (i + 1) % step === 0);
       const shared = cfg.shared_expert_intermediate_size;
       return {
-        ...base,
+        ...withMtp,
         moe: {
           numExperts,
           topK,
@@ -289,28 +413,14 @@ export function hybridFamily(spec: HybridSpec): Family {
         },
       };
     },
-    globalParams: (c) => denseGlobals(c),
-    layerParams: (c, i) => [
-      ...(types(c)[i] === 'full_attention' ? fullAttentionParams(c) : gdnParams(c, spec.separateInProj)),
-      ...(isMoeLayer(c, i)
-        ? moeParams(c, {
-            norm: `${L}.post_attention_layernorm.weight`,
-            router: `${M}.gate.weight`,
-            gate: `${M}.experts.{e}.gate_proj.weight`,
-            up: `${M}.experts.{e}.up_proj.weight`,
-            down: `${M}.experts.{e}.down_proj.weight`,
-            shared: { gate: `${M}.shared_expert.gate_proj.weight`, up: `${M}.shared_expert.up_proj.weight`, down: `${M}.shared_expert.down_proj.weight`, outputGate: `${M}.shared_expert_gate.weight` },
-          })
-        : denseMlpParams(c)),
+    globalParams: (c) => [
+      ...denseGlobals(c, { embed: `${prefixOf(c)}embed_tokens.weight`, norm: `${prefixOf(c)}norm.weight`, head: 'lm_head.weight' }),
+      ...(spec.vision?.globals(c) ?? []),
     ],
-    extraStateModules: (c, i) => {
-      const attn = types(c)[i] === 'full_attention' ? ['self_attention.linear_qkv', 'self_attention.linear_proj'] : ['self_attention.in_proj', 'self_attention.out_proj'];
-      if (!isMoeLayer(c, i)) return [...attn, 'mlp.linear_fc1', 'mlp.linear_fc2'];
-      const out = [...attn];
-      for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
-      if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
-      return out;
-    },
+    layerParams: (c, i) => hybridLayerParams(c, spec, `${prefixOf(c)}layers.{i}`, types(c)[i]!, isMoeLayer(c, i), c.hfLayout?.experts ?? 'per-expert'),
+    extraStateModules: (c, i) => hybridExtraState(c, types(c)[i]!, isMoeLayer(c, i)),
+    blocks: (c) => [...(c.mtpLayers ? [mtpBlock(c, spec)] : []), ...(spec.vision ? [spec.vision.block(c)] : [])],
+    ...(spec.vision ? { megatronPrefix: () => ({ prefix: 'language_model.', except: ['vision_model.'] }) } : {}),
     splitKeys: (c, i) => {
       if (types(c)[i] !== 'linear_attention') return [];
       const g = gdn(c);
@@ -342,6 +452,7 @@ export function hybridFamily(spec: HybridSpec): Family {
         attention_output_gate: true,
         layernorm_zero_centered_gamma: true,
         rotary_percent: new PyFloat(partialRotary(hfOf(c))),
+        ...(c.mtpLayers ? { mtp_num_layers: c.mtpLayers } : {}),
       };
     },
   };

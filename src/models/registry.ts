@@ -10,10 +10,10 @@ import { qwen3Moe } from './qwen3-moe.js';
 import { nemotronH } from './nemotron-h.js';
 import { gptOss } from './gpt-oss.js';
 import { qwen3Next } from './qwen3-next.js';
-import { qwen35, qwen35Moe } from './qwen35.js';
+import { qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl } from './qwen35.js';
 import { unsupported } from '../errors.js';
 
-export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, nemotronH, qwen3Next, qwen35, qwen35Moe, gptOss];
+export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, nemotronH, qwen3Next, qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl, gptOss];
 
 export function familyById(id: string): Family | undefined {
   return FAMILIES.find((f) => f.id === id);

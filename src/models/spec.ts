@@ -28,6 +28,28 @@ export interface CustomKind {
 export type ParamKind = 'copy' | 'qkv' | 'gated' | CustomKind;
 
 /**
+ * How a parameter's stored dtype is chosen on one side instead of the requested `--dtype`:
+ *
+ * - `fp32`: always float32 — megatron-core's router `expert_bias` (a float32 buffer it re-casts
+ *   before every save), transformers' `_keep_in_fp32_modules_strict` (Nemotron-H's router);
+ * - `fp32-with-fp16`: float32 when the requested dtype is float16 (transformers'
+ *   `_keep_in_fp32_modules`, e.g. GPT-OSS's norms), else as requested;
+ * - `keep-fp32`: float32 when the source holds it in float32 (router weights, Qwen3.5's hub-F32
+ *   GatedDeltaNet state), so that a float32 source keeps its precision through a bf16 conversion.
+ *
+ * Without a rule a parameter takes the requested dtype. Upcasts are exact; the rules only ever
+ * keep precision, never drop it.
+ */
+export type Precision = 'fp32' | 'fp32-with-fp16' | 'keep-fp32';
+
+export interface PrecisionRule {
+  readonly hf?: Precision;
+  readonly megatron?: Precision;
+  /** Why, for the plan (`--dry-run` lists every tensor whose dtype differs from `--dtype`). */
+  readonly why: string;
+}
+
+/**
  * A parameter of layer i. Names hold `{i}` (layer) and `{e}` (expert) placeholders. An HF piece
  * without `{e}` in an expert parameter is a tensor stacked over experts (`[E, …]`, expert e at
  * index e).
@@ -46,6 +68,8 @@ export interface LayerParam {
   readonly experts?: number;
   /** Other canonical names the parameter has in some Megatron checkpoints (local spec, legacy files). */
   readonly aliases?: readonly string[];
+  /** Stored dtype rules (default: the requested dtype on both sides). */
+  readonly precision?: PrecisionRule;
 }
 
 export interface GlobalParam {
@@ -54,6 +78,7 @@ export interface GlobalParam {
   /** `vocab`: padded to the Megatron vocabulary on import, cut back on export. */
   readonly kind: 'copy' | 'vocab';
   readonly shape: readonly number[];
+  readonly precision?: PrecisionRule;
 }
 
 /**
@@ -69,6 +94,22 @@ export interface SplitParam {
 
 /** How torch_dist keys a family's layers: stacked `[L, …]` (GPTModel) or one key per layer (MambaModel). */
 export type LayerKeying = 'stacked' | 'per-layer';
+
+/**
+ * A stack of layers outside the decoder: megatron-core's multi-token-prediction block
+ * (`mtp.layers.<k>.…`, always keyed per layer), a vision tower's transformer
+ * (`vision_model.decoder.layers.<j>.…`). Its parameters' Megatron names are relative to
+ * `<prefix><i>.`; their HF names are full (with `{i}` = this block's layer index, `{e}` = expert).
+ */
+export interface Block {
+  /** Canonical Megatron prefix of layer i, ending in `.` (e.g. `mtp.layers.`). */
+  readonly prefix: string;
+  readonly layers: number;
+  readonly keying: LayerKeying;
+  params(i: number): readonly LayerParam[];
+  /** Modules of layer i whose empty `_extra_state` megatron-core's strict load expects (names relative to the layer). */
+  extraStateModules(i: number): readonly string[];
+}
 
 export interface Family {
   readonly id: string;
@@ -89,6 +130,20 @@ export interface Family {
   globalExtraStateModules?(c: ModelConfig): readonly string[];
   /** Parameters of layer i stored as several torch_dist keys (none when absent). */
   splitKeys?(c: ModelConfig, layer: number): readonly SplitParam[];
+  /**
+   * The config refined with what only an HF checkpoint's tensor names tell (`hfLayout`: fused
+   * experts, a name prefix; MTP layers a config does not record — Qwen3-Next's has no field).
+   */
+  fromHfNames?(c: ModelConfig, names: readonly string[]): ModelConfig;
+  /** Layer stacks beyond the decoder (MTP, vision tower), in the order their tensors are listed. */
+  blocks?(c: ModelConfig): readonly Block[];
+  /**
+   * A prefix every Megatron name has except those of the listed top-level modules — the wrapper
+   * model of a vision-language checkpoint (Megatron-Bridge's Qwen3VLModel keeps the decoder, its
+   * embedding, output layer and MTP under `language_model.`, the vision tower under
+   * `vision_model.`). Applied by the formats when keying; the maps use unprefixed names.
+   */
+  megatronPrefix?(c: ModelConfig): { readonly prefix: string; readonly except: readonly string[] } | undefined;
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
   /**

@@ -38,7 +38,7 @@ export function pickle(value: PyValue, opts: PickleOptions = {}): Uint8Array {
 type Writer = () => void;
 
 class Pickler {
-  private buf = new Uint8Array(4096);
+  private buf = new Uint8Array(256);
   private len = 0;
   private readonly memoObjects = new Map<object, number>();
   /** Strings and globals are memoized by value (CPython memoizes by identity; equal strings usually are the same object). */

@@ -42,6 +42,10 @@ export interface ConvertPlan {
   readonly totalBytes: number;
   /** Decisions worth showing (model family, where the config came from, iteration chosen ...). */
   readonly notes?: readonly string[];
+  /** Target tensors stored in another dtype than the requested one, and why (a family's precision rule). */
+  readonly dtypeExceptions?: ReadonlyArray<{ name: string; dtype: string; reason: string }>;
+  /** The dtype asked for (`--dtype` or its default), when the conversion has one. */
+  readonly dtype?: string;
 }
 
 export interface ConvertResult {

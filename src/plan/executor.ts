@@ -38,10 +38,13 @@ import type { Box } from '../tensor/layout.js';
 import type { OutputFile, TargetTensor, TensorSlot } from '../formats/types.js';
 import { unsupported } from '../errors.js';
 import { castInfo, castOnPool, HashStream, workerTuning, type CastInfo } from './workers.js';
+import { liveHeapBytes } from '../util/heap.js';
 
 export interface ExecuteOptions {
-  /** Byte budget for tensor buffers. */
+  /** Byte budget: the plan's live heap and the tensor buffers together. */
   maxMemory: number;
+  /** What the plan occupies of the budget (default: the live heap, measured after a full collection). */
+  planBytes?: number;
   onProgress?: (e: ProgressEvent) => void;
 }
 
@@ -57,6 +60,8 @@ export const DEFAULT_MAX_MEMORY = 1 << 30;
 export const executorTuning = {
   /** The arena never exceeds this, however large the budget: more read-ahead buys no speed. */
   maxArena: 256 << 20,
+  /** … nor goes below this, whatever the plan leaves of the budget. */
+  minArena: 8 << 20,
   maxChunk: 32 << 20,
   minChunk: 1 << 20,
   /** Largest single writev. */
@@ -343,10 +348,12 @@ export class Executor {
 
   constructor(private readonly opts: ExecuteOptions) {
     const t = executorTuning;
-    // The budget holds the arena and, when direct writes are possible, their staging blocks.
-    const direct = opts.maxMemory >= t.directMinBudget && t.directBlocks > 0;
+    // The budget holds the plan (the live heap once planning's garbage is collected), the arena
+    // and, when direct writes are possible, their staging blocks.
+    const plan = opts.planBytes ?? liveHeapBytes();
+    const direct = opts.maxMemory - plan >= t.directMinBudget && t.directBlocks > 0;
     const staging = direct ? t.directBlock * t.directBlocks : 0;
-    const room = Math.min(opts.maxMemory - staging, t.maxArena);
+    const room = Math.max(Math.min(t.minArena, opts.maxMemory - staging), Math.min(opts.maxMemory - staging - plan, t.maxArena));
     // At least two chunks fit in the arena so reading and writing overlap.
     this.chunkBytes = Math.max(t.minChunk, Math.min(t.maxChunk, Math.floor(room / 8)));
     this.arenaBytes = Math.max(2 * this.chunkBytes, room);

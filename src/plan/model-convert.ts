@@ -16,14 +16,15 @@ import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } 
 import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
 import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
+import { configJson, JsonFloat, withoutTopLevelKey } from '../formats/config-json.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported, usage } from '../errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
-import { paddedVocab, validateConfig, type ModelConfig, type MoeConfig } from '../models/config.js';
+import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
-import { buildExport, buildImport } from '../models/map.js';
+import { buildExport, buildImport, mainDtype, type SkipRule } from '../models/map.js';
 import { torchDistExtraState } from '../models/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
@@ -49,6 +50,8 @@ export interface ModelConvertOptions {
   iteration?: number;
   /** Reference HF model directory (config, tokenizer) for exports, and for NxD sources. */
   hfModel?: string;
+  /** Leave the multi-token-prediction layers out on purpose (listed in the plan). */
+  dropMtp?: boolean;
   /** Reading an NxD source: its layout flags (as the NxD converter names them). */
   nxd?: import('./nxd-convert.js').NxdConvertOptions;
   maxMemory?: number;
@@ -83,9 +86,9 @@ export async function configFromHfDir(dir: string): Promise<ModelConfig> {
   return familyForHfConfig(cfg, file).fromHf(cfg, file);
 }
 
-/** The dtype of a Megatron checkpoint's weights (its embedding's, else its first tensor's). */
+/** The dtype of a Megatron checkpoint's weights (what most of its bytes are in). */
 function storedDtype(src: CheckpointSource): DType {
-  return (src.tensors.get('embedding.word_embeddings.weight') ?? [...src.tensors.values()][0])?.dtype ?? 'BF16';
+  return mainDtype(src);
 }
 
 /** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
@@ -115,11 +118,12 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     let skippedBefore: Array<{ name: string; reason: string }> = [];
     if (meg) {
       const mc = await megatronConfig(meg, opts);
-      cfg = mc.cfg;
+      const mtpIn = mtpChoice(mc.cfg, opts, /^(language_model\.)?mtp\./);
+      cfg = mtpIn.cfg;
       sideDir = mc.refDir;
-      notes.push(...mc.notes, `resharding a Megatron checkpoint (${meg.source.metadata.get('layout') ?? 'torch_dist'})`);
+      notes.push(...mc.notes, ...mtpIn.notes, `resharding a Megatron checkpoint (${meg.source.metadata.get('layout') ?? 'torch_dist'})`);
       // Megatron → HF names (keeping the stored dtype) → Megatron again.
-      const exp = buildExport(cfg, meg.source, { dtype: [...meg.source.tensors.values()][0]?.dtype ?? 'BF16', allowUnmapped: opts.allowUnmapped });
+      const exp = buildExport(cfg, meg.source, { dtype: 'keep', allowUnmapped: opts.allowUnmapped, skip: mtpIn.skip });
       skippedBefore = exp.skipped;
       src = sourceFromTargets(srcPath, exp.tensors, meg.source.root);
     } else if (fromNxd) {
@@ -134,12 +138,14 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       // MXFP4 expert weights (GPT-OSS hub checkpoints) read as the bf16 tensors transformers dequantises them to.
       src = withMxfp4Dequantized(await openCheckpoint(srcPath));
       sideDir = src.root;
+      cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()]) ?? cfg;
     }
+    const mtp = mtpChoice(cfg, opts, /^mtp\./);
+    cfg = mtp.cfg;
+    notes.push(...mtp.notes);
     const tp = opts.tp ?? 1;
     const pp = opts.pp ?? 1;
-    if (cfg.numAttentionHeads % tp !== 0 || cfg.numQueryGroups % tp !== 0) {
-      throw usage(`--tp ${tp} does not divide the ${cfg.numAttentionHeads} attention heads and ${cfg.numQueryGroups} query groups`);
-    }
+    checkAttentionTp(cfg, tp);
     if (cfg.ffnHiddenSize % tp !== 0) throw usage(`--tp ${tp} does not divide ffn_hidden_size ${cfg.ffnHiddenSize}`);
     const mamba = cfg.hybrid?.pattern.includes('M') ? cfg.hybrid.mamba : undefined;
     if (mamba && (mamba.numHeads % tp !== 0 || mamba.numGroups % tp !== 0)) throw usage(`--tp ${tp} does not divide the ${mamba.numHeads} Mamba heads and ${mamba.numGroups} groups`);
@@ -158,9 +164,14 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     }
     const divisor = opts.makeVocabSizeDivisibleBy ?? 128;
     const dtype = opts.dtype ?? 'BF16';
-    const { targets, entries, skipped } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec });
+    const { targets, entries, skipped, dtypes } = buildImport(cfg, src, { tp, makeVocabSizeDivisibleBy: divisor, dtype, allowUnmapped: opts.allowUnmapped, spec: opts.megatronSpec, skip: mtp.skip });
     const iteration = opts.iteration ?? 0;
-    const args = { ...megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }), ...(cfg.moe ? { expert_model_parallel_size: ep, expert_tensor_parallel_size: etp } : {}) };
+    const args = {
+      ...megatronArgs(cfg, { tp, pp, divisor, dtype, iteration }),
+      ...(cfg.moe ? { expert_model_parallel_size: ep, expert_tensor_parallel_size: etp } : {}),
+      // What the HF names said and the config does not: the export writes the same layout back.
+      ...(cfg.hfLayout ? { shardshift_hf_layout: JSON.stringify(cfg.hfLayout) } : {}),
+    };
     const legacy = opts.ckptFormat === 'torch';
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
     const files = fsdp
@@ -186,6 +197,8 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       files: filePlan(files),
       dropped: [],
       skipped: [...skippedBefore, ...skipped],
+      dtype,
+      dtypeExceptions: dtypes,
       sideFiles: side.map((s) => `${iterDir}/hf/${s}`),
       totalBytes: files.reduce((n, f) => n + f.size, 0),
       notes: [
@@ -217,6 +230,40 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
 }
 
 /**
+ * The multi-token-prediction layers a conversion carries: the config's (or the checkpoint's), or
+ * none with `--drop-mtp` — then the source's MTP tensors are skipped by a named rule, never
+ * silently (a known converter bug dropped whole shards that held any MTP key).
+ */
+function mtpChoice(cfg: ModelConfig, opts: ModelConvertOptions, names: RegExp): { cfg: ModelConfig; skip: SkipRule[]; notes: string[] } {
+  if (opts.dropMtp) {
+    return {
+      cfg: { ...cfg, mtpLayers: 0 },
+      skip: [{ pattern: names, reason: 'multi-token prediction layer dropped (--drop-mtp)' }],
+      notes: cfg.mtpLayers ? [`MTP: ${cfg.mtpLayers} layer(s) dropped (--drop-mtp)`] : [],
+    };
+  }
+  return { cfg, skip: [], notes: cfg.mtpLayers ? [`MTP: ${cfg.mtpLayers} multi-token-prediction layer(s) → megatron-core's MTP block (mtp.layers.*)`] : [] };
+}
+
+/**
+ * megatron-core 0.16's tensor-parallel attention: every rank holds np/tp query heads, so TP must
+ * divide the heads; the query groups must divide by TP, or TP by them (`num_query_groups < tp`,
+ * transformer_config.py: then `linear_qkv`'s per-group interleaved rows are split evenly over the
+ * ranks, no KV head duplicated — each KV head lives on the last rank of its group — which needs
+ * the fused row count to divide by TP).
+ */
+function checkAttentionTp(cfg: ModelConfig, tp: number): void {
+  const np = cfg.numAttentionHeads;
+  const ng = cfg.numQueryGroups;
+  if (np % tp !== 0) throw usage(`--tp ${tp} does not divide the ${np} attention heads (megatron-core gives every TP rank np/tp query heads)`);
+  if (ng % tp !== 0 && tp % ng !== 0) {
+    throw usage(`--tp ${tp} and the ${ng} query groups: megatron-core needs the query groups to be a multiple of TP, or TP a multiple of them`);
+  }
+  const rows = (np + 2 * ng) * cfg.kvChannels;
+  if (rows % tp !== 0) throw usage(`--tp ${tp} does not divide linear_qkv's ${rows} rows ((${np} + 2 × ${ng}) × ${cfg.kvChannels})`);
+}
+
+/**
  * A Megatron checkpoint (any layout) seen as its HF-named tensors, lazily — for conversions that
  * start from HF names (NxD). `configPath` is the HF config.json it maps with (`--hf-model`, or the
  * checkpoint's own `hf/`); checkpoints without one need `hfModel`.
@@ -226,8 +273,7 @@ export async function openMegatronAsHf(path: string, opts: { hfModel?: string; a
   try {
     const mc = await megatronConfig(meg, { hfModel: opts.hfModel });
     if (!mc.refDir) throw usage(`${path}: records no HF config (hf/config.json); give --hf-model <reference HF dir>`);
-    const dtype = storedDtype(meg.source);
-    const exp = buildExport(mc.cfg, meg.source, { dtype, allowUnmapped: opts.allowUnmapped });
+    const exp = buildExport(mc.cfg, meg.source, { dtype: 'keep', allowUnmapped: opts.allowUnmapped });
     const view = sourceFromTargets(path, exp.tensors, meg.source.root);
     return { source: { ...view, dataFiles: meg.source.dataFiles, close: () => meg.source.close() }, configPath: join(mc.refDir, 'config.json'), cfg: mc.cfg };
   } catch (e) {
@@ -452,8 +498,8 @@ function hfConfigFor(c: ModelConfig, field: FieldGetter, dtype: DType): Record<s
     head_dim: c.kvChannels,
     vocab_size: c.vocabSize,
     max_position_embeddings: num('max_position_embeddings', 4096),
-    rms_norm_eps: num('norm_epsilon', 1e-5),
-    rope_theta: num('rotary_base', 10000),
+    rms_norm_eps: new JsonFloat(num('norm_epsilon', 1e-5)),
+    rope_theta: new JsonFloat(num('rotary_base', 10000)),
     tie_word_embeddings: c.tieEmbeddings,
     hidden_act: 'silu',
     ...(fam.hfConfig?.(c, field) ?? {}),
@@ -494,10 +540,57 @@ async function megatronConfig(
       } else {
         throw badInput(`${meg.resolved.iterDir}: no recorded config (hf/config.json, run_config.yaml, or args in common.pt); give --hf-model <reference HF dir>`, meg.resolved.iterDir);
       }
-      const bytes = Buffer.from(JSON.stringify(hfConfigFor(cfg, fields, opts.dtype ?? storedDtype(meg.source)), null, 2) + '\n');
+      const bytes = Buffer.from(configJson(hfConfigFor(cfg, fields, opts.dtype ?? storedDtype(meg.source))));
       extra.push({ relPath: 'config.json', size: bytes.length, parts: [bytes] });
     }
+  cfg = megatronLayout(cfg, meg, notes);
   return { cfg, refDir, extra, notes };
+}
+
+/**
+ * The reference config.json rewritten where it would misdescribe the exported weights, or
+ * undefined when it is carried as it is: a hub config's `quantization_config` (GPT-OSS's mxfp4)
+ * next to unquantised weights would make vLLM and transformers' GPU path read bf16 experts as
+ * packed MXFP4 blocks.
+ */
+async function exportedConfig(path: string, cfg: ModelConfig, notes: string[]): Promise<Buffer | undefined> {
+  const hf = cfg.hf;
+  if (!hf || !('quantization_config' in hf)) return undefined;
+  const q = hf.quantization_config as Record<string, unknown> | null;
+  notes.push(`config.json: quantization_config${q && typeof q.quant_method === 'string' ? ` (${q.quant_method})` : ''} dropped — the weights are written unquantised`);
+  // Edited as text: every other byte as the reference has it (float fields stay floats).
+  return Buffer.from(withoutTopLevelKey(await readFile(path, 'utf8'), 'quantization_config'));
+}
+
+/**
+ * What a Megatron checkpoint itself says beyond its config: the HF layout recorded at import
+ * (`shardshift_hf_layout`: fused experts, a name prefix), and the MTP layers it really holds —
+ * counted where the config records none, and none where the config records some but the
+ * checkpoint (trained without MTP, or converted with --drop-mtp) has no `mtp.*` tensors.
+ */
+function megatronLayout(cfg: ModelConfig, meg: Awaited<ReturnType<typeof openMegatron>>, notes: string[]): ModelConfig {
+  let out = cfg;
+  const rec = commonArgs(meg.common)?.get('shardshift_hf_layout');
+  if (typeof rec === 'string') {
+    try {
+      out = { ...out, hfLayout: JSON.parse(rec) as HfLayout };
+    } catch {
+      throw badInput(`${meg.resolved.iterDir}: args.shardshift_hf_layout is not JSON (${rec.slice(0, 60)})`, meg.resolved.iterDir);
+    }
+  }
+  const wrap = familyOf(out).megatronPrefix?.(out)?.prefix ?? '';
+  const ks = [...meg.source.tensors.keys()]
+    .map((n) => (wrap && n.startsWith(wrap) ? n.slice(wrap.length) : n))
+    .map((n) => /^mtp\.layers\.(\d+)\./.exec(n)?.[1])
+    .filter((k): k is string => k !== undefined)
+    .map(Number);
+  const held = ks.length ? Math.max(...ks) + 1 : 0;
+  if (out.mtpLayers === undefined && held > 0) out = { ...out, mtpLayers: held };
+  else if (out.mtpLayers && held === 0) {
+    notes.push(`MTP: the config records ${out.mtpLayers} layer(s), the checkpoint holds none (exported without)`);
+    out = { ...out, mtpLayers: 0 };
+  }
+  return out;
 }
 
 export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
@@ -505,21 +598,32 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
   const meg = await openMegatron(megPath);
   const src = meg.source;
   try {
-    const { cfg, refDir, extra, notes } = await megatronConfig(meg, opts);
+    const mc = await megatronConfig(meg, opts);
+    const { refDir, extra, notes } = mc;
+    const mtp = mtpChoice(mc.cfg, opts, /^(language_model\.)?mtp\./);
+    const cfg = mtp.cfg;
+    notes.push(...mtp.notes);
     // No HF config to say: keep the dtype the weights are stored in.
     const dtype = opts.dtype ?? (cfg.hf ? hfDtype(cfg.hf) : storedDtype(src));
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
-    const { tensors, skipped } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped });
+    const { tensors, skipped, dtypes } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped, skip: mtp.skip });
     const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });
+    let side = refDir ? await listSideFiles(refDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt')) : [];
+    const own = refDir && side.includes('config.json') ? await exportedConfig(join(refDir, 'config.json'), cfg, notes) : undefined;
+    if (own) {
+      side = side.filter((f) => f !== 'config.json');
+      extra.push({ relPath: 'config.json', size: own.length, parts: [own] });
+    }
     const files = [...report.files, ...extra];
     checkComplete(tensors, files);
-    const side = refDir ? await listSideFiles(refDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt')) : [];
     const plan: ConvertPlan = {
       source: { path: megPath, format: 'megatron torch_dist', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
       target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
       files: filePlan(files),
       dropped: [],
       skipped,
+      dtype,
+      dtypeExceptions: dtypes,
       sideFiles: side,
       totalBytes: files.reduce((s, f) => s + f.size, 0),
       notes,

@@ -20,7 +20,7 @@ import { canCast, castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
 import { chunkBoxes } from './executor.js';
 import { MANIFEST_NAME, type Manifest } from './manifest.js';
-import { buildExport, buildImport } from '../models/map.js';
+import { buildExport, buildImport, mainDtype } from '../models/map.js';
 import { configFromHfDir } from './model-convert.js';
 
 const CHUNK = 16 << 20;
@@ -164,7 +164,7 @@ async function expectedHfShapes(dir: string, out: CheckpointSource): Promise<Map
     return undefined; // not a model family we map: no config check
   }
   // Building the import plan from the output itself checks every name and shape against the config.
-  const { entries } = buildImport(cfg, out, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: [...out.tensors.values()][0]?.dtype ?? 'BF16' });
+  const { entries } = buildImport(cfg, out, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: mainDtype(out) });
   void entries;
   return new Map([...out.tensors.values()].map((t) => [t.name, t.shape]));
 }
@@ -287,7 +287,7 @@ async function openAgainst(srcPath: string, out: CheckpointSource): Promise<Map<
     const m = await openMegatron(srcPath);
     const refDir = join(m.resolved.iterDir, 'hf');
     const cfg = await configFromHfDir((await stat(join(out.root, 'config.json')).then(() => true, () => false)) ? out.root : refDir);
-    const { tensors } = buildExport(cfg, m.source, { dtype: [...out.tensors.values()][0]?.dtype ?? 'BF16' });
+    const { tensors } = buildExport(cfg, m.source, { dtype: mainDtype(out) });
     for (const t of tensors) result.set(t.name, t);
     result.closeAll = () => m.source.close();
     return result;

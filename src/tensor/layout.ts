@@ -119,7 +119,14 @@ export interface ReadOptions {
   maxStage?: number;
 }
 
-const DEFAULT_MAX_STAGE = 64 << 20;
+/**
+ * A strided copy reads windows of at most this many bytes of the source into a scratch buffer
+ * (or run by run where the runs are long): the extra memory of a read is bounded whatever the
+ * box, so many reads in flight stay within the budget.
+ */
+const DEFAULT_MAX_STAGE = 1 << 20;
+/** Runs at least this long are read one by one (a syscall each is cheaper than staging what lies between them). */
+const LONG_RUN = 16 << 10;
 
 /**
  * Gathers `box` of a tensor stored as `pieces` into `out` (C-order, `boxNumel(box)` elements).
@@ -208,22 +215,24 @@ async function copyRegion(
     await p.file.read(r.src, runBytes, out.subarray(r.dst, r.dst + runBytes));
     return;
   }
-  let lo = Infinity;
-  let hi = -Infinity;
-  for (const r of runs) {
-    if (r.src < lo) lo = r.src;
-    if (r.src + runBytes > hi) hi = r.src + runBytes;
-  }
-  if (hi - lo <= Math.max(maxStage, runBytes * runs.length * 2)) {
-    const stage = await p.file.read(lo, hi - lo);
-    for (const r of runs) out.set(stage.subarray(r.src - lo, r.src - lo + runBytes), r.dst);
-    return;
-  }
-  // Sparse gather over a large span (a big transposed view): read run by run, merging runs that
-  // are adjacent on both sides.
+  // In source order: windows of short runs staged (one read each, at most `maxStage` bytes), long
+  // runs — and runs adjacent on both sides, merged — read straight into `out`.
   runs.sort((a, b) => a.src - b.src);
+  let stage: Uint8Array | undefined;
   for (let i = 0; i < runs.length; ) {
     let j = i + 1;
+    if (runBytes < LONG_RUN) {
+      const lo = runs[i]!.src;
+      while (j < runs.length && runs[j]!.src + runBytes - lo <= maxStage) j++;
+      if (j - i > 1) {
+        const span = runs[j - 1]!.src + runBytes - lo;
+        stage = stage && stage.length >= span ? stage : new Uint8Array(Math.min(maxStage, Math.max(span, runBytes)));
+        await p.file.read(lo, span, stage.subarray(0, span));
+        for (let k = i; k < j; k++) out.set(stage.subarray(runs[k]!.src - lo, runs[k]!.src - lo + runBytes), runs[k]!.dst);
+        i = j;
+        continue;
+      }
+    }
     while (j < runs.length && runs[j]!.src === runs[j - 1]!.src + runBytes && runs[j]!.dst === runs[j - 1]!.dst + runBytes) j++;
     const len = (j - i) * runBytes;
     await p.file.read(runs[i]!.src, len, out.subarray(runs[i]!.dst, runs[i]!.dst + len));

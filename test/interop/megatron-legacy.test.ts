@@ -3,8 +3,8 @@
  * - per-rank files written the way Megatron-LM's save_checkpoint writes them (the model's own
  *   `state_dict_for_save_checkpoint()` per TP/PP rank, args, RNG state with numpy arrays) convert
  *   to HF that transformers loads with megatron-core's logits;
- * - shardshift's TP=2 PP=2 legacy output loads strictly into megatron-core's GPTModel on every
- *   rank, and the pipeline's logits equal transformers';
+ * - shardshift's TP=2 PP=2 legacy output, and a TP=4 one with 2 query groups (fewer than the TP
+ *   ranks), load strictly into megatron-core's GPTModel on every rank, and the logits equal transformers';
  * - resharding TP1PP1 → TP2PP2 → TP4PP1 → HF gives back the original bytes.
  */
 import { test, before, after } from 'node:test';
@@ -32,6 +32,8 @@ interface Cmp {
 for (const [family, tp, pp, tied] of [
   ['llama', 2, 2, false],
   ['qwen3', 2, 1, true],
+  // 2 query groups at TP=4 (num_query_groups < tp): each rank holds an even row slice of linear_qkv.
+  ['llama', 4, 1, false],
 ] as const) {
   test(`Megatron-LM-style legacy ${family} TP=${tp} PP=${pp}${tied ? ' tied' : ''} → HF with megatron-core's logits`, async () => {
     const run = join(tmp, `legacy-${family}-${tp}-${pp}`);
@@ -50,6 +52,14 @@ test('shardshift legacy TP=2 PP=2 (local spec names) loads strictly into megatro
   const out = join(tmp, 'ours-tp2pp2');
   await convertHfToMegatron(hf, out, { ckptFormat: 'torch', megatronSpec: 'local', tp: 2, pp: 2, dtype: 'F32' });
   const r = JSON.parse(await runOracle('megatron_oracle.py', ['load_legacy', out, hf, '--tp', '2', '--pp', '2'], { timeoutMs: 180_000 })) as Cmp;
+  assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+});
+
+test('shardshift legacy TP=4 with 2 query groups (fewer than TP ranks) loads strictly into megatron-core on every rank', async () => {
+  const hf = join(tmp, 'legacy-llama-4-1.hf'); // 2 KV heads, from the TP=4 test above
+  const out = join(tmp, 'ours-tp4');
+  await convertHfToMegatron(hf, out, { ckptFormat: 'torch', megatronSpec: 'local', tp: 4, dtype: 'F32' });
+  const r = JSON.parse(await runOracle('megatron_oracle.py', ['load_legacy', out, hf, '--tp', '4'], { timeoutMs: 240_000 })) as Cmp;
   assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
 });
 

@@ -2,7 +2,8 @@
  * HF ↔ Megatron torch_dist against real megatron-core 0.16.1 on CPU (gloo):
  * - shardshift's Megatron output loads with `dist_checkpointing.load(..., strict=RAISE_ALL)` into
  *   the matching GPTModel (local layer spec), whose logits equal transformers' on the HF model;
- * - checkpoints megatron-core saves (TP=1/2, PP=2, tied and untied, with q/k norm and qkv bias)
+ * - checkpoints megatron-core saves (TP=1/2/4 — at 4, fewer query groups than TP ranks — PP=2, tied
+ *   and untied, with q/k norm and qkv bias)
  *   export to HF that `from_pretrained` loads with no missing or unexpected keys and whose logits
  *   equal megatron-core's.
  */
@@ -45,8 +46,10 @@ for (const [family, tp, pp, tied] of [
   ['qwen3', 2, 1, false],
   ['qwen2', 1, 1, true],
   ['llama', 1, 2, true],
+  // 2 query groups at TP=4: megatron-core 0.16's num_query_groups < tp (linear_qkv split evenly over the ranks).
+  ['llama', 4, 1, false],
 ] as const) {
-  test(`megatron-core ${family} saved at TP=${tp} PP=${pp}${tied ? ', tied' : ''} → HF loads cleanly in transformers with megatron-core's logits`, async () => {
+  test(`megatron-core ${family} saved at TP=${tp} PP=${pp}${tied ? ', tied' : ''}${tp > 2 ? ' (2 query groups < TP)' : ''} → HF loads cleanly in transformers with megatron-core's logits`, async () => {
     const run = join(tmp, `saved-${family}-tp${tp}-pp${pp}-${tied}`);
     await runOracle('megatron_oracle.py', ['save', run, family, '--tp', String(tp), '--pp', String(pp), ...(tied ? ['--tied'] : [])], { timeoutMs: 180_000 });
     const hf = join(tmp, `saved-${family}-tp${tp}-pp${pp}-${tied}.hf`);

@@ -51,3 +51,24 @@ test('megatron-core MambaModel saved at TP=2 (split Mamba keys, TP-sharded mixer
   assert.deepEqual(r.unexpected, []);
   assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff}`);
 });
+
+test('nemotron_h in bf16 as published (router float32): HF → Megatron keeps router weight and expert_bias float32, megatron-core (bf16) strictly loads them bit for bit, HF → Megatron → HF is byte-identical in dtype and value', async () => {
+  const hf = join(tmp, 'hf-bf16');
+  const made = lastJson<{ f32: string[] }>(await runOracle('nemotronh_oracle.py', ['make_bf16', hf]));
+  assert.equal(made.f32.length, 4, 'transformers keeps two routers (weight and bias) float32');
+  const meg = join(tmp, 'meg-bf16');
+  const r = await convertHfToMegatron(hf, meg, {});
+  assert.equal(r.plan.dtypeExceptions?.length, 4, 'the plan lists the four float32 tensors');
+  const m = lastJson<{ expert_biases: number; bias_wrong_layers: number[]; stored_router_dtypes: Record<string, string>; max_abs_diff: number; max_abs: number; top1_agree: number }>(
+    await runOracle('nemotronh_oracle.py', ['load_bf16', join(meg, 'iter_0000000'), hf]),
+  );
+  assert.equal(m.expert_biases, 2);
+  assert.deepEqual(m.bias_wrong_layers, []);
+  assert.ok(Object.values(m.stored_router_dtypes).every((d) => d === 'torch.float32'), JSON.stringify(m.stored_router_dtypes));
+  // bf16 on both sides, different operation orders: close, and the same next token everywhere.
+  assert.ok(m.max_abs_diff < 0.02 * Math.max(1, m.max_abs), `bf16 logits differ by ${m.max_abs_diff}`);
+  assert.equal(m.top1_agree, 1);
+  const back = join(tmp, 'back-bf16');
+  await convertMegatronToHf(meg, back, {});
+  assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'round trip is not byte-identical');
+});

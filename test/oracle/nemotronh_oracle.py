@@ -3,6 +3,12 @@
   make <hf_dir> [pattern]
       a tiny random NemotronHForCausalLM (fp32; Mamba-2, attention, MLP and MoE layers from the
       hybrid pattern, random norms / biases so a misplaced one shows) saved with save_pretrained
+  make_bf16 <hf_dir>
+      the same model as published checkpoints are saved: re-loaded with dtype=bfloat16 and saved,
+      the router (gate.weight, e_score_correction_bias) float32 by _keep_in_fp32_modules_strict
+  load_bf16 <iter_dir> <hf_dir>
+      megatron-core's MambaModel in bf16 loads shardshift's bf16 conversion strictly; its router
+      expert_bias buffers are float32 and equal the source's float32 biases bit for bit (JSON)
   load <iter_dir> <hf_dir>
       megatron-core's own MambaModel (MambaStack, MambaLayer/MambaMixer, TransformerLayer, MLPLayer,
       MoETransformerLayer) built for the HF config loads the torch_dist checkpoint with
@@ -179,6 +185,18 @@ def hf_config(pattern=PATTERN):
     )
 
 
+def cmd_make_bf16(hf_dir):
+    """The fp32 model re-loaded with dtype=bfloat16 and saved, as published checkpoints are: the
+    router's gate.weight and e_score_correction_bias stay float32 (_keep_in_fp32_modules_strict)."""
+    from transformers import AutoModelForCausalLM
+    tmp = tempfile.mkdtemp()
+    cmd_make(tmp)
+    m = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16)
+    m.save_pretrained(hf_dir)
+    sd = m.state_dict()
+    return {"ok": True, "f32": sorted(k for k, v in sd.items() if v.dtype == torch.float32)}
+
+
 def cmd_make(hf_dir, pattern=PATTERN):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(11)
@@ -198,7 +216,7 @@ def cmd_make(hf_dir, pattern=PATTERN):
     return {"ok": True, "params": sum(p.numel() for p in m.parameters())}
 
 
-def build(h, padded_vocab):
+def build(h, padded_vocab, dtype=torch.float32):
     from megatron.core.activations import squared_relu
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -223,7 +241,7 @@ def build(h, padded_vocab):
         num_query_groups=h.num_key_value_heads, kv_channels=h.head_dim, ffn_hidden_size=h.intermediate_size,
         gated_linear_unit=False, activation_func=squared_relu, normalization="RMSNorm",
         layernorm_epsilon=h.layer_norm_epsilon, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=torch.float32,
+        use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         mamba_state_dim=h.ssm_state_size, mamba_head_dim=h.mamba_head_dim, mamba_num_groups=h.n_groups,
         mamba_num_heads=h.mamba_num_heads, use_mamba_mem_eff_path=False,
         num_moe_experts=h.n_routed_experts, moe_router_topk=h.num_experts_per_tok,
@@ -275,6 +293,42 @@ def init(rank=0, world=1, tp=1, init_file=None):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True)
     torch.manual_seed(1234)
+
+
+def cmd_load_bf16(iter_dir, hf_dir):
+    """megatron-core MambaModel in bf16 (`--bf16`) loads the bf16 conversion strictly: its router
+    expert_bias buffers stay float32 and hold the source's float32 bias bit for bit; logits are
+    compared with transformers' bf16 model (max |Δ| and top-1 agreement)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    h = AutoConfig.from_pretrained(hf_dir)
+    init()
+    model = build(h, ((h.vocab_size + 127) // 128) * 128, torch.bfloat16)
+    sd = dist_checkpointing.load(model.sharded_state_dict(), iter_dir, strict=StrictHandling.RAISE_ALL)
+    common = {"args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "content_metadata"}
+    model.load_state_dict({k: v for k, v in sd.items() if k not in common}, strict=True)
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    src = load_file(os.path.join(hf_dir, "model.safetensors"))
+    biases, wrong = 0, []
+    for i, layer in enumerate(model.decoder.layers):
+        r = getattr(getattr(layer, "mlp", None), "router", None)
+        if r is None or getattr(r, "expert_bias", None) is None:
+            continue
+        biases += 1
+        want = src[f"backbone.layers.{i}.mixer.gate.e_score_correction_bias"]
+        if r.expert_bias.dtype != torch.float32 or want.dtype != torch.float32 or not torch.equal(r.expert_bias, want):
+            wrong.append(i)
+    stored = {k: str(v.dtype) for k, v in meta.items() if "router" in k}
+    logits = forward(model)[..., : h.vocab_size].float()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = hf(TOKENS).logits.float()
+    return {"expert_biases": biases, "bias_wrong_layers": wrong, "stored_router_dtypes": stored,
+            "max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item(),
+            "top1_agree": (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def cmd_load(iter_dir, hf_dir):
@@ -360,6 +414,10 @@ def main():
     a = sys.argv[1:]
     if a[0] == "make":
         r = cmd_make(a[1], *(a[2:3]))
+    elif a[0] == "make_bf16":
+        r = cmd_make_bf16(a[1])
+    elif a[0] == "load_bf16":
+        r = cmd_load_bf16(a[1], a[2])
     elif a[0] == "load":
         r = cmd_load(a[1], a[2])
     elif a[0] == "save":

@@ -176,7 +176,7 @@ def build(h, padded_vocab):
     rope, partial = rp.get("rope_theta", 10000.0), rp.get("partial_rotary_factor", 1.0)
     model = GPTModel(
         config=cfg, transformer_layer_spec=spec, vocab_size=padded_vocab, max_sequence_length=h.max_position_embeddings,
-        pre_process=True, post_process=True, parallel_output=False, share_embeddings_and_output_weights=False,
+        pre_process=True, post_process=True, parallel_output=False, share_embeddings_and_output_weights=bool(getattr(h, "tie_word_embeddings", False)),
         position_embedding_type="rope", rotary_percent=partial, rotary_base=rope,
     )
     return model.eval()

@@ -1,0 +1,149 @@
+"""The published-checkpoint harness's oracle: the exact tensor list (name, dtype, shape, in save
+order) of a hub model, derived from transformers 5.24 itself, never typed by hand.
+
+    python published_oracle.py names  < jobs.json        # [{"config": path, "hub": {...}, "out": path}, ...]
+
+For each job:
+
+1. The model class named by the config's `architectures` is built on the meta device with
+   `_from_config(cfg, dtype=bfloat16)` — the init context `from_pretrained` uses, so parameters a
+   model creates with an explicit dtype (Nemotron-H's router `gate.weight` and
+   `e_score_correction_bias` are created float32) keep it — then `_get_dtype_plan(bfloat16)`
+   applies `_keep_in_fp32_modules(_strict)` as `from_pretrained` does (modeling_utils.py
+   `_get_dtype_plan`, matched as core_model_loading.py does: an unanchored regex search).
+2. Names are what `save_pretrained` writes: `state_dict()` minus tied aliases
+   (`remove_tied_weights_from_state_dict`) and `_keys_to_ignore_on_save`, then
+   `revert_weight_conversion` exactly as `save_pretrained` calls it. A model loaded from an
+   already-fused checkpoint re-saves fused names (`hub.fusedExperts`: only conversions used at load
+   are reverted, and none were), otherwise the per-expert names.
+3. Hub-only tensors the published repos carry and transformers does not save (`hub`):
+   - `mxfp4`: GPT-OSS experts as `X_blocks` U8 [E, R, G, 16] / `X_scales` U8 [E, R, G]
+     (R = output rows of the output-major weight, G = in/32), in place of the bf16 `X`;
+   - `mtp: n`: n multi-token-prediction layers `mtp.*` (Qwen3-Next, Qwen3.5): `mtp.fc` [H, 2H],
+     `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm` [H], and `mtp.layers.<k>.*`
+     = the names of the model's last full-attention decoder layer (vLLM and Megatron-Bridge build
+     the MTP layer as a full-attention layer), per-expert as the hub stores them;
+   - `f32`: regexes of tensors the hub stores as F32 though transformers would save the load dtype
+     (Qwen3.5's GatedDeltaNet `A_log` and `linear_attn.norm.weight`, vLLM #51836).
+
+The TypeScript harness (test/helpers/published.ts) writes sparse checkpoints with these lists.
+"""
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+from transformers.core_model_loading import build_glob_alternation, revert_weight_conversion  # noqa: E402
+from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: E402
+
+SAFE_DTYPE = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def load_config(path):
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("auto_map", None)  # the native transformers class, never remote code
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(raw, f)
+    return AutoConfig.from_pretrained(d), raw
+
+
+def saved_names(cls, cfg, fused):
+    """[(name, shape, dtype)] in save order, as save_pretrained writes them after from_pretrained(dtype=bf16)."""
+    dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = cls._from_config(cfg, dtype=dtype)
+    sd = model.state_dict()
+    dtypes = {k: v.dtype for k, v in sd.items()}
+    plan = model._get_dtype_plan(dtype)
+    if plan:
+        alt, by_group, _ = build_glob_alternation(list(plan.keys()))
+        for k in sd:
+            m = alt.search(k)
+            if m is not None:
+                dtypes[k] = plan[by_group[m.lastgroup]]
+    sd = remove_tied_weights_from_state_dict(sd, model)
+    for k in list(model._keys_to_ignore_on_save or []):
+        sd.pop(k, None)
+    sd = {k: v.to(dtypes[k]) for k, v in sd.items()}
+    if fused:
+        model._weight_conversions = []  # loaded from a checkpoint that needed no conversion
+    out = revert_weight_conversion(model, sd)
+    return [(k, list(v.shape), SAFE_DTYPE[v.dtype]) for k, v in out.items()]
+
+
+def text_config(raw):
+    return raw.get("text_config", raw)
+
+
+def mxfp4(tensors):
+    out = []
+    for name, shape, dt in tensors:
+        m = re.match(r"^(.*\.mlp\.experts\.(gate_up_proj|down_proj))$", name)
+        if not m:
+            out.append((name, shape, dt))
+            continue
+        E, inp, outp = shape  # transformers' input-major [E, in, out]
+        out.append((name + "_blocks", [E, outp, inp // 32, 16], "U8"))
+        out.append((name + "_scales", [E, outp, inp // 32], "U8"))
+    return out
+
+
+def mtp(tensors, raw, n):
+    """The hub's `mtp.*` tensors: head tensors plus the last full-attention layer's names per MTP layer."""
+    t = text_config(raw)
+    H = t["hidden_size"]
+    L = t["num_hidden_layers"]
+    types = t.get("layer_types") or [("full_attention" if (i + 1) % t.get("full_attention_interval", 4) == 0 else "linear_attention") for i in range(L)]
+    last_full = max(i for i, k in enumerate(types) if k == "full_attention")
+    pat = re.compile(r"^(?:model\.language_model|model)\.layers\.%d\.(.+)$" % last_full)
+    layer = [(m.group(1), shape, dt) for name, shape, dt in tensors for m in [pat.match(name)] if m]
+    out = [("mtp.fc.weight", [H, 2 * H], "BF16")]
+    for k in range(n):
+        out += [(f"mtp.layers.{k}.{rest}", shape, dt) for rest, shape, dt in layer]
+    out += [("mtp.norm.weight", [H], "BF16"), ("mtp.pre_fc_norm_embedding.weight", [H], "BF16"), ("mtp.pre_fc_norm_hidden.weight", [H], "BF16")]
+    return out
+
+
+def names(job):
+    cfg, raw = load_config(job["config"])
+    hub = job.get("hub", {})
+    cls = getattr(transformers, raw["architectures"][0])
+    tensors = saved_names(cls, cfg, hub.get("fusedExperts", False))
+    if hub.get("mtp"):
+        # MTP layers as the hub stores them: per-expert, whatever the main decoder's layout.
+        per_expert = saved_names(cls, cfg, False) if hub.get("fusedExperts") else tensors
+        tensors = tensors + mtp(per_expert, raw, hub["mtp"])
+    if hub.get("mxfp4"):
+        tensors = mxfp4(tensors)
+    for rx in hub.get("f32", []):
+        r = re.compile(rx)
+        tensors = [(n, s, "F32" if r.search(n) else d) for n, s, d in tensors]
+    return {"transformers": transformers.__version__, "architecture": raw["architectures"][0], "tensors": [[n, d, s] for n, s, d in tensors]}
+
+
+def main():
+    if sys.argv[1:] != ["names"]:
+        raise SystemExit("usage: published_oracle.py names < jobs.json")
+    for job in json.load(sys.stdin):
+        r = names(job)
+        with open(job["out"], "w") as f:
+            json.dump(r, f)
+        print(f"{job['out']}: {len(r['tensors'])} tensors", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
