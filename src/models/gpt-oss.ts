@@ -33,6 +33,9 @@ function copyItem(src: Uint8Array, from: number, dst: Uint8Array, to: number, k:
   for (let b = 0; b < k; b++) dst[to * k + b] = src[from * k + b]!;
 }
 
+/** Staging per slice of a transposing move (see `swapped`). */
+const SLICE_BYTES = 4 << 20;
+
 /**
  * A lazy 2-D target over the trailing 2-D sub-tensor of `part` with rows and columns swapped and
  * permuted: `out[r, c] = src[rowOf(c), colOf(r)]`.
@@ -41,7 +44,6 @@ function swapped(name: string, part: SourcePart, shape: readonly [number, number
   const t = part.src;
   const k = itemSize(t.dtype);
   if (k === undefined) throw unsupported(`${t.name}: ${t.dtype} cannot be transposed element-wise`, undefined, t.name);
-  const srcCols = t.shape[part.prefix.length + 1]!;
   return {
     name,
     dtype: t.dtype,
@@ -51,29 +53,50 @@ function swapped(name: string, part: SourcePart, shape: readonly [number, number
     produce: async (box: Box, out: Uint8Array) => {
       const [a, b] = box.start as [number, number];
       const [n, m] = box.size as [number, number];
-      let lo = Infinity;
-      let hi = -1;
-      for (let c = b; c < b + m; c++) {
-        lo = Math.min(lo, rowOf(c));
-        hi = Math.max(hi, rowOf(c));
-      }
       if (n === 0 || m === 0) return;
-      const buf = new Uint8Array((hi - lo + 1) * srcCols * k);
-      await t.read({ start: [...part.prefix, lo, 0], size: [...part.prefix.map(() => 1), hi - lo + 1, srcCols] }, buf);
-      const aligned = (x: Uint8Array): boolean => x.byteOffset % k === 0;
-      if ((k === 2 || k === 4) && aligned(out) && aligned(buf)) {
-        const view = (x: Uint8Array, len: number): Uint16Array | Uint32Array => (k === 2 ? new Uint16Array(x.buffer, x.byteOffset, len) : new Uint32Array(x.buffer, x.byteOffset, len));
-        const s = view(buf, buf.byteLength / k);
-        const d = view(out, n * m);
-        for (let r = 0; r < n; r++) {
-          const col = colOf(a + r);
-          for (let c = 0; c < m; c++) d[r * m + c] = s[(rowOf(b + c) - lo) * srcCols + col]!;
+      // Only the source rectangle the box needs: rows rowOf(b … b+m), columns colOf(a … a+n). The
+      // whole source row range would make every row box of a transposed expert read the expert
+      // again (and a lazy MXFP4 source dequantise it again): quadratic time, memory of a tensor.
+      const span = (lo0: number, len: number, f: (x: number) => number): [number, number] => {
+        let lo = Infinity;
+        let hi = -1;
+        for (let x = lo0; x < lo0 + len; x++) {
+          lo = Math.min(lo, f(x));
+          hi = Math.max(hi, f(x));
         }
-        return;
-      }
-      for (let r = 0; r < n; r++) {
-        const col = colOf(a + r);
-        for (let c = 0; c < m; c++) copyItem(buf, (rowOf(b + c) - lo) * srcCols + col, out, r * m + c, k);
+        return [lo, hi - lo + 1];
+      };
+      const [c0, cn] = span(a, n, colOf);
+      // Target columns are taken a slice at a time so that the staging buffer stays small
+      // (SLICE_BYTES, not the box: the executor has several boxes in flight and counts only their
+      // outputs); the source rows a slice needs are read as runs of consecutive rows — for the
+      // [gate; up] ↔ interleaved moves, two runs.
+      const ms = Math.max(1, Math.min(m, Math.floor(SLICE_BYTES / (cn * k))));
+      const buf = new Uint8Array(ms * cn * k);
+      const order = new Int32Array(ms);
+      const bufRow = new Int32Array(ms);
+      const wide = k === 2 || k === 4;
+      const d = wide && out.byteOffset % k === 0 ? (k === 2 ? new Uint16Array(out.buffer, out.byteOffset, n * m) : new Uint32Array(out.buffer, out.byteOffset, n * m)) : undefined;
+      const s = d && k === 2 ? new Uint16Array(buf.buffer) : d ? new Uint32Array(buf.buffer) : undefined;
+      for (let cs = b; cs < b + m; cs += ms) {
+        const mm = Math.min(ms, b + m - cs);
+        for (let j = 0; j < mm; j++) order[j] = j;
+        const sorted = order.subarray(0, mm).sort((x, y) => rowOf(cs + x) - rowOf(cs + y));
+        let i = 0;
+        while (i < mm) {
+          let j = i;
+          while (j + 1 < mm && rowOf(cs + sorted[j + 1]!) === rowOf(cs + sorted[j]!) + 1) j++;
+          const r0 = rowOf(cs + sorted[i]!);
+          await t.read({ start: [...part.prefix, r0, c0], size: [...part.prefix.map(() => 1), j - i + 1, cn] }, buf.subarray(i * cn * k, (j + 1) * cn * k));
+          for (let x = i; x <= j; x++) bufRow[sorted[x]!] = x;
+          i = j + 1;
+        }
+        for (let r = 0; r < n; r++) {
+          const col = colOf(a + r) - c0;
+          const o = r * m + (cs - b);
+          if (d && s) for (let c = 0; c < mm; c++) d[o + c] = s[bufRow[c]! * cn + col]!;
+          else for (let c = 0; c < mm; c++) copyItem(buf, bufRow[c]! * cn + col, out, o + c, k);
+        }
       }
     },
   };

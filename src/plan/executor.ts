@@ -353,7 +353,11 @@ export class Executor {
     const plan = opts.planBytes ?? liveHeapBytes();
     const direct = opts.maxMemory - plan >= t.directMinBudget && t.directBlocks > 0;
     const staging = direct ? t.directBlock * t.directBlocks : 0;
-    const room = Math.max(Math.min(t.minArena, opts.maxMemory - staging), Math.min(opts.maxMemory - staging - plan, t.maxArena));
+    // Half of what is left is the arena; the other half is for what producing a chunk stages
+    // outside it (a transposing or dequantising view reads its source rectangle into a temporary
+    // of up to its box, and up to eight boxes are in flight), so the arena is not the only
+    // consumer of the budget.
+    const room = Math.max(Math.min(t.minArena, opts.maxMemory - staging), Math.min(Math.floor((opts.maxMemory - staging - plan) / 2), t.maxArena));
     // At least two chunks fit in the arena so reading and writing overlap.
     this.chunkBytes = Math.max(t.minChunk, Math.min(t.maxChunk, Math.floor(room / 8)));
     this.arenaBytes = Math.max(2 * this.chunkBytes, room);

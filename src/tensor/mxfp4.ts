@@ -18,8 +18,10 @@
 import type { CheckpointSource, SourceTensor } from '../formats/types.js';
 import { badInput } from '../errors.js';
 import { byteLength, numelOf } from './dtype.js';
-import { castBytes } from './cast.js';
 import type { Box } from './layout.js';
+
+/** Staging per slice of rows of a box read (see `mxfp4Tensor`). */
+const SLICE_BYTES = 1 << 20;
 
 const FP4 = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0, -0.5, -1, -1.5, -2, -3, -4, -6];
 
@@ -70,10 +72,18 @@ export function mxfp4Tensor(name: string, blocks: SourceTensor, scales: SourceTe
       const g0 = Math.floor(c0 / 32);
       const gn = Math.ceil((c0 + cn) / 32) - g0;
       const outer = numelOf(box.size.slice(0, n));
-      const blk = new Uint8Array(rn * gn * 16);
-      const sc = new Uint8Array(rn * gn);
-      const vals = new Float32Array(rn * gn * 32);
-      const t = new Float32Array(cn * rn);
+      // Rows a slice at a time so the staging stays at SLICE_BYTES whatever the box (the executor
+      // has several boxes in flight and counts only their outputs).
+      const rs = Math.max(1, Math.min(rn, Math.floor(SLICE_BYTES / (gn * 32 * 4))));
+      const blk = new Uint8Array(rs * gn * 16);
+      const sc = new Uint8Array(rs * gn);
+      const vals = new Float32Array(rs * gn * 32);
+      const bits = new Uint32Array(vals.buffer);
+      // Every dequantised value is exact in bf16 (see the module comment), so bf16 is the top half
+      // of the fp32 bits: no rounding step. Unaligned outputs go through a staging copy.
+      const aligned = out.byteOffset % 2 === 0;
+      const o16 = aligned ? new Uint16Array(out.buffer, out.byteOffset, out.byteLength / 2) : new Uint16Array(numelOf(box.size));
+      const off = c0 - g0 * 32;
       const idx = box.start.slice(0, n);
       for (let o = 0; o < outer; o++) {
         // The leading indices of this slab, row-major within the box.
@@ -82,14 +92,20 @@ export function mxfp4Tensor(name: string, blocks: SourceTensor, scales: SourceTe
           idx[d] = box.start[d]! + (rem % box.size[d]!);
           rem = Math.floor(rem / box.size[d]!);
         }
-        await blocks.read({ start: [...idx, r0, g0, 0], size: [...idx.map(() => 1), rn, gn, 16] }, blk);
-        await scales.read({ start: [...idx, r0, g0], size: [...idx.map(() => 1), rn, gn] }, sc);
-        dequantRows(blk, sc, rn, gn, vals);
-        // Transpose [rn, 32·gn] (columns from c0) into [cn, rn].
-        const off = c0 - g0 * 32;
-        for (let r = 0; r < rn; r++) for (let c = 0; c < cn; c++) t[c * rn + r] = vals[r * gn * 32 + off + c]!;
-        castBytes(new Uint8Array(t.buffer), 'F32', 'BF16', out.subarray(o * cn * rn * 2, (o + 1) * cn * rn * 2));
+        const base = o * cn * rn;
+        for (let ra = 0; ra < rn; ra += rs) {
+          const rk = Math.min(rs, rn - ra);
+          await blocks.read({ start: [...idx, r0 + ra, g0, 0], size: [...idx.map(() => 1), rk, gn, 16] }, blk.subarray(0, rk * gn * 16));
+          await scales.read({ start: [...idx, r0 + ra, g0], size: [...idx.map(() => 1), rk, gn] }, sc.subarray(0, rk * gn));
+          dequantRows(blk, sc, rk, gn, vals);
+          // Transpose [rk, 32·gn] (columns from c0) into rows ra … ra+rk of [cn, rn].
+          for (let r = 0; r < rk; r++) {
+            const v = r * gn * 32 + off;
+            for (let c = 0; c < cn; c++) o16[base + c * rn + ra + r] = bits[v + c]! >>> 16;
+          }
+        }
       }
+      if (!aligned) out.set(new Uint8Array(o16.buffer));
     },
   };
 }

@@ -36,6 +36,12 @@ export interface PublishedModel {
   readonly hub: HubFacts;
   /** Extra CLI arguments of each full-size dry run (`convert --to megatron … --dry-run`). */
   readonly dryRuns: ReadonlyArray<readonly string[]>;
+  /**
+   * The default (CI) tier: `legacy` — the torch rank-file layouts round-trip too; `roundTrip:
+   * false` — only the full-size dry runs (a larger sibling of a family whose every tensor shape
+   * kind another model round-trips; the full tier runs it).
+   */
+  readonly ci?: { readonly legacy?: boolean; readonly roundTrip?: boolean };
 }
 
 /** [name, dtype, shape] in save order. */
@@ -115,6 +121,48 @@ export function truncateConfig(cfg: Record<string, unknown>, layers: number): Re
   if (typeof t.hybrid_override_pattern === 'string') t.hybrid_override_pattern = t.hybrid_override_pattern.slice(0, layers);
   if (Array.isArray(t.layer_types)) t.layer_types = t.layer_types.slice(0, layers);
   if (Array.isArray(t.mlp_only_layers)) t.mlp_only_layers = (t.mlp_only_layers as number[]).filter((i) => i < layers);
+  return out;
+}
+
+/** The routed-expert count of a MoE config (text part), or undefined for a dense model. */
+export function expertCount(cfg: Record<string, unknown>): number | undefined {
+  const t = textOf(cfg);
+  const e = t.num_experts ?? t.num_local_experts ?? t.n_routed_experts;
+  return typeof e === 'number' ? e : undefined;
+}
+
+/**
+ * The expert count a round trip keeps: fewer experts, at least top-k, a multiple of 8 so that
+ * every `--ep 8` layout still divides them. Each expert keeps its exact names, shapes and dtypes.
+ */
+export function truncatedExperts(cfg: Record<string, unknown>): number | undefined {
+  const e = expertCount(cfg);
+  if (e === undefined) return undefined;
+  const t = textOf(cfg);
+  const k = Number(t.num_experts_per_tok ?? t.experts_per_token ?? 8);
+  return Math.min(e, 8 * Math.ceil(Math.max(8, k) / 8));
+}
+
+const EXPERT_KEYS = ['num_experts', 'num_local_experts', 'n_routed_experts'];
+
+export function truncateConfigExperts(cfg: Record<string, unknown>, experts: number): Record<string, unknown> {
+  const out = cloneJson(cfg) as Record<string, unknown>;
+  const t = textOf(out);
+  for (const k of EXPERT_KEYS) if (typeof t[k] === 'number') t[k] = experts;
+  return out;
+}
+
+/** Per-expert tensors of the experts kept; stacked expert, router and score-bias tensors cut to `experts` rows. */
+export function truncateTensorExperts(tensors: readonly TensorSpec[], from: number, experts: number): TensorSpec[] {
+  const STACKED = /\.(?:experts\.[a-z_]+|gate\.weight|router\.weight|router\.bias|e_score_correction_bias)$/;
+  const out: TensorSpec[] = [];
+  for (const t of tensors) {
+    const m = /\.experts\.(\d+)\./.exec(t[0]);
+    if (m) {
+      if (Number(m[1]) < experts) out.push(t);
+    } else if (STACKED.test(t[0]) && t[2][0] === from) out.push([t[0], t[1], [experts, ...t[2].slice(1)]]);
+    else out.push(t);
+  }
   return out;
 }
 

@@ -1,0 +1,81 @@
+/* global process, console */
+// `npm run bench -- published [model-id …] [--max-memory 1GiB] [--json FILE]`: full-size round trips
+// of the published checkpoints (test/published/README.md) — each model written as a sparse
+// safetensors checkpoint with its exact hub names, shapes, dtypes and shards (data left as holes,
+// so a 163 GB model takes no disk), converted HF → Megatron torch_dist → HF, with wall time, the
+// logical bytes per second and peak RSS of each direction, and the round trip checked for every
+// name, shape and dtype. Not a test: nothing here asserts a time.
+//
+// Reading holes costs no disk but all the CPU work of real data (reads, checksums, hashes), so the
+// times are those of a page-cache-resident checkpoint, bound by shardshift's per-byte CPU cost.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
+import { join } from 'node:path';
+import { benchRoot, cacheRoot } from './generate.mjs';
+
+const root = join(benchRoot, '..');
+const helpers = join(root, 'dist', 'test', 'helpers', 'published.js');
+const cli = join(root, 'dist', 'src', 'cli', 'main.js');
+if (!existsSync(helpers) || !existsSync(cli)) throw new Error('not built: run `npm run bench -- published` (which builds)');
+const h = await import(helpers);
+
+const argv = process.argv.slice(2).filter((a) => a !== 'published');
+const opt = (k, d) => {
+  const i = argv.indexOf(k);
+  if (i < 0) return d;
+  const v = argv[i + 1];
+  argv.splice(i, 2);
+  return v;
+};
+const maxMemory = opt('--max-memory', '1GiB');
+const jsonOut = opt('--json', undefined);
+const only = argv.filter((a) => !a.startsWith('--'));
+const log = (s) => process.stderr.write(s + '\n');
+
+function timed(args) {
+  const r = spawnSync('/usr/bin/time', ['-f', '%e %M', process.execPath, cli, ...args], { encoding: 'utf8', maxBuffer: 64 << 20 });
+  const last = r.stderr.trimEnd().split('\n').at(-1) ?? '';
+  const m = /^([\d.]+) (\d+)$/.exec(last);
+  if (r.status !== 0 || !m) throw new Error(`shardshift ${args.join(' ')} failed:\n${r.stderr}`);
+  return { seconds: Number(m[1]), rss: Number(m[2]) * 1024 };
+}
+
+const MiB = 2 ** 20;
+const rows = [];
+for (const m of await h.publishedModels()) {
+  if (only.length && !only.includes(m.id)) continue;
+  const dir = join(cacheRoot, 'published', m.id);
+  const tensors = await h.publishedTensors(m);
+  if (!existsSync(`${dir}.complete`)) {
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(join(cacheRoot, 'published'), { recursive: true });
+    await h.writeSparseCheckpoint(dir, await h.publishedConfig(m), tensors, { data: 'holes' });
+    writeFileSync(`${dir}.complete`, 'ok');
+  }
+  const meg = join(cacheRoot, 'published', `${m.id}.megatron`);
+  const back = join(cacheRoot, 'published', `${m.id}.hf-back`);
+  rmSync(meg, { recursive: true, force: true });
+  rmSync(back, { recursive: true, force: true });
+  log(`${m.id}: ${tensors.length} tensors …`);
+  const a = timed(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', maxMemory]);
+  const b = timed(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', maxMemory]);
+  const d = await h.compareSafetensorsDirs(dir, back);
+  const mxfp4 = tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).length;
+  const ok = d.differing.length === 0 && d.missing.length === mxfp4 && d.compared === tensors.length - mxfp4;
+  const bytes = d.bytes + tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).reduce((n, t) => n + h.tensorBytes(t), 0);
+  rows.push({ model: m.id, repo: m.repo, tensors: tensors.length, bytes, toMegatron: a, toHf: b, roundTrip: ok ? 'names, shapes, dtypes equal' : `DIFFERS: ${d.differing.slice(0, 3).join('; ')}` });
+  log(`  → megatron ${a.seconds} s, ${(a.rss / MiB).toFixed(0)} MiB; → hf ${b.seconds} s, ${(b.rss / MiB).toFixed(0)} MiB; ${rows.at(-1).roundTrip}`);
+  rmSync(meg, { recursive: true, force: true });
+  rmSync(back, { recursive: true, force: true });
+}
+
+const gb = (n) => (n / 1e9).toFixed(1);
+let md = `### published: full-size round trips (sparse sources), --max-memory ${maxMemory}\n\n`;
+md += `machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, load ${loadavg()[0].toFixed(2)}\n\n`;
+md += '| model | tensors | GB | HF → Megatron | GB/s | peak RSS | Megatron → HF | GB/s | peak RSS | round trip |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n';
+for (const r of rows) {
+  md += `| ${r.repo} | ${r.tensors} | ${gb(r.bytes)} | ${r.toMegatron.seconds.toFixed(1)} s | ${(r.bytes / 1e9 / r.toMegatron.seconds).toFixed(2)} | ${(r.toMegatron.rss / MiB).toFixed(0)} MiB | ${r.toHf.seconds.toFixed(1)} s | ${(r.bytes / 1e9 / r.toHf.seconds).toFixed(2)} | ${(r.toHf.rss / MiB).toFixed(0)} MiB | ${r.roundTrip} |\n`;
+}
+console.log(md);
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ maxMemory, rows }, null, 2));
