@@ -25,6 +25,7 @@ import { PyFloat, PyTuple } from '../pickle/values.js';
 import { fromHfConfig, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, linearExtraState, moeArgs, routerPrecision } from './dense.js';
 import type { CustomKind, Family, LayerParam, PrecisionRule, SourcePart } from './spec.js';
+import { Mxfp4Tensor } from '../tensor/mxfp4.js';
 
 const L = 'model.layers.{i}';
 
@@ -122,6 +123,29 @@ function permuted(name: string, part: SourcePart, len: number, at: (r: number) =
   };
 }
 
+/**
+ * A Megatron expert matrix read straight from an MXFP4 source: `out[r, c] = packed[rowOf(r), c]`.
+ * transformers' bf16 tensor is the transpose of the packed [R, 32G] rows and Megatron's is its
+ * transpose again, so the rows are dequantised in place and nothing is transposed.
+ */
+function packedRows(name: string, src: Mxfp4Tensor, at: readonly number[], shape: readonly [number, number], rowOf: (r: number) => number, describe: string): TargetTensor {
+  const packed = src.packedShape.slice(-2);
+  if (packed[0] !== shape[0] || packed[1] !== shape[1]) throw badInput(`${src.name}: MXFP4 rows [${packed.join(', ')}] do not make ${name} [${shape.join(', ')}]`, undefined, src.name);
+  return {
+    name,
+    dtype: 'BF16',
+    shape,
+    byteLength: byteLength('BF16', numelOf(shape)),
+    describe,
+    produce: async (box: Box, out: Uint8Array) => {
+      const [a, b] = box.start as [number, number];
+      const [n, m] = box.size as [number, number];
+      if (n === 0 || m === 0) return;
+      await src.readPackedRows(at, n, (i) => rowOf(a + i), b, m, out);
+    },
+  };
+}
+
 function at(p: SourcePart): string {
   return `${p.src.name}${p.prefix.length ? `[${p.prefix.join(', ')}]` : ''}`;
 }
@@ -137,6 +161,7 @@ const GATE_UP: CustomKind = {
   id: 'gpt-oss-gate-up',
   toMegatron: (name, [p], shape) => {
     const F = shape[0]! / 2;
+    if (p!.src instanceof Mxfp4Tensor) return packedRows(name, p!.src, p!.prefix, [shape[0]!, shape[1]!], interleavedCol(F), `de-interleave(rows of ${at(p!)})`);
     return swapped(name, p!, [shape[0]!, shape[1]!], id, interleavedCol(F), `de-interleave+transpose(${at(p!)})`);
   },
   toHf: ([name], src, [shape]) => {
@@ -155,7 +180,8 @@ const GATE_UP_BIAS: CustomKind = {
 /** `down_proj[e]` [F, H] ↔ `linear_fc2.weight` [H, F]. */
 const TRANSPOSED: CustomKind = {
   id: 'transpose',
-  toMegatron: (name, [p], shape) => swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${at(p!)})`),
+  toMegatron: (name, [p], shape) =>
+    p!.src instanceof Mxfp4Tensor ? packedRows(name, p!.src, p!.prefix, [shape[0]!, shape[1]!], id, `rows of ${at(p!)}`) : swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${at(p!)})`),
   toHf: ([name], src, [shape]) => [swapped(name!, src, [shape![0]!, shape![1]!], id, id, `transpose(${at(src)})`)],
 };
 

@@ -16,6 +16,7 @@ import Tinypool from 'tinypool';
 import type { DType } from '../tensor/dtype.js';
 import type { TargetTensor } from '../formats/types.js';
 import type { LoraMergeTask } from '../lora/merge-task.js';
+import { mxfp4Offload, runMxfp4Rows, type Mxfp4RowsTask } from '../tensor/mxfp4.js';
 
 /** When the executor uses worker threads (bytes of one output file / of one cast chunk). */
 export const workerTuning = {
@@ -76,7 +77,7 @@ export interface CastTask {
   dstLength: number;
 }
 
-export type PoolTask = CastTask | LoraMergeTask;
+export type PoolTask = CastTask | LoraMergeTask | Mxfp4RowsTask;
 
 let pool: Tinypool | undefined;
 
@@ -101,6 +102,13 @@ export function castOnPool(task: Omit<CastTask, 'kind'>): Promise<number> | unde
   if (poolThreads() <= 0) return undefined;
   return runOnPool({ kind: 'cast', ...task });
 }
+
+/**
+ * MXFP4 rows read into the arena are dequantised on the pool (`tensor/mxfp4.ts`); slices below
+ * the cast threshold, or with the pool disabled, inline.
+ */
+mxfp4Offload.run = (task: Mxfp4RowsTask): Promise<number> =>
+  poolThreads() > 0 && task.rows.length * task.cn * 2 >= workerTuning.castWorkerMinBytes ? runOnPool(task) : Promise.resolve(runMxfp4Rows(task));
 
 // ---------------------------------------------------------------------------------------------
 // The hash worker.

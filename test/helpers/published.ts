@@ -187,6 +187,8 @@ export interface SparseOptions {
   readonly seed?: number;
   /** Tensors left as holes even in `windows` mode. */
   readonly skipData?: RegExp;
+  /** Tensors given data over their whole length (benchmarks of a real per-byte cost). */
+  readonly denseData?: RegExp;
 }
 
 const WINDOW = 4096;
@@ -285,10 +287,22 @@ export async function writeSparseCheckpoint(dir: string, config: Record<string, 
       await f.write(Buffer.concat([len, Buffer.from(json)]), 0, 8 + json.length, 0);
       const base = 8 + json.length;
       await f.truncate(base + off);
+      for (let k = 0; k < shards[s]!.length; k++) {
+        const t = shards[s]![k]!;
+        if (!opts.denseData?.test(t[0])) continue;
+        const rnd = xorshift(hashName(t[0]) ^ (opts.seed ?? 1));
+        const n = tensorBytes(t);
+        const piece = 4 << 20;
+        for (let a = 0; a < n; a += piece) {
+          const buf = Buffer.alloc(Math.min(piece, n - a));
+          fill(buf, t[1], t[0], t[2].length === 1, rnd);
+          await f.write(buf, 0, buf.length, base + at[k]! + a);
+        }
+      }
       if (opts.data === 'windows') {
         for (let k = 0; k < shards[s]!.length; k++) {
           const t = shards[s]![k]!;
-          if (opts.skipData?.test(t[0])) continue;
+          if (opts.skipData?.test(t[0]) || opts.denseData?.test(t[0])) continue;
           const item = ITEM[t[1]]!;
           const rnd = xorshift(hashName(t[0]) ^ (opts.seed ?? 1));
           for (const [a, b] of dataWindows(tensorBytes(t), item)) {

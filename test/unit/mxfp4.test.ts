@@ -13,6 +13,7 @@ import { repoRoot } from '../helpers/oracle.js';
 import { dequantRows, mxfp4Tensor, withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
 import type { CheckpointSource, SourceTensor } from '../../src/formats/types.js';
 import { castBytes } from '../../src/tensor/cast.js';
+import { workerTuning } from '../../src/plan/workers.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
@@ -83,6 +84,53 @@ test('the view is [E, 32·G, R] (transposed as transformers returns it); sub-box
   for (let c = 0; c < 10; c++) for (let r = 0; r < 2; r++) {
     const at = ((64 + 28 + c) * R + 1 + r) * 2;
     assert.deepEqual([...sub.subarray((c * 2 + r) * 2, (c * 2 + r) * 2 + 2)], [...whole.subarray(at, at + 2)]);
+  }
+});
+
+test('packed rows (the untransposed [E, R, 32·G] layout the GPT-OSS mapping reads): any row order, whole and partial column ranges, every scale', async () => {
+  const E = 2, R = 9, G = 3;
+  const blocks = Uint8Array.from({ length: E * R * G * 16 }, (_, i) => (i * 131 + 7) & 255);
+  // Every scale byte appears (0 and 255 included: subnormal-range and overflowing values).
+  const scales = Uint8Array.from({ length: E * R * G }, (_, i) => (i * 29) & 255);
+  const t = mxfp4Tensor('w', mem('w_blocks', [E, R, G, 16], blocks), mem('w_scales', [E, R, G], scales));
+  assert.deepEqual(t.packedShape, [E, R, 96]);
+  const vals = new Float32Array(R * G * 32);
+  const expect = (e: number, r: number, c: number): number[] => {
+    dequantRows(blocks.subarray(e * R * G * 16), scales.subarray(e * R * G), R, G, vals);
+    const bf = new Uint8Array(2);
+    castBytes(new Uint8Array(Float32Array.of(vals[r * 96 + c]!).buffer), 'F32', 'BF16', bf);
+    return [...bf];
+  };
+  const order = [8, 0, 2, 4, 6, 1, 3, 5, 7];
+  for (const [c0, cn] of [[0, 96], [5, 70], [64, 32], [31, 2]] as const) {
+    for (const e of [0, 1]) {
+      const out = new Uint8Array(order.length * cn * 2);
+      await t.readPackedRows([e], order.length, (i) => order[i]!, c0, cn, out);
+      for (let i = 0; i < order.length; i++) {
+        for (let c = 0; c < cn; c++) assert.deepEqual([...out.subarray((i * cn + c) * 2, (i * cn + c) * 2 + 2)], expect(e, order[i]!, c0 + c), `e ${e} row ${order[i]} col ${c0 + c}`);
+      }
+    }
+  }
+});
+
+test('packed rows into a shared buffer are dequantised on the worker pool, bit for bit as inline', async () => {
+  const E = 1, R = 64, G = 90; // GPT-OSS's 2880-wide rows
+  const blocks = Uint8Array.from({ length: E * R * G * 16 }, (_, i) => (i * 2654435761) >>> 24);
+  const scales = Uint8Array.from({ length: E * R * G }, (_, i) => 110 + (i % 30));
+  const t = mxfp4Tensor('w', mem('w_blocks', [E, R, G, 16], blocks), mem('w_scales', [E, R, G], scales));
+  const rows = Array.from({ length: R }, (_, i) => (i < R / 2 ? 2 * i : 2 * (i - R / 2) + 1)); // de-interleave
+  const inline = new Uint8Array(R * G * 64);
+  await t.readPackedRows([0], R, (i) => rows[i]!, 0, G * 32, inline);
+  const saved = { ...workerTuning };
+  workerTuning.castWorkerMinBytes = 0;
+  try {
+    for (const [c0, cn] of [[0, G * 32], [40, 1000]] as const) {
+      const shared = new Uint8Array(new SharedArrayBuffer(8 + R * cn * 2), 8, R * cn * 2);
+      await t.readPackedRows([0], R, (i) => rows[i]!, c0, cn, shared);
+      for (let i = 0; i < R; i++) assert.deepEqual(shared.subarray(i * cn * 2, (i + 1) * cn * 2), inline.subarray(i * G * 64 + c0 * 2, i * G * 64 + (c0 + cn) * 2), `row ${i} [${c0}, +${cn}]`);
+    }
+  } finally {
+    Object.assign(workerTuning, saved);
   }
 });
 
