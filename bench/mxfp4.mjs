@@ -4,7 +4,7 @@
 // dequantisation: a layer-truncated copy of the published checkpoint (exact names, shapes,
 // dtypes, every expert) with random data end to end. Reports the median wall time of --runs N
 // (3), the bytes written per second and its ratio to cp's (`cp -r` of the source, interleaved run
-// by run in the same process, as bench/run.mjs measures), and peak RSS. Not a test.
+// by run, each followed by `sync` inside the timed region, as bench/run.mjs measures), and peak RSS. Not a test.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -56,10 +56,11 @@ for (const extra of [[], ['--ckpt-format', 'torch', '--tp', '8', '--ep', '8']]) 
   for (let r = 0; r < runs; r++) {
     rmSync(out, { recursive: true, force: true });
     spawnSync('sync');
-    cps.push(timed('cp', ['-r', dir, out]));
+    // cp's bytes to disk too (shardshift fsyncs its own), as bench/run.mjs measures every tool.
+    cps.push(timed('sh', ['-c', `cp -r '${dir}' '${out}' && sync`]));
     rmSync(out, { recursive: true, force: true });
     spawnSync('sync');
-    ss.push(timed(process.execPath, [cli, 'convert', '--to', 'megatron', dir, out, '-q', '--max-memory', maxMemory, ...extra]));
+    ss.push(timed('sh', ['-c', `'${process.execPath}' '${cli}' convert --to megatron '${dir}' '${out}' -q --max-memory ${maxMemory} ${extra.join(' ')} && sync`]));
     bytes = bytesOf(out);
   }
   rmSync(out, { recursive: true, force: true });

@@ -1,5 +1,5 @@
 /* global process, console */
-// `npm run bench -- published [model-id …] [--max-memory 1GiB] [--json FILE]`: full-size round trips
+// `npm run bench -- published [model-id …] [--max-memory 1GiB] [--layout '--ckpt-format torch …'] [--json FILE]`: full-size round trips
 // of the published checkpoints (test/published/README.md) — each model written as a sparse
 // safetensors checkpoint with its exact hub names, shapes, dtypes and shards (data left as holes,
 // so a 163 GB model takes no disk), converted HF → Megatron torch_dist → HF, with wall time, the
@@ -30,6 +30,8 @@ const opt = (k, d) => {
 };
 const maxMemory = opt('--max-memory', '1GiB');
 const jsonOut = opt('--json', undefined);
+// The Megatron layout, e.g. --layout '--ckpt-format torch --tp 8 --ep 8' (default: torch_dist).
+const layout = (opt('--layout', '') ?? '').split(' ').filter(Boolean);
 const only = argv.filter((a) => !a.startsWith('--'));
 const log = (s) => process.stderr.write(s + '\n');
 
@@ -58,7 +60,7 @@ for (const m of await h.publishedModels()) {
   rmSync(meg, { recursive: true, force: true });
   rmSync(back, { recursive: true, force: true });
   log(`${m.id}: ${tensors.length} tensors …`);
-  const a = timed(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', maxMemory]);
+  const a = timed(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', maxMemory, ...layout]);
   const b = timed(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', maxMemory]);
   const d = await h.compareSafetensorsDirs(dir, back);
   const mxfp4 = tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).length;
@@ -71,7 +73,7 @@ for (const m of await h.publishedModels()) {
 }
 
 const gb = (n) => (n / 1e9).toFixed(1);
-let md = `### published: full-size round trips (sparse sources), --max-memory ${maxMemory}\n\n`;
+let md = `### published: full-size round trips (sparse sources), ${layout.join(' ') || 'torch_dist'}, --max-memory ${maxMemory}\n\n`;
 md += `machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, load ${loadavg()[0].toFixed(2)}\n\n`;
 md += '| model | tensors | GB | HF → Megatron | GB/s | peak RSS | Megatron → HF | GB/s | peak RSS | round trip |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n';
 for (const r of rows) {

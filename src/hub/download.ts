@@ -8,7 +8,7 @@
  * `~/.cache/shardshift/hub`), each downloaded to a temporary name and renamed when complete, so
  * an interrupted download is never mistaken for a finished one.
  */
-import { createWriteStream } from 'node:fs';
+import { createExclusive } from '../io/create.js';
 import { mkdir, rename, stat, rm } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -80,7 +80,8 @@ export async function resolveModel(idOrPath: string, what: 'config' | 'all', opt
     await mkdir(dirname(dst), { recursive: true });
     const tmp = `${dst}.download`;
     try {
-      await pipeline(Readable.fromWeb(r.body as import('node:stream/web').ReadableStream), createWriteStream(tmp));
+      const fh = await createExclusive(tmp, { replace: true });
+      await pipeline(Readable.fromWeb(r.body as import('node:stream/web').ReadableStream), fh.createWriteStream());
     } catch (e) {
       await rm(tmp, { force: true });
       throw badInput(`${id}: downloading ${f} was interrupted (${(e as Error).message})`);

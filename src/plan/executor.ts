@@ -27,6 +27,7 @@
  * All-zero runs of tensor data are left as holes (the file is extended to its full size at the
  * end), as `cp --sparse=auto` does; they read back as the same zeros.
  */
+import { createExclusive } from '../io/create.js';
 import { open, mkdir, unlink, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, writeSync } from 'node:fs';
 import { join, dirname } from 'node:path';
@@ -608,7 +609,7 @@ class BufferedSink implements Sink {
   }
 
   static async open(path: string, replace: boolean, arena: Arena, large: boolean): Promise<BufferedSink> {
-    const fh = await open(path, replace ? 'w' : 'wx');
+    const fh = await createExclusive(path, { replace });
     return new BufferedSink(fh, large ? new WorkerHasher(arena.sab) : new InlineHasher());
   }
 
@@ -743,7 +744,7 @@ class DirectSink implements Sink {
     if (!st) return undefined;
     let fh: FileHandle;
     try {
-      fh = await open(path, fsConstants.O_WRONLY | fsConstants.O_CREAT | (replace ? fsConstants.O_TRUNC : fsConstants.O_EXCL) | O_DIRECT, 0o644);
+      fh = await createExclusive(path, { replace, flags: O_DIRECT });
     } catch (e) {
       ex.giveStaging(st);
       if ((e as NodeJS.ErrnoException).code === 'EINVAL') return undefined;

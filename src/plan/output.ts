@@ -4,7 +4,8 @@
  * looks done. The destination must not exist (unless overwriting), and may be neither the source,
  * inside it, nor contain it.
  */
-import { mkdir, open, readFile, realpath, rename, rm, stat, copyFile } from 'node:fs/promises';
+import { lstat, mkdir, open, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
+import { copyExclusive, createExclusive } from '../io/create.js';
 import { createReadStream } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
@@ -70,9 +71,9 @@ async function commitOutput(t: OutputTarget): Promise<void> {
 export async function copySideFiles(copies: ReadonlyArray<{ from: string; to: string }>, toDir: string): Promise<void> {
   for (const c of copies) {
     const dst = join(toDir, c.to);
-    if (await exists(dst)) continue;
+    if (await lstat(dst).then((st) => st.isFile(), () => false)) continue;
     await mkdir(dirname(dst), { recursive: true });
-    await copyFile(c.from, dst);
+    await copyExclusive(c.from, dst);
     await fsyncPath(dst);
   }
 }
@@ -108,7 +109,7 @@ async function readProgress(path: string): Promise<Progress | undefined> {
 /** Writes JSON atomically: a temp file, fsynced, renamed over the target. */
 async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
   const tmp = `${path}.tmp`;
-  const fh = await open(tmp, 'w');
+  const fh = await createExclusive(tmp, { replace: true });
   try {
     await fh.writeFile(JSON.stringify(value, null, 2) + '\n');
     await fh.sync();
@@ -159,7 +160,12 @@ export async function writeOutput(
   if (within(s, o)) throw usage(`output ${out} contains the source ${src}; choose another path`);
   if ((await exists(o)) && !opts.overwrite) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
   const partial = `${o}.partial`;
-  if (within(partial, s)) throw usage(`output ${out}.partial would be inside the source; choose a path outside it`);
+  // A `.partial` that is a link is not ours: following it could write into the source (or
+  // anywhere). A single-file partial is unlinked and created fresh by the executor; a directory
+  // partial is refused.
+  const partialLink = await lstat(partial).then((st) => st.isSymbolicLink(), () => false);
+  if (partialLink && kind === 'dir') throw usage(`${partial} is a symbolic link, not a shardshift partial output; remove it and re-run`);
+  if (!partialLink && within(await canonical(partial), s)) throw usage(`output ${out}.partial would be inside the source; choose a path outside it`);
   await mkdir(dirname(o), { recursive: true });
   const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
   ex.setTotal(files.reduce((n, f) => n + f.size, 0));
@@ -207,7 +213,7 @@ export async function writeOutput(
       if (killPoint('mid-file', i)) {
         // Leave a half-written file behind, as a crash would.
         await mkdir(dirname(path), { recursive: true });
-        const fh = await open(path, 'w');
+        const fh = await createExclusive(path, { replace: true });
         const first = f.parts[0];
         if (first instanceof Uint8Array) await fh.write(first);
         await fh.close();
