@@ -240,13 +240,17 @@ export class Mxfp4Tensor implements SourceTensor {
         } else writeRows(blk, sc, gn, j - i, (x) => rowOf(i + x) - lo, off, cn, dst);
         i = j;
       }
-    } finally {
-      // Every task settles before `out` is handed on (or reused after a failure).
-      const settled = await Promise.allSettled(pending);
+    } catch (e) {
+      // Every task settles before `out` is reused after a failure.
+      await Promise.allSettled(pending);
       for (const b of staging) giveShared(b.raw);
-      const bad = settled.find((r) => r.status === 'rejected');
-      if (bad) throw (bad as PromiseRejectedResult).reason;
+      throw e;
     }
+    // … and before `out` is handed on.
+    const settled = await Promise.allSettled(pending);
+    for (const b of staging) giveShared(b.raw);
+    const bad = settled.find((r) => r.status === 'rejected');
+    if (bad) throw (bad as PromiseRejectedResult).reason;
   }
 
   /** A box of the transposed view [..., 32G, R]. */
