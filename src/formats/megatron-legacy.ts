@@ -17,7 +17,7 @@ import { badInput, unsupported } from '../errors.js';
 import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
 import { flattenTree } from './tree.js';
 import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './megatron.js';
-import { PyDict, PyFloat, PyObject, TensorRef, asNumber, type PyValue } from '../pickle/values.js';
+import { PyDict, PyFloat, PyObject, TensorRef, asNumber, describe, type PyValue } from '../pickle/values.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
 import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from '../models/parallel.js';
@@ -82,7 +82,10 @@ export async function openMegatronLegacy(path: string): Promise<LegacyCheckpoint
       if (!(await stat(p).then((s) => s.isFile(), () => false))) throw badInput(`${p}: missing (every rank directory holds ${LEGACY_FILE})`, p);
       const f = await ReadOnlyFile.open(p);
       try {
-        return { file: f, arc: await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS }) };
+        const arc = await openTorchArchive(f, { extraGlobals: MEGATRON_GLOBALS });
+        // Megatron saves a dict ({args, model, checkpoint_version, …}); anything else is not a rank file.
+        if (!(arc.root instanceof PyDict)) throw badInput(`${p}: holds ${describe(arc.root)}, not the dict a Megatron rank file holds (args, model, …)`, p);
+        return { file: f, arc };
       } catch (e) {
         await f.close();
         throw e;

@@ -143,24 +143,7 @@ export function makeSet(items: PyValue[], frozen: boolean): PySet {
 }
 
 export function addToSet(set: PySet, items: PyValue[]): void {
-  const seen = new Set<unknown>();
-  for (const x of set.items) if (isHashablePrimitive(x)) seen.add(primitiveSetKey(x));
-  for (const x of items) {
-    if (isHashablePrimitive(x)) {
-      const k = primitiveSetKey(x);
-      if (seen.has(k)) continue;
-      seen.add(k);
-    }
-    set.items.push(x);
-  }
-}
-
-function isHashablePrimitive(x: PyValue): x is string | number | bigint | null {
-  return x === null || typeof x === 'string' || typeof x === 'number' || typeof x === 'bigint';
-}
-
-function primitiveSetKey(x: string | number | bigint | null): unknown {
-  return typeof x === 'string' ? 's:' + x : typeof x === 'bigint' && Number.isSafeInteger(Number(x)) ? Number(x) : x;
+  set.addAll(items);
 }
 
 function stringToLatin1(s: string, what: string): Uint8Array {

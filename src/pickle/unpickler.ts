@@ -26,9 +26,15 @@ export interface UnpickleLimits {
    * reference). Bounds the work of anything that walks the result; default max(1e6, 16 × bytes).
    */
   nodes: number;
+  /**
+   * Total work of the VM: one unit per opcode plus one per item an opcode consumes (a MARK's
+   * items, a call's arguments). Every opcode is linear in what it consumes, so this is a safety
+   * net against any that is not; default max(1e7, 64 × bytes).
+   */
+  work: number;
 }
 
-export const DEFAULT_LIMITS: Readonly<Omit<UnpickleLimits, 'nodes'>> = Object.freeze({
+export const DEFAULT_LIMITS: Readonly<Omit<UnpickleLimits, 'nodes' | 'work'>> = Object.freeze({
   // Each memo entry costs at least one byte of input, so the memo never outgrows the pickle;
   // the cap only refuses absurd indices. Large DCP `.metadata` files have millions of entries.
   memo: 100_000_000,
@@ -85,6 +91,7 @@ class Unpickler {
     this.limits = {
       ...DEFAULT_LIMITS,
       nodes: Math.max(1_000_000, 16 * data.length),
+      work: Math.max(10_000_000, 64 * data.length),
       ...Object.fromEntries(Object.entries(opts.limits ?? {}).filter(([, v]) => v !== undefined)),
     };
     const extra = opts.extraGlobals;
@@ -203,7 +210,16 @@ class Unpickler {
   private popMark(): PyValue[] {
     if (!this.marks.length) this.fail(`${op.opcodeName(this.data[this.opPos]!)} without a MARK`);
     const m = this.marks.pop()!;
+    this.spend(this.stack.length - m);
     return this.stack.splice(m);
+  }
+
+  private work = 0;
+
+  /** Counts `n` units of work against `limits.work`. */
+  private spend(n: number): void {
+    this.work += n;
+    if (this.work > this.limits.work) this.fail(`pickle needs more than ${this.limits.work} steps to load (the limit for its size); it is malformed or hostile`);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -356,6 +372,7 @@ class Unpickler {
       this.opPos = this.pos;
       if (this.pos >= data.length) this.fail(`pickle ends early at byte ${data.length} (no STOP opcode)`);
       const code = this.byte();
+      this.spend(1);
       switch (code) {
         case op.PROTO: {
           const p = this.byte();

@@ -54,7 +54,43 @@ export class PyByteArray {
 }
 
 export class PySet {
-  constructor(readonly items: PyValue[], readonly frozen: boolean) {}
+  /**
+   * Keys of the hashable primitive items (None, int, str) already in the set, kept with it so
+   * that each ADDITEMS costs time linear in the items it adds (rebuilding it per opcode made a
+   * 120 KB pickle take 52 s).
+   */
+  private readonly keys = new Set<unknown>();
+
+  constructor(
+    readonly items: PyValue[],
+    readonly frozen: boolean,
+  ) {
+    for (const x of items) {
+      const k = primitiveSetKey(x);
+      if (k !== NOT_PRIMITIVE) this.keys.add(k);
+    }
+  }
+
+  /** Adds `items`, dropping duplicate None/int/str items as Python would. */
+  addAll(items: readonly PyValue[]): void {
+    for (const x of items) {
+      const k = primitiveSetKey(x);
+      if (k !== NOT_PRIMITIVE) {
+        if (this.keys.has(k)) continue;
+        this.keys.add(k);
+      }
+      this.items.push(x);
+    }
+  }
+}
+
+const NOT_PRIMITIVE = Symbol('not a hashable primitive');
+
+function primitiveSetKey(x: PyValue): unknown {
+  if (x === null || typeof x === 'number') return x;
+  if (typeof x === 'string') return 's:' + x;
+  if (typeof x === 'bigint') return Number.isSafeInteger(Number(x)) ? Number(x) : x;
+  return NOT_PRIMITIVE;
 }
 
 /**
@@ -204,26 +240,57 @@ export function asNumber(v: PyValue | undefined): number | undefined {
   return undefined;
 }
 
-/** A short, readable rendering for error messages and `inspect`. */
-export function describe(v: PyValue | undefined, depth = 0): string {
+/**
+ * A short, readable rendering for error messages and `inspect`: at most 8 items of any container,
+ * three levels deep, strings and big ints cut, and a budget of DESCRIBE_BUDGET characters for the
+ * whole text — its cost is bounded whatever the value (an uncut tuple of tuples once made a
+ * 2.4 KB pickle's error take 20 s and 1.2 GB).
+ */
+export function describe(v: PyValue | undefined): string {
+  const budget = { left: DESCRIBE_BUDGET };
+  const text = describeIn(v, 0, budget);
+  return text.length > DESCRIBE_BUDGET ? `${text.slice(0, DESCRIBE_BUDGET)}…` : text;
+}
+
+const DESCRIBE_BUDGET = 400;
+const DESCRIBE_ITEMS = 8;
+
+function describeIn(v: PyValue | undefined, depth: number, budget: { left: number }): string {
+  if (budget.left <= 0) return '…';
+  const out = describeOne(v, depth, budget);
+  budget.left -= out.length;
+  return out;
+}
+
+function describeItems(items: readonly PyValue[], depth: number, budget: { left: number }): string {
+  const shown = items.slice(0, DESCRIBE_ITEMS).map((x) => describeIn(x, depth + 1, budget));
+  return shown.join(', ') + (items.length > DESCRIBE_ITEMS ? `, … (${items.length} items)` : '');
+}
+
+function describeOne(v: PyValue | undefined, depth: number, budget: { left: number }): string {
   if (v === undefined) return 'undefined';
   if (v === null) return 'None';
   if (typeof v === 'boolean') return v ? 'True' : 'False';
-  if (typeof v === 'number' || typeof v === 'bigint') return String(v);
-  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v === 'number') return String(v);
+  // Decimal conversion of a huge int is superlinear: say how big it is instead.
+  if (typeof v === 'bigint') return v.toString(16).length > 64 ? `int(${v < 0n ? '-' : ''}${v.toString(16).length * 4} bits)` : String(v);
+  if (typeof v === 'string') return v.length > 80 ? `${JSON.stringify(v.slice(0, 80))}… (${v.length} chars)` : JSON.stringify(v);
   if (v instanceof Uint8Array) return `bytes[${v.length}]`;
   if (v instanceof PyFloat) return Number.isInteger(v.value) ? v.value.toFixed(1) : String(v.value);
-  if (depth > 2) return '…';
-  if (v instanceof PyTuple) return `(${v.items.map((x) => describe(x, depth + 1)).join(', ')}${v.items.length === 1 ? ',' : ''})`;
-  if (Array.isArray(v)) return `[${v.slice(0, 8).map((x) => describe(x, depth + 1)).join(', ')}${v.length > 8 ? ', …' : ''}]`;
-  if (v instanceof PyDict) return `{${v.entries.slice(0, 8).map(([k, x]) => `${describe(k, depth + 1)}: ${describe(x, depth + 1)}`).join(', ')}${v.size > 8 ? ', …' : ''}}`;
-  if (v instanceof PyGlobal) return v.qualname;
-  if (v instanceof PyObject) return `${v.qualname}(…)`;
-  if (v instanceof TensorRef) return `tensor(${v.dtype}, [${v.shape.join(', ')}])`;
-  if (v instanceof StorageRef) return `storage(${v.key})`;
+  if (v instanceof PyGlobal) return v.qualname.length > 120 ? `${v.qualname.slice(0, 120)}…` : v.qualname;
+  if (v instanceof PyObject) return `${v.qualname.length > 120 ? `${v.qualname.slice(0, 120)}…` : v.qualname}(…)`;
+  if (v instanceof TensorRef) return `tensor(${v.dtype}, [${v.shape.slice(0, DESCRIBE_ITEMS).join(', ')}${v.shape.length > DESCRIBE_ITEMS ? ', …' : ''}])`;
+  if (v instanceof StorageRef) return `storage(${v.key.length > 80 ? `${v.key.slice(0, 80)}…` : v.key})`;
   if (v instanceof PySet) return `${v.frozen ? 'frozenset' : 'set'}(${v.items.length})`;
   if (v instanceof PyComplex) return `(${v.re}+${v.im}j)`;
   if (v instanceof PySlice) return 'slice(…)';
   if (v instanceof PyByteArray) return `bytearray[${v.bytes.length}]`;
+  if (depth > 2) return '…';
+  if (v instanceof PyTuple) return `(${describeItems(v.items, depth, budget)}${v.items.length === 1 ? ',' : ''})`;
+  if (Array.isArray(v)) return `[${describeItems(v, depth, budget)}]`;
+  if (v instanceof PyDict) {
+    const shown = v.entries.slice(0, DESCRIBE_ITEMS).map(([k, x]) => `${describeIn(k, depth + 1, budget)}: ${describeIn(x, depth + 1, budget)}`);
+    return `{${shown.join(', ')}${v.size > DESCRIBE_ITEMS ? `, … (${v.size} items)` : ''}}`;
+  }
   return '?';
 }

@@ -165,3 +165,11 @@ test('legacy pre-1.6 torch file is refused by name', async () => {
   await writeFile(f, Buffer.concat([Buffer.from([0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e]), Buffer.alloc(64)]));
   await expectFailure(f, /old\.bin: legacy \(pre-1\.6\) torch\.save pickle-stream format is not supported/);
 });
+
+test('a legacy Megatron rank file whose pickle root is not a dict: one message naming the file (it was "rank0.get is not a function")', async () => {
+  const ckpt = join(tmp, 'legacy-list');
+  await mkdir(join(ckpt, 'iter_0000001', 'mp_rank_00'), { recursive: true });
+  await writeFile(join(ckpt, 'latest_checkpointed_iteration.txt'), '1');
+  await writeFile(join(ckpt, 'iter_0000001', 'mp_rank_00', 'model_optim_rng.pt'), torchZip('archive', pickle([1, 2, 3])));
+  await expectFailure(ckpt, /mp_rank_00\/model_optim_rng\.pt: holds \[1, 2, 3\], not the dict a Megatron rank file holds/, 1, 'hf');
+});
