@@ -2,10 +2,15 @@
  * Files that travel beside the weights (config.json, generation_config.json, tokenizer files,
  * chat templates, training args ...). Sources list them; conversions copy them.
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 
-/** Relative paths of regular files under `dir` (two levels deep) for which `isData` is false. */
+/**
+ * Relative paths of regular files under `dir` (two levels deep) for which `isData` is false. A
+ * symlink to a regular file counts as that file: the Hugging Face hub cache holds every file of a
+ * snapshot as `snapshots/<rev>/config.json -> ../../blobs/<sha>`, and those must travel too.
+ * Links to directories are not followed (no loops, no walking out of the checkpoint).
+ */
 export async function listSideFiles(dir: string, isData: (name: string, rel: string) => boolean, depth = 2): Promise<string[]> {
   const out: string[] = [];
   async function walk(d: string, left: number): Promise<void> {
@@ -15,7 +20,7 @@ export async function listSideFiles(dir: string, isData: (name: string, rel: str
       const rel = relative(dir, full);
       if (e.isDirectory()) {
         if (left > 0 && !e.name.startsWith('.')) await walk(full, left - 1);
-      } else if (e.isFile() && !isData(e.name, rel) && !e.name.startsWith('.')) {
+      } else if ((e.isFile() || (e.isSymbolicLink() && (await stat(full).then((st) => st.isFile(), () => false)))) && !isData(e.name, rel) && !e.name.startsWith('.')) {
         out.push(rel);
       }
     }

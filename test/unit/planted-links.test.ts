@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { cp, link, lstat, mkdtemp, readdir, readFile, readlink, rm, symlink, writeFile } from 'node:fs/promises';
+import { cp, link, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, symlink, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
@@ -99,4 +99,26 @@ test('a symlink planted inside a resumable .partial directory is replaced, not w
   assert.equal(r.code, 0, r.stderr);
   assert.equal(await readFile(victim, 'utf8'), 'precious');
   assert.ok((await lstat(join(out, next))).isFile(), `${next} is a regular file`);
+});
+
+test('a hub-cache snapshot (every file a symlink into ../blobs): weights and side files all travel (issue 16, defect 5)', async () => {
+  const repo = join(tmp, 'hub', 'models--x--y');
+  const blobs = join(repo, 'blobs');
+  const snap = join(repo, 'snapshots', 'abc123');
+  await mkdir(blobs, { recursive: true });
+  await mkdir(snap, { recursive: true });
+  const files = await readdir(join(golden, 'sharded'));
+  for (const [i, f] of files.entries()) {
+    await cp(join(golden, 'sharded', f), join(blobs, `blob${i}`));
+    await symlink(join('..', '..', 'blobs', `blob${i}`), join(snap, f));
+  }
+  await writeFile(join(blobs, 'gen'), '{"do_sample": false}\n');
+  await symlink(join('..', '..', 'blobs', 'gen'), join(snap, 'generation_config.json'));
+  const out = join(tmp, 'hub-out');
+  const r = await run(['convert', '--to', 'safetensors', snap, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const got = await readdir(out);
+  assert.ok(got.includes('generation_config.json'), `side file copied: ${got.join(', ')}`);
+  assert.equal(await readFile(join(out, 'generation_config.json'), 'utf8'), '{"do_sample": false}\n');
+  assert.ok((await lstat(join(out, 'generation_config.json'))).isFile(), 'copied as a file, not a link');
 });
