@@ -130,9 +130,30 @@ async function sha256File(path: string): Promise<FileRecord> {
 }
 
 /** Test hook: SIGKILL this process at a chosen point, to prove interrupted runs resume. */
-function killPoint(kind: 'after-files' | 'mid-file', n: number): boolean {
-  const v = process.env[kind === 'after-files' ? 'SHARDSHIFT_TEST_KILL_AFTER_FILES' : 'SHARDSHIFT_TEST_KILL_MID_FILE'];
+function killPoint(kind: 'after-files' | 'mid-file' | 'before-commit', n = 0): boolean {
+  const v = process.env[{ 'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES', 'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE', 'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT' }[kind]];
   return v !== undefined && Number(v) === n;
+}
+
+/**
+ * Whether `partial` is a finished output stranded before its rename (killed after the manifest
+ * was written and the progress file removed): its manifest is this plan's, and every file it
+ * records is there with the recorded size and SHA-256.
+ */
+async function strandedComplete(partial: string, hash: string): Promise<boolean> {
+  let m: Manifest;
+  try {
+    m = JSON.parse(await readFile(join(partial, MANIFEST_NAME), 'utf8')) as Manifest;
+  } catch {
+    return false;
+  }
+  if (m.tool !== 'shardshift' || m.planHash !== hash || typeof m.files !== 'object') return false;
+  for (const [rel, rec] of Object.entries(m.files)) {
+    const p = join(partial, rel);
+    if (!(await lstat(p).then((st) => st.isFile() && st.size === rec.size, () => false))) return false;
+    if ((await sha256File(p)).sha256 !== rec.sha256) return false;
+  }
+  return true;
 }
 
 /**
@@ -181,6 +202,10 @@ export async function writeOutput(
   let progress: Progress;
   if (await exists(partial)) {
     const prev = await readProgress(progressPath);
+    if (!prev && (await strandedComplete(partial, hash))) {
+      await commitOutput({ path: o, temp: partial, kind });
+      return;
+    }
     if (!prev) throw usage(`${partial} exists but is not a shardshift partial output; remove it to start over`);
     if (prev.planHash !== hash) {
       throw usage(`${partial} holds an interrupted conversion with a different plan (plan ${prev.planHash.slice(0, 12)}, this one ${hash.slice(0, 12)}); remove it to start over, or re-run the original command to resume`);
@@ -206,7 +231,9 @@ export async function writeOutput(
     for (const [i, f] of files.entries()) {
       const path = join(partial, f.relPath);
       const done = progress.files[f.relPath];
-      if (done && (await stat(path).then((st) => st.size === done.size, () => false))) {
+      // A finished file is reused only if it still holds what was recorded: the same size is not
+      // enough (a file altered in place at the same size was committed as if it were ours).
+      if (done && (await lstat(path).then((st) => st.isFile() && st.size === done.size, () => false)) && (await sha256File(path)).sha256 === done.sha256) {
         ex.skipFile(f);
         continue;
       }
@@ -247,5 +274,6 @@ export async function writeOutput(
   };
   await writeJsonAtomic(join(partial, MANIFEST_NAME), manifest);
   await rm(progressPath, { force: true });
+  if (killPoint('before-commit', 1)) process.kill(process.pid, 'SIGKILL');
   await commitOutput({ path: o, temp: partial, kind });
 }

@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
@@ -84,4 +84,39 @@ test('a different plan into the same partial directory is refused', async () => 
   const r = await run(['convert', '--to', 'megatron', '--dcp-files', '4', '--tp', '2', '-q', example, out]);
   assert.equal(r.code, 2);
   assert.match(r.stderr, /other-plan\.partial holds an interrupted conversion with a different plan .* remove it to start over, or re-run the original command to resume/);
+});
+
+test('a finished file altered at the same size while interrupted is rewritten on resume, not reused (issue 16, defect 6)', async () => {
+  const ref = join(tmp, 'ref-alter');
+  assert.equal((await run(ARGS(ref))).code, 0);
+  const want = await tree(ref);
+  const out = join(tmp, 'altered');
+  const killed = await run(ARGS(out), { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' });
+  assert.equal(killed.signal, 'SIGKILL');
+  const progress = JSON.parse(await readFile(join(`${out}.partial`, '.shardshift-progress.json'), 'utf8')) as { files: Record<string, { size: number }> };
+  const [rel] = Object.keys(progress.files);
+  const p = join(`${out}.partial`, rel!);
+  const bytes = await readFile(p);
+  bytes[bytes.length - 1] = bytes.at(-1)! ^ 0xff; // same size, different content
+  await writeFile(p, bytes);
+  const resumed = await run(ARGS(out));
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.deepEqual(await tree(out), want, 'the altered file was rewritten');
+  const v = await run(['verify', out]);
+  assert.equal(v.code, 0, v.stderr + v.stdout);
+});
+
+test('killed after the manifest is written but before the rename, a re-run commits the finished output (issue 16, defect 7)', async () => {
+  const ref = join(tmp, 'ref-commit');
+  assert.equal((await run(ARGS(ref))).code, 0);
+  const want = await tree(ref);
+  const out = join(tmp, 'stranded');
+  const killed = await run(ARGS(out), { SHARDSHIFT_TEST_KILL_BEFORE_COMMIT: '1' });
+  assert.equal(killed.signal, 'SIGKILL');
+  assert.ok(!existsSync(out) && existsSync(`${out}.partial`), 'a complete result waits in .partial');
+  const resumed = await run(ARGS(out));
+  assert.equal(resumed.code, 0, resumed.stderr);
+  assert.ok(!existsSync(`${out}.partial`));
+  assert.deepEqual(await tree(out), want);
+  assert.equal((await run(['verify', out])).code, 0);
 });
