@@ -6,6 +6,7 @@
  */
 import { lstat, mkdir, open, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
 import { copyExclusive, createExclusive } from '../io/create.js';
+import { lockOutput } from '../io/lock.js';
 import { createReadStream } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
@@ -188,6 +189,23 @@ export async function writeOutput(
   if (partialLink && kind === 'dir') throw usage(`${partial} is a symbolic link, not a shardshift partial output; remove it and re-run`);
   if (!partialLink && within(await canonical(partial), s)) throw usage(`output ${out}.partial would be inside the source; choose a path outside it`);
   await mkdir(dirname(o), { recursive: true });
+  const lock = await lockOutput(o);
+  try {
+    await writeLocked(s, o, partial, kind, files, sideCopies, opts);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function writeLocked(
+  s: string,
+  o: string,
+  partial: string,
+  kind: 'dir' | 'file',
+  files: readonly OutputFile[],
+  sideCopies: ReadonlyArray<{ from: string; to: string }>,
+  opts: WriteOutputOptions,
+): Promise<void> {
   const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
   ex.setTotal(files.reduce((n, f) => n + f.size, 0));
 

@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 
@@ -118,5 +118,33 @@ test('killed after the manifest is written but before the rename, a re-run commi
   assert.equal(resumed.code, 0, resumed.stderr);
   assert.ok(!existsSync(`${out}.partial`));
   assert.deepEqual(await tree(out), want);
+  assert.equal((await run(['verify', out])).code, 0);
+});
+
+test('<out>.lock: a run into an output another live run holds is refused; a lock left by a dead run is taken over (issue 16, defect 8)', async () => {
+  const out = join(tmp, 'locked');
+  await writeFile(`${out}.lock`, JSON.stringify({ pid: process.pid, host: hostname(), started: 'now' }));
+  const r = await run(ARGS(out));
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, new RegExp(`locked is being written by another run \\(process ${process.pid} on `));
+  assert.ok(!existsSync(out) && !existsSync(`${out}.partial`));
+  // A dead holder (a finished child's pid) on this host: stale.
+  const dead = await new Promise<number>((res) => {
+    const c = execFile(process.execPath, ['-e', '0'], () => res(c.pid!));
+  });
+  await writeFile(`${out}.lock`, JSON.stringify({ pid: dead, host: hostname(), started: 'then' }));
+  const ok = await run(ARGS(out));
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.ok(!existsSync(`${out}.lock`), 'the lock is released');
+});
+
+test('two runs started together into one output: one writes it, the other is refused while the first holds the lock', async () => {
+  const out = join(tmp, 'race');
+  const [a, b] = await Promise.all([run(ARGS(out)), run(ARGS(out))]);
+  const codes = [a.code, b.code].sort();
+  // Either the second started after the first finished (then it finds the output and is refused
+  // too), or it found the lock: never two writers.
+  assert.deepEqual(codes, [0, 2], `${a.stderr}\n${b.stderr}`);
+  assert.match(a.code === 2 ? a.stderr : b.stderr, /being written by another run|already exists/);
   assert.equal((await run(['verify', out])).code, 0);
 });
