@@ -4,7 +4,7 @@
  * 2 usage error (flags, paths), 3 verification failure.
  */
 import { Command, Option, CommanderError } from 'commander';
-import { ShardshiftError } from '../errors.js';
+import { ShardshiftError, ioError, isErrno } from '../errors.js';
 import { UnpicklingError } from '../pickle/index.js';
 import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
 import { runInspect } from './inspect.js';
@@ -144,9 +144,8 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`shardshift: error: ${e.message}\n`);
       return e.code === 'USAGE' ? EXIT.usage : EXIT.error;
     }
-    const err = e as NodeJS.ErrnoException;
-    if (err && typeof err.code === 'string' && err.syscall) {
-      process.stderr.write(`shardshift: error: ${err.message}\n`);
+    if (isErrno(e)) {
+      process.stderr.write(`shardshift: error: ${ioError(e, undefined).message}\n`);
       return EXIT.error;
     }
     process.stderr.write(`shardshift: internal error (please report): ${(e as Error)?.stack ?? String(e)}\n`);

@@ -37,7 +37,7 @@ import { dtypeInfo, itemSize, numelOf } from '../tensor/dtype.js';
 import { castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
 import type { OutputFile, TargetTensor, TensorSlot } from '../formats/types.js';
-import { unsupported } from '../errors.js';
+import { ioError, isErrno, unsupported } from '../errors.js';
 import { castInfo, castOnPool, HashStream, workerTuning, type CastInfo } from './workers.js';
 import { liveHeapBytes } from '../util/heap.js';
 
@@ -387,6 +387,14 @@ export class Executor {
    * fsyncs it, and returns the SHA-256 of its content, computed as the bytes stream out.
    */
   async writeFile(path: string, f: OutputFile, opts: { replace?: boolean } = {}): Promise<string> {
+    try {
+      return await this.writeFileIn(path, f, opts);
+    } catch (e) {
+      throw isErrno(e) ? ioError(e, path) : e;
+    }
+  }
+
+  private async writeFileIn(path: string, f: OutputFile, opts: { replace?: boolean }): Promise<string> {
     await mkdir(dirname(path), { recursive: true });
     this.arena ??= new Arena(this.arenaBytes);
     const large = f.size >= workerTuning.hashWorkerMinBytes;

@@ -210,7 +210,13 @@ async function writeLocked(
   ex.setTotal(files.reduce((n, f) => n + f.size, 0));
 
   if (kind === 'file') {
-    await ex.writeFile(partial, files[0]!, { replace: true });
+    try {
+      await ex.writeFile(partial, files[0]!, { replace: true });
+    } catch (e) {
+      // A single file cannot be resumed: leave nothing behind.
+      await rm(partial, { force: true });
+      throw e;
+    }
     await commitOutput({ path: o, temp: partial, kind });
     return;
   }
