@@ -10,7 +10,7 @@ import { lockOutput } from '../io/lock.js';
 import { createReadStream } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { usage } from '../errors.js';
+import { badInput, usage } from '../errors.js';
 import type { OutputFile } from '../formats/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
 import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
@@ -130,6 +130,14 @@ async function sha256File(path: string): Promise<FileRecord> {
   return { size, sha256: h.digest('hex') };
 }
 
+/** Size, mtime (ns) and inode of a file: what changes when it is rewritten or replaced. */
+async function fileStamp(p: string): Promise<string> {
+  return stat(p, { bigint: true }).then(
+    (st) => `size ${st.size}, mtime ${st.mtimeNs}, inode ${st.ino}`,
+    () => 'missing',
+  );
+}
+
 /** Test hook: SIGKILL this process at a chosen point, to prove interrupted runs resume. */
 function killPoint(kind: 'after-files' | 'mid-file' | 'before-commit', n = 0): boolean {
   const v = process.env[{ 'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES', 'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE', 'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT' }[kind]];
@@ -189,9 +197,22 @@ export async function writeOutput(
   if (partialLink && kind === 'dir') throw usage(`${partial} is a symbolic link, not a shardshift partial output; remove it and re-run`);
   if (!partialLink && within(await canonical(partial), s)) throw usage(`output ${out}.partial would be inside the source; choose a path outside it`);
   await mkdir(dirname(o), { recursive: true });
+  const sourceFiles = opts.manifest ? opts.manifest.sourceFiles.map((r) => join(opts.manifest!.sourceDir, r)) : [];
+  const before = await Promise.all(sourceFiles.map(fileStamp));
   const lock = await lockOutput(o);
   try {
-    await writeLocked(s, o, partial, kind, files, sideCopies, opts);
+    await writeLocked(s, o, partial, kind, files, sideCopies, opts, async () => {
+      // Test hook: a window in which a test changes the source.
+      const pause = Number(process.env.SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS ?? 0);
+      if (pause > 0) await new Promise((r) => setTimeout(r, pause));
+      // A source rewritten in place while it was read gives an output of neither version.
+      const after = await Promise.all(sourceFiles.map(fileStamp));
+      const changed = sourceFiles.filter((_, i) => after[i] !== before[i]);
+      if (changed.length) {
+        await rm(partial, { recursive: true, force: true });
+        throw badInput(`${changed[0]} changed while it was being converted (${before[sourceFiles.indexOf(changed[0]!)]} → ${after[sourceFiles.indexOf(changed[0]!)]})${changed.length > 1 ? ` (and ${changed.length - 1} more source files)` : ''}; nothing was written — re-run once the source is stable`, changed[0]);
+      }
+    });
   } finally {
     await lock.release();
   }
@@ -205,6 +226,7 @@ async function writeLocked(
   files: readonly OutputFile[],
   sideCopies: ReadonlyArray<{ from: string; to: string }>,
   opts: WriteOutputOptions,
+  beforeCommit: () => Promise<void>,
 ): Promise<void> {
   const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
   ex.setTotal(files.reduce((n, f) => n + f.size, 0));
@@ -217,6 +239,7 @@ async function writeLocked(
       await rm(partial, { force: true });
       throw e;
     }
+    await beforeCommit();
     await commitOutput({ path: o, temp: partial, kind });
     return;
   }
@@ -299,5 +322,6 @@ async function writeLocked(
   await writeJsonAtomic(join(partial, MANIFEST_NAME), manifest);
   await rm(progressPath, { force: true });
   if (killPoint('before-commit', 1)) process.kill(process.pid, 'SIGKILL');
+  await beforeCommit();
   await commitOutput({ path: o, temp: partial, kind });
 }

@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { hostname, tmpdir } from 'node:os';
@@ -147,4 +147,21 @@ test('two runs started together into one output: one writes it, the other is ref
   assert.deepEqual(codes, [0, 2], `${a.stderr}\n${b.stderr}`);
   assert.match(a.code === 2 ? a.stderr : b.stderr, /being written by another run|already exists/);
   assert.equal((await run(['verify', out])).code, 0);
+});
+
+test('a source rewritten in place during the run fails clearly and commits nothing (issue 16, defect 9)', async () => {
+  const src = join(tmp, 'changing');
+  await cp(example, src, { recursive: true });
+  const out = join(tmp, 'changing-out');
+  const running = run(ARGS(out).map((a) => (a === example ? src : a)), { SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS: '3000' });
+  // The run has stamped its source once its lock exists; change the source after that.
+  for (let i = 0; i < 200 && !existsSync(`${out}.lock`); i++) await new Promise((r) => setTimeout(r, 25));
+  const f = join(src, 'model.safetensors');
+  const bytes = await readFile(f);
+  bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
+  await writeFile(f, bytes); // same size, in place
+  const r = await running;
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /model\.safetensors changed while it was being converted \(size \d+, mtime \d+, inode \d+ → size \d+, mtime \d+, inode \d+\); nothing was written/);
+  assert.ok(!existsSync(out) && !existsSync(`${out}.partial`) && !existsSync(`${out}.lock`));
 });
