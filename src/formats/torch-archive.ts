@@ -100,8 +100,22 @@ export function tensorPiece(arc: TorchArchive, t: TensorRef, name: string): Piec
       name,
     );
   }
+  // A view may claim more bytes than its storage holds only by reading elements more than once
+  // (stride 0, or strides that overlap: torch's expand / as_strided). Small ones (a broadcast
+  // bias) are materialised; a 1.6 KB file claiming 4 TiB this way is refused, not ground through.
+  const logical = t.shape.reduce((n, d) => n * d, 1) * item;
+  if (logical > storageBytes && logical > EXPANDED_VIEW_LIMIT) {
+    throw unsupported(
+      `${file}: tensor ${name} (shape [${t.shape.join(', ')}], strides [${t.stride.join(', ')}]) reads its ${storageBytes}-byte storage ${t.storage.key} as ${logical} bytes (an expanded or self-overlapping view); such views are materialised only up to ${EXPANDED_VIEW_LIMIT} bytes`,
+      file,
+      name,
+    );
+  }
   return { box: wholeBox(t.shape), file: arc.src, byteOffset: st.entry.dataOffset + t.storageOffset * item, strides: t.stride };
 }
+
+/** The largest expanded (stride-0 / self-overlapping) view materialised: 1 GiB. */
+export const EXPANDED_VIEW_LIMIT = 1 << 30;
 
 // ---------------------------------------------------------------------------------------------
 // Writing

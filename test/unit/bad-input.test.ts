@@ -173,3 +173,23 @@ test('a legacy Megatron rank file whose pickle root is not a dict: one message n
   await writeFile(join(ckpt, 'iter_0000001', 'mp_rank_00', 'model_optim_rng.pt'), torchZip('archive', pickle([1, 2, 3])));
   await expectFailure(ckpt, /mp_rank_00\/model_optim_rng\.pt: holds \[1, 2, 3\], not the dict a Megatron rank file holds/, 1, 'hf');
 });
+
+test('a stride-0 view claiming 4 TiB of a 4-byte storage is refused by name (issue 16, defect 4); a small expanded view is materialised', async () => {
+  const f = join(tmp, 'expanded.pt');
+  const st = new StorageRef('0', 'F32', 'cpu', 1, false);
+  const d = new PyDict();
+  d.set('w', new TensorRef(st, 0, [1 << 20, 1 << 20], [0, 0], 'F32'));
+  await writeFile(f, torchZip('expanded', pickle(d), [['0', new Uint8Array(4)]]));
+  await expectFailure(f, /expanded\.pt: tensor w \(shape \[1048576, 1048576\], strides \[0, 0\]\) reads its 4-byte storage 0 as 4398046511104 bytes \(an expanded or self-overlapping view\); such views are materialised only up to 1073741824 bytes/);
+  const g = join(tmp, 'bias.pt');
+  const e = new PyDict();
+  const st3 = new StorageRef('0', 'F32', 'cpu', 3, false);
+  e.set('b', new TensorRef(st3, 0, [4, 3], [0, 1], 'F32'));
+  await writeFile(g, torchZip('bias', pickle(e), [['0', new Uint8Array(Float32Array.of(1, 2, 3).buffer)]]));
+  const out = join(tmp, 'bias-out.safetensors');
+  const r = await run(['convert', '--to', 'safetensors', g, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const bytes = await readFile(out);
+  const hl = Number(bytes.readBigUInt64LE(0));
+  assert.deepEqual([...new Float32Array(bytes.buffer.slice(bytes.byteOffset + 8 + hl, bytes.byteOffset + 8 + hl + 48))], [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3]);
+});
