@@ -21,7 +21,7 @@ import type { DType } from '../tensor/dtype.js';
 import { moduleScaling, targetStatus } from '../lora/match.js';
 import { mergedBias, mergedWeight, type MergeRounding, type WeightLayout } from '../lora/merge.js';
 import { castTo } from './targets.js';
-import { checkRecordedBase } from '../lora/base-identity.js';
+import { baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
@@ -80,6 +80,22 @@ function idName(s: string): string {
 async function checkIdentity(adapter: PeftAdapter, baseDir: string, baseCfg: Record<string, unknown>, force: boolean): Promise<string> {
   const want = adapter.config.baseModelNameOrPath;
   if (want === null) return 'base identity: the adapter records no base_model_name_or_path (shapes checked only)';
+  // A local directory (what peft records when the base was loaded from disk): compare contents,
+  // not names — two fine-tunes saved as `…/base` must not pass for each other.
+  // (Relative to the working directory, as peft resolves it when it loads the base.)
+  for (const cand of [want]) {
+    if (!(await stat(cand).then((st) => st.isDirectory(), () => false))) continue;
+    if ((await realpath(cand)) === (await realpath(baseDir))) return `base identity: base_model_name_or_path "${want}" is the base directory itself`;
+    const [a, b] = [await baseFingerprint(cand), await baseFingerprint(baseDir)];
+    if (!a || !b) continue;
+    const same = a.files.length === b.files.length && a.files.every((f, i) => f.path === b.files[i]!.path && f.size === b.files[i]!.size && f.hash === b.files[i]!.hash);
+    if (same) return `base identity: the base's weight files equal those of base_model_name_or_path "${want}" (size and ${a.files[0]?.hashKind ?? 'hash'})`;
+    if (force) return `base identity: the base's weight files differ from those of base_model_name_or_path "${want}"; merged anyway (--force-base)`;
+    throw badInput(
+      `${adapter.config.file}: the adapter was trained on the local base "${want}", and ${baseDir} holds other weights (${a.files.length} vs ${b.files.length} files, or other sizes / contents); pass --force-base if it is the same model stored differently (shapes are checked regardless)`,
+      adapter.config.file,
+    );
+  }
   const names = new Map<string, string>();
   for (const p of [await realpath(baseDir), resolve(baseDir)]) {
     names.set(idName(p), 'directory name');

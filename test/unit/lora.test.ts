@@ -6,7 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, mkdir, readdir, rm, writeFile, cp } from 'node:fs/promises';
+import { mkdtemp, mkdir, readdir, readFile, rm, writeFile, cp } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -457,4 +457,26 @@ test('merged tensors give the same bytes whatever the executor\'s boxes (whole r
       assert.notDeepEqual(whole, new Uint8Array(await (async () => { const b = new Uint8Array(rows * cols * 4); await w.read({ start: [0, 0], size: [rows, cols] }, b); return b; })()), 'the merge changes the weight');
     }
   }
+});
+
+test('base identity by content when base_model_name_or_path is a local directory (issue 16, defect 12)', async () => {
+  const recorded = join(tmp, 'local-base');
+  await makeBase(recorded);
+  // Same name, other weights: a different fine-tune saved under the same directory name elsewhere.
+  const impostor = join(tmp, 'elsewhere', 'local-base');
+  await makeBase(impostor);
+  const st = join(impostor, 'model.safetensors');
+  const bytes = await readFile(st);
+  bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
+  await writeFile(st, bytes);
+  const ad = join(tmp, 'ad-local');
+  await makeAdapter(ad, { base_model_name_or_path: recorded }, goodLora());
+  await expectFailure(ad, /trained on the local base ".*local-base", and .*elsewhere\/local-base holds other weights.*--force-base/, { base: impostor });
+  // A byte-identical copy elsewhere is the same base.
+  const copy = join(tmp, 'copy-of-local-base');
+  await cp(recorded, copy, { recursive: true });
+  const ok = await run(['merge-lora', '--adapter', ad, '--base', copy, '-q', join(tmp, 'merged-local')]);
+  assert.equal(ok.code, 0, ok.stderr);
+  const forced = await run(['merge-lora', '--adapter', ad, '--base', impostor, '--force-base', '-q', join(tmp, 'merged-forced')]);
+  assert.equal(forced.code, 0, forced.stderr);
 });
