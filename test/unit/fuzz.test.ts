@@ -1,0 +1,41 @@
+/**
+ * The fuzz suite's short deterministic run (issue 16): every target, a fixed seed, a few hundred
+ * structure-aware cases each; every input either parses or fails with a typed error (one
+ * readable message), never an untyped exception. The long campaign, which also counts hangs,
+ * memory and crashes, is `npm run fuzz -- --cases N` (scripts/fuzz.mjs).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { isTyped, TARGETS } from '../fuzz/targets.js';
+import { ShardshiftError } from '../../src/errors.js';
+
+for (const t of TARGETS) {
+  test(`fuzz: ${t.name} — 400 cases, typed errors only`, async () => {
+    let typed = 0;
+    await fc.assert(
+      fc.asyncProperty(t.input, async (b) => {
+        try {
+          await t.run(b);
+        } catch (e) {
+          if (!isTyped(e)) throw e;
+          typed++;
+        }
+      }),
+      { seed: 20261202, numRuns: 400 },
+    );
+    assert.ok(typed > 0, 'the generator reaches the error paths');
+  });
+}
+
+test('fuzz: an untyped exception is reported as a failure (the harness itself)', async () => {
+  await assert.rejects(
+    fc.assert(
+      fc.asyncProperty(fc.constant(0), async () => {
+        throw new TypeError('x.get is not a function');
+      }),
+      { numRuns: 1 },
+    ),
+  );
+  assert.ok(isTyped(new ShardshiftError('BAD_INPUT', 'ok')));
+});
