@@ -10,7 +10,7 @@
  * (`base_model_name_or_path`) is checked too; `--force-base` waives only that check.
  */
 import { readFile, stat, realpath } from 'node:fs/promises';
-import { basename, join, resolve, sep } from 'node:path';
+import { basename, dirname, join, resolve, sep } from 'node:path';
 import { openCheckpoint } from '../formats/index.js';
 import { openPeftAdapter, PEFT_PREFIX, type LoraModuleTensors, type PeftAdapter } from '../formats/peft.js';
 import { writeSafetensors } from '../formats/safetensors.js';
@@ -21,7 +21,7 @@ import type { DType } from '../tensor/dtype.js';
 import { moduleScaling, targetStatus } from '../lora/match.js';
 import { mergedBias, mergedWeight, type MergeRounding, type WeightLayout } from '../lora/merge.js';
 import { castTo } from './targets.js';
-import { baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
+import { ADAPTER_RECORD, baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from './output.js';
 import type { ProgressEvent } from './executor.js';
@@ -82,8 +82,10 @@ async function checkIdentity(adapter: PeftAdapter, baseDir: string, baseCfg: Rec
   if (want === null) return 'base identity: the adapter records no base_model_name_or_path (shapes checked only)';
   // A local directory (what peft records when the base was loaded from disk): compare contents,
   // not names — two fine-tunes saved as `…/base` must not pass for each other.
-  // (Relative to the working directory, as peft resolves it when it loads the base.)
-  for (const cand of [want]) {
+  // (Relative to the working directory, as peft resolves it when it loads the base.) An adapter
+  // shardshift exported carries its base's checksum, checked file by file right after this.
+  const recorded = await stat(join(dirname(adapter.config.file), ADAPTER_RECORD)).then(() => true, () => false);
+  for (const cand of recorded ? [] : [want]) {
     if (!(await stat(cand).then((st) => st.isDirectory(), () => false))) continue;
     if ((await realpath(cand)) === (await realpath(baseDir))) return `base identity: base_model_name_or_path "${want}" is the base directory itself`;
     const [a, b] = [await baseFingerprint(cand), await baseFingerprint(baseDir)];

@@ -203,7 +203,7 @@ test('CLI: merge-lora --json reports the plan; --dry-run writes nothing', async 
   const j = JSON.parse(r.stdout) as { plan: { notes: string[] }; bytesWritten: number };
   assert.ok(j.bytesWritten > 0);
   assert.ok(j.plan.notes.some((n) => /4 linear, 4 dora|dora/.test(n)), j.plan.notes.join('\n'));
-  assert.ok(j.plan.notes.some((n) => /matches the base's directory name/.test(n)), j.plan.notes.join('\n'));
+  assert.ok(j.plan.notes.some((n) => /matches the base's directory name|is the base directory itself/.test(n)), j.plan.notes.join('\n'));
   const diffs = await compareDirs(join(root, c.name, 'ref'), out);
   assert.equal(diffs.reduce((s, x) => s + x.diff, 0), 0);
 });
@@ -224,16 +224,29 @@ test('bad input: an adapter for a different base (shape mismatch) names the tens
   await expectFailure([...args, '--force-base', join(root, 'o-wide2')], /adapter does not fit the base/);
 });
 
-test('base identity: a base under another name is refused unless --force-base; then the merge is peft\'s', async () => {
+test('base identity: peft recorded a local base — a byte-identical copy under another name is it, a copy with other weights is refused unless --force-base; then the merge is peft\'s', async () => {
   const c = MERGES.find((x) => x.name === 'llama-bf16-plain')!;
+  const adapter = join(root, c.name, 'adapter');
+  const same = join(root, 'same-weights-other-name');
+  await cp(base(c), same, { recursive: true });
+  const ok = await run(['merge-lora', '--adapter', adapter, '--base', same, '--json', join(root, 'o-same')]);
+  assert.equal(ok.code, 0, ok.stderr);
+  assert.ok((JSON.parse(ok.stdout) as { plan: { notes: string[] } }).plan.notes.some((n) => /the base's weight files equal those of base_model_name_or_path/.test(n)));
   const renamed = join(root, 'some-other-model');
   await cp(base(c), renamed, { recursive: true });
-  const adapter = join(root, c.name, 'adapter');
-  const msg = await expectFailure(['merge-lora', '--adapter', adapter, '--base', renamed, join(root, 'o-ident')], /trained on base_model_name_or_path ".*base-llama-bfloat16", but the base .* is named "some-other-model"/);
+  const st = join(renamed, 'model.safetensors');
+  const bytes = await readFile(st);
+  bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
+  await writeFile(st, bytes);
+  const msg = await expectFailure(['merge-lora', '--adapter', adapter, '--base', renamed, join(root, 'o-ident')], /trained on the local base ".*base-llama-bfloat16", and .*some-other-model holds other weights/);
   assert.match(msg, /--force-base/);
   const out = join(root, 'o-ident-forced');
   const r = await run(['merge-lora', '--adapter', adapter, '--base', renamed, '--force-base', '-q', out]);
   assert.equal(r.code, 0, r.stderr);
-  assert.equal((await compareDirs(join(root, c.name, 'ref'), out)).reduce((s, x) => s + x.diff, 0), 0);
+  // peft's merge of the true base, except the one element the copy altered.
+  assert.ok((await compareDirs(join(root, c.name, 'ref'), out)).reduce((s, x) => s + x.diff, 0) <= 1);
+  const same2 = join(root, 'o-same-q');
+  assert.equal((await run(['merge-lora', '--adapter', adapter, '--base', same, '-q', same2])).code, 0);
+  assert.equal((await compareDirs(join(root, c.name, 'ref'), same2)).reduce((s, x) => s + x.diff, 0), 0);
   assert.deepEqual((await readdir(root)).filter((n) => n.includes('.partial')), []);
 });
