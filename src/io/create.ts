@@ -7,7 +7,7 @@
  * and the file is created with O_CREAT | O_EXCL | O_NOFOLLOW: if anything reappears at the path
  * in between, the open fails instead of writing through it.
  */
-import { constants, lstatSync } from 'node:fs';
+import { constants } from 'node:fs';
 import { copyFile as fsCopyFile, lstat, open, unlink, type FileHandle } from 'node:fs/promises';
 import { usage } from '../errors.js';
 
@@ -22,7 +22,7 @@ export interface CreateOptions {
 
 /** Creates `path` exclusively for writing (mode 0644), never through a link. */
 export async function createExclusive(path: string, opts: CreateOptions = {}): Promise<FileHandle> {
-  if (opts.replace) await unlink(path).catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? undefined : Promise.reject(e)));
+  if (opts.replace) await unlinkIfPresent(path);
   try {
     return await open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | (opts.flags ?? 0), 0o644);
   } catch (e) {
@@ -34,9 +34,14 @@ export async function createExclusive(path: string, opts: CreateOptions = {}): P
 
 /** Copies `from` into a freshly created `to` (never through a link at `to`). */
 export async function copyExclusive(from: string, to: string): Promise<void> {
-  await unlink(to).catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? undefined : Promise.reject(e)));
+  await unlinkIfPresent(to);
   // COPYFILE_EXCL: fails if `to` exists (a link planted after the unlink included).
   await fsCopyFile(from, to, constants.COPYFILE_EXCL);
+}
+
+/** Removes `p` itself (a link, never its target); nothing there is fine. */
+async function unlinkIfPresent(p: string): Promise<void> {
+  await unlink(p).catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? undefined : Promise.reject(e)));
 }
 
 async function isLink(p: string): Promise<boolean> {
@@ -44,13 +49,4 @@ async function isLink(p: string): Promise<boolean> {
     (st) => st.isSymbolicLink(),
     () => false,
   );
-}
-
-/** Whether `p` itself (not what it points at) is a symbolic link. */
-export function isSymlinkSync(p: string): boolean {
-  try {
-    return lstatSync(p).isSymbolicLink();
-  } catch {
-    return false;
-  }
 }

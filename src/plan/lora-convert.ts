@@ -76,28 +76,34 @@ function idName(s: string): string {
   return basename(s.replace(/[\\/]+$/, '')).toLowerCase();
 }
 
+/**
+ * A local directory as `base_model_name_or_path` (what peft records when the base was loaded
+ * from disk, relative to the working directory as peft resolves it): compare contents, not
+ * names — two fine-tunes saved as `…/base` must not pass for each other. Undefined when it does
+ * not apply: no such directory, no weights to compare, or an adapter shardshift exported (its
+ * base checksum is checked file by file by `checkRecordedBase`).
+ */
+async function checkLocalBase(adapter: PeftAdapter, want: string, baseDir: string, force: boolean): Promise<string | undefined> {
+  if (await stat(join(dirname(adapter.config.file), ADAPTER_RECORD)).then(() => true, () => false)) return undefined;
+  if (!(await stat(want).then((st) => st.isDirectory(), () => false))) return undefined;
+  if ((await realpath(want)) === (await realpath(baseDir))) return `base identity: base_model_name_or_path "${want}" is the base directory itself`;
+  const [a, b] = [await baseFingerprint(want), await baseFingerprint(baseDir)];
+  if (!a || !b) return undefined;
+  const same = a.files.length === b.files.length && a.files.every((f, i) => f.path === b.files[i]!.path && f.size === b.files[i]!.size && f.hash === b.files[i]!.hash);
+  if (same) return `base identity: the base's weight files equal those of base_model_name_or_path "${want}" (size and ${a.files[0]?.hashKind ?? 'hash'})`;
+  if (force) return `base identity: the base's weight files differ from those of base_model_name_or_path "${want}"; merged anyway (--force-base)`;
+  throw badInput(
+    `${adapter.config.file}: the adapter was trained on the local base "${want}", and ${baseDir} holds other weights (${a.files.length} vs ${b.files.length} files, or other sizes / contents); pass --force-base if it is the same model stored differently (shapes are checked regardless)`,
+    adapter.config.file,
+  );
+}
+
 /** Checks the adapter's recorded base against the base directory; returns a note for the plan. */
 async function checkIdentity(adapter: PeftAdapter, baseDir: string, baseCfg: Record<string, unknown>, force: boolean): Promise<string> {
   const want = adapter.config.baseModelNameOrPath;
   if (want === null) return 'base identity: the adapter records no base_model_name_or_path (shapes checked only)';
-  // A local directory (what peft records when the base was loaded from disk): compare contents,
-  // not names — two fine-tunes saved as `…/base` must not pass for each other.
-  // (Relative to the working directory, as peft resolves it when it loads the base.) An adapter
-  // shardshift exported carries its base's checksum, checked file by file right after this.
-  const recorded = await stat(join(dirname(adapter.config.file), ADAPTER_RECORD)).then(() => true, () => false);
-  for (const cand of recorded ? [] : [want]) {
-    if (!(await stat(cand).then((st) => st.isDirectory(), () => false))) continue;
-    if ((await realpath(cand)) === (await realpath(baseDir))) return `base identity: base_model_name_or_path "${want}" is the base directory itself`;
-    const [a, b] = [await baseFingerprint(cand), await baseFingerprint(baseDir)];
-    if (!a || !b) continue;
-    const same = a.files.length === b.files.length && a.files.every((f, i) => f.path === b.files[i]!.path && f.size === b.files[i]!.size && f.hash === b.files[i]!.hash);
-    if (same) return `base identity: the base's weight files equal those of base_model_name_or_path "${want}" (size and ${a.files[0]?.hashKind ?? 'hash'})`;
-    if (force) return `base identity: the base's weight files differ from those of base_model_name_or_path "${want}"; merged anyway (--force-base)`;
-    throw badInput(
-      `${adapter.config.file}: the adapter was trained on the local base "${want}", and ${baseDir} holds other weights (${a.files.length} vs ${b.files.length} files, or other sizes / contents); pass --force-base if it is the same model stored differently (shapes are checked regardless)`,
-      adapter.config.file,
-    );
-  }
+  const local = await checkLocalBase(adapter, want, baseDir, force);
+  if (local) return local;
   const names = new Map<string, string>();
   for (const p of [await realpath(baseDir), resolve(baseDir)]) {
     names.set(idName(p), 'directory name');
