@@ -1,5 +1,5 @@
 /* global process, console */
-// `npm run bench -- mxfp4 [--model gpt-oss-20b] [--layers 2] [--max-memory 1GiB]`: GPT-OSS MXFP4
+// `npm run bench -- mxfp4 [--model gpt-oss-20b] [--layers 2] [--max-memory 1GiB] [--only torch_dist|legacy] [--runs 3]`: GPT-OSS MXFP4
 // experts → Megatron bf16 (torch_dist, and legacy `--tp 8 --ep 8`), the real per-byte cost of
 // dequantisation: a layer-truncated copy of the published checkpoint (exact names, shapes,
 // dtypes, every expert) with random data end to end. Reports the median wall time of --runs N
@@ -48,7 +48,10 @@ function bytesOf(d) {
 const MiB = 2 ** 20;
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const srcBytes = bytesOf(dir);
-for (const extra of [[], ['--ckpt-format', 'torch', '--tp', '8', '--ep', '8']]) {
+// --only torch_dist | legacy: one layout (the legacy output is 4× the torch_dist one: too big for a small tmpfs).
+const only = opt('--only', 'both');
+const layouts = [[], ['--ckpt-format', 'torch', '--tp', '8', '--ep', '8']].filter((x) => only === 'both' || (only === 'legacy') === (x.length > 0));
+for (const extra of layouts) {
   const out = join(cacheRoot, 'mxfp4', `${id}-${layers}.out`);
   const ss = [];
   const cps = [];

@@ -1,5 +1,5 @@
 /* global process, console */
-// `npm run bench -- published [model-id …] [--max-memory 1GiB] [--layout '--ckpt-format torch …'] [--json FILE]`: full-size round trips
+// `npm run bench -- published [model-id …] [--max-memory 1GiB] [--layout '--ckpt-format torch …'] [--export '--quantize mxfp4'] [--json FILE]`: full-size round trips
 // of the published checkpoints (test/published/README.md) — each model written as a sparse
 // safetensors checkpoint with its exact hub names, shapes, dtypes and shards (data left as holes,
 // so a 163 GB model takes no disk), converted HF → Megatron torch_dist → HF, with wall time, the
@@ -32,6 +32,10 @@ const maxMemory = opt('--max-memory', '1GiB');
 const jsonOut = opt('--json', undefined);
 // The Megatron layout, e.g. --layout '--ckpt-format torch --tp 8 --ep 8' (default: torch_dist).
 const layout = (opt('--layout', '') ?? '').split(' ').filter(Boolean);
+// Flags of the export back, e.g. --export '--quantize mxfp4' (the MXFP4 hub layout back: then the
+// round trip compares the blocks and scales too).
+const exportFlags = (opt('--export', '') ?? '').split(' ').filter(Boolean);
+const requantized = exportFlags.includes('--quantize');
 const only = argv.filter((a) => !a.startsWith('--'));
 const log = (s) => process.stderr.write(s + '\n');
 
@@ -61,11 +65,11 @@ for (const m of await h.publishedModels()) {
   rmSync(back, { recursive: true, force: true });
   log(`${m.id}: ${tensors.length} tensors …`);
   const a = timed(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', maxMemory, ...layout]);
-  const b = timed(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', maxMemory]);
+  const b = timed(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', maxMemory, ...(requantized && !m.hub.mxfp4 ? [] : exportFlags)]);
   const d = await h.compareSafetensorsDirs(dir, back);
-  const mxfp4 = tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).length;
+  const mxfp4 = requantized ? 0 : tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).length;
   const ok = d.differing.length === 0 && d.missing.length === mxfp4 && d.compared === tensors.length - mxfp4;
-  const bytes = d.bytes + tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).reduce((n, t) => n + h.tensorBytes(t), 0);
+  const bytes = d.bytes + (requantized ? 0 : tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).reduce((n, t) => n + h.tensorBytes(t), 0));
   rows.push({ model: m.id, repo: m.repo, tensors: tensors.length, bytes, toMegatron: a, toHf: b, roundTrip: ok ? 'names, shapes, dtypes equal' : `DIFFERS: ${d.differing.slice(0, 3).join('; ')}` });
   log(`  → megatron ${a.seconds} s, ${(a.rss / MiB).toFixed(0)} MiB; → hf ${b.seconds} s, ${(b.rss / MiB).toFixed(0)} MiB; ${rows.at(-1).roundTrip}`);
   rmSync(meg, { recursive: true, force: true });
@@ -73,7 +77,7 @@ for (const m of await h.publishedModels()) {
 }
 
 const gb = (n) => (n / 1e9).toFixed(1);
-let md = `### published: full-size round trips (sparse sources), ${layout.join(' ') || 'torch_dist'}, --max-memory ${maxMemory}\n\n`;
+let md = `### published: full-size round trips (sparse sources), ${layout.join(' ') || 'torch_dist'}${exportFlags.length ? `, export ${exportFlags.join(' ')}` : ''}, --max-memory ${maxMemory}\n\n`;
 md += `machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, load ${loadavg()[0].toFixed(2)}\n\n`;
 md += '| model | tensors | GB | HF → Megatron | GB/s | peak RSS | Megatron → HF | GB/s | peak RSS | round trip |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n';
 for (const r of rows) {

@@ -32,6 +32,7 @@ interface Flags {
   hfModel?: string;
   allowUnmapped?: boolean;
   dropMtp?: boolean;
+  quantize?: 'mxfp4';
   ckptFormat: 'torch_dist' | 'torch' | 'fsdp_dtensor';
   megatronSpec: 'te' | 'local';
   from?: FormatName;
@@ -95,6 +96,7 @@ function positive(s: string, flag: string): number {
 export async function runConvert(src: string, out: string, f: Flags): Promise<void> {
   const maxMemory = parseSize(f.maxMemory, '--max-memory');
   const maxShardSize = parseSize(f.shardSize, '--shard-size');
+  if (f.quantize && f.to !== 'hf') throw usage(`--quantize ${f.quantize} applies to exports (--to hf), not --to ${f.to}`);
   let dcpFiles: number | undefined;
   if (f.dcpFiles !== undefined) {
     dcpFiles = Number(f.dcpFiles);
@@ -139,7 +141,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
           iteration: whole(f.iteration, '--iteration'),
         })
       : f.to === 'hf'
-        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, dropMtp: f.dropMtp, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
+        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, dropMtp: f.dropMtp, quantize: f.quantize, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
         : await convert(src, out, { ...common, to: f.to, from: f.from });
   progress?.done();
   if (f.json) {

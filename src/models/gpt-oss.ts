@@ -15,7 +15,8 @@
  *   down_proj[e]ᵀ, `linear_fc2.bias` = down_proj_bias[e].
  *
  * Hub checkpoints store the expert weights in MXFP4 (`*_blocks` / `*_scales`); reading them as
- * the bf16 tensors above is the source's business, not the map's. Exports are unquantised.
+ * the bf16 tensors above is the source's business, not the map's. Exports are unquantised unless
+ * `--quantize mxfp4` asks for the hub's layout back (`hubQuantized`).
  */
 import { badInput, unsupported } from '../errors.js';
 import type { TargetTensor } from '../formats/types.js';
@@ -220,6 +221,12 @@ export const gptOss: Family = {
   modelType: 'gpt_oss',
   description: 'GPT-OSS (20b, 120b; MXFP4 experts read as bf16)',
   keying: () => 'stacked',
+  // openai/gpt-oss-20b and -120b's config.json, as published.
+  hubQuantized: {
+    method: 'mxfp4',
+    tensors: /\.mlp\.experts\.(gate_up_proj|down_proj)$/,
+    quantizationConfig: { modules_to_not_convert: ['model.layers.*.self_attn', 'model.layers.*.mlp.router', 'model.embed_tokens', 'lm_head'], quant_method: 'mxfp4' },
+  },
   fromHf(cfg, file): ModelConfig {
     if (cfg.attention_bias === false) throw unsupported(`${file}: attention_bias=false is not supported for GPT-OSS (Megatron's add_bias_linear covers attention and experts alike)`, file);
     // GptOssConfig defaults: untied embeddings, attention biases.

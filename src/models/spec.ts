@@ -144,6 +144,12 @@ export interface Family {
    * `vision_model.`). Applied by the formats when keying; the maps use unprefixed names.
    */
   megatronPrefix?(c: ModelConfig): { readonly prefix: string; readonly except: readonly string[] } | undefined;
+  /**
+   * HF weights the family's hub checkpoints store quantized, which `--to hf --quantize <method>`
+   * writes back so: the method, the weights (by HF name) and the config.json
+   * `quantization_config` the hub carries with them.
+   */
+  readonly hubQuantized?: { readonly method: 'mxfp4'; readonly tensors: RegExp; readonly quantizationConfig: Readonly<Record<string, unknown>> };
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
   /**

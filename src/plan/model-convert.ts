@@ -16,11 +16,13 @@ import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } 
 import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
 import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
-import { configJson, JsonFloat, withoutTopLevelKey } from '../formats/config-json.js';
+import { configJson, JsonFloat, parseConfigJson, withoutTopLevelKey } from '../formats/config-json.js';
+import { mxfp4Pair } from '../tensor/mxfp4-quantize.js';
+import { castTo } from './targets.js';
 import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported, usage } from '../errors.js';
-import { dtypeInfo, type DType } from '../tensor/dtype.js';
+import { dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
@@ -52,6 +54,8 @@ export interface ModelConvertOptions {
   hfModel?: string;
   /** Leave the multi-token-prediction layers out on purpose (listed in the plan). */
   dropMtp?: boolean;
+  /** Exports: write the weights the family's hub checkpoints store quantized in that layout (GPT-OSS: mxfp4). */
+  quantize?: 'mxfp4';
   /** Reading an NxD source: its layout flags (as the NxD converter names them). */
   nxd?: import('./nxd-convert.js').NxdConvertOptions;
   maxMemory?: number;
@@ -551,15 +555,50 @@ async function megatronConfig(
  * The reference config.json rewritten where it would misdescribe the exported weights, or
  * undefined when it is carried as it is: a hub config's `quantization_config` (GPT-OSS's mxfp4)
  * next to unquantised weights would make vLLM and transformers' GPU path read bf16 experts as
- * packed MXFP4 blocks.
+ * packed MXFP4 blocks; quantised weights (`--quantize`) need one, the hub's when the reference
+ * has none.
  */
-async function exportedConfig(path: string, cfg: ModelConfig, notes: string[]): Promise<Buffer | undefined> {
+async function exportedConfig(path: string, cfg: ModelConfig, quantize: ModelConvertOptions['quantize'], notes: string[]): Promise<Buffer | undefined> {
   const hf = cfg.hf;
-  if (!hf || !('quantization_config' in hf)) return undefined;
-  const q = hf.quantization_config as Record<string, unknown> | null;
-  notes.push(`config.json: quantization_config${q && typeof q.quant_method === 'string' ? ` (${q.quant_method})` : ''} dropped — the weights are written unquantised`);
+  const q = hf && 'quantization_config' in hf ? (hf.quantization_config as Record<string, unknown> | null) : undefined;
+  const method = q && typeof q.quant_method === 'string' ? q.quant_method : undefined;
+  if (quantize) {
+    if (method === quantize) return undefined;
+    const text = await readFile(path, 'utf8');
+    const parsed = parseConfigJson(withoutTopLevelKey(text, 'quantization_config')) as Record<string, unknown>;
+    notes.push(`config.json: quantization_config ${method ? `(${method}) replaced by` : 'added:'} the hub's ${quantize} one`);
+    return Buffer.from(configJson({ ...parsed, quantization_config: familyOf(cfg).hubQuantized!.quantizationConfig }));
+  }
+  if (q === undefined) return undefined;
+  notes.push(`config.json: quantization_config${method ? ` (${method})` : ''} dropped — the weights are written unquantised`);
   // Edited as text: every other byte as the reference has it (float fields stay floats).
   return Buffer.from(withoutTopLevelKey(await readFile(path, 'utf8'), 'quantization_config'));
+}
+
+/**
+ * The exported tensors with the weights the family's hub stores quantized replaced by their
+ * quantized pair (MXFP4: `X_blocks`, `X_scales`, as transformers' quantize_to_mxfp4 makes them
+ * from `X.to(bfloat16)`).
+ */
+function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], method: 'mxfp4', notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>): TargetTensor[] {
+  const fam = familyOf(cfg);
+  const hq = fam.hubQuantized;
+  if (!hq || hq.method !== method) throw usage(`--quantize ${method}: ${fam.description} has no ${method} hub layout (GPT-OSS's experts are the MXFP4 weights shardshift writes)`);
+  let n = 0;
+  const out = tensors.flatMap((t): TargetTensor[] => {
+    if (!hq.tensors.test(t.name)) return [t];
+    n++;
+    const pair = mxfp4Pair(castTo(t, 'BF16'));
+    const why = 'MXFP4 (--quantize mxfp4), as transformers\' quantize_to_mxfp4';
+    dtypes.push({ name: `${t.name}_blocks`, dtype: 'U8', reason: why }, { name: `${t.name}_scales`, dtype: 'U8', reason: why });
+    return [
+      { name: `${t.name}_blocks`, dtype: 'U8', shape: pair.blocksShape, byteLength: numelOf(pair.blocksShape), describe: `mxfp4 blocks(${t.describe})`, produce: pair.blocks },
+      { name: `${t.name}_scales`, dtype: 'U8', shape: pair.scalesShape, byteLength: numelOf(pair.scalesShape), describe: `mxfp4 scales(${t.describe})`, produce: pair.scales },
+    ];
+  });
+  if (n === 0) throw badInput(`--quantize ${method}: the export holds none of the weights ${fam.description} quantizes (${hq.tensors.source})`);
+  notes.push(`MXFP4: ${n} expert weights quantised from bf16 as transformers' quantize_to_mxfp4 (blocks and scales each read the bf16 rows)`);
+  return out;
 }
 
 /**
@@ -606,10 +645,12 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
     // No HF config to say: keep the dtype the weights are stored in.
     const dtype = opts.dtype ?? (cfg.hf ? hfDtype(cfg.hf) : storedDtype(src));
     notes.push(`family ${cfg.family}, ${cfg.numLayers} layers, dtype ${dtype}`);
-    const { tensors, skipped, dtypes } = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped, skip: mtp.skip });
+    const built = buildExport(cfg, src, { dtype, allowUnmapped: opts.allowUnmapped, skip: mtp.skip });
+    const { skipped, dtypes } = built;
+    const tensors = opts.quantize ? quantizedExport(cfg, built.tensors, opts.quantize, notes, dtypes) : built.tensors;
     const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });
     let side = refDir ? await listSideFiles(refDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt')) : [];
-    const own = refDir && side.includes('config.json') ? await exportedConfig(join(refDir, 'config.json'), cfg, notes) : undefined;
+    const own = refDir && side.includes('config.json') ? await exportedConfig(join(refDir, 'config.json'), cfg, opts.quantize, notes) : undefined;
     if (own) {
       side = side.filter((f) => f !== 'config.json');
       extra.push({ relPath: 'config.json', size: own.length, parts: [own] });

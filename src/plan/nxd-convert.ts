@@ -109,7 +109,9 @@ export function checkLayout(l: NxdLayout, h: NxdHeads): void {
       );
     }
   } else if (h.kv % tp !== 0) {
-    throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} (${h.file})`);
+    // The converter row-chunks k_proj / v_proj over the ranks: fewer KV heads than ranks would cut heads in pieces.
+    const fix = tp % h.kv === 0 ? `; to run TP ${tp} on ${h.kv} KV heads, replicate them as NxD's GQAQKVColumnParallelLinear does: --qkv_linear --kv_size_multiplier ${tp / h.kv} --hw_backend trn1|trn2 (your hardware)` : '';
+    throw usage(`--tp_size ${tp} does not divide num_key_value_heads ${h.kv} (${h.file})${fix}`);
   }
 }
 

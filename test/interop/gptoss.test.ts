@@ -101,3 +101,55 @@ test('MXFP4 GPT-OSS checkpoint → Megatron → HF: the bf16 experts equal trans
     await deq.close();
   }
 });
+
+test('GPT-OSS export --quantize mxfp4: the hub layout back, loading in transformers as the MXFP4 source does', async (t) => {
+  const hf = join(tmp, 'hf.q2');
+  await runOracle('gptoss_oracle.py', ['make', hf]);
+  const q = join(tmp, 'mxfp4.2');
+  await runOracle('gptoss_oracle.py', ['mxfp4', hf, q]);
+  const meg = join(tmp, 'mxfp4.2.meg');
+  await convertHfToMegatron(q, meg, {});
+  const back = join(tmp, 'mxfp4.2.hf');
+  const r = await convertMegatronToHf(meg, back, { quantize: 'mxfp4' });
+  assert.ok(r.plan.notes?.some((n) => /MXFP4: 8 expert weights quantised/.test(n)), r.plan.notes?.join('\n'));
+  const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as { quantization_config?: { quant_method?: string } };
+  assert.equal(cfg.quantization_config?.quant_method, 'mxfp4');
+  // Block by block against the source's MXFP4 (made by another quantizer): a block differs only
+  // where the rounding-up rule picks a smaller scale (largest code ≤ 3.0) or the block is zero.
+  const src = await openCheckpoint(join(q, 'model.safetensors'));
+  const out = await openCheckpoint(back);
+  try {
+    let blocksSeen = 0;
+    let differ = 0;
+    for (const [n, want] of src.tensors) {
+      if (!n.endsWith('_blocks')) continue;
+      const sn = n.replace(/_blocks$/, '_scales');
+      const [a, b, sa, sb] = await Promise.all([want, out.tensors.get(n)!, src.tensors.get(sn)!, out.tensors.get(sn)!].map(async (x) => {
+        assert.ok(x, `${n} / ${sn} in the export`);
+        const buf = new Uint8Array(x.byteLength);
+        await x.read(wholeBox(x.shape), buf);
+        return buf;
+      }));
+      assert.deepEqual(out.tensors.get(n)!.shape, want.shape);
+      for (let k = 0; k < sa!.length; k++) {
+        blocksSeen++;
+        const x = a!.subarray(k * 16, k * 16 + 16);
+        const y = b!.subarray(k * 16, k * 16 + 16);
+        if (sa![k] === sb![k] && x.every((v, i) => v === y[i])) continue;
+        differ++;
+        let maxCode = 0;
+        for (const v of x) maxCode = Math.max(maxCode, v & 7, v >> 4 & 7);
+        assert.ok(maxCode <= 5, `${n} block ${k}: bytes differ with largest code ${maxCode}`);
+      }
+    }
+    t.diagnostic(`${blocksSeen} MXFP4 blocks, ${differ} re-scaled (largest code ≤ 3.0 or zero)`);
+  } finally {
+    await src.close();
+    await out.close();
+  }
+  const same = JSON.parse(await runOracle('gptoss_oracle.py', ['load_same', q, back])) as { params: number; differing: string[]; max_abs_diff: number; experts_dtype: string };
+  t.diagnostic(`transformers: ${same.params} parameters, experts ${same.experts_dtype}, logits max |Δ| ${same.max_abs_diff}`);
+  assert.deepEqual(same.differing, []);
+  assert.equal(same.max_abs_diff, 0);
+});
+

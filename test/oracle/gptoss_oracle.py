@@ -15,6 +15,10 @@
       the on-disk (output-major) layout), everything else as is; writes <out_dir>/model.safetensors
       + config.json with quantization_config, and <out_dir>/dequantized.safetensors = transformers'
       own dequantisation (convert_moe_packed_tensors) in bf16 under the unquantised HF names
+  load_same <dir_a> <dir_b>
+      transformers loads both MXFP4 directories (AutoModelForCausalLM, bfloat16, CPU: its
+      dequantising path) and compares every parameter and the logits (JSON: params, differing,
+      max_abs_diff)
 """
 import json
 import os
@@ -193,6 +197,18 @@ def cmd_mxfp4_table(out_dir):
     return {"shape": list(deq.shape)}
 
 
+def cmd_load_same(dir_a, dir_b):
+    from transformers import AutoModelForCausalLM
+
+    ms = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval() for d in (dir_a, dir_b)]
+    sa, sb = ms[0].state_dict(), ms[1].state_dict()
+    differing = [n for n in sa if n not in sb or sa[n].dtype != sb[n].dtype or not torch.equal(sa[n], sb[n])]
+    with torch.no_grad():
+        la, lb = (m(TOKENS).logits.float() for m in ms)
+    return {"params": len(sa), "differing": differing, "max_abs_diff": float((la - lb).abs().max()),
+            "experts_dtype": str(sa[next(n for n in sa if n.endswith("experts.down_proj"))].dtype)}
+
+
 def main():
     a = sys.argv[1:]
     if a[0] == "make":
@@ -203,6 +219,8 @@ def main():
         r = cmd_mxfp4_table(a[1])
     elif a[0] == "mxfp4":
         r = cmd_mxfp4(a[1], a[2])
+    elif a[0] == "load_same":
+        r = cmd_load_same(a[1], a[2])
     else:
         raise SystemExit(f"unknown command {a[0]}")
     print(json.dumps(r))

@@ -114,3 +114,16 @@ test('--help shows worked examples; --version matches package.json', async () =>
   const pkg = JSON.parse((await import('node:fs')).readFileSync(join(repoRoot, 'package.json'), 'utf8'));
   assert.equal(pkg.version, VERSION);
 });
+
+test('convert --quantize: only for exports, only for a family with a quantized hub layout', async () => {
+  const r = await run(['convert', '--to', 'megatron', '--quantize', 'mxfp4', example, join(tmp, 'q.meg')]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /--quantize mxfp4 applies to exports \(--to hf\), not --to megatron/);
+  const meg = join(tmp, 'q.llama-meg');
+  assert.equal((await run(['convert', '--to', 'megatron', '-q', example, meg])).code, 0);
+  const r2 = await run(['convert', '--to', 'hf', '--quantize', 'mxfp4', '--dry-run', meg, join(tmp, 'q.hf')]);
+  assert.equal(r2.code, 2, r2.stderr);
+  assert.match(r2.stderr, /--quantize mxfp4: .* has no mxfp4 hub layout/);
+  assert.ok(!existsSync(join(tmp, 'q.hf')));
+});
+

@@ -129,6 +129,10 @@ test('bad input: tp_size not dividing the heads, trn1 without kv·kvm = tp, no -
   r = await run([...base, '--hw_backend', 'trn1', '--output_dir', join(tmp, 'bad2'), '--tp_size', '2', '--qkv_linear', 'True', '--kv_size_multiplier', '2']);
   assert.equal(r.code, 2, r.stderr);
   assert.match(r.stderr, /trn1 Q-head order .* 2 × 2 ≠ 2/);
+  // TP above the KV heads without replication: the message names the flags that make it work.
+  r = await run([...base, '--hw_backend', 'trn1', '--output_dir', join(tmp, 'bad4'), '--tp_size', '4']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /--tp_size 4 does not divide num_key_value_heads 2 .*: --qkv_linear --kv_size_multiplier 2 --hw_backend trn1\|trn2/);
   r = await run([...base, '--output_dir', join(tmp, 'bad3'), '--tp_size', '2']);
   assert.equal(r.code, 2, r.stderr);
   assert.match(r.stderr, /hw_backend is required/);
