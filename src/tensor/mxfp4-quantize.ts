@@ -68,9 +68,9 @@ export class NonFiniteWeight extends Error {
 
 /**
  * Quantizes one row of `K` bf16 values (bits in `row[at … at+K)`, K a multiple of 32) into
- * `blocks[b0 …]` (K/2 bytes) and `scales[s0 …]` (K/32 bytes).
+ * `blocks[b0 …]` (K/2 bytes; none: scales only) and `scales[s0 …]` (K/32 bytes).
  */
-export function quantizeRow(row: Uint16Array, at: number, K: number, blocks: Uint8Array, b0: number, scales: Uint8Array, s0: number): void {
+export function quantizeRow(row: Uint16Array, at: number, K: number, blocks: Uint8Array | undefined, b0: number, scales: Uint8Array, s0: number): void {
   const table = codeTable();
   for (let g = 0; g < K / 32; g++) {
     const base = at + g * 32;
@@ -85,6 +85,7 @@ export function quantizeRow(row: Uint16Array, at: number, K: number, blocks: Uin
     const rounded = ((ds + 0x7fffff) | 0) & 0x7f800000;
     const se = rounded >>> 23;
     scales[s0 + g] = se;
+    if (!blocks) continue; // scales only
     const o = b0 + g * 16;
     if (rounded === 0 || se === 255) {
       // quant scale 0 (a zero block, or a scale past fp32's range): every q is ±0.
@@ -129,22 +130,29 @@ const SLICE_BYTES = 4 << 20;
  * Output rows n0 … n0+nn of `w` [..., K, N] at leading index `lead`, quantized: `blocks`
  * [nn, K/32, 16] and `scales` [nn, K/32], read a slice of rows at a time.
  */
-export async function quantizeRows(w: Bf16Boxes, lead: readonly number[], n0: number, nn: number, blocks: Uint8Array, scales: Uint8Array): Promise<void> {
+export async function quantizeRows(w: Bf16Boxes, lead: readonly number[], n0: number, nn: number, blocks: Uint8Array | undefined, scales: Uint8Array): Promise<void> {
   const K = w.shape[w.shape.length - 2]!;
   const G = K / 32;
   const ns = Math.max(1, Math.min(nn, Math.floor(SLICE_BYTES / (K * 2))));
   const buf = new Uint16Array(K * ns);
   const bytes = new Uint8Array(buf.buffer);
-  const row = new Uint16Array(K);
+  const rowsT = new Uint16Array(K * ns);
   const one = lead.map(() => 1);
   for (let a = 0; a < nn; a += ns) {
     const m = Math.min(ns, nn - a);
     // [K, m] of the input-major HF weight: column r is output row n0 + a + r.
     await w.produce({ start: [...lead, 0, n0 + a], size: [...one, K, m] }, bytes.subarray(0, K * m * 2));
+    // Transposed to [m, K] in 32 × 32 tiles (a column-by-column gather misses the cache on every element).
+    for (let c0 = 0; c0 < K; c0 += 32) {
+      const c1 = Math.min(K, c0 + 32);
+      for (let r0 = 0; r0 < m; r0 += 32) {
+        const r1 = Math.min(m, r0 + 32);
+        for (let c = c0; c < c1; c++) for (let r = r0; r < r1; r++) rowsT[r * K + c] = buf[c * m + r]!;
+      }
+    }
     for (let r = 0; r < m; r++) {
-      for (let c = 0; c < K; c++) row[c] = buf[c * m + r]!;
       try {
-        quantizeRow(row, 0, K, blocks, (a + r) * G * 16, scales, (a + r) * G);
+        quantizeRow(rowsT, r * K, K, blocks, (a + r) * G * 16, scales, (a + r) * G);
       } catch (e) {
         if (e instanceof NonFiniteWeight) throw badInput(`${w.name}: [${[...lead, e.col, n0 + a + r].join(', ')}] is not finite; MXFP4 cannot encode it (--quantize mxfp4)`, undefined, w.name);
         throw e;
@@ -189,7 +197,7 @@ export function mxfp4Pair(w: Bf16Boxes): Mxfp4Pair {
     const outer = box.size.slice(0, L).reduce((p, d) => p * d, 1);
     // Rows a slice at a time: a box of scales covers 16× its bytes of blocks.
     const rs = Math.max(1, Math.min(nn, Math.floor(SLICE_BYTES / (G * 16))));
-    const blk = new Uint8Array(rs * G * 16);
+    const blk = new Uint8Array(kind === 'blocks' ? rs * G * 16 : 0);
     const sc = new Uint8Array(rs * G);
     const idx = box.start.slice(0, L);
     let o = 0;
@@ -201,7 +209,7 @@ export function mxfp4Pair(w: Bf16Boxes): Mxfp4Pair {
       }
       for (let a = 0; a < nn; a += rs) {
         const m = Math.min(rs, nn - a);
-        await quantizeRows(w, idx, n0 + a, m, blk, sc);
+        await quantizeRows(w, idx, n0 + a, m, kind === 'blocks' ? blk : undefined, sc);
         for (let r = 0; r < m; r++) {
           if (kind === 'scales') {
             out.set(sc.subarray(r * G + g0, r * G + g0 + gn), o);

@@ -13,30 +13,23 @@ import { ShardshiftError } from '../../src/errors.js';
 import { parseHeader } from '../../src/formats/safetensors.js';
 import { readZipIndex, readEntryChecked, zipParts } from '../../src/io/zip.js';
 import { openTorchArchive } from '../../src/formats/torch-archive.js';
-import type { ByteSource } from '../../src/io/file.js';
+import { memSource } from './mem.js';
+import { FILE_TARGETS } from './files.js';
+
+export { memSource };
 
 export interface FuzzTarget {
   readonly name: string;
-  readonly input: fc.Arbitrary<Uint8Array>;
-  run(input: Uint8Array): Promise<void>;
+  readonly input: fc.Arbitrary<unknown>;
+  run(input: unknown): Promise<void>;
+}
+
+function bytesTarget(name: string, input: fc.Arbitrary<Uint8Array>, run: (b: Uint8Array) => Promise<void>): FuzzTarget {
+  return { name, input, run: (b) => run(b as Uint8Array) };
 }
 
 export function isTyped(e: unknown): boolean {
   return e instanceof ShardshiftError || e instanceof UnpicklingError;
-}
-
-/** An in-memory ByteSource. */
-export function memSource(bytes: Uint8Array, name = 'fuzz-input'): ByteSource {
-  return {
-    name,
-    size: bytes.length,
-    read: async (position: number, length: number, into?: Uint8Array) => {
-      if (position < 0 || length < 0 || position + length > bytes.length) throw new ShardshiftError('BAD_INPUT', `${name}: read of ${length} bytes at ${position} is past its end (${bytes.length})`);
-      const out = into ?? new Uint8Array(length);
-      out.set(bytes.subarray(position, position + length));
-      return out;
-    },
-  };
 }
 
 const u8 = fc.integer({ min: 0, max: 255 });
@@ -196,25 +189,18 @@ export const zipArb: fc.Arbitrary<Uint8Array> = fc.array(mutation, { minLength: 
 export const archiveArb: fc.Arbitrary<Uint8Array> = picklesArb.map((pkl) => baseArchive(pkl));
 
 export const TARGETS: readonly FuzzTarget[] = [
-  { name: 'pickle (opcodes)', input: picklesArb, run: async (b) => void unpickle(b, { source: 'fuzz.pkl' }) },
-  {
-    name: 'safetensors header',
-    input: safetensorsArb,
-    run: async (b) => {
-      const n = b.length >= 8 ? Number(Buffer.from(b.subarray(0, 8)).readBigUInt64LE(0)) : 0;
-      if (b.length < 8) throw new ShardshiftError('BAD_INPUT', 'short');
-      void parseHeader('fuzz.safetensors', b.subarray(0, 8), b.subarray(8, 8 + Math.min(n, b.length)), b.length);
-    },
-  },
-  {
-    name: 'zip directory (mutated torch archive)',
-    input: zipArb,
-    run: async (b) => {
-      const src = memSource(b, 'fuzz.pt');
-      const idx = await readZipIndex(src);
-      for (const e of idx.entries.values()) await readEntryChecked(src, e);
-      await openTorchArchive(src);
-    },
-  },
-  { name: 'torch archive (fuzzed data.pkl)', input: archiveArb, run: async (b) => void (await openTorchArchive(memSource(b, 'fuzz.pt'))) },
+  bytesTarget('pickle (opcodes)', picklesArb, async (b) => void unpickle(b, { source: 'fuzz.pkl' })),
+  bytesTarget('safetensors header', safetensorsArb, async (b) => {
+    const n = b.length >= 8 ? Number(Buffer.from(b.subarray(0, 8)).readBigUInt64LE(0)) : 0;
+    if (b.length < 8) throw new ShardshiftError('BAD_INPUT', 'short');
+    void parseHeader('fuzz.safetensors', b.subarray(0, 8), b.subarray(8, 8 + Math.min(n, b.length)), b.length);
+  }),
+  bytesTarget('zip directory (mutated torch archive)', zipArb, async (b) => {
+    const src = memSource(b, 'fuzz.pt');
+    const idx = await readZipIndex(src);
+    for (const e of idx.entries.values()) await readEntryChecked(src, e);
+    await openTorchArchive(src);
+  }),
+  bytesTarget('torch archive (fuzzed data.pkl)', archiveArb, async (b) => void (await openTorchArchive(memSource(b, 'fuzz.pt')))),
+  ...FILE_TARGETS,
 ];
