@@ -69,6 +69,7 @@ def corpus():
         # commands.Popen), which is what a refusal can quote.
         if glob and named:
             glob = first_global(data)
+        # `global` may list alternatives (a|b): the first refused global depends on what the container allows.
         out.append({"name": name, "global": glob, "live": live, "pickle": base64.b64encode(data).decode()})
 
     add("os-system", reduce_pickle(_os.system, (touch_cmd("os-system"),)), "posix.system")
@@ -114,6 +115,18 @@ def corpus():
     # BUILD on an allowed-looking object whose __setstate__ would be code
     add("build-setstate", b"\x80\x02" + global_op("collections", "OrderedDict") + b")R}" + pickle.dumps("__setstate__", 2)[2:-1]
         + global_op("posix", "system") + b"sb.", "posix.system", live=False, named=False)
+    # numpy's object arrays unpickle their elements: np.array([os.system(...)], dtype=object). A
+    # reader allowing numpy's reconstruct (Megatron's args) must still refuse the element's global.
+    import numpy as np
+
+    class Touch:
+        def __reduce__(self):
+            return _os.system, (touch_cmd("numpy-object-array"),)
+    data = pickle.dumps(np.array([Touch()], dtype=object), protocol=2)
+    add("numpy-object-array", data, first_global(data) + "|posix.system", named=False)
+    # TorchScript and torch._C entry points: names only.
+    add("torch-jit-load", b"\x80\x02" + global_op("torch.jit", "load") + pickle.dumps("x.pt", 2)[2:-1] + b"\x85R.", "torch.jit.load", live=False)
+    add("torch-c-import-ir-module", b"\x80\x02" + global_op("torch._C", "_import_ir_module") + b")R.", "torch._C._import_ir_module", live=False)
     # Not code: resource claims.
     add("huge-binunicode-claim", b"\x80\x02X\xff\xff\xff\x7fabc.", "", live=False)
     add("memo-index-bomb", b"\x80\x02j\xff\xff\xff\x7f.", "", live=False)

@@ -2,7 +2,8 @@
  * The malicious-pickle corpus (issue 16): test/fixtures/malicious.json, written by CPython
  * (test/oracle/malicious_corpus.py; test/interop/malicious.test.ts shows each live payload
  * running under CPython's own pickle.loads). Every payload, in every container shardshift
- * reads — a torch.save zip, a DCP `.metadata`, a legacy Megatron rank file — is refused with
+ * reads — a torch.save zip, a DCP `.metadata`, a legacy Megatron rank file, an NxD shard, a PEFT
+ * adapter_model.bin — is refused with
  * one message naming its global (or the limit it hits), nothing is executed (no sentinel file
  * appears in the working directory), and it takes bounded time.
  */
@@ -67,6 +68,24 @@ const CONTAINERS: Array<{ name: string; make: (dir: string, pkl: Uint8Array) => 
     },
   },
   {
+    name: 'NxD shard',
+    to: 'hf',
+    make: async (dir, pkl) => {
+      await mkdir(join(dir, 'model'), { recursive: true });
+      await writeFile(join(dir, 'model', 'dp_rank_00_tp_rank_00_pp_rank_00.pt'), torchZip(pkl));
+      return dir;
+    },
+  },
+  {
+    name: 'PEFT adapter',
+    to: 'merge-lora',
+    make: async (dir, pkl) => {
+      await writeFile(join(dir, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r: 2, lora_alpha: 4, target_modules: ['q_proj'], base_model_name_or_path: 'tiny-llama' }));
+      await writeFile(join(dir, 'adapter_model.bin'), torchZip(pkl));
+      return dir;
+    },
+  },
+  {
     name: 'legacy Megatron rank file',
     to: 'hf',
     make: async (dir, pkl) => {
@@ -84,13 +103,19 @@ for (const c of CONTAINERS) {
       const dir = join(tmp, `${c.name.replace(/\W+/g, '-')}-${p.name}`);
       await mkdir(dir, { recursive: true });
       const src = await c.make(dir, Buffer.from(p.pickle, 'base64'));
-      const r = await run(['convert', '--to', c.to, src, join(tmp, `out-${p.name}-${c.to}`)]);
+      const out = join(tmp, `out-${p.name}-${c.name.replace(/\W+/g, '-')}`);
+      const example = join(repoRoot, 'examples', 'tiny-llama');
+      const r = await run(
+        c.to === 'merge-lora'
+          ? ['merge-lora', '--adapter', src, '--base', example, out]
+          : ['convert', '--to', c.to, src, out, ...(c.name === 'NxD shard' ? ['--hf-model', example] : [])],
+      );
       assert.notEqual(r.code, 0, `${p.name}: refused`);
       const lines = r.stderr.trim().split('\n');
       assert.equal(lines.length, 1, `${p.name}: one message line, got:\n${r.stderr}`);
       assert.match(lines[0]!, /^shardshift: error: /, p.name);
       assert.ok(!/internal error/.test(lines[0]!), `${p.name}: ${lines[0]}`);
-      if (p.global) assert.ok(lines[0]!.includes(p.global), `${p.name}: the message names ${p.global}: ${lines[0]}`);
+      if (p.global) assert.ok(p.global.split('|').some((g) => lines[0]!.includes(g)), `${p.name}: the message names ${p.global}: ${lines[0]}`);
       assert.ok(r.seconds < 20, `${p.name}: bounded time`);
     }
     assert.deepEqual((await readdir(cwd)).filter((n) => n.startsWith('ss-pwned-')), [], 'no payload ran');
