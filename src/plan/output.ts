@@ -240,6 +240,7 @@ async function writeLocked(
       throw e;
     }
     await beforeCommit();
+    if (killPoint('before-commit', 1)) process.kill(process.pid, 'SIGKILL');
     await commitOutput({ path: o, temp: partial, kind });
     return;
   }
