@@ -231,6 +231,11 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
     const byTp = [...shards].sort((a, b) => a.r.tp - b.r.tp);
     if (split !== 'replicated' && byTp.length !== tp) throw badInput(`${path}: ${name} is held by ${byTp.length} of the ${tp} TP ranks`, path, name);
     const local = first.ref.shape;
+    // The split says how many dims the weight has: a checkpoint that disagrees is refused here,
+    // not turned into a NaN-sized tensor.
+    if ((split === 'row' && local.length !== 2) || (split !== 'replicated' && local.length === 0)) {
+      throw badInput(`${path}: ${name} in ${first.r.dir} is ${first.ref.dtype} [${local.join(', ')}], but a ${split}-parallel ${name.endsWith('bias') ? 'bias' : 'weight'} has ${split === 'row' ? '2 dims' : 'at least 1 dim'}`, join(path, first.r.dir), name);
+    }
     const pieces: Piece[] = [];
     let shape: number[];
     if (split === 'replicated') {

@@ -44,3 +44,18 @@ test('fuzz: an untyped exception is reported as a failure (the harness itself)',
   );
   assert.ok(isTyped(new ShardshiftError('BAD_INPUT', 'ok')));
 });
+
+// Inputs the campaign found (scripts/fuzz.mjs: target, seed, case), replayed as regressions.
+const FINDINGS: Array<{ target: string; seed: number; caseIndex: number; was: string }> = [
+  // A swapped subtree gave a row-parallel weight a 1-D shape: "shape [32, NaN] has more elements than can be counted exactly" (RangeError).
+  { target: 'legacy Megatron rank file', seed: 7, caseIndex: 371, was: 'RangeError from a 1-D row-parallel weight' },
+];
+
+for (const f of FINDINGS) {
+  test(`fuzz finding: ${f.target}, seed ${f.seed} case ${f.caseIndex} (${f.was}) → a typed error`, async () => {
+    const t = TARGETS.find((x) => x.name.startsWith(f.target))!;
+    const [input] = fc.sample(t.input, { seed: f.seed + f.caseIndex, numRuns: 1 });
+    await assert.rejects(t.run(input), (e: unknown) => isTyped(e) || (assert.fail(`untyped: ${String((e as Error)?.stack ?? e)}`), false));
+  });
+}
+
