@@ -21,6 +21,7 @@
  * Written by hand: no JavaScript library implements the kernel's rounding.
  */
 import { badInput } from '../errors.js';
+import type { TargetTensor } from '../formats/types.js';
 
 const f32 = new Float32Array(1);
 const i32 = new Int32Array(f32.buffer);
@@ -115,13 +116,8 @@ function bitsToFloat(bits: number): number {
   return f32[0]!;
 }
 
-/** A source of bf16 boxes (a lazy target), as `mxfp4Quantized` reads one. */
-export interface Bf16Boxes {
-  readonly name: string;
-  readonly dtype: string;
-  readonly shape: readonly number[];
-  produce(box: { readonly start: readonly number[]; readonly size: readonly number[] }, out: Uint8Array): Promise<void>;
-}
+/** What the quantizer reads: a lazy bf16 target's boxes. */
+export type Bf16Boxes = Pick<TargetTensor, 'name' | 'dtype' | 'shape' | 'produce'>;
 
 /** Staging per slice of a quantizing read. */
 const SLICE_BYTES = 4 << 20;

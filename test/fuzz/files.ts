@@ -190,7 +190,8 @@ async function makeBases(): Promise<Bases> {
   };
 }
 
-function archive(records: ReadonlyArray<{ name: string; data: Uint8Array }>): Uint8Array {
+/** A zip of `records`, as one buffer. */
+export function archive(records: ReadonlyArray<{ name: string; data: Uint8Array }>): Uint8Array {
   const { parts } = zipParts(records);
   return Uint8Array.from(Buffer.concat(parts.map((p) => (p instanceof Uint8Array ? p : typeof p === 'function' ? p() : Buffer.alloc(0)))));
 }

@@ -11,10 +11,10 @@ import { PyDict, StorageRef, TensorRef } from '../../src/pickle/values.js';
 import { UnpicklingError } from '../../src/pickle/errors.js';
 import { ShardshiftError } from '../../src/errors.js';
 import { parseHeader } from '../../src/formats/safetensors.js';
-import { readZipIndex, readEntryChecked, zipParts } from '../../src/io/zip.js';
+import { readZipIndex, readEntryChecked } from '../../src/io/zip.js';
 import { openTorchArchive } from '../../src/formats/torch-archive.js';
 import { memSource } from './mem.js';
-import { FILE_TARGETS } from './files.js';
+import { archive, FILE_TARGETS } from './files.js';
 
 export { memSource };
 
@@ -169,13 +169,12 @@ export const safetensorsArb: fc.Arbitrary<Uint8Array> = fc.oneof(validSafetensor
 
 /** A valid torch archive (a dict with one bf16 tensor) to mutate. */
 function baseArchive(pkl: Uint8Array): Uint8Array {
-  const { parts } = zipParts([
+  return archive([
     { name: 'archive/data.pkl', data: pkl },
     { name: 'archive/data/0', data: new Uint8Array(16) },
     { name: 'archive/version', data: Buffer.from('3\n') },
     { name: 'archive/byteorder', data: Buffer.from('little') },
   ]);
-  return Uint8Array.from(Buffer.concat(parts.map((p) => (p instanceof Uint8Array ? p : typeof p === 'function' ? p() : Buffer.alloc(0)))));
 }
 
 /** {'w': a bf16 [2, 4] tensor of storage '0'}, as the project's pickler writes it (what torch writes). */

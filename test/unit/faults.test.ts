@@ -10,12 +10,12 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync } from 'node:child_process';
-import { chmod, cp, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
-import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
+import { outputDigest as digest } from '../helpers/tree.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
@@ -63,21 +63,6 @@ function run(args: string[], env: Record<string, string> = {}, as?: number): Pro
       res({ code: e ? (e.code ?? null) : 0, signal: e?.signal ?? null, stderr });
     });
   });
-}
-
-async function digest(path: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  const s = await stat(path);
-  if (!s.isDirectory()) return { '.': createHash('sha256').update(await readFile(path)).digest('hex') };
-  const walk = async (d: string, rel: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.isDirectory()) await walk(join(d, e.name), r);
-      else if (e.name !== 'shardshift-manifest.json') out[r] = createHash('sha256').update(await readFile(join(d, e.name))).digest('hex');
-    }
-  };
-  await walk(path, '');
-  return out;
 }
 
 /** The uninterrupted run's output, per writer. */
@@ -214,7 +199,7 @@ for (const w of WRITERS) {
     // The source changes (same size, in place) while the run holds its lock.
     const src = join(await caseDir(w, 'source'), 'src');
     await cp(w.source(), src, { recursive: true });
-    const out2 = join(dirname2(src), 'changed-out' + (w.out('x').endsWith('.safetensors') ? '.safetensors' : w.out('x').endsWith('.pt') ? '.pt' : ''));
+    const out2 = join(dirname(src), 'changed-out' + (w.out('x').endsWith('.safetensors') ? '.safetensors' : w.out('x').endsWith('.pt') ? '.pt' : ''));
     const running = run(w.args(src, out2), { SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS: '2500' });
     for (let i = 0; i < 200 && !existsSync(`${out2}.lock`); i++) await new Promise((r) => setTimeout(r, 25));
     const f = w.sourceFile(src);
@@ -228,8 +213,4 @@ for (const w of WRITERS) {
     assert.match(oneMessage(r.stderr, `${w.name} changed source`), new RegExp(`changed while it was being converted|${f.split('/').at(-1)!.replace('.', '\\.')}`));
     assert.ok(!existsSync(out2) && !existsSync(`${out2}.lock`));
   });
-}
-
-function dirname2(p: string): string {
-  return join(p, '..');
 }

@@ -7,12 +7,12 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { cp, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
-import { createHash } from 'node:crypto';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
+import { outputDigest as tree } from '../helpers/tree.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
@@ -31,19 +31,6 @@ function run(args: string[], env: Record<string, string> = {}): Promise<{ code: 
       res({ code: e ? (e.code ?? null) : 0, signal: e?.signal ?? null, stdout, stderr });
     });
   });
-}
-
-async function tree(dir: string): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  const walk = async (d: string, rel: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.isDirectory()) await walk(join(d, e.name), r);
-      else if (e.name !== 'shardshift-manifest.json') out[r] = createHash('sha256').update(await readFile(join(d, e.name))).digest('hex');
-    }
-  };
-  await walk(dir, '');
-  return out;
 }
 
 // Megatron output: 4 .distcp files + .metadata + common.pt + metadata.json + tracker + side files.
