@@ -4,7 +4,7 @@
  * looks done. The destination must not exist (unless overwriting), and may be neither the source,
  * inside it, nor contain it.
  */
-import { lstat, mkdir, open, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, readFile, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { copyExclusive, createExclusive } from '../io/create.js';
 import { lockOutput } from '../io/lock.js';
 import { createReadStream } from 'node:fs';
@@ -139,8 +139,8 @@ async function fileStamp(p: string): Promise<string> {
 }
 
 /** Test hook: SIGKILL this process at a chosen point, to prove interrupted runs resume. */
-function killPoint(kind: 'after-files' | 'mid-file' | 'before-commit', n = 0): boolean {
-  const v = process.env[{ 'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES', 'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE', 'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT' }[kind]];
+function killPoint(kind: 'after-mkdir' | 'after-files' | 'mid-file' | 'before-commit', n = 0): boolean {
+  const v = process.env[{ 'after-mkdir': 'SHARDSHIFT_TEST_KILL_AFTER_MKDIR', 'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES', 'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE', 'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT' }[kind]];
   return v !== undefined && Number(v) === n;
 }
 
@@ -218,6 +218,27 @@ export async function writeOutput(
   }
 }
 
+/** Creates (or, after a kill during creation, reuses) the partial directory and records the plan in it. */
+async function startPartial(partial: string, progressPath: string, planHash: string, create: boolean): Promise<Progress> {
+  if (create) await mkdir(partial);
+  if (killPoint('after-mkdir', 1)) process.kill(process.pid, 'SIGKILL');
+  const progress: Progress = { planHash, files: {} };
+  await writeJsonAtomic(progressPath, progress);
+  await fsyncPath(dirname(partial));
+  return progress;
+}
+
+/**
+ * True if the partial directory holds nothing, or only the temporary of its progress record: what a
+ * run killed between `mkdir` and the first progress write leaves. Anything else may be someone's data.
+ */
+async function onlyInitRemnants(partial: string, progressPath: string): Promise<boolean> {
+  const st = await lstat(partial);
+  if (!st.isDirectory()) return false;
+  const names = await readdir(partial);
+  return names.every((n) => n === `${basename(progressPath)}.tmp`);
+}
+
 async function writeLocked(
   s: string,
   o: string,
@@ -254,16 +275,18 @@ async function writeLocked(
       await commitOutput({ path: o, temp: partial, kind });
       return;
     }
-    if (!prev) throw usage(`${partial} exists but is not a shardshift partial output; remove it to start over`);
-    if (prev.planHash !== hash) {
+    if (!prev && (await onlyInitRemnants(partial, progressPath))) {
+      // Killed between creating the directory and recording the plan: nothing of value is in it.
+      progress = await startPartial(partial, progressPath, hash, false);
+    } else if (!prev) {
+      throw usage(`${partial} exists but is not a shardshift partial output; remove it to start over`);
+    } else if (prev.planHash !== hash) {
       throw usage(`${partial} holds an interrupted conversion with a different plan (plan ${prev.planHash.slice(0, 12)}, this one ${hash.slice(0, 12)}); remove it to start over, or re-run the original command to resume`);
+    } else {
+      progress = prev;
     }
-    progress = prev;
   } else {
-    await mkdir(partial);
-    progress = { planHash: hash, files: {} };
-    await writeJsonAtomic(progressPath, progress);
-    await fsyncPath(dirname(partial));
+    progress = await startPartial(partial, progressPath, hash, true);
   }
 
   let written = 0;

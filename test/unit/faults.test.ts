@@ -127,6 +127,8 @@ for (const w of WRITERS) {
         const delay = 40 + Math.floor(rnd() * 260);
         return { label: `at ${delay} ms`, delay };
       }),
+      // The window a CI run hit at random: the directory made, the plan not yet recorded in it.
+      { label: 'after creating the partial directory', env: { SHARDSHIFT_TEST_KILL_AFTER_MKDIR: '1' } },
       { label: 'after the first file', env: { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' } },
       { label: 'in the middle of the first file', env: { SHARDSHIFT_TEST_KILL_MID_FILE: '0' } },
     ];
