@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -71,6 +71,21 @@ test('a different plan into the same partial directory is refused', async () => 
   const r = await run(['convert', '--to', 'megatron', '--dcp-files', '4', '--tp', '2', '-q', example, out]);
   assert.equal(r.code, 2);
   assert.match(r.stderr, /other-plan\.partial holds an interrupted conversion with a different plan .* remove it to start over, or re-run the original command to resume/);
+});
+
+test('a partial directory that holds anything but shardshift remnants is refused, never reused or removed', async () => {
+  const out = join(tmp, 'foreign');
+  await mkdir(`${out}.partial`);
+  await writeFile(join(`${out}.partial`, 'notes.txt'), 'mine');
+  const r = await run(ARGS(out));
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /foreign\.partial exists but is not a shardshift partial output; remove it to start over/);
+  assert.equal(await readFile(join(`${out}.partial`, 'notes.txt'), 'utf8'), 'mine');
+  // An empty one (what a kill right after its mkdir leaves) is taken over.
+  const empty = join(tmp, 'empty');
+  await mkdir(`${empty}.partial`);
+  assert.equal((await run(ARGS(empty))).code, 0);
+  assert.ok(!existsSync(`${empty}.partial`));
 });
 
 test('a finished file altered at the same size while interrupted is rewritten on resume, not reused (issue 16, defect 6)', async () => {
