@@ -1,5 +1,5 @@
-// Generates src/lora/fma-kernel.wasm.ts: the WebAssembly SIMD kernel behind the exact fp32 LoRA
-// merge (see src/lora/fma-kernel.ts for what it computes and why it is exact).
+// Generates src/tensor/fma-kernel.wasm.ts: the WebAssembly SIMD kernel behind the exact fp32 LoRA
+// merge (see src/tensor/fma-kernel.ts for what it computes and why it is exact).
 //
 // The WAT is written here as a template because the inner loop is four copies of the same lane
 // group; `wabt` (a devDependency) assembles it, and the module's bytes are committed as base64 so
@@ -11,7 +11,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const target = join(root, 'src', 'lora', 'fma-kernel.wasm.ts');
+const target = join(root, 'src', 'tensor', 'fma-kernel.wasm.ts');
 
 /** Lane groups per output group: 4 × f64x2 = 8 output elements, enough chains to hide latency. */
 const V = 4;

@@ -1,14 +1,14 @@
 import { convert, type ConvertPlan } from '../plan/convert.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
-import type { FormatName, FORMAT_NAMES } from '../formats/index.js';
+import type { FormatName, FORMAT_NAMES } from '../checkpoints/registry.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
-import { isMegatronPath } from '../formats/megatron.js';
+import { isMegatronPath } from '../megatron/checkpoint.js';
 import { jsonEvents } from './events.js';
-import { isNxdPath } from '../formats/nxd.js';
+import { isNxdPath } from '../nxd/shards.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
 import { join } from 'node:path';
 import { stat } from 'node:fs/promises';

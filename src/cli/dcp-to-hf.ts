@@ -2,7 +2,7 @@ import { convertDcpToHf } from '../plan/dcp-to-hf.js';
 import { resolveModel } from '../hub/download.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { parseSize, formatBytes } from '../util/size.js';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 import { progressPrinter } from './progress.js';
 import { jsonEvents } from './events.js';
 import { describePlan } from './convert.js';

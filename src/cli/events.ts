@@ -1,5 +1,5 @@
 /** `--json` progress: one JSON object per line on stderr (`{"event":"progress",…}`), stdout keeps the final document. */
-import type { ProgressEvent } from '../plan/executor.js';
+import type { ProgressEvent } from '../exec/executor.js';
 
 export function jsonEvents(stream: NodeJS.WritableStream): { progress: (e: ProgressEvent) => void } {
   return {

@@ -1,7 +1,7 @@
 import { inspectCheckpoint } from '../plan/inspect.js';
-import type { FormatName } from '../formats/index.js';
+import type { FormatName } from '../checkpoints/registry.js';
 import { formatBytes } from '../util/size.js';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 
 export async function runInspect(path: string, opts: { format?: FormatName; json?: boolean; limit: string }): Promise<void> {
   const r = await inspectCheckpoint(path, opts.format);

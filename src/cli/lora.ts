@@ -4,7 +4,7 @@ import { mergeLora } from '../plan/lora-convert.js';
 import { exportMbAdapterToPeft, mergeMbToHf, mergeMbToMegatron } from '../plan/lora-mb.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 import { describePlan } from './convert.js';
 import { progressPrinter } from './progress.js';
 import type { ConvertResult } from '../plan/convert.js';

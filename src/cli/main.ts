@@ -4,13 +4,13 @@
  * 2 usage error (flags, paths), 3 verification failure.
  */
 import { Command, Option, CommanderError } from 'commander';
-import { ShardshiftError, ioError, isErrno } from '../errors.js';
+import { ShardshiftError, ioError, isErrno } from '../util/errors.js';
 import { UnpicklingError } from '../pickle/index.js';
-import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../formats/index.js';
+import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../checkpoints/registry.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
 import { registerLoraCommands } from './lora.js';
-import { VERSION } from '../version.js';
+import { VERSION } from '../util/version.js';
 import { EXIT } from './exit.js';
 import { runVerify, runDiff } from './verify.js';
 import { runStepsList, runStepsShow, runStepsRun } from './steps.js';

@@ -1,6 +1,6 @@
 /** A one-line progress display on a TTY (bytes, rate, ETA, current file); silent otherwise. */
 import { formatBytes } from '../util/size.js';
-import type { ProgressEvent } from '../plan/executor.js';
+import type { ProgressEvent } from '../exec/executor.js';
 
 export function progressPrinter(stream: NodeJS.WriteStream): { update: (e: ProgressEvent) => void; done: () => void } | undefined {
   if (!stream.isTTY) return undefined;

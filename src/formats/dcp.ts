@@ -11,7 +11,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ByteWindow, MemorySource, ReadOnlyFile, type ByteSource } from '../io/file.js';
-import { badInput, unsupported, ShardshiftError } from '../errors.js';
+import { badInput, unsupported, ShardshiftError } from '../util/errors.js';
 import { pickle, type AllowList } from '../pickle/index.js';
 import {
   PyDict,
@@ -25,7 +25,8 @@ import {
 } from '../pickle/values.js';
 import { byteLength, dtypeFromTorch, dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
 import { checkTiling, contiguousStrides, intersect, readBox, type Box, type Piece } from '../tensor/layout.js';
-import { type CheckpointSource, type OutputFile, type Part, type SourceObject, type SourceTensor, type TargetTensor, type WriteReport } from './types.js';
+import { type CheckpointSource, type SourceObject, type WriteReport } from './types.js';
+import { type OutputFile, type Part, type SourceTensor, type TargetTensor } from '../lazy/types.js';
 import { openTorchArchive, tensorPiece, torchArchiveParts, tensorArchiveParts, contiguousTensorRef, unpickleChecked } from './torch-archive.js';
 import { listSideFiles } from './side-files.js';
 

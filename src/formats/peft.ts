@@ -19,9 +19,10 @@
  */
 import { readFile, stat, readdir } from 'node:fs/promises';
 import { join, basename } from 'node:path';
-import { badInput, unsupported, usage } from '../errors.js';
-import { openCheckpoint } from './index.js';
-import type { CheckpointSource, SourceTensor } from './types.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
+import type { CheckpointSource } from './types.js';
+import type { SourceTensor } from '../lazy/types.js';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_SAFETENSORS = 'adapter_model.safetensors';

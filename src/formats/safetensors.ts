@@ -12,19 +12,11 @@
 import { readdir, stat, readFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
-import { badInput, unsupported, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
 import { byteLength, fillsWholeBytes, isDType, numelOf, dtypeInfo, type DType } from '../tensor/dtype.js';
 import { contiguousStrides, readBox, wholeBox, type Box, type Piece } from '../tensor/layout.js';
-import {
-  tensorSlot,
-  type CheckpointSource,
-  type OutputFile,
-  type Part,
-  type SourceObject,
-  type SourceTensor,
-  type TargetTensor,
-  type WriteReport,
-} from './types.js';
+import { type CheckpointSource, type SourceObject, type WriteReport } from './types.js';
+import { tensorSlot, type OutputFile, type Part, type SourceTensor, type TargetTensor } from '../lazy/types.js';
 import { listSideFiles } from './side-files.js';
 import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE } from './shards.js';
 

@@ -2,7 +2,7 @@
  * Splitting a checkpoint into shard files and the Hugging Face `*.index.json` that maps each
  * tensor to its shard — shared by the safetensors and torch writers.
  */
-import type { OutputFile } from './types.js';
+import type { OutputFile } from '../lazy/types.js';
 
 /** transformers 5's `save_pretrained` default `max_shard_size` ("50GB" = 5·10¹⁰ bytes; 4.x used "5GB"). */
 export const DEFAULT_MAX_SHARD_SIZE = 50_000_000_000;

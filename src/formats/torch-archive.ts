@@ -8,13 +8,13 @@
 import { createHash } from 'node:crypto';
 import type { ByteSource } from '../io/file.js';
 import { readEntryChecked, readZipIndex, zipParts, zipTemplate, type ZipEntry, type ZipRecord, type ZipTemplate } from '../io/zip.js';
-import { badInput, unsupported, ShardshiftError } from '../errors.js';
+import { badInput, unsupported, ShardshiftError } from '../util/errors.js';
 import { unpickle, pickle, storageFromPersistentId, UnpicklingError, type UnpickleOptions } from '../pickle/index.js';
 import type { AllowList } from '../pickle/index.js';
 import { StorageRef, TensorRef, type PyValue } from '../pickle/values.js';
 import { dtypeFromTorch, dtypeInfo, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { contiguousStrides, stridedExtent, wholeBox, type Piece } from '../tensor/layout.js';
-import { tensorSlot, type Part, type TargetTensor } from './types.js';
+import { tensorSlot, type Part, type TargetTensor } from '../lazy/types.js';
 
 export interface TorchArchive {
   readonly src: ByteSource;

@@ -6,18 +6,12 @@
 import { readdir, stat, readFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
-import { badInput, unsupported, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
 import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
 import { readBox, type Box, type Piece } from '../tensor/layout.js';
 import { PyDict, TensorRef, type PyValue } from '../pickle/values.js';
-import {
-  type CheckpointSource,
-  type OutputFile,
-  type SourceObject,
-  type SourceTensor,
-  type TargetTensor,
-  type WriteReport,
-} from './types.js';
+import { type CheckpointSource, type SourceObject, type WriteReport } from './types.js';
+import { type OutputFile, type SourceTensor, type TargetTensor } from '../lazy/types.js';
 import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
 import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE } from './shards.js';
 import { listSideFiles } from './side-files.js';

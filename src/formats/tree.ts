@@ -3,7 +3,7 @@
  * DCP's `flatten_state_dict` name them: `{"model": {"layer": [w]}}` → `model.layer.0`.
  */
 import { PyDict, PyTuple, TensorRef, type PyValue } from '../pickle/values.js';
-import { badInput } from '../errors.js';
+import { badInput } from '../util/errors.js';
 
 export interface Leaf {
   readonly name: string;

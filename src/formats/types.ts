@@ -7,24 +7,11 @@
  * other way: a format's writer turns a complete list of target tensors into `OutputFile`s, each
  * an ordered list of parts the executor streams to disk.
  */
-import type { DType } from '../tensor/dtype.js';
-import type { Box } from '../tensor/layout.js';
+import type { OutputFile, SourceTensor } from '../lazy/types.js';
 import type { PyValue } from '../pickle/values.js';
 
 /** On-disk formats: the first three are written by `convert --to`; megatron is read here (and written by the model conversion). */
 export type FormatName = 'safetensors' | 'torch' | 'dcp' | 'megatron' | 'nxd';
-
-export interface SourceTensor {
-  readonly name: string;
-  readonly dtype: DType;
-  readonly shape: readonly number[];
-  /** numel × itemsize. */
-  readonly byteLength: number;
-  /** Where the bytes are, for display and messages (file, and record or offset). */
-  readonly where: string;
-  /** Gathers `box` into `out` as contiguous C-order bytes. */
-  read(box: Box, out: Uint8Array): Promise<void>;
-}
 
 /** A non-tensor leaf of a checkpoint (an int, a string, nested metadata ...). */
 export interface SourceObject {
@@ -61,42 +48,6 @@ export interface CheckpointSource {
   /** Other files beside the weights (config.json, tokenizer files, args ...), relative paths. */
   readonly sideFiles: readonly string[];
   close(): Promise<void>;
-}
-
-/** A tensor the output will hold: its name, dtype, shape and how to get each box of its bytes. */
-export interface TargetTensor {
-  readonly name: string;
-  readonly dtype: DType;
-  readonly shape: readonly number[];
-  readonly byteLength: number;
-  /** Produces `box` of this tensor as contiguous bytes into `out`. */
-  produce(box: Box, out: Uint8Array): Promise<void>;
-  /** For plans and messages: what the bytes are made from. */
-  readonly describe: string;
-}
-
-/** Filled in by the executor while a tensor part streams. */
-export interface TensorSlot {
-  readonly kind: 'tensor';
-  readonly tensor: TargetTensor;
-  /** Set when the part's bytes need a CRC-32 (zip records). */
-  readonly wantCrc: boolean;
-  crc: number;
-}
-
-/** Literal bytes, a tensor's data, or bytes computed once the earlier parts are written. */
-export type Part = Uint8Array | TensorSlot | (() => Uint8Array);
-
-export interface OutputFile {
-  /** Path relative to the output directory. */
-  readonly relPath: string;
-  /** Total size, known before writing (for plans and progress). */
-  readonly size: number;
-  readonly parts: readonly Part[];
-}
-
-export function tensorSlot(tensor: TargetTensor, wantCrc = false): TensorSlot {
-  return { kind: 'tensor', tensor, wantCrc, crc: 0 };
 }
 
 /** Non-tensor entries a target format could not hold, reported to the user. */

@@ -14,7 +14,7 @@ import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { badInput, usage } from '../errors.js';
+import { badInput, usage } from '../util/errors.js';
 
 const WEIGHTS = /\.(safetensors|bin|pt|pth|h5|msgpack|onnx|gguf|ckpt)$|\.safetensors\.index\.json$|\.bin\.index\.json$/;
 

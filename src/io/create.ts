@@ -9,7 +9,7 @@
  */
 import { constants } from 'node:fs';
 import { copyFile as fsCopyFile, lstat, open, unlink, type FileHandle } from 'node:fs/promises';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
 

@@ -3,7 +3,7 @@
  * small torch.save archive inside a larger `.distcp` file). Sources never open files for writing.
  */
 import { open, type FileHandle } from 'node:fs/promises';
-import { badInput } from '../errors.js';
+import { badInput } from '../util/errors.js';
 
 export interface ByteSource {
   /** For messages: the file path, plus the range when this is a window of a file. */

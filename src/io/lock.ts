@@ -9,7 +9,7 @@
 import { hostname } from 'node:os';
 import { readFile, unlink } from 'node:fs/promises';
 import { createExclusive } from './create.js';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 
 interface Holder {
   readonly pid: number;

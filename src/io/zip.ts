@@ -11,8 +11,8 @@
  */
 import { crc32 } from 'node:zlib';
 import type { ByteSource } from './file.js';
-import { badInput, unsupported } from '../errors.js';
-import type { Part, TensorSlot } from '../formats/types.js';
+import { badInput, unsupported } from '../util/errors.js';
+import type { Part, TensorSlot } from '../lazy/types.js';
 
 const SIG_LOCAL = 0x04034b50;
 const SIG_CENTRAL = 0x02014b50;

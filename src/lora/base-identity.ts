@@ -7,10 +7,10 @@
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { openCheckpoint } from '../formats/index.js';
-import { badInput } from '../errors.js';
-import { identifySource } from '../plan/manifest.js';
-import { VERSION } from '../version.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
+import { badInput } from '../util/errors.js';
+import { identifySource } from '../exec/manifest.js';
+import { VERSION } from '../util/version.js';
 
 export const ADAPTER_RECORD = 'shardshift-adapter.json';
 

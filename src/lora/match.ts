@@ -4,7 +4,7 @@
  * `tuners/lora/model.py: _create_and_replace`, `tuners/lora/layer.py: update_layer`), applied to
  * module names as they appear in the base checkpoint (`model.layers.0.self_attn.q_proj`).
  */
-import { unsupported } from '../errors.js';
+import { unsupported } from '../util/errors.js';
 import type { LoraAdapterConfig } from '../formats/peft.js';
 
 /**

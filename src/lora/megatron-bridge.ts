@@ -20,11 +20,12 @@
 import { readFile } from 'node:fs/promises';
 import { join, dirname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { openMegatron, type MegatronCheckpoint } from '../formats/megatron.js';
+import { openMegatron, type MegatronCheckpoint } from '../megatron/checkpoint.js';
 import type { LoraModuleTensors } from '../formats/peft.js';
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
-import { badInput, unsupported } from '../errors.js';
-import { rowConcat, rows, allRows, type RowSegment } from '../plan/targets.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
+import { badInput, unsupported } from '../util/errors.js';
+import { rowConcat, rows, allRows, type RowSegment, produceBox } from '../lazy/expr.js';
 import type { ModelConfig } from '../models/config.js';
 import { MEGATRON_IGNORED } from '../models/dense.js';
 
@@ -170,7 +171,7 @@ export async function openMbAdapter(path: string): Promise<MbAdapter> {
 
 /** A lazy target as a source (for code that reads factors as sources). */
 export function asSource(t: TargetTensor): SourceTensor {
-  return { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce(b, o) };
+  return { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => produceBox(t, b, o) };
 }
 
 /** The row segments of each HF piece of a fused `linear_out` [rows, dim] (at `prefix`). */

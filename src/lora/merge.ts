@@ -26,14 +26,15 @@
  * while the tensor is produced. DoRA with fan_in_fan_out needs the per-column norms before the first
  * row, so it streams the tensor once more beforehand (same chunking).
  */
-import type { TargetTensor } from '../formats/types.js';
+import type { TargetTensor } from '../lazy/types.js';
 import type { LoraModuleTensors } from '../formats/peft.js';
 import { wholeBox, type Box } from '../tensor/layout.js';
 import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
-import { fromF32, mklBlock, roundThrough, toF32 } from './fp32.js';
-import { deltaBlock, runLoraMerge, type FactorMatrices, type LoraMergeTask } from './merge-task.js';
-import { poolThreads, runOnPool } from '../plan/workers.js';
-import { fmaKernelChoice } from './fma-kernel.js';
+import { fromF32, mklBlock, roundThrough, toF32 } from '../tensor/fp32.js';
+import { deltaBlock, runLoraMerge, type FactorMatrices, type LoraMergeTask } from '../tensor/lora-merge-task.js';
+import { poolThreads, runOnPool } from '../tensor/pool.js';
+import { fmaKernelChoice } from '../tensor/fma-kernel.js';
+import { produceBox } from '../lazy/expr.js';
 
 /** How the delta is rounded (see the module comment). */
 export interface MergeRounding {
@@ -166,7 +167,7 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
   /** V = W + ΔW in fp32 for a block (DoRA: ΔW is never rounded first). */
   const vBlock = async (f: FactorMatrices, box: Box): Promise<Float32Array> => {
     const raw = new Uint8Array(byteLength(dtype, numelOf(box.size)));
-    await base.produce(box, raw);
+    await produceBox(base, box, raw);
     const w = toF32(raw, dtype);
     const d = deltaBlock(f, box.start[0]!, box.size[0]!, box.start[1]!, box.size[1]!, s32);
     for (let k = 0; k < w.length; k++) w[k] = Math.fround(w[k]! + d[k]!);
@@ -209,7 +210,7 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
     const [c0, w] = [box.start[1]!, box.size[1]!];
     const shared = out.buffer instanceof SharedArrayBuffer;
     const buf = shared ? out : new Uint8Array(new SharedArrayBuffer(out.length));
-    await base.produce(box, buf);
+    await produceBox(base, box, buf);
     const task = (rr: number, nn: number): LoraMergeTask => ({
       kind: 'lora',
       buf: buf.buffer as SharedArrayBuffer,
@@ -240,7 +241,7 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
     if (!shared) out.set(buf);
   };
 
-  return {
+  return { kind: 'produced',
     name: spec.name,
     dtype,
     shape: base.shape,
@@ -286,7 +287,7 @@ export function mergedWeight(spec: WeightMergeSpec): TargetTensor {
 export function mergedBias(name: string, base: TargetTensor, loraBias: TargetTensor | { read(b: Box, o: Uint8Array): Promise<void>; shape: readonly number[]; byteLength: number; dtype: DType }, scaling: number, describe: string): TargetTensor {
   const s32 = Math.fround(scaling);
   const dtype = base.dtype;
-  return {
+  return { kind: 'produced',
     name,
     dtype,
     shape: base.shape,
@@ -294,11 +295,11 @@ export function mergedBias(name: string, base: TargetTensor, loraBias: TargetTen
     describe,
     produce: async (box: Box, out: Uint8Array) => {
       const raw = new Uint8Array(byteLength(dtype, numelOf(box.size)));
-      await base.produce(box, raw);
+      await produceBox(base, box, raw);
       const w = toF32(raw, dtype);
       const lb = new Uint8Array(byteLength(loraBias.dtype, numelOf(box.size)));
-      if ('produce' in loraBias) await loraBias.produce(box, lb);
-      else await loraBias.read(box, lb);
+      if ('read' in loraBias) await loraBias.read(box, lb);
+      else await produceBox(loraBias, box, lb);
       const d = toF32(lb, loraBias.dtype);
       for (let k = 0; k < w.length; k++) w[k] = Math.fround(w[k]! + Math.fround(d[k]! * s32));
       fromF32(w, dtype, out);

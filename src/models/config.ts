@@ -2,7 +2,7 @@
  * The normalized model config: what the parameter maps need, read from a Hugging Face
  * `config.json` or from a Megatron checkpoint's recorded config, and written back to both.
  */
-import { badInput, unsupported } from '../errors.js';
+import { badInput, unsupported } from '../util/errors.js';
 
 export interface ModelConfig {
   /** Family id from the registry (llama, mistral, qwen2, qwen3 ...). */

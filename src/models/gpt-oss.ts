@@ -18,8 +18,8 @@
  * the bf16 tensors above is the source's business, not the map's. Exports are unquantised unless
  * `--quantize mxfp4` asks for the hub's layout back (`hubQuantized`).
  */
-import { badInput, unsupported } from '../errors.js';
-import type { TargetTensor } from '../formats/types.js';
+import { badInput, unsupported } from '../util/errors.js';
+import type { TargetTensor } from '../lazy/types.js';
 import type { Box } from '../tensor/layout.js';
 import { byteLength, itemSize, numelOf } from '../tensor/dtype.js';
 import { PyFloat, PyTuple } from '../pickle/values.js';
@@ -46,7 +46,7 @@ function swapped(name: string, part: SourcePart, shape: readonly [number, number
   const t = part.src;
   const k = itemSize(t.dtype);
   if (k === undefined) throw unsupported(`${t.name}: ${t.dtype} cannot be transposed element-wise`, undefined, t.name);
-  return {
+  return { kind: 'produced',
     name,
     dtype: t.dtype,
     shape,
@@ -109,7 +109,7 @@ function permuted(name: string, part: SourcePart, len: number, at: (r: number) =
   const t = part.src;
   const k = itemSize(t.dtype);
   if (k === undefined) throw unsupported(`${t.name}: ${t.dtype} cannot be permuted element-wise`, undefined, t.name);
-  return {
+  return { kind: 'produced',
     name,
     dtype: t.dtype,
     shape: [len],
@@ -132,7 +132,7 @@ function permuted(name: string, part: SourcePart, len: number, at: (r: number) =
 function packedRows(name: string, src: Mxfp4Tensor, at: readonly number[], shape: readonly [number, number], rowOf: (r: number) => number, describe: string): TargetTensor {
   const packed = src.packedShape.slice(-2);
   if (packed[0] !== shape[0] || packed[1] !== shape[1]) throw badInput(`${src.name}: MXFP4 rows [${packed.join(', ')}] do not make ${name} [${shape.join(', ')}]`, undefined, src.name);
-  return {
+  return { kind: 'produced',
     name,
     dtype: 'BF16',
     shape,

@@ -3,7 +3,7 @@
  * (`block_sparse_moe.gate` router, experts `w1` gate / `w3` up / `w2` down), no shared expert.
  * Megatron-Bridge maps w1/w3 into each expert's `linear_fc1` = [w1; w3].
  */
-import { badInput } from '../errors.js';
+import { badInput } from '../util/errors.js';
 import { fromHfConfig, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, linearExtraState, moeArgs, moeParams } from './dense.js';
 import type { Family } from './spec.js';

@@ -17,7 +17,7 @@
  * - `backbone.embeddings` → word embeddings, `backbone.norm_f` → `decoder.final_norm` (MambaStack's
  *   name, not `final_layernorm`), `lm_head` → `output_layer`.
  */
-import { badInput, unsupported } from '../errors.js';
+import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat } from '../pickle/values.js';
 import { fromHfConfig, num, type HybridConfig, type ModelConfig } from './config.js';
 import { attentionParams, moeArgs, moeParams } from './dense.js';

@@ -4,7 +4,7 @@
  * `mlp_only_layers` or off the `decoder_sparse_step` grid are dense MLPs (`intermediate_size`);
  * megatron-core then keys every layer separately (non-homogeneous stack).
  */
-import { badInput } from '../errors.js';
+import { badInput } from '../util/errors.js';
 import { fromHfConfig, isMoeLayer, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
 import type { Family } from './spec.js';

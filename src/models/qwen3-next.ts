@@ -26,13 +26,13 @@
  *   per layer (`MultiTokenPredictionBlock.sharded_state_dict`; `transformer_layer` is also the
  *   on-disk name of megatron-core ≥ 0.17's `mtp_model_layer`).
  */
-import { badInput, unsupported } from '../errors.js';
+import { badInput, unsupported } from '../util/errors.js';
 import { fromHfConfig, isMoeLayer, num, type ExpertLayout, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeParams } from './dense.js';
 import type { Block, CustomKind, Family, GlobalParam, LayerParam, PrecisionRule, SourcePart } from './spec.js';
-import type { TargetTensor } from '../formats/types.js';
+import type { TargetTensor } from '../lazy/types.js';
 import { PyFloat } from '../pickle/values.js';
-import { rowConcat, rows, type RowSegment } from '../plan/targets.js';
+import { rowConcat, rows, type RowSegment } from '../lazy/expr.js';
 import { castBytes } from '../tensor/cast.js';
 import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
 
@@ -201,7 +201,7 @@ function concatKind(counts: readonly number[]): CustomKind {
 function offsetOf(name: string, p: SourcePart, delta: number, shape: readonly number[]): TargetTensor {
   const dtype: DType = p.src.dtype;
   if (dtype !== 'F32' && dtype !== 'BF16' && dtype !== 'F16') throw unsupported(`${p.src.name}: a ${delta > 0 ? '+' : ''}${delta} norm offset needs F32, BF16 or F16, not ${dtype}`, undefined, p.src.name);
-  return {
+  return { kind: 'produced',
     name,
     dtype,
     shape,

@@ -25,11 +25,11 @@
  *   `experts.down_proj` [E, H, F]) and the MTP layer's per expert; either layout is read, and the
  *   export writes the one the source had (recorded in the Megatron args).
  */
-import { unsupported, badInput } from '../errors.js';
+import { unsupported, badInput } from '../util/errors.js';
 import type { ModelConfig } from './config.js';
 import { hybridFamily, type VisionTower } from './qwen3-next.js';
 import type { CustomKind, GlobalParam, LayerParam, SourcePart } from './spec.js';
-import { rowConcat, rows, type RowSegment } from '../plan/targets.js';
+import { rowConcat, rows, type RowSegment } from '../lazy/expr.js';
 
 export const qwen35 = hybridFamily({
   id: 'qwen3_5',

@@ -11,7 +11,7 @@ import { nemotronH } from './nemotron-h.js';
 import { gptOss } from './gpt-oss.js';
 import { qwen3Next } from './qwen3-next.js';
 import { qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl } from './qwen35.js';
-import { unsupported } from '../errors.js';
+import { unsupported } from '../util/errors.js';
 
 export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, nemotronH, qwen3Next, qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl, gptOss];
 

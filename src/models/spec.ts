@@ -6,7 +6,7 @@
  * (torch_dist stacks layers and experts; legacy files split TP/PP/EP and number locally) is the
  * formats' business (`megatron-keys.ts`, `formats/megatron-legacy.ts`), not the families'.
  */
-import type { SourceTensor, TargetTensor } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import type { PyValue } from '../pickle/values.js';
 import type { ModelConfig } from './config.js';
 

@@ -5,13 +5,13 @@
  */
 import { stat } from 'node:fs/promises';
 import { extname, basename, join } from 'node:path';
-import { openCheckpoint, writeFormat, FORMAT_NAMES, type CheckpointSource, type FormatName, type TargetTensor } from '../formats/index.js';
-import type { OutputFile } from '../formats/types.js';
+import { openCheckpoint, writeFormat, FORMAT_NAMES, type CheckpointSource, type FormatName, type TargetTensor } from '../checkpoints/registry.js';
+import type { OutputFile } from '../lazy/types.js';
 import type { DType } from '../tensor/dtype.js';
-import { usage } from '../errors.js';
-import { castTo } from './targets.js';
-import type { ProgressEvent } from './executor.js';
-import { writeOutput } from './output.js';
+import { usage } from '../util/errors.js';
+import { castTo } from '../lazy/expr.js';
+import type { ProgressEvent } from '../exec/executor.js';
+import { writeOutput } from '../exec/output.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
@@ -65,7 +65,7 @@ function outputKind(out: string, to: FormatName): { kind: 'dir' | 'file'; single
 /** A target that copies a source tensor, optionally casting floating-point ones. */
 function targetFor(src: CheckpointSource, name: string, dtype: DType | undefined): TargetTensor {
   const s = src.tensors.get(name)!;
-  const copy: TargetTensor = { name, dtype: s.dtype, shape: s.shape, byteLength: s.byteLength, produce: (b, out) => s.read(b, out), describe: `${src.format}:${s.where}` };
+  const copy: TargetTensor = { kind: 'produced', name, dtype: s.dtype, shape: s.shape, byteLength: s.byteLength, produce: (b, out) => s.read(b, out), describe: `${src.format}:${s.where}` };
   return dtype && isFloat(s.dtype) ? castTo(copy, dtype) : copy;
 }
 

@@ -19,19 +19,20 @@ import { readFile, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { openDcp } from '../formats/dcp.js';
-import { isMegatronPath } from '../formats/megatron.js';
+import { isMegatronPath } from '../megatron/checkpoint.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import { PyTuple } from '../pickle/values.js';
 import type { DType } from '../tensor/dtype.js';
-import { badInput, usage } from '../errors.js';
-import { buildImport } from '../models/map.js';
-import { castTo, copyOf } from './targets.js';
+import { badInput, usage } from '../util/errors.js';
+import { buildImport } from '../bridge/map.js';
+import { castTo, copyOf } from '../lazy/expr.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { configFromHfDir, convertMegatronToHf } from './model-convert.js';
-import { writeOutput } from './output.js';
-import type { ProgressEvent } from './executor.js';
+import { writeOutput } from '../exec/output.js';
+import type { ProgressEvent } from '../exec/executor.js';
 
 export interface DcpToHfOptions {
   /** NeMo RL's config.yaml (for policy.model_name). */

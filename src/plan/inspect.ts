@@ -2,7 +2,7 @@
  * What a checkpoint holds, without reading tensor data: format, tensors, bytes, dtypes, the
  * non-tensor entries and the side files.
  */
-import { openCheckpoint, type FormatName } from '../formats/index.js';
+import { openCheckpoint, type FormatName } from '../checkpoints/registry.js';
 import { describe } from '../pickle/values.js';
 import { toPlain } from '../pickle/index.js';
 

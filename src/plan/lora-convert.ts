@@ -11,20 +11,21 @@
  */
 import { readFile, stat, realpath } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { openCheckpoint } from '../formats/index.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
 import { openPeftAdapter, PEFT_PREFIX, type LoraModuleTensors, type PeftAdapter } from '../formats/peft.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
-import { badInput, unsupported, usage } from '../errors.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
 import type { DType } from '../tensor/dtype.js';
 import { moduleScaling, targetStatus } from '../lora/match.js';
 import { mergedBias, mergedWeight, type MergeRounding, type WeightLayout } from '../lora/merge.js';
-import { castTo } from './targets.js';
+import { castTo } from '../lazy/expr.js';
 import { ADAPTER_RECORD, baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
-import { writeOutput } from './output.js';
-import type { ProgressEvent } from './executor.js';
+import { writeOutput } from '../exec/output.js';
+import type { ProgressEvent } from '../exec/executor.js';
 
 export interface MergeLoraOptions {
   /** Waive the base_model_name_or_path identity check (never the shape checks). */
@@ -49,7 +50,7 @@ function isFloat(d: DType): boolean {
 }
 
 function sourceTarget(t: SourceTensor, name = t.name): TargetTensor {
-  return { name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
+  return { kind: 'produced', name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
 }
 
 const shapeStr = (s: readonly number[]): string => `[${s.join(', ')}]`;

@@ -17,28 +17,28 @@
  */
 import { join } from 'node:path';
 import { stat } from 'node:fs/promises';
-import { openMegatron, writeMegatron, commonArgs, iterDirName } from '../formats/megatron.js';
+import { openMegatron, writeMegatron, commonArgs, iterDirName } from '../megatron/checkpoint.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
-import type { OutputFile, TargetTensor } from '../formats/types.js';
+import type { OutputFile, TargetTensor } from '../lazy/types.js';
 import { PEFT_PREFIX, type LoraModuleTensors } from '../formats/peft.js';
-import { badInput, usage } from '../errors.js';
+import { badInput, usage } from '../util/errors.js';
 import type { DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
-import { buildExport } from '../models/map.js';
-import { torchDistExtraState } from '../models/megatron-keys.js';
+import { buildExport } from '../bridge/map.js';
+import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import type { ModelConfig } from '../models/config.js';
 import { mergedWeight } from '../lora/merge.js';
 import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-identity.js';
 import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
-import { allRows, castTo, rowConcat } from './targets.js';
+import { allRows, castTo, rowConcat, produceBox } from '../lazy/expr.js';
 import { configFromHfDir } from './model-convert.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
-import { writeOutput } from './output.js';
-import type { ProgressEvent } from './executor.js';
-import { targetView } from './view.js';
+import { writeOutput } from '../exec/output.js';
+import type { ProgressEvent } from '../exec/executor.js';
+import { targetView } from '../lazy/view.js';
 
 export interface MbLoraOptions {
   /** HF model directory of the base (config, tokenizer); default: the base checkpoint's own `hf/`. */
@@ -129,7 +129,7 @@ export async function exportMbAdapterToPeft(adapterPath: string, out: string, op
         [m.a, 'lora_A'],
         [m.b, 'lora_B'],
       ] as const) {
-        const src: TargetTensor = { name: `${PEFT_PREFIX}${m.name}.${what}.weight`, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
+        const src: TargetTensor = { kind: 'produced', name: `${PEFT_PREFIX}${m.name}.${what}.weight`, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
         tensors.push(castTo(src, 'F32'));
       }
     }
@@ -227,7 +227,7 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
 
 /** A target viewed with a leading dim of 1 (one layer's chunk of a stacked tensor). */
 function withLeadingOne(t: TargetTensor): TargetTensor {
-  return targetView(t, { shape: [1, ...t.shape], produce: (box, o) => t.produce({ start: box.start.slice(1), size: box.size.slice(1) }, o) });
+  return targetView(t, { shape: [1, ...t.shape], produce: (box, o) => produceBox(t, { start: box.start.slice(1), size: box.size.slice(1) }, o) });
 }
 
 /** Base Megatron checkpoint + Megatron-Bridge adapter → merged Megatron torch_dist checkpoint. */
@@ -268,7 +268,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
           continue;
         }
         const m = TARGET_RE.exec(t.name);
-        const copyWhole: TargetTensor = { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
+        const copyWhole: TargetTensor = { kind: 'produced', name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, produce: (b, o) => t.read(b, o), describe: t.where };
         if (!m) {
           entries.push({ name: t.name, dtype: t.dtype, shape: t.shape, chunks: [{ offsets: t.shape.map(() => 0), tensor: copyWhole }] });
           continue;

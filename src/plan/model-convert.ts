@@ -9,30 +9,31 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { openCheckpoint } from '../formats/index.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../tensor/mxfp4.js';
 import { writeSafetensors } from '../formats/safetensors.js';
-import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../formats/megatron.js';
-import { writeMegatronLegacy } from '../formats/megatron-legacy.js';
-import { writeMegatronFsdp } from '../formats/megatron-fsdp.js';
+import { openMegatron, writeMegatron, commonArgs, iterDirName, isMegatronPath } from '../megatron/checkpoint.js';
+import { writeMegatronLegacy } from '../megatron/legacy.js';
+import { writeMegatronFsdp } from '../megatron/fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import { configJson, JsonFloat, parseConfigJson, withoutTopLevelKey } from '../formats/config-json.js';
 import { mxfp4Pair } from '../tensor/mxfp4-quantize.js';
-import { castTo } from './targets.js';
-import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
+import { castTo, produceBox, asProduced } from '../lazy/expr.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
-import { badInput, unsupported, usage } from '../errors.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
 import { dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig } from '../models/registry.js';
-import { buildExport, buildImport, mainDtype, type SkipRule } from '../models/map.js';
-import { torchDistExtraState } from '../models/megatron-keys.js';
+import { buildExport, buildImport, mainDtype, type SkipRule } from '../bridge/map.js';
+import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
-import { writeOutput } from './output.js';
-import type { ProgressEvent } from './executor.js';
-import { targetView } from './view.js';
+import { writeOutput } from '../exec/output.js';
+import type { ProgressEvent } from '../exec/executor.js';
+import { targetView } from '../lazy/view.js';
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
@@ -110,7 +111,7 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
 export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
   const fromMegatron = await isMegatronPath(srcPath);
-  const { isNxdPath } = await import('../formats/nxd.js');
+  const { isNxdPath } = await import('../nxd/shards.js');
   const fromNxd = !fromMegatron && (await isNxdPath(srcPath));
   if (!fromMegatron && !fromNxd && !(await stat(srcPath)).isDirectory()) throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
   const meg = fromMegatron ? await openMegatron(srcPath) : undefined;
@@ -289,7 +290,7 @@ export async function openMegatronAsHf(path: string, opts: { hfModel?: string; a
 /** Lazy targets exposed as a source (for chaining maps: Megatron → HF names → Megatron). */
 function sourceFromTargets(path: string, targets: readonly TargetTensor[], root: string): CheckpointSource {
   const tensors = new Map<string, SourceTensor>();
-  for (const t of targets) tensors.set(t.name, { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce(b, o) });
+  for (const t of targets) tensors.set(t.name, { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => produceBox(t, b, o) });
   return { format: 'megatron', path, root, tensors, objects: new Map(), metadata: new Map(), dataFiles: [], sideFiles: [], close: async () => undefined };
 }
 
@@ -588,12 +589,12 @@ function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], met
   const out = tensors.flatMap((t): TargetTensor[] => {
     if (!hq.tensors.test(t.name)) return [t];
     n++;
-    const pair = mxfp4Pair(castTo(t, 'BF16'));
+    const pair = mxfp4Pair(asProduced(castTo(t, 'BF16')));
     const why = 'MXFP4 (--quantize mxfp4), as transformers\' quantize_to_mxfp4';
     dtypes.push({ name: `${t.name}_blocks`, dtype: 'U8', reason: why }, { name: `${t.name}_scales`, dtype: 'U8', reason: why });
     return [
-      { name: `${t.name}_blocks`, dtype: 'U8', shape: pair.blocksShape, byteLength: numelOf(pair.blocksShape), describe: `mxfp4 blocks(${t.describe})`, produce: pair.blocks },
-      { name: `${t.name}_scales`, dtype: 'U8', shape: pair.scalesShape, byteLength: numelOf(pair.scalesShape), describe: `mxfp4 scales(${t.describe})`, produce: pair.scales },
+      { kind: 'produced', name: `${t.name}_blocks`, dtype: 'U8', shape: pair.blocksShape, byteLength: numelOf(pair.blocksShape), describe: `mxfp4 blocks(${t.describe})`, produce: pair.blocks },
+      { kind: 'produced', name: `${t.name}_scales`, dtype: 'U8', shape: pair.scalesShape, byteLength: numelOf(pair.scalesShape), describe: `mxfp4 scales(${t.describe})`, produce: pair.scales },
     ];
   });
   if (n === 0) throw badInput(`--quantize ${method}: the export holds none of the weights ${fam.description} quantizes (${hq.tensors.source})`);

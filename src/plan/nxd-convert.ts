@@ -26,21 +26,22 @@
  */
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { openCheckpoint } from '../formats/index.js';
-import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankTensor } from '../formats/nxd.js';
-import { sliceTarget, concatRows } from '../formats/megatron-legacy.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
+import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankTensor } from '../nxd/shards.js';
+import { sliceTarget, concatRows } from '../lazy/view.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { writeTorch } from '../formats/torch.js';
 import { listSideFiles } from '../formats/side-files.js';
-import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from '../formats/types.js';
-import { badInput, unsupported, usage } from '../errors.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
+import { badInput, unsupported, usage } from '../util/errors.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { readBox, type Box, type Piece } from '../tensor/layout.js';
-import { castTo, copyOf } from './targets.js';
-import { targetView } from './view.js';
+import { castTo, copyOf } from '../lazy/expr.js';
+import { targetView } from '../lazy/view.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
-import { writeOutput } from './output.js';
-import type { ProgressEvent } from './executor.js';
+import { writeOutput } from '../exec/output.js';
+import type { ProgressEvent } from '../exec/executor.js';
 
 export type ModelStyle = 'hf' | 'megatron';
 
@@ -510,7 +511,7 @@ async function fullStatePath(src: string): Promise<string> {
 /** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
 export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
-  const { isMegatronPath } = await import('../formats/megatron.js');
+  const { isMegatronPath } = await import('../megatron/checkpoint.js');
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
   const meg = (await isMegatronPath(srcPath)) ? await (await import('./model-convert.js')).openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
   const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);

@@ -11,17 +11,19 @@ import { createReadStream } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { openCheckpoint } from '../formats/index.js';
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import { openCheckpoint } from '../checkpoints/registry.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
-import { openMegatron } from '../formats/megatron.js';
+import { openMegatron } from '../megatron/checkpoint.js';
 import { dtypeInfo, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { canCast, castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
-import { chunkBoxes } from './executor.js';
-import { MANIFEST_NAME, type Manifest } from './manifest.js';
-import { buildExport, buildImport, mainDtype } from '../models/map.js';
+import { chunkBoxes } from '../exec/executor.js';
+import { MANIFEST_NAME, type Manifest } from '../exec/manifest.js';
+import { buildExport, buildImport, mainDtype } from '../bridge/map.js';
 import { configFromHfDir } from './model-convert.js';
+import { produceBox } from '../lazy/expr.js';
 
 const CHUNK = 16 << 20;
 
@@ -34,7 +36,7 @@ interface Readable {
 type ReadFn = (box: Box, out: Uint8Array) => Promise<void>;
 
 function readerOf(t: SourceTensor | TargetTensor): ReadFn {
-  return 'produce' in t ? (b, o) => t.produce(b, o) : (b, o) => t.read(b, o);
+  return 'read' in t ? (b, o) => t.read(b, o) : (b, o) => produceBox(t, b, o);
 }
 
 function boxBytes(d: DType, b: Box): number {
@@ -314,7 +316,7 @@ export interface DiffReport {
  */
 function entryTarget(e: DcpTensorEntry): TargetTensor {
   const item = dtypeInfo(e.dtype).bits / 8;
-  return {
+  return { kind: 'produced',
     name: e.name,
     dtype: e.dtype,
     shape: e.shape,
@@ -327,7 +329,7 @@ function entryTarget(e: DcpTensorEntry): TargetTensor {
         if (lo.some((l, d) => l >= hi[d]!)) continue;
         const size = lo.map((l, d) => hi[d]! - l);
         const tmp = new Uint8Array(numelOf(size) * item);
-        await c.tensor.produce({ start: lo.map((l, d) => l - c.offsets[d]!), size }, tmp);
+        await produceBox(c.tensor, { start: lo.map((l, d) => l - c.offsets[d]!), size }, tmp);
         scatter(tmp, size, out, box.size, lo.map((l, d) => l - box.start[d]!), item);
       }
     },

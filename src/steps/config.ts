@@ -7,7 +7,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
-import { usage, badInput } from '../errors.js';
+import { usage, badInput } from '../util/errors.js';
 import { canonicalKey, parseParam, type Step, type StepParams } from './registry.js';
 
 /** Where the package's step configs live: `steps/<step>/default.yaml` at the package root. */

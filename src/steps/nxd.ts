@@ -8,7 +8,7 @@
  */
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
 import { registerStep, type Step } from './registry.js';
 

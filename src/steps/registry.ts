@@ -6,11 +6,11 @@
  * convert` — no logic of its own. Parameter names follow the reference docs' vocabulary.
  */
 import type { ConvertResult } from '../plan/convert.js';
-import type { ProgressEvent } from '../plan/executor.js';
+import type { ProgressEvent } from '../exec/executor.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
 import { basename, join } from 'node:path';
-import { usage } from '../errors.js';
+import { usage } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
 
 export type ParamType = 'string' | 'int' | 'bool' | 'size';

@@ -9,7 +9,7 @@
  */
 import type { ByteSource } from '../io/file.js';
 import { dtypeInfo, itemSize, numelOf, type DType } from './dtype.js';
-import { badInput, unsupported } from '../errors.js';
+import { badInput, unsupported } from '../util/errors.js';
 
 /** A rectangular region of a tensor: `start[d] ≤ i[d] < start[d] + size[d]` for every dim. */
 export interface Box {

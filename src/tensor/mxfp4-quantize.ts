@@ -20,8 +20,9 @@
  *
  * Written by hand: no JavaScript library implements the kernel's rounding.
  */
-import { badInput } from '../errors.js';
-import type { TargetTensor } from '../formats/types.js';
+import { badInput } from '../util/errors.js';
+import type { DType } from './dtype.js';
+import type { Box } from './layout.js';
 
 const f32 = new Float32Array(1);
 const i32 = new Int32Array(f32.buffer);
@@ -116,8 +117,13 @@ function bitsToFloat(bits: number): number {
   return f32[0]!;
 }
 
-/** What the quantizer reads: a lazy bf16 target's boxes. */
-export type Bf16Boxes = Pick<TargetTensor, 'name' | 'dtype' | 'shape' | 'produce'>;
+/** What the quantizer reads: a lazy bf16 tensor's boxes (a produced target tensor is one). */
+export interface Bf16Boxes {
+  readonly name: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  produce(box: Box, out: Uint8Array): Promise<void>;
+}
 
 /** Staging per slice of a quantizing read. */
 const SLICE_BYTES = 4 << 20;

@@ -15,8 +15,10 @@
  *
  * The view is lazy: a box reads only the blocks and scales of the rows and column blocks it covers.
  */
-import type { CheckpointSource, SourceTensor } from '../formats/types.js';
-import { badInput } from '../errors.js';
+import { poolThreads, poolWorthIt, runOnPool } from './pool.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor } from '../lazy/types.js';
+import { badInput } from '../util/errors.js';
 import { byteLength, numelOf } from './dtype.js';
 import type { Box } from './layout.js';
 
@@ -134,12 +136,12 @@ function giveShared(b: Uint8Array): void {
 }
 
 /**
- * Where dequantisation runs: set by the executor's worker pool (`plan/workers.ts`) so that rows
- * read into its shared arena are dequantised on the pool; unset, everything runs inline. A
- * module-level hook rather than a parameter: the lazy targets between the executor and this
- * tensor (TP slices, expert stacks, key views) pass only a box and an output.
+ * Where one slice is dequantised: on the task pool when it is large enough to pay for the trip,
+ * else inline (in the same shared staging, so the caller does not care which).
  */
-export const mxfp4Offload: { run?: (task: Mxfp4RowsTask) => Promise<number> } = {};
+function dequantiseSlice(task: Mxfp4RowsTask): Promise<number> {
+  return poolWorthIt(task.rows.length * task.cn * 2) ? runOnPool(task) : Promise.resolve(runMxfp4Rows(task));
+}
 
 /**
  * The lazy bf16 view `name` [E, 32G, R] of `blocks` [E, R, G, 16] and `scales` [E, R, G] — the
@@ -199,7 +201,8 @@ export class Mxfp4Tensor implements SourceTensor {
     const off = (c0 - g0 * 32) * 2;
     const one = at.map(() => 1);
     // Into the executor's shared arena, slices are dequantised on the pool while the next is read.
-    const offload = mxfp4Offload.run && out.buffer instanceof SharedArrayBuffer ? mxfp4Offload.run : undefined;
+    // (Only the executor's arena is shared memory; any other `out` is filled inline.)
+    const offload = out.buffer instanceof SharedArrayBuffer && poolThreads() > 0 ? dequantiseSlice : undefined;
     const pending: Array<Promise<number>> = [];
     // Two staging buffers per call: one being read while the pool dequantises the other.
     const staging: Array<{ raw: Uint8Array; busy?: Promise<number> }> = [];

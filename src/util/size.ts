@@ -1,5 +1,5 @@
 /** Byte sizes as users write them: `512MiB`, `5GB`, `1.5G`, `1048576`. */
-import { usage } from '../errors.js';
+import { usage } from './errors.js';
 
 const UNITS: Record<string, number> = {
   '': 1, b: 1,

@@ -14,8 +14,8 @@ import { pickle, unpickle } from '../../src/pickle/index.js';
 import { PyDict, PyObject, PyTuple, TensorRef, type PyValue } from '../../src/pickle/values.js';
 import { readEntryChecked, readZipIndex, zipParts } from '../../src/io/zip.js';
 import { openDcp } from '../../src/formats/dcp.js';
-import { openMegatronLegacy } from '../../src/formats/megatron-legacy.js';
-import { openNxdShards } from '../../src/formats/nxd.js';
+import { openMegatronLegacy } from '../../src/megatron/legacy.js';
+import { openNxdShards } from '../../src/nxd/shards.js';
 import { openPeftAdapter } from '../../src/formats/peft.js';
 import type { CheckpointSource } from '../../src/formats/types.js';
 import { wholeBox } from '../../src/tensor/layout.js';
@@ -23,8 +23,8 @@ import { StorageRef } from '../../src/pickle/values.js';
 import { repoRoot } from '../helpers/oracle.js';
 import { memSource } from './mem.js';
 import { storageFromPersistentId } from '../../src/pickle/allowlist.js';
-import { MEGATRON_GLOBALS } from '../../src/formats/megatron.js';
-import { NXD_GLOBALS } from '../../src/formats/nxd.js';
+import { MEGATRON_GLOBALS } from '../../src/megatron/checkpoint.js';
+import { NXD_GLOBALS } from '../../src/nxd/shards.js';
 
 /** How the harness reads a pickle to edit it: every class the readers allow, storages as references. */
 const EDIT = { extraGlobals: { ...MEGATRON_GLOBALS, ...NXD_GLOBALS }, persistentLoad: storageFromPersistentId };

@@ -1,5 +1,5 @@
 /** An in-memory ByteSource for the fuzz targets. */
-import { ShardshiftError } from '../../src/errors.js';
+import { ShardshiftError } from '../../src/util/errors.js';
 import type { ByteSource } from '../../src/io/file.js';
 
 export function memSource(bytes: Uint8Array, name = 'fuzz-input'): ByteSource {

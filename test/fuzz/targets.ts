@@ -9,7 +9,7 @@ import fc from 'fast-check';
 import { pickle, unpickle } from '../../src/pickle/index.js';
 import { PyDict, StorageRef, TensorRef } from '../../src/pickle/values.js';
 import { UnpicklingError } from '../../src/pickle/errors.js';
-import { ShardshiftError } from '../../src/errors.js';
+import { ShardshiftError } from '../../src/util/errors.js';
 import { parseHeader } from '../../src/formats/safetensors.js';
 import { readZipIndex, readEntryChecked } from '../../src/io/zip.js';
 import { openTorchArchive } from '../../src/formats/torch-archive.js';

@@ -1,6 +1,6 @@
 /** The TS side of the oracle's `describe`: per tensor dtype, shape and SHA-256 of its C-order bytes. */
 import { createHash } from 'node:crypto';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import type { CheckpointSource, FormatName } from '../../src/formats/types.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 

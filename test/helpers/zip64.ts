@@ -2,14 +2,15 @@
 import { open } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 import { writeTorch } from '../../src/formats/torch.js';
-import type { TargetTensor } from '../../src/formats/types.js';
+import type { TargetTensor } from '../../src/lazy/types.js';
+import { produceBox } from '../../src/lazy/expr.js';
 
 /** 4 GiB + 1 MiB: the big record's size and the next record's offset both need zip64. */
 export const BIG = 2 ** 32 + (1 << 20);
 
 export async function writeSparseTorchZip64(path: string): Promise<void> {
-  const big: TargetTensor = { name: 'big', dtype: 'U8', shape: [BIG], byteLength: BIG, produce: async () => undefined, describe: 'zeros' };
-  const after: TargetTensor = {
+  const big: TargetTensor = { kind: 'produced', name: 'big', dtype: 'U8', shape: [BIG], byteLength: BIG, produce: async () => undefined, describe: 'zeros' };
+  const after: TargetTensor = { kind: 'produced',
     name: 'after', dtype: 'F32', shape: [4], byteLength: 16, describe: 'values',
     produce: async (_b, out) => out.set(new Uint8Array(new Float32Array([1, 2, 3, 4]).buffer)),
   };
@@ -31,7 +32,7 @@ export async function writeSparseTorchZip64(path: string): Promise<void> {
         pos += BIG;
       } else {
         const b = new Uint8Array(part.tensor.byteLength);
-        await part.tensor.produce({ start: [0], size: [...part.tensor.shape] }, b);
+        await produceBox(part.tensor, { start: [0], size: [...part.tensor.shape] }, b);
         part.crc = crc32(b);
         await fh.write(b, 0, b.length, pos);
         pos += b.length;

@@ -103,7 +103,7 @@ test('round trip safetensors → torch → dcp → safetensors keeps every byte 
 
 test('zip64: torch loads shardshift\'s >4 GiB archive, and shardshift reads torch\'s', async () => {
   const { writeSparseTorchZip64, BIG } = await import('../helpers/zip64.js');
-  const { openCheckpoint } = await import('../../src/formats/index.js');
+  const { openCheckpoint } = await import('../../src/checkpoints/registry.js');
   const ours = join(tmp, 'zip64-ours.pt');
   await writeSparseTorchZip64(ours);
   const r = JSON.parse(await runOracle('formats_oracle.py', ['zip64check', ours])) as { big_shape: number[]; big_tail: number[]; after: number[] };

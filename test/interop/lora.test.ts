@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot, runOracle } from '../helpers/oracle.js';
 import { mergeLora } from '../../src/plan/lora-convert.js';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import type { DType } from '../../src/tensor/dtype.js';
 

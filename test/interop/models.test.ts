@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runOracle } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
-import { openMegatron } from '../../src/formats/megatron.js';
+import { openMegatron } from '../../src/megatron/checkpoint.js';
 
 const CASES = ['llama_gqa', 'llama_mha_tied', 'llama31_rope', 'mistral', 'qwen2_bias', 'qwen3_qknorm'];
 let tmp: string;

@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
-import { VERSION } from '../../src/version.js';
+import { VERSION } from '../../src/util/version.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');

@@ -11,11 +11,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { crc32 } from 'node:zlib';
-import { Executor, executorTuning } from '../../src/plan/executor.js';
-import { workerTuning } from '../../src/plan/workers.js';
-import { castTo } from '../../src/plan/targets.js';
+import { Executor, executorTuning } from '../../src/exec/executor.js';
+import { workerTuning } from '../../src/tensor/pool.js';
+import { castTo, produceBox } from '../../src/lazy/expr.js';
 import { castBytes } from '../../src/tensor/cast.js';
-import { tensorSlot, type OutputFile, type TargetTensor } from '../../src/formats/types.js';
+import { tensorSlot, type OutputFile, type ProducedTensor, type TargetTensor } from '../../src/lazy/types.js';
 import { boxNumel, contiguousStrides, type Box } from '../../src/tensor/layout.js';
 
 const saved = { e: { ...executorTuning }, w: { ...workerTuning } };
@@ -25,10 +25,10 @@ after(() => {
 });
 
 /** A BF16 tensor with pseudo-random finite bytes, or all zeros. */
-function tensor(name: string, shape: number[], zero = false): TargetTensor {
+function tensor(name: string, shape: number[], zero = false): ProducedTensor {
   const numel = shape.reduce((a, b) => a * b, 1);
   const strides = contiguousStrides(shape);
-  return {
+  return { kind: 'produced',
     name,
     dtype: 'BF16',
     shape,
@@ -59,13 +59,13 @@ function fileOf(): { f: OutputFile; expect: () => Promise<Uint8Array> } {
   const expect = async (): Promise<Uint8Array> => {
     const whole = async (t: TargetTensor): Promise<Uint8Array> => {
       const out = new Uint8Array(t.byteLength);
-      await t.produce({ start: t.shape.map(() => 0), size: [...t.shape] }, out);
+      await produceBox(t, { start: t.shape.map(() => 0), size: [...t.shape] }, out);
       return out;
     };
     const ab = await whole(a);
     const zb = new Uint8Array(z.byteLength);
     const src = new Uint8Array(700 * 1000 * 2);
-    await tensor('c', [700, 1000]).produce({ start: [0, 0], size: [700, 1000] }, src);
+    await produceBox(tensor('c', [700, 1000]), { start: [0, 0], size: [700, 1000] }, src);
     const cb = castBytes(src, 'BF16', 'F32');
     const ca = crc32(ab);
     const cc = crc32(cb);

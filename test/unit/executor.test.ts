@@ -5,15 +5,15 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { chunkBoxes, Executor } from '../../src/plan/executor.js';
+import { chunkBoxes, Executor } from '../../src/exec/executor.js';
 import { boxNumel, contiguousStrides, type Box } from '../../src/tensor/layout.js';
-import { tensorSlot, type TargetTensor } from '../../src/formats/types.js';
+import { tensorSlot, type TargetTensor } from '../../src/lazy/types.js';
 
 /** A tensor whose byte i is (i * 7 + 3) mod 251, produced box by box; counts live buffers. */
 function patterned(name: string, shape: number[], item: number, live: { now: number; max: number }): TargetTensor {
   const strides = contiguousStrides(shape);
   const numel = shape.reduce((a, b) => a * b, 1);
-  return {
+  return { kind: 'produced',
     name,
     dtype: item === 2 ? 'BF16' : 'U8',
     shape,

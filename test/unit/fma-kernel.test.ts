@@ -10,13 +10,14 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
-import { dotChain, fromF32, loraDot, roundThrough, toF32 } from '../../src/lora/fp32.js';
+import { dotChain, fromF32, loraDot, roundThrough, toF32 } from '../../src/tensor/fp32.js';
 import { mergedWeight } from '../../src/lora/merge.js';
-import { workerTuning } from '../../src/plan/workers.js';
+import { workerTuning } from '../../src/tensor/pool.js';
 import { castBytes } from '../../src/tensor/cast.js';
 import type { Box } from '../../src/tensor/layout.js';
-import type { SourceTensor, TargetTensor } from '../../src/formats/types.js';
-import { activeKernel, chainBlock, setFmaKernel, type ChainStats, type FmaKernelChoice } from '../../src/lora/fma-kernel.js';
+import type { SourceTensor, TargetTensor } from '../../src/lazy/types.js';
+import { activeKernel, chainBlock, setFmaKernel, type ChainStats, type FmaKernelChoice } from '../../src/tensor/fma-kernel.js';
+import { produceBox } from '../../src/lazy/expr.js';
 
 function lcg(seed: number): () => number {
   let s = seed >>> 0;
@@ -180,7 +181,7 @@ test('mergedWeight: worker pool, inline and the scalar definition give the same 
     for (const layout of ['out-in', 'in-out'] as const) {
       const shape = layout === 'out-in' ? [out, inn] : [inn, out];
       const baseT = tensorOf('w', dtype, shape, baseVals);
-      const base: TargetTensor = { name: 'w', dtype, shape, byteLength: baseT.byteLength, describe: 'w', produce: (bx, o) => baseT.read(bx, o) };
+      const base: TargetTensor = { kind: 'produced', name: 'w', dtype, shape, byteLength: baseT.byteLength, describe: 'w', produce: (bx, o) => baseT.read(bx, o) };
       for (const roundDelta of [false, true]) {
         const spec = { name: 'w', base, module: { name: 'm', kind: 'linear' as const, a: tensorOf('a', 'F32', [r, inn], a), b: tensorOf('b', 'F32', [out, r], b) }, layout, scaling: 2, rounding: { roundDelta }, describe: 'w' };
         // The definition, element by element (fp32.ts's loraDot; peft's rounding).
@@ -215,7 +216,7 @@ test('mergedWeight: worker pool, inline and the scalar definition give the same 
             const len = bx.size[0]! * bx.size[1]! * item;
             // The executor's arena is shared memory; a plain buffer takes the copying path.
             const dst = threads ? new Uint8Array(new SharedArrayBuffer(len + 64), 64, len) : new Uint8Array(len);
-            await t.produce(bx, dst);
+            await produceBox(t, bx, dst);
             for (let i = 0; i < bx.size[0]!; i++) got.set(dst.subarray(i * bx.size[1]! * item, (i + 1) * bx.size[1]! * item), ((bx.start[0]! + i) * C + bx.start[1]!) * item);
           }
           setFmaKernel('auto');

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { isTyped, TARGETS } from '../fuzz/targets.js';
 import { harnessSkips } from '../fuzz/files.js';
-import { ShardshiftError } from '../../src/errors.js';
+import { ShardshiftError } from '../../src/util/errors.js';
 
 for (const t of TARGETS) {
   test(`fuzz: ${t.name} — 400 cases, typed errors only`, async () => {

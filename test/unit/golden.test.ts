@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { digestPath, sortKeys, type TensorDigest } from '../helpers/describe.js';
 import { convert } from '../../src/plan/convert.js';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import type { FormatName } from '../../src/formats/types.js';
 
 const dir = join(repoRoot, 'test', 'fixtures', 'golden');

@@ -13,9 +13,9 @@ import { repoRoot } from '../helpers/oracle.js';
 import { writeF32Safetensors, type SyntheticTensor } from '../helpers/synthetic.js';
 import { digestPath, sortKeys } from '../helpers/describe.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
-import { openMegatron } from '../../src/formats/megatron.js';
+import { openMegatron } from '../../src/megatron/checkpoint.js';
 import { openSafetensors } from '../../src/formats/safetensors.js';
-import type { SourceTensor } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const [LAYERS, H, HEADS, KV, HD, E, F, V] = [2, 16, 4, 2, 4, 3, 8, 20];

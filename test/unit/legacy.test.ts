@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { writeTorch } from '../../src/formats/torch.js';
 import { PyDict, PyGlobal, PyObject } from '../../src/pickle/values.js';
-import { writeOutput } from '../../src/plan/output.js';
+import { writeOutput } from '../../src/exec/output.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
@@ -76,8 +76,8 @@ test('an args pickle naming a disallowed global is refused by name', async () =>
 });
 
 test('pre-megatron-core names (language_model.encoder…) are read', async () => {
-  const { openCheckpoint } = await import('../../src/formats/index.js');
-  const { copyOf } = await import('../../src/plan/targets.js');
+  const { openCheckpoint } = await import('../../src/checkpoints/registry.js');
+  const { copyOf } = await import('../../src/lazy/expr.js');
   const { PyFloat } = await import('../../src/pickle/values.js');
   // Re-lay the TP=1 file with Megatron-LM's pre-mcore key names and nesting.
   const orig = await openCheckpoint(join(tmp, 'rt-1-1', 'iter_0000000', 'mp_rank_00', 'model_optim_rng.pt'));

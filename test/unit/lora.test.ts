@@ -12,13 +12,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { encodeHeader } from '../../src/formats/safetensors.js';
-import { dotChain, fma32, loraDot, setMklPath } from '../../src/lora/fp32.js';
+import { dotChain, fma32, loraDot, setMklPath } from '../../src/tensor/fp32.js';
 import { moduleScaling, patternValue, targetStatus } from '../../src/lora/match.js';
 import { parseAdapterConfig } from '../../src/formats/peft.js';
 import { laneNorm } from '../../src/lora/merge.js';
 import { mergeLora } from '../../src/plan/lora-convert.js';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
+import { produceBox } from '../../src/lazy/expr.js';
 
 // ---------------------------------------------------------------------------------------------
 // Exact float32 FMA
@@ -438,18 +439,18 @@ test('merged tensors give the same bytes whatever the executor\'s boxes (whole r
     const out = layout === 'out-in' ? rows : cols;
     const inn = layout === 'out-in' ? cols : rows;
     const w = mk('w', [rows, cols], (i) => Math.sin(i) / 2);
-    const base = { name: 'w', dtype: 'F32' as const, shape: w.shape, byteLength: w.byteLength, describe: 'w', produce: w.read };
+    const base = { kind: 'produced' as const, name: 'w', dtype: 'F32' as const, shape: w.shape, byteLength: w.byteLength, describe: 'w', produce: w.read };
     const module = { name: 'm', kind: 'linear' as const, a: mk('a', [3, inn], (i) => Math.cos(i) / 3), b: mk('b', [out, 3], (i) => Math.sin(i * 0.7) / 3), magnitude: mk('mag', [out], (i) => 1 + i / 10) };
     for (const dora of [false, true]) {
       const t = mergedWeight({ name: 'w', base, module, layout, scaling: 1.5, rounding: { roundDelta: false }, dora, describe: 'x' });
       const whole = new Uint8Array(rows * cols * 4);
-      await t.produce({ start: [0, 0], size: [rows, cols] }, whole);
+      await produceBox(t, { start: [0, 0], size: [rows, cols] }, whole);
       const pieces = new Uint8Array(rows * cols * 4);
       const piece = new Uint8Array(7 * 4);
       for (let r = 0; r < rows; r++) {
         for (let c = 0; c < cols; c += 7) {
           const n = Math.min(7, cols - c);
-          await t.produce({ start: [r, c], size: [1, n] }, piece.subarray(0, n * 4));
+          await produceBox(t, { start: [r, c], size: [1, n] }, piece.subarray(0, n * 4));
           pieces.set(piece.subarray(0, n * 4), (r * cols + c) * 4);
         }
       }

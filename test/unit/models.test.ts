@@ -12,8 +12,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { convertHfToMegatron } from '../../src/plan/model-convert.js';
-import { openMegatron } from '../../src/formats/megatron.js';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openMegatron } from '../../src/megatron/checkpoint.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import { FAMILIES } from '../../src/models/registry.js';
 
@@ -206,9 +206,9 @@ test('export reads a Megatron-Bridge run_config.yaml model section when there is
 test('per-layer torch_dist keys (decoder.layers.<i>.…) and optimizer / RNG entries: read, and skipped by name', async () => {
   // Re-lay the stacked checkpoint with per-layer keys (as megatron-core writes hybrid and
   // non-homogeneous models), adding optimizer state and RNG state beside the weights.
-  const { writeMegatron } = await import('../../src/formats/megatron.js');
-  const { copyOf } = await import('../../src/plan/targets.js');
-  const { writeOutput } = await import('../../src/plan/output.js');
+  const { writeMegatron } = await import('../../src/megatron/checkpoint.js');
+  const { copyOf } = await import('../../src/lazy/expr.js');
+  const { writeOutput } = await import('../../src/exec/output.js');
   const stacked = join(tmp, 'stacked.megatron');
   await convertHfToMegatron(example, stacked, {});
   const m = await openMegatron(stacked);
@@ -244,8 +244,8 @@ test('per-layer torch_dist keys (decoder.layers.<i>.…) and optimizer / RNG ent
 
 test('an unmapped source tensor fails the conversion, or is skipped and listed with --allow-unmapped', async () => {
   const { writeSafetensors } = await import('../../src/formats/safetensors.js');
-  const { copyOf } = await import('../../src/plan/targets.js');
-  const { writeOutput } = await import('../../src/plan/output.js');
+  const { copyOf } = await import('../../src/lazy/expr.js');
+  const { writeOutput } = await import('../../src/exec/output.js');
   const src = await openCheckpoint(example);
   const d = join(tmp, 'extra-tensor');
   try {

@@ -13,10 +13,11 @@ import { repoRoot } from '../helpers/oracle.js';
 import { writeSyntheticMoe } from '../helpers/synthetic.js';
 import { digestPath, sortKeys } from '../helpers/describe.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
-import { openMegatron } from '../../src/formats/megatron.js';
-import { canonicalMegatron } from '../../src/models/megatron-keys.js';
+import { openMegatron } from '../../src/megatron/checkpoint.js';
+import { canonicalMegatron } from '../../src/bridge/megatron-keys.js';
 import type { ModelConfig } from '../../src/models/config.js';
-import type { CheckpointSource, SourceTensor } from '../../src/formats/types.js';
+import type { CheckpointSource } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;

@@ -8,10 +8,10 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
 import { mxfp4Pair, type Bf16Boxes } from '../../src/tensor/mxfp4-quantize.js';
-import type { SourceTensor } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 
 const FIXTURE = join(import.meta.dirname, '..', '..', '..', 'test', 'fixtures', 'mxfp4-quantize.safetensors');

@@ -11,9 +11,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { dequantRows, mxfp4Tensor, withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
-import type { CheckpointSource, SourceTensor } from '../../src/formats/types.js';
+import type { CheckpointSource } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 import { castBytes } from '../../src/tensor/cast.js';
-import { workerTuning } from '../../src/plan/workers.js';
+import { workerTuning } from '../../src/tensor/pool.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;

@@ -11,11 +11,11 @@ import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
-import { openCheckpoint } from '../../src/formats/index.js';
-import { openNxdShards } from '../../src/formats/nxd.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
+import { openNxdShards } from '../../src/nxd/shards.js';
 import { convertHfToNxd, convertNxdToHf, ppRankOfLayer, type NxdConvertOptions } from '../../src/plan/nxd-convert.js';
 import { wholeBox } from '../../src/tensor/layout.js';
-import type { SourceTensor } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');

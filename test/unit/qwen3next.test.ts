@@ -15,12 +15,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
-import { openMegatron } from '../../src/formats/megatron.js';
+import { openMegatron } from '../../src/megatron/checkpoint.js';
 import { writeSafetensors } from '../../src/formats/safetensors.js';
-import { writeOutput } from '../../src/plan/output.js';
-import { copyOf } from '../../src/plan/targets.js';
+import { writeOutput } from '../../src/exec/output.js';
+import { copyOf } from '../../src/lazy/expr.js';
 import { wholeBox, type Box } from '../../src/tensor/layout.js';
-import type { SourceTensor } from '../../src/formats/types.js';
+import type { SourceTensor } from '../../src/lazy/types.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;

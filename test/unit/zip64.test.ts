@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { writeSparseTorchZip64, BIG } from '../helpers/zip64.js';
-import { openCheckpoint } from '../../src/formats/index.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
 
 test('a >4 GiB torch archive with zip64 offsets and sizes reads correctly', async () => {
   const tmp = await mkdtemp(join(tmpdir(), 'ss-zip64-'));

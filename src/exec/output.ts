@@ -10,11 +10,11 @@ import { lockOutput } from '../io/lock.js';
 import { createReadStream } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { badInput, usage } from '../errors.js';
-import type { OutputFile } from '../formats/types.js';
+import { badInput, usage } from '../util/errors.js';
+import type { OutputFile } from '../lazy/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
 import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
-import { VERSION } from '../version.js';
+import { VERSION } from '../util/version.js';
 
 async function exists(p: string): Promise<boolean> {
   return stat(p).then(

@@ -3,11 +3,11 @@
  * per-byte step of writing; on a 2-core machine it would otherwise cap the main thread). The
  * executor posts, in file order, ranges of its shared buffer arena (or small copied byte arrays)
  * for each file it is writing; every `update` is acknowledged so the executor can reuse the
- * bytes, and `digest` answers the file's hex digest. See `workers.ts`.
+ * bytes, and `digest` answers the file's hex digest. See `hash.ts`.
  */
 import { parentPort } from 'node:worker_threads';
 import { createHash, type Hash } from 'node:crypto';
-import type { HashReply, HashRequest } from './workers.js';
+import type { HashReply, HashRequest } from './hash.js';
 
 const port = parentPort;
 if (!port) throw new Error('hash-worker.js runs as a worker thread');

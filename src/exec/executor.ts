@@ -36,9 +36,11 @@ import { createHash, type Hash } from 'node:crypto';
 import { dtypeInfo, itemSize, numelOf } from '../tensor/dtype.js';
 import { castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
-import type { OutputFile, TargetTensor, TensorSlot } from '../formats/types.js';
-import { ioError, isErrno, unsupported } from '../errors.js';
-import { castInfo, castOnPool, HashStream, workerTuning, type CastInfo } from './workers.js';
+import type { CastTensor, OutputFile, TargetTensor, TensorSlot } from '../lazy/types.js';
+import { ioError, isErrno, unsupported } from '../util/errors.js';
+import { castOnPool, workerTuning } from '../tensor/pool.js';
+import { HashStream } from './hash.js';
+import { produceBox } from '../lazy/expr.js';
 import { liveHeapBytes } from '../util/heap.js';
 
 export interface ExecuteOptions {
@@ -461,7 +463,7 @@ export class Executor {
           await queue.push({ compute: part, ready: Promise.resolve(), settled: true });
         } else {
           const t = part.tensor;
-          const cast = castInfo(t);
+          const cast = t.kind === 'cast' ? t : undefined;
           const inBits = cast ? dtypeInfo(cast.inner.dtype).bits : 0;
           const outBits = dtypeInfo(t.dtype).bits;
           const chunk = cast ? Math.max(1, Math.floor((this.chunkBytes * outBits) / Math.max(inBits, outBits))) : this.chunkBytes;
@@ -478,7 +480,7 @@ export class Executor {
             }
             const data = arena.view(region, 0, outLen);
             const it: Item = { data, region, ready: undefined as unknown as Promise<void>, settled: false, slot: part, first: i === 0, last: i === boxes.length - 1, holeable: outLen >= executorTuning.holeMinBytes };
-            it.ready = (cast ? this.produceCast(t, cast, box, arena, region, outLen, inLen) : t.produce(box, data)).then(() => {
+            it.ready = (cast ? this.produceCast(cast, box, arena, region, outLen, inLen) : produceBox(t, box, data)).then(() => {
               it.settled = true;
             });
             // Rejections are handled by the writer (or by the cleanup after a failure).
@@ -529,17 +531,17 @@ export class Executor {
   }
 
   /** Produces `box` of the cast's source into the region's tail and casts it into its head. */
-  private async produceCast(t: TargetTensor, cast: CastInfo, box: Box, arena: Arena, region: Region, outLen: number, inLen: number): Promise<void> {
+  private async produceCast(cast: CastTensor, box: Box, arena: Arena, region: Region, outLen: number, inLen: number): Promise<void> {
     const inOffset = alignUp(outLen);
     const src = arena.view(region, inOffset, inLen);
-    await cast.inner.produce(box, src);
+    await produceBox(cast.inner, box, src);
     const out = arena.view(region, 0, outLen);
     const task =
       outLen >= workerTuning.castWorkerMinBytes
-        ? castOnPool({ arena: arena.sab, src: region.start + inOffset, srcLength: inLen, from: cast.from, to: cast.to, dst: region.start, dstLength: outLen })
+        ? castOnPool({ arena: arena.sab, src: region.start + inOffset, srcLength: inLen, from: cast.inner.dtype, to: cast.dtype, dst: region.start, dstLength: outLen })
         : undefined;
     if (task) await task;
-    else castBytes(src, cast.from, t.dtype, out);
+    else castBytes(src, cast.inner.dtype, cast.dtype, out);
   }
 }
 

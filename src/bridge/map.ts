@@ -4,17 +4,18 @@
  * checking completeness both ways: every source tensor is used or skipped by a named rule, every
  * target tensor is produced, and every shape matches the config.
  */
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
 import type { DType } from '../tensor/dtype.js';
-import { badInput } from '../errors.js';
-import { allRows, castTo, rowConcat, rows, zeroRows, type RowSegment } from '../plan/targets.js';
-import { paddedVocab, type ModelConfig } from './config.js';
-import { HF_IGNORED, MEGATRON_IGNORED } from './dense.js';
-import { familyOf } from './registry.js';
-import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from './spec.js';
+import { badInput } from '../util/errors.js';
+import { allRows, castTo, rowConcat, rows, zeroRows, type RowSegment, produceBox } from '../lazy/expr.js';
+import { paddedVocab, type ModelConfig } from '../models/config.js';
+import { HF_IGNORED, MEGATRON_IGNORED } from '../models/dense.js';
+import { familyOf } from '../models/registry.js';
+import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from '../models/spec.js';
 import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
-import { targetView } from '../plan/view.js';
+import { targetView } from '../lazy/view.js';
 
 export interface Skipped {
   readonly name: string;
@@ -223,7 +224,7 @@ export interface ExportOptions {
 /** An HF tensor stacked over experts (`[E, …]`) from per-expert targets. */
 function stackExperts(name: string, parts: readonly TargetTensor[]): TargetTensor {
   const first = parts[0]!;
-  const asSources: SourceTensor[] = parts.map((t) => ({ name: t.name, dtype: t.dtype, shape: [1, ...t.shape], byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce({ start: b.start.slice(1), size: b.size.slice(1) }, o) }));
+  const asSources: SourceTensor[] = parts.map((t) => ({ name: t.name, dtype: t.dtype, shape: [1, ...t.shape], byteLength: t.byteLength, where: t.describe, read: (b, o) => produceBox(t, { start: b.start.slice(1), size: b.size.slice(1) }, o) }));
   return rowConcat(name, first.dtype, first.shape, asSources.map((s) => allRows(s)), `stack of ${parts.length} experts (${first.describe}, …)`);
 }
 
@@ -314,5 +315,5 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
 
 /** A target viewed with leading dims of 1 (a layer's — or a layer's expert's — chunk of a stacked tensor). */
 export function withLeadingOnes(t: TargetTensor, n: number): TargetTensor {
-  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(n), size: box.size.slice(n) }, out) });
+  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => produceBox(t, { start: box.start.slice(n), size: box.size.slice(n) }, out) });
 }

@@ -12,13 +12,14 @@
  * (`model.module.module.`, `model.module.`, `model.`); shardshift writes `model.module.`, the
  * prefix Megatron-LM's checkpoint inspector uses.
  */
-import { writeDcp } from './dcp.js';
-import { rowConcat, allRows } from '../plan/targets.js';
-import type { CheckpointSource, OutputFile, SourceTensor, TargetTensor } from './types.js';
+import { writeDcp } from '../formats/dcp.js';
+import { rowConcat, allRows, produceBox } from '../lazy/expr.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
-import { sliceTarget } from './megatron-legacy.js';
-import { badInput } from '../errors.js';
-import { targetView } from '../plan/view.js';
+import { sliceTarget } from '../lazy/view.js';
+import { badInput } from '../util/errors.js';
+import { targetView } from '../lazy/view.js';
 
 const PREFIXES = ['model.module.module.', 'model.module.', 'model.'];
 export const FSDP_PREFIX = 'model.module.';
@@ -50,7 +51,7 @@ export function fsdpView(src: CheckpointSource, prefix: string): CheckpointSourc
   for (const [name, h] of halves) {
     if (!h.w || !h.v) throw badInput(`${src.path}: ${name} has its ${h.w ? 'gate (_w)' : 'up (_v)'} half but not the other`, src.path, name);
     const joined = rowConcat(name, h.w.dtype, h.w.shape.slice(1), [allRows(h.w), allRows(h.v)], `[${h.w.name}; ${h.v.name}]`);
-    tensors.set(name, { name, dtype: joined.dtype, shape: joined.shape, byteLength: joined.byteLength, where: joined.describe, read: (b, o) => joined.produce(b, o) });
+    tensors.set(name, { name, dtype: joined.dtype, shape: joined.shape, byteLength: joined.byteLength, where: joined.describe, read: (b, o) => produceBox(joined, b, o) });
   }
   return { ...src, tensors };
 }

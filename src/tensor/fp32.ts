@@ -23,8 +23,8 @@
  * another machine's merge.
  */
 import { readFileSync } from 'node:fs';
-import { castBytes } from '../tensor/cast.js';
-import type { DType } from '../tensor/dtype.js';
+import { castBytes } from './cast.js';
+import type { DType } from './dtype.js';
 
 /** 2^28 + 1: Veltkamp's splitter leaving a 25-bit head of a binary64. */
 const SPLIT = 268435457;

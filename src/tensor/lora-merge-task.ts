@@ -8,8 +8,8 @@
  * to the base dtype first (peft's safe_merge / embeddings), then the base value widened to fp32,
  * one fp32 add, one rounding to the base dtype.
  */
-import type { DType } from '../tensor/dtype.js';
-import { byteLength } from '../tensor/dtype.js';
+import type { DType } from './dtype.js';
+import { byteLength } from './dtype.js';
 import { chainBlock, mergeBlock, setFmaKernel, type FmaKernelChoice } from './fma-kernel.js';
 import { fromF32, roundThrough, toF32 } from './fp32.js';
 

@@ -13,16 +13,17 @@
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
-import { badInput, unsupported } from '../errors.js';
-import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
-import { flattenTree } from './tree.js';
-import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './megatron.js';
+import { badInput, unsupported } from '../util/errors.js';
+import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from '../formats/torch-archive.js';
+import { flattenTree } from '../formats/tree.js';
+import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './checkpoint.js';
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, describe, type PyValue } from '../pickle/values.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
-import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from '../models/parallel.js';
-import type { CheckpointSource, OutputFile, SourceObject, SourceTensor, TargetTensor } from './types.js';
-import { targetView } from '../plan/view.js';
+import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from './parallel.js';
+import type { CheckpointSource, SourceObject } from '../formats/types.js';
+import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
+import { targetView, sliceTarget, concatRows } from '../lazy/view.js';
 
 const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
 export const LEGACY_FILE = 'model_optim_rng.pt';
@@ -293,44 +294,6 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
 
 // ---------------------------------------------------------------------------------------------
 // Writer
-
-/** `t` restricted to [start, start+size) along `dim` (a lazy view). */
-export function sliceTarget(t: TargetTensor, dim: number, start: number, size: number): TargetTensor {
-  const shape = t.shape.map((d, i) => (i === dim ? size : d));
-  return {
-    name: t.name,
-    dtype: t.dtype,
-    shape,
-    byteLength: byteLength(t.dtype, numelOf(shape)),
-    describe: `${t.describe}[dim ${dim}: ${start}..${start + size}]`,
-    produce: (box, out) => t.produce({ start: box.start.map((s, i) => (i === dim ? s + start : s)), size: box.size }, out),
-  };
-}
-
-/** Targets stacked along dim 0 (e.g. a rank's `[gate_r; up_r]`). */
-export function concatRows(name: string, parts: readonly TargetTensor[]): TargetTensor {
-  const first = parts[0]!;
-  const shape = [parts.reduce((n, p) => n + p.shape[0]!, 0), ...first.shape.slice(1)];
-  return {
-    name,
-    dtype: first.dtype,
-    shape,
-    byteLength: byteLength(first.dtype, numelOf(shape)),
-    describe: parts.map((p) => p.describe).join(' ; '),
-    produce: async (box, out) => {
-      const boxRow = (byteLength(first.dtype, numelOf(box.size.slice(1))));
-      let at = 0;
-      const a = box.start[0]!;
-      const n = box.size[0]!;
-      for (const p of parts) {
-        const lo = Math.max(a, at);
-        const hi = Math.min(a + n, at + p.shape[0]!);
-        if (lo < hi) await p.produce({ start: [lo - at, ...box.start.slice(1)], size: [hi - lo, ...box.size.slice(1)] }, out.subarray((lo - a) * boxRow, (hi - a) * boxRow));
-        at += p.shape[0]!;
-      }
-    },
-  };
-}
 
 export interface LegacyWriteOptions {
   readonly tp: number;

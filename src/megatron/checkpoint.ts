@@ -10,15 +10,16 @@
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { badInput, usage } from '../errors.js';
-import { openDcp, writeDcpChunked, type DcpTensorEntry } from './dcp.js';
-import { openTorchArchive } from './torch-archive.js';
+import { badInput, usage } from '../util/errors.js';
+import { openDcp, writeDcpChunked, type DcpTensorEntry } from '../formats/dcp.js';
+import { openTorchArchive } from '../formats/torch-archive.js';
 import { ReadOnlyFile } from '../io/file.js';
 import { PyDict, PyFloat, PyObject, type PyValue } from '../pickle/values.js';
 import type { AllowList, ClassEntry, FunctionEntry } from '../pickle/index.js';
 import { dataclass, enumClass } from '../pickle/index.js';
-import type { CheckpointSource, OutputFile } from './types.js';
-import { torchArchiveParts } from './torch-archive.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { OutputFile } from '../lazy/types.js';
+import { torchArchiveParts } from '../formats/torch-archive.js';
 
 export const TRACKER = 'latest_checkpointed_iteration.txt';
 
@@ -146,7 +147,7 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
   const dir = resolved.iterDir;
   if (!(await isFile(join(dir, '.metadata'))) && (await holdsCheckpoint(dir))) {
     // Legacy per-rank files (--ckpt-format torch): assembled into the same global view.
-    const { openMegatronLegacy } = await import('./megatron-legacy.js');
+    const { openMegatronLegacy } = await import('./legacy.js');
     const l = await openMegatronLegacy(path);
     const common = PyDict.from([...l.source.objects.values()].map((o): [PyValue, PyValue] => [o.name, o.value]));
     return { source: l.source, resolved: l.resolved, common, backend: { sharded_backend: 'torch (legacy)' } };
@@ -157,7 +158,7 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
     // under a module prefix; anything else without metadata.json is an unfinished torch_dist save.
     if (await isFile(join(dir, '.metadata'))) {
       const dcp = await openDcp(dir, { extraGlobals: MEGATRON_GLOBALS });
-      const { fsdpPrefix, fsdpView } = await import('./megatron-fsdp.js');
+      const { fsdpPrefix, fsdpView } = await import('./fsdp.js');
       const prefix = fsdpPrefix([...dcp.tensors.keys()]);
       if (prefix) {
         const common = PyDict.from([...dcp.objects.values()].filter((o) => !o.opaque).map((o): [PyValue, PyValue] => [o.name, o.value]));

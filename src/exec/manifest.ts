@@ -6,8 +6,8 @@
 import { createHash } from 'node:crypto';
 import { open, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { OutputFile } from '../formats/types.js';
-import { VERSION } from '../version.js';
+import type { OutputFile } from '../lazy/types.js';
+import { VERSION } from '../util/version.js';
 
 export const MANIFEST_NAME = 'shardshift-manifest.json';
 export const PROGRESS_NAME = '.shardshift-progress.json';

@@ -3,13 +3,14 @@
  * A new format is one module plus one entry here.
  */
 import { stat } from 'node:fs/promises';
-import { badInput, usage } from '../errors.js';
-import type { CheckpointSource, FormatName, TargetTensor, WriteReport } from './types.js';
+import { badInput, usage } from '../util/errors.js';
+import type { CheckpointSource, FormatName, WriteReport } from '../formats/types.js';
+import type { TargetTensor } from '../lazy/types.js';
 import type { PyValue } from '../pickle/values.js';
-import { isSafetensorsPath, openSafetensors, writeSafetensors } from './safetensors.js';
-import { isTorchPath, openTorch, writeTorch } from './torch.js';
-import { isDcpPath, openDcp, writeDcp } from './dcp.js';
-import { isMegatronPath, openMegatron } from './megatron.js';
+import { isSafetensorsPath, openSafetensors, writeSafetensors } from '../formats/safetensors.js';
+import { isTorchPath, openTorch, writeTorch } from '../formats/torch.js';
+import { isDcpPath, openDcp, writeDcp } from '../formats/dcp.js';
+import { isMegatronPath, openMegatron } from '../megatron/checkpoint.js';
 
 export interface FormatModule {
   readonly name: FormatName;
@@ -83,4 +84,5 @@ export function writeFormat(format: (typeof FORMAT_NAMES)[number], tensors: read
   }
 }
 
-export type { CheckpointSource, FormatName, TargetTensor, WriteReport } from './types.js';
+export type { CheckpointSource, FormatName, WriteReport } from '../formats/types.js';
+export type { TargetTensor } from '../lazy/types.js';

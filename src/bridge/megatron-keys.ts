@@ -16,17 +16,18 @@
  * Reading inverts it: every stacked key becomes lazy per-layer (per-expert) views under canonical
  * names, so the model maps only ever see one naming.
  */
-import type { CheckpointSource, SourceTensor, TargetTensor } from '../formats/types.js';
+import type { CheckpointSource } from '../formats/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
 import type { DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
-import type { ModelConfig } from './config.js';
-import type { Family, SourcePart, SplitParam } from './spec.js';
-import { allRows, rowConcat } from '../plan/targets.js';
-import { targetView } from '../plan/view.js';
-import { badInput } from '../errors.js';
-import { MEGATRON_IGNORED } from './dense.js';
-import { ungroupedExpertName } from './parallel.js';
+import type { ModelConfig } from '../models/config.js';
+import type { Family, SourcePart, SplitParam } from '../models/spec.js';
+import { allRows, rowConcat, produceBox } from '../lazy/expr.js';
+import { targetView } from '../lazy/view.js';
+import { badInput } from '../util/errors.js';
+import { MEGATRON_IGNORED } from '../models/dense.js';
+import { ungroupedExpertName } from '../megatron/parallel.js';
 
 const EXPERT = /^(.*?)mlp\.experts\.local_experts\.(\d+)\.(.+)$/;
 
@@ -87,12 +88,12 @@ function splitParams(fam: Family, c: ModelConfig): Map<string, SplitParam> | und
 
 /** Rows [start, start + count) of a target. */
 function rowSlice(t: TargetTensor, start: number, count: number): TargetTensor {
-  return targetView(t, { shape: [count, ...t.shape.slice(1)], produce: (box, out) => t.produce({ start: [box.start[0]! + start, ...box.start.slice(1)], size: box.size }, out) });
+  return targetView(t, { shape: [count, ...t.shape.slice(1)], produce: (box, out) => produceBox(t, { start: [box.start[0]! + start, ...box.start.slice(1)], size: box.size }, out) });
 }
 
 function leadingOnes(t: TargetTensor, n: number): TargetTensor {
   if (n === 0) return t;
-  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => t.produce({ start: box.start.slice(n), size: box.size.slice(n) }, out) });
+  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => produceBox(t, { start: box.start.slice(n), size: box.size.slice(n) }, out) });
 }
 
 /**
@@ -229,7 +230,7 @@ export function canonicalMegatron(src: CheckpointSource, c: ModelConfig, fam?: F
         }
       });
       const t = rowConcat(name, first.dtype, rest, have.map((p) => allRows(p.part.src, p.part.prefix)), `${sp.parts.map((p) => `${name}.${p.suffix}`).join(' + ')}`);
-      const merged: SourceTensor = { name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => t.produce(b, o) };
+      const merged: SourceTensor = { name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => produceBox(t, b, o) };
       for (const p of sp.parts) out.delete(`${name}.${p.suffix}`);
       out.set(name, { part: { src: merged, prefix: [] }, origin: have[0]!.origin, alsoFrom: have.slice(1).map((p) => p.origin) });
     }

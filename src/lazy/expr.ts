@@ -4,14 +4,14 @@
  * (dim 0) are a sequence of segments, each a run of rows of a source tensor (optionally at a fixed
  * leading index, e.g. layer i of a stacked `[L, …]` Megatron tensor) or rows of zeros. QKV
  * interleaving per query group, gate/up fusion, vocab padding, splitting fused tensors back, and
- * TP slicing along dim 0 are all such concatenations; casts wrap any target.
+ * TP slicing along dim 0 are all such concatenations; casts wrap any target as their own node.
  */
 import { byteLength, dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
 import { canCast, castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
-import type { SourceTensor, TargetTensor } from '../formats/types.js';
-import { badInput, unsupported } from '../errors.js';
-import { CAST_OF, giveScratch, takeScratch, type CastTarget } from './workers.js';
+import type { CastTensor, ProducedTensor, SourceTensor, TargetTensor } from './types.js';
+import { badInput, unsupported } from '../util/errors.js';
+import { giveScratch, takeScratch } from './scratch.js';
 
 /** A run of rows taken from a source tensor, or zero rows. */
 export type RowSegment =
@@ -64,6 +64,7 @@ export function rowConcat(name: string, dtype: DType, rest: readonly number[], s
   const shape = [total, ...rest];
   const bits = dtypeInfo(dtype).bits;
   return {
+    kind: 'produced',
     name,
     dtype,
     shape,
@@ -105,6 +106,7 @@ export function copyOf(name: string, src: SourceTensor, prefix: readonly number[
   if (shape.length === 0) {
     // A 0-dim tensor (or a scalar slot of a stacked 1-D tensor) has no row dim to concatenate.
     return {
+      kind: 'produced',
       name,
       dtype: src.dtype,
       shape,
@@ -118,30 +120,38 @@ export function copyOf(name: string, src: SourceTensor, prefix: readonly number[
 
 /**
  * `t` cast to `to` (torch's rounding); `t` itself when the dtype already matches. The executor
- * recognises the result (`CAST_OF`) and casts in its own arena, on the worker pool; `produce`
- * (used outside the executor) stages the source bytes in a reused temporary.
+ * casts a cast node in its own arena, on the worker pool; `produceBox` (used outside the
+ * executor) stages the source bytes in a reused temporary.
  */
 export function castTo(t: TargetTensor, to: DType): TargetTensor {
   if (t.dtype === to) return t;
   if (!canCast(t.dtype, to)) throw unsupported(`tensor ${t.name}: casting ${t.dtype} to ${to} is not supported`, undefined, t.name);
-  const fromBits = dtypeInfo(t.dtype).bits;
-  const target: CastTarget = {
-    name: t.name,
-    dtype: to,
-    shape: t.shape,
-    byteLength: byteLength(to, numelOf(t.shape)),
-    describe: `cast(${t.dtype}→${to}) ${t.describe}`,
-    produce: async (box, out) => {
-      const tmp = takeScratch((numelOf(box.size) * fromBits) / 8);
+  // A cast of a cast is one cast from the innermost bytes only where that rounds the same: it
+  // does not in general (f32 → bf16 → f16), so the nodes nest.
+  const cast: CastTensor = { kind: 'cast', name: t.name, dtype: to, shape: t.shape, byteLength: byteLength(to, numelOf(t.shape)), describe: `cast(${t.dtype}→${to}) ${t.describe}`, inner: t };
+  return cast;
+}
+
+/** Produces `box` of any target node as contiguous C-order bytes into `out`. */
+export async function produceBox(t: TargetTensor, box: Box, out: Uint8Array): Promise<void> {
+  switch (t.kind) {
+    case 'produced':
+      return t.produce(box, out);
+    case 'cast': {
+      const tmp = takeScratch((numelOf(box.size) * dtypeInfo(t.inner.dtype).bits) / 8);
       try {
-        await t.produce(box, tmp);
-        castBytes(tmp, t.dtype, to, out);
+        await produceBox(t.inner, box, tmp);
+        castBytes(tmp, t.inner.dtype, t.dtype, out);
       } finally {
         giveScratch(tmp);
       }
-    },
-    [CAST_OF]: { inner: t, from: t.dtype, to },
-  };
-  return target;
+      return;
+    }
+  }
 }
 
+/** `t` as a node that produces its own boxes (a cast becomes one that casts through a temporary). */
+export function asProduced(t: TargetTensor): ProducedTensor {
+  if (t.kind === 'produced') return t;
+  return { kind: 'produced', name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, describe: t.describe, produce: (b, o) => produceBox(t, b, o) };
+}

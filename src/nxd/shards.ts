@@ -20,13 +20,13 @@
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
-import { badInput, unsupported } from '../errors.js';
-import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
+import { badInput, unsupported } from '../util/errors.js';
+import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from '../formats/torch-archive.js';
 import type { AllowList } from '../pickle/index.js';
 import { PyDict, PyGlobal, PyObject, TensorRef, TorchSize, asNumber, type PyValue } from '../pickle/values.js';
 import { byteLength, dtypeInfo, numelOf, type DType } from '../tensor/dtype.js';
 import { readBox, type Box, type Piece } from '../tensor/layout.js';
-import type { OutputFile, SourceTensor, TargetTensor } from './types.js';
+import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 
 /** The only classes an NxD shard may name beyond torch's: the xser reference (a plain object {tid}). */
 export const NXD_GLOBALS: AllowList = {
