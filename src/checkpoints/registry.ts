@@ -10,7 +10,8 @@ import type { PyValue } from '../pickle/values.js';
 import { isSafetensorsPath, openSafetensors, writeSafetensors } from '../formats/safetensors.js';
 import { isTorchPath, openTorch, writeTorch } from '../formats/torch.js';
 import { isDcpPath, openDcp, writeDcp } from '../formats/dcp.js';
-import { isMegatronPath, openMegatron } from '../megatron/checkpoint.js';
+import { openMegatron } from '../megatron/checkpoint.js';
+import { isMegatronPath } from '../megatron/run-dir.js';
 
 export interface FormatModule {
   readonly name: FormatName;

@@ -6,7 +6,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
-import { isMegatronPath } from '../megatron/checkpoint.js';
+import { isMegatronPath } from '../megatron/run-dir.js';
 import { jsonEvents } from './events.js';
 import { isNxdPath } from '../nxd/shards.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';

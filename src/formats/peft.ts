@@ -20,7 +20,8 @@
 import { readFile, stat, readdir } from 'node:fs/promises';
 import { join, basename } from 'node:path';
 import { badInput, unsupported, usage } from '../util/errors.js';
-import { openCheckpoint } from '../checkpoints/registry.js';
+import { isSafetensorsPath, openSafetensors } from './safetensors.js';
+import { isTorchPath, openTorch } from './torch.js';
 import type { CheckpointSource } from './types.js';
 import type { SourceTensor } from '../lazy/types.js';
 
@@ -292,9 +293,11 @@ export async function openPeftAdapter(path: string): Promise<PeftAdapter> {
   else if (await isFile(join(dir, ADAPTER_SAFETENSORS))) weightsFile = join(dir, ADAPTER_SAFETENSORS);
   else if (await isFile(join(dir, ADAPTER_BIN))) weightsFile = join(dir, ADAPTER_BIN);
   else throw badInput(`${dir}: no ${ADAPTER_SAFETENSORS} or ${ADAPTER_BIN} beside ${ADAPTER_CONFIG}`, dir);
-  const source = await openCheckpoint(weightsFile);
+  // A PEFT adapter's weights are one safetensors or torch.save file (never a sharded or DCP dir).
+  const open = (await isSafetensorsPath(weightsFile)) ? openSafetensors : (await isTorchPath(weightsFile)) ? openTorch : undefined;
+  if (!open) throw badInput(`${weightsFile}: a PEFT adapter's weights are safetensors or torch.save, and this is neither`, weightsFile);
+  const source = await open(weightsFile);
   try {
-    if (source.format !== 'safetensors' && source.format !== 'torch') throw badInput(`${weightsFile}: a PEFT adapter's weights are safetensors or torch.save, not ${source.format}`, weightsFile);
     const { modules, replacements } = groupAdapterTensors(source, weightsFile);
     if (modules.size === 0) throw badInput(`${weightsFile}: no LoRA tensors (lora_A/lora_B or lora_embedding_A/B)`, weightsFile);
     return { dir, config, weightsFile, source, modules, replacements, close: () => source.close() };

@@ -7,7 +7,8 @@
  */
 import { createHash } from 'node:crypto';
 import type { ByteSource } from '../io/file.js';
-import { readEntryChecked, readZipIndex, zipParts, zipTemplate, type ZipEntry, type ZipRecord, type ZipTemplate } from '../io/zip.js';
+import { readEntryChecked, readZipIndex, type ZipEntry } from '../io/zip.js';
+import { zipParts, zipTemplate, type ZipRecord, type ZipTemplate } from './zip-write.js';
 import { badInput, unsupported, ShardshiftError } from '../util/errors.js';
 import { unpickle, pickle, storageFromPersistentId, UnpicklingError, type UnpickleOptions } from '../pickle/index.js';
 import type { AllowList } from '../pickle/index.js';

@@ -8,130 +8,19 @@
  * file), then reads the DCP part with the DCP reader — chunks saved under any TP/PP/EP are
  * reassembled lazily into the global tensors. Writing lays out the same directory.
  */
-import { readdir, readFile, stat } from 'node:fs/promises';
-import { basename, join } from 'node:path';
-import { badInput, usage } from '../util/errors.js';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { badInput } from '../util/errors.js';
 import { openDcp, writeDcpChunked, type DcpTensorEntry } from '../formats/dcp.js';
 import { openTorchArchive } from '../formats/torch-archive.js';
 import { ReadOnlyFile } from '../io/file.js';
 import { PyDict, PyFloat, PyObject, type PyValue } from '../pickle/values.js';
-import type { AllowList, ClassEntry, FunctionEntry } from '../pickle/index.js';
-import { dataclass, enumClass } from '../pickle/index.js';
 import type { CheckpointSource } from '../formats/types.js';
 import type { OutputFile } from '../lazy/types.js';
 import { torchArchiveParts } from '../formats/torch-archive.js';
-
-export const TRACKER = 'latest_checkpointed_iteration.txt';
-
-/**
- * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
- * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
- */
-/**
- * numpy arrays and dtypes as pickled inside Megatron's RNG state (`np.random.get_state()`):
- * `_reconstruct(ndarray, (0,), b'b')` then BUILD with `(version, shape, dtype, fortran, bytes)`,
- * and `dtype('u4', False, True)` then BUILD. Kept as inert records (they are never used as
- * weights), so reading a training checkpoint does not fail on its RNG state.
- */
-const numpyRecord: ClassEntry = {
-  kind: 'class',
-  call: (args, ctx) => new PyObject(ctx.global.module, ctx.global.name, null, args, 'call'),
-  build: (obj, state) => {
-    obj.state = state;
-  },
-};
-const numpyReconstruct: FunctionEntry = {
-  kind: 'function',
-  call: (args) => new PyObject('numpy', 'ndarray', null, args, 'call'),
-};
-
-export const MEGATRON_GLOBALS: AllowList = {
-  'numpy.core.multiarray._reconstruct': numpyReconstruct,
-  'numpy._core.multiarray._reconstruct': numpyReconstruct,
-  'numpy.ndarray': numpyRecord,
-  'numpy.dtype': numpyRecord,
-  'numpy.core.multiarray.scalar': numpyReconstruct,
-  'numpy._core.multiarray.scalar': numpyReconstruct,
-  'megatron.core.enums.ModelType': enumClass(),
-  'megatron.core.transformer.enums.AttnBackend': enumClass(),
-  'megatron.core.transformer.enums.AttnMaskType': enumClass(),
-  'megatron.core.transformer.enums.AttnType': enumClass(),
-  'megatron.core.transformer.enums.LayerType': enumClass(),
-  'megatron.core.transformer.enums.CudaGraphScope': enumClass(),
-  'megatron.core.transformer.enums.CudaGraphModule': enumClass(),
-  'megatron.core.transformer.enums.InferenceCudaGraphScope': enumClass(),
-  'megatron.core.dist_checkpointing.strategies.torch.MCoreMetadata': dataclass(),
-  'megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan': dataclass(),
-};
-
-export interface ResolvedIteration {
-  /** The directory holding `.metadata` etc. */
-  readonly iterDir: string;
-  readonly iteration: number | 'release';
-  /** How it was chosen, for the plan printout. */
-  readonly how: string;
-}
-
-async function isDir(p: string): Promise<boolean> {
-  return stat(p).then(
-    (s) => s.isDirectory(),
-    () => false,
-  );
-}
-async function isFile(p: string): Promise<boolean> {
-  return stat(p).then(
-    (s) => s.isFile(),
-    () => false,
-  );
-}
-
-/** `iter_0000100` → 100; `release` → 'release'. */
-function iterationOf(dirName: string): number | 'release' | undefined {
-  if (dirName === 'release') return 'release';
-  const m = /^iter_(\d{7,})$/.exec(dirName);
-  return m ? Number(m[1]) : undefined;
-}
-
-export function iterDirName(iteration: number | 'release'): string {
-  return iteration === 'release' ? 'release' : `iter_${String(iteration).padStart(7, '0')}`;
-}
-
-/** A concrete iteration directory, or a run directory resolved through its tracker file. */
-/** An iteration directory: torch_dist (`.metadata`) or legacy (`mp_rank_*` directories). */
-async function holdsCheckpoint(dir: string): Promise<boolean> {
-  if (await isFile(join(dir, '.metadata'))) return true;
-  return (await readdir(dir).catch(() => [] as string[])).some((n) => /^mp_rank_\d{2}/.test(n));
-}
-
-export async function resolveIteration(path: string): Promise<ResolvedIteration> {
-  const own = iterationOf(basename(path));
-  if (own !== undefined && (await holdsCheckpoint(path))) return { iterDir: path, iteration: own, how: `iteration directory ${basename(path)}` };
-  if (await holdsCheckpoint(path)) return { iterDir: path, iteration: 0, how: 'checkpoint directory' };
-  const tracker = join(path, TRACKER);
-  const iters = (await readdir(path).catch(() => [] as string[])).filter((n) => iterationOf(n) !== undefined).sort();
-  if (await isFile(tracker)) {
-    const text = (await readFile(tracker, 'utf8')).trim();
-    const it: number | 'release' | undefined = text === 'release' ? 'release' : /^\d+$/.test(text) ? Number(text) : undefined;
-    if (it === undefined) throw badInput(`${tracker}: expected an iteration number or "release", found ${JSON.stringify(text.slice(0, 40))}`, tracker);
-    const dir = join(path, iterDirName(it));
-    if (!(await isDir(dir))) throw badInput(`${tracker}: names iteration ${text} but ${dir} does not exist`, tracker);
-    return { iterDir: dir, iteration: it, how: `${TRACKER} → ${iterDirName(it)}` };
-  }
-  if (iters.length === 1) return { iterDir: join(path, iters[0]!), iteration: iterationOf(iters[0]!)!, how: `the only iteration directory, ${iters[0]}` };
-  if (iters.length > 1) {
-    throw usage(`${path}: has no ${TRACKER} and ${iters.length} iteration directories (${iters.slice(0, 4).join(', ')}${iters.length > 4 ? ', …' : ''}); name one of them`);
-  }
-  throw badInput(`${path}: not a Megatron checkpoint (no ${TRACKER}, no iter_* directory, no .metadata)`, path);
-}
-
-export async function isMegatronPath(path: string): Promise<boolean> {
-  if (!(await isDir(path))) return false;
-  if (await isFile(join(path, TRACKER))) return true;
-  if (await isFile(join(path, 'metadata.json')) && (await isFile(join(path, '.metadata')))) return true;
-  const names = await readdir(path);
-  if (names.some((n) => /^mp_rank_\d{2}/.test(n))) return true;
-  return names.some((n) => iterationOf(n) !== undefined);
-}
+import { MEGATRON_GLOBALS, type ResolvedIteration, TRACKER, holdsCheckpoint, isFile, iterDirName, resolveIteration } from './run-dir.js';
+import { openMegatronLegacy } from './legacy.js';
+import { fsdpPrefix, fsdpView } from './fsdp.js';
 
 export interface MegatronCheckpoint {
   readonly source: CheckpointSource;
@@ -147,7 +36,6 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
   const dir = resolved.iterDir;
   if (!(await isFile(join(dir, '.metadata'))) && (await holdsCheckpoint(dir))) {
     // Legacy per-rank files (--ckpt-format torch): assembled into the same global view.
-    const { openMegatronLegacy } = await import('./legacy.js');
     const l = await openMegatronLegacy(path);
     const common = PyDict.from([...l.source.objects.values()].map((o): [PyValue, PyValue] => [o.name, o.value]));
     return { source: l.source, resolved: l.resolved, common, backend: { sharded_backend: 'torch (legacy)' } };
@@ -158,7 +46,6 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
     // under a module prefix; anything else without metadata.json is an unfinished torch_dist save.
     if (await isFile(join(dir, '.metadata'))) {
       const dcp = await openDcp(dir, { extraGlobals: MEGATRON_GLOBALS });
-      const { fsdpPrefix, fsdpView } = await import('./fsdp.js');
       const prefix = fsdpPrefix([...dcp.tensors.keys()]);
       if (prefix) {
         const common = PyDict.from([...dcp.objects.values()].filter((o) => !o.opaque).map((o): [PyValue, PyValue] => [o.name, o.value]));

@@ -16,7 +16,7 @@ import { ReadOnlyFile } from '../io/file.js';
 import { badInput, unsupported } from '../util/errors.js';
 import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from '../formats/torch-archive.js';
 import { flattenTree } from '../formats/tree.js';
-import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './checkpoint.js';
+import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './run-dir.js';
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, describe, type PyValue } from '../pickle/values.js';
 import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';

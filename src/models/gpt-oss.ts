@@ -26,7 +26,7 @@ import { PyFloat, PyTuple } from '../pickle/values.js';
 import { fromHfConfig, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, linearExtraState, moeArgs, routerPrecision } from './dense.js';
 import type { CustomKind, Family, LayerParam, PrecisionRule, SourcePart } from './spec.js';
-import { Mxfp4Tensor } from '../tensor/mxfp4.js';
+import { Mxfp4Tensor } from '../formats/mxfp4.js';
 
 const L = 'model.layers.{i}';
 

@@ -19,7 +19,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { openDcp } from '../formats/dcp.js';
-import { isMegatronPath } from '../megatron/checkpoint.js';
+import { isMegatronPath } from '../megatron/run-dir.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource } from '../formats/types.js';
@@ -30,7 +30,8 @@ import { badInput, usage } from '../util/errors.js';
 import { buildImport } from '../bridge/map.js';
 import { castTo, copyOf } from '../lazy/expr.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
-import { configFromHfDir, convertMegatronToHf } from './model-convert.js';
+import { convertMegatronToHf } from './model-convert.js';
+import { configFromHfDir } from '../bridge/megatron-config.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 

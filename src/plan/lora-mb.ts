@@ -17,7 +17,8 @@
  */
 import { join } from 'node:path';
 import { stat } from 'node:fs/promises';
-import { openMegatron, writeMegatron, commonArgs, iterDirName } from '../megatron/checkpoint.js';
+import { openMegatron, writeMegatron, commonArgs } from '../megatron/checkpoint.js';
+import { iterDirName } from '../megatron/run-dir.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
@@ -34,7 +35,7 @@ import { mergedWeight } from '../lora/merge.js';
 import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-identity.js';
 import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
 import { allRows, castTo, rowConcat, produceBox } from '../lazy/expr.js';
-import { configFromHfDir } from './model-convert.js';
+import { configFromHfDir } from '../bridge/megatron-config.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';

@@ -27,6 +27,8 @@
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
+import { isMegatronPath } from '../megatron/run-dir.js';
+import { openMegatronAsHf } from '../bridge/megatron-config.js';
 import { openNxdShards, writeNxdShards, type NxdRank, type NxdShards, type RankTensor } from '../nxd/shards.js';
 import { sliceTarget, concatRows } from '../lazy/view.js';
 import { writeSafetensors } from '../formats/safetensors.js';
@@ -511,9 +513,8 @@ async function fullStatePath(src: string): Promise<string> {
 /** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
 export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
-  const { isMegatronPath } = await import('../megatron/checkpoint.js');
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
-  const meg = (await isMegatronPath(srcPath)) ? await (await import('./model-convert.js')).openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
+  const meg = (await isMegatronPath(srcPath)) ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
   const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);
   const { heads } = await readNxdConfig(configPath).catch(async (e: unknown) => {
     await meg?.source.close();

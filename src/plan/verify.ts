@@ -22,7 +22,7 @@ import type { Box } from '../tensor/layout.js';
 import { chunkBoxes } from '../exec/executor.js';
 import { MANIFEST_NAME, type Manifest } from '../exec/manifest.js';
 import { buildExport, buildImport, mainDtype } from '../bridge/map.js';
-import { configFromHfDir } from './model-convert.js';
+import { configFromHfDir } from '../bridge/megatron-config.js';
 import { produceBox } from '../lazy/expr.js';
 
 const CHUNK = 16 << 20;

@@ -12,7 +12,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pickle, unpickle } from '../../src/pickle/index.js';
 import { PyDict, PyObject, PyTuple, TensorRef, type PyValue } from '../../src/pickle/values.js';
-import { readEntryChecked, readZipIndex, zipParts } from '../../src/io/zip.js';
+import { readEntryChecked, readZipIndex } from '../../src/io/zip.js';
+import { zipParts } from '../../src/formats/zip-write.js';
 import { openDcp } from '../../src/formats/dcp.js';
 import { openMegatronLegacy } from '../../src/megatron/legacy.js';
 import { openNxdShards } from '../../src/nxd/shards.js';
@@ -23,7 +24,7 @@ import { StorageRef } from '../../src/pickle/values.js';
 import { repoRoot } from '../helpers/oracle.js';
 import { memSource } from './mem.js';
 import { storageFromPersistentId } from '../../src/pickle/allowlist.js';
-import { MEGATRON_GLOBALS } from '../../src/megatron/checkpoint.js';
+import { MEGATRON_GLOBALS } from '../../src/megatron/run-dir.js';
 import { NXD_GLOBALS } from '../../src/nxd/shards.js';
 
 /** How the harness reads a pickle to edit it: every class the readers allow, storages as references. */

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { runOracle } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
-import { withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
+import { withMxfp4Dequantized } from '../../src/formats/mxfp4.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 
 let tmp: string;

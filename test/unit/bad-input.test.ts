@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
-import { zipParts } from '../../src/io/zip.js';
+import { zipParts } from '../../src/formats/zip-write.js';
 import { pickle } from '../../src/pickle/index.js';
 import { PyDict, StorageRef, TensorRef } from '../../src/pickle/values.js';
 import { encodeHeader } from '../../src/formats/safetensors.js';

@@ -14,7 +14,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
-import { zipParts } from '../../src/io/zip.js';
+import { zipParts } from '../../src/formats/zip-write.js';
 
 interface Payload {
   readonly name: string;

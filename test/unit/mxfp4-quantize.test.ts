@@ -9,7 +9,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
-import { withMxfp4Dequantized } from '../../src/tensor/mxfp4.js';
+import { withMxfp4Dequantized } from '../../src/formats/mxfp4.js';
 import { mxfp4Pair, type Bf16Boxes } from '../../src/tensor/mxfp4-quantize.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
 import { wholeBox } from '../../src/tensor/layout.js';
