@@ -317,3 +317,39 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
 export function withLeadingOnes(t: TargetTensor, n: number): TargetTensor {
   return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => produceBox(t, { start: box.start.slice(n), size: box.size.slice(n) }, out) });
 }
+
+/**
+ * Whether the canonical Megatron tensor `name` (`decoder.layers.<i>.…`, a block's `<prefix><i>.…`,
+ * experts by global index, TE or local-spec names) is a `[gate; up]` fusion in the family's table
+ * — how legacy rank files split it over TP. Per layer, from the same parameter lists the maps use.
+ */
+export function gateUpTest(c: ModelConfig): (name: string) => boolean {
+  const fam = familyOf(c);
+  const wrap = fam.megatronPrefix?.(c)?.prefix ?? '';
+  const stacks: Array<{ prefix: string; params: (i: number) => readonly LayerParam[] }> = [
+    { prefix: 'decoder.layers.', params: (i) => fam.layerParams(c, i) },
+    ...(fam.blocks?.(c) ?? []).map((b) => ({ prefix: b.prefix, params: (i: number) => b.params(i) })),
+  ];
+  const cache = new Map<string, readonly RegExp[]>();
+  const fused = (prefix: string, i: number, params: (i: number) => readonly LayerParam[]): readonly RegExp[] => {
+    const key = `${prefix}${i}`;
+    let res = cache.get(key);
+    if (!res) {
+      res = params(i)
+        .filter((p) => p.kind === 'gated' || p.gateUp)
+        .flatMap((p) => [p.megatron, ...(p.aliases ?? [])])
+        .map((m) => new RegExp(`^${m.replace(/[.]/g, '\\.').replace('{e}', '\\d+')}$`));
+      cache.set(key, res);
+    }
+    return res;
+  };
+  return (name) => {
+    const n = wrap && name.startsWith(wrap) ? name.slice(wrap.length) : name;
+    for (const s of stacks) {
+      if (!n.startsWith(s.prefix)) continue;
+      const m = /^(\d+)\.(.+)$/.exec(n.slice(s.prefix.length));
+      if (m) return fused(s.prefix, Number(m[1]), s.params).some((re) => re.test(m[2]!));
+    }
+    return false;
+  };
+}

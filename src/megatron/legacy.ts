@@ -304,7 +304,8 @@ export interface LegacyWriteOptions {
   readonly etp?: number;
   readonly numLayers: number;
   readonly iteration: number;
-  readonly gated: boolean;
+  /** Whether a tensor is SwiGLU's `[gate; up]` (each half split over TP): from the family table. */
+  readonly gateUp: (name: string) => boolean;
   readonly args: Record<string, PyValue>;
   /** Modules whose `_extra_state` entry (None) the live model expects, per layer. */
   readonly extraStateModules: (layer: number) => readonly string[];
@@ -354,7 +355,7 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           if ((onFirst && p !== 0) || (!onFirst && p !== pp - 1)) continue;
           local = name;
         }
-        const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gated);
+        const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gateUp(name));
         const renamed = targetView(g, { name: local });
         const along = split === 'row' ? g.shape[1]! : split === 'gated' ? g.shape[0]! / 2 : g.shape[0]!;
         if (split !== 'replicated' && along % tp !== 0) {

@@ -116,7 +116,7 @@ export function moeParams(c: ModelConfig, n: MoeNames): LayerParam[] {
     // One HF tensor stacked over experts per projection (no `{e}` in the name): expert e at index e.
     const gated = n.gate !== undefined;
     p.push(
-      { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [n.fused.gateUp], kind: 'copy', hfShapes: [[gated ? 2 * F : F, H]], shape: [gated ? 2 * F : F, H], experts: E },
+      { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [n.fused.gateUp], kind: 'copy', hfShapes: [[gated ? 2 * F : F, H]], shape: [gated ? 2 * F : F, H], experts: E, ...(gated ? { gateUp: true as const } : {}) },
       { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [n.fused.down], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
     );
   } else {

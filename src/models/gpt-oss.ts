@@ -208,8 +208,8 @@ function expertParams(c: ModelConfig): LayerParam[] {
     { megatron: 'pre_mlp_layernorm.weight', hf: [`${L}.post_attention_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H], aliases: ['mlp.linear_fc1.layer_norm_weight'] },
     { megatron: 'mlp.router.weight', hf: [`${L}.mlp.router.weight`], kind: 'copy', hfShapes: [[E, H]], shape: [E, H], precision: routerPrecision({}) },
     { megatron: 'mlp.router.bias', hf: [`${L}.mlp.router.bias`], kind: 'copy', hfShapes: [[E]], shape: [E], precision: routerPrecision({}) },
-    { megatron: `${ex}.linear_fc1.weight`, hf: [`${X}.gate_up_proj`], kind: GATE_UP, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E },
-    { megatron: `${ex}.linear_fc1.bias`, hf: [`${X}.gate_up_proj_bias`], kind: GATE_UP_BIAS, hfShapes: [[2 * F]], shape: [2 * F], experts: E },
+    { megatron: `${ex}.linear_fc1.weight`, hf: [`${X}.gate_up_proj`], kind: GATE_UP, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E, gateUp: true },
+    { megatron: `${ex}.linear_fc1.bias`, hf: [`${X}.gate_up_proj_bias`], kind: GATE_UP_BIAS, hfShapes: [[2 * F]], shape: [2 * F], experts: E, gateUp: true },
     { megatron: `${ex}.linear_fc2.weight`, hf: [`${X}.down_proj`], kind: TRANSPOSED, hfShapes: [[F, H]], shape: [H, F], experts: E },
     { megatron: `${ex}.linear_fc2.bias`, hf: [`${X}.down_proj_bias`], kind: 'copy', hfShapes: [[H]], shape: [H], experts: E },
   ];

@@ -70,6 +70,12 @@ export interface LayerParam {
   readonly aliases?: readonly string[];
   /** Stored dtype rules (default: the requested dtype on both sides). */
   readonly precision?: PrecisionRule;
+  /**
+   * The Megatron tensor is SwiGLU's `[gate; up]` whatever the HF side looks like (a fused or
+   * interleaved HF tensor, a custom kind): tensor parallelism splits each half on its own.
+   * Implied by `kind: 'gated'`.
+   */
+  readonly gateUp?: true;
 }
 
 export interface GlobalParam {

@@ -25,7 +25,7 @@ import type { TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, type ModelConfig } from '../models/config.js';
-import { buildExport, buildImport, type SkipRule } from '../bridge/map.js';
+import { buildExport, buildImport, type SkipRule, gateUpTest } from '../bridge/map.js';
 import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
@@ -160,7 +160,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
           etp,
           numLayers: cfg.numLayers,
           iteration,
-          gated: true,
+          gateUp: gateUpTest(cfg),
           args: { ...args, ckpt_format: 'torch' },
           extraStateModules: (i) => familyOf(cfg).extraStateModules(cfg, i),
         })
