@@ -27,16 +27,18 @@ import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported } from '../util/errors.js';
 import { rowConcat, rows, allRows, type RowSegment, produceBox } from '../lazy/expr.js';
 import type { ModelConfig } from '../models/config.js';
+import type { LayerParam } from '../models/spec.js';
 import { MEGATRON_IGNORED } from '../models/dense.js';
+import { fill } from '../bridge/map.js';
+import { familyOf } from '../models/registry.js';
 
-/** The Megatron linears Megatron-Bridge's LoRA targets, and the HF modules each becomes. */
-export const MB_TARGETS = {
-  'self_attention.linear_qkv': { hf: ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'], kind: 'qkv' },
-  'self_attention.linear_proj': { hf: ['self_attn.o_proj'], kind: 'copy' },
-  'mlp.linear_fc1': { hf: ['mlp.gate_proj', 'mlp.up_proj'], kind: 'gated' },
-  'mlp.linear_fc2': { hf: ['mlp.down_proj'], kind: 'copy' },
-} as const;
-export type MbTarget = keyof typeof MB_TARGETS;
+/**
+ * The Megatron linears Megatron-Bridge's LoRA adapts (its `target_modules` names), in its order.
+ * What each becomes on the HF side — module names, how B's rows split, the shapes — is the
+ * family table's (`Family.layerParams`), not repeated here.
+ */
+export const MB_TARGETS = ['self_attention.linear_qkv', 'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2'] as const;
+export type MbTarget = (typeof MB_TARGETS)[number];
 
 export interface MbPeftConfig {
   readonly file: string;
@@ -159,8 +161,7 @@ export async function openMbAdapter(path: string): Promise<MbAdapter> {
       modules.push({ layer: p.layer, target: p.target, linearIn: p.in, linearOut: p.out });
     }
     if (!modules.length) throw badInput(`${src.path}: no LoRA adapter tensors (…adapter.linear_in.weight / linear_out.weight)`, src.path);
-    const order = Object.keys(MB_TARGETS);
-    modules.sort((a, b) => a.layer - b.layer || order.indexOf(a.target) - order.indexOf(b.target));
+    modules.sort((a, b) => a.layer - b.layer || MB_TARGETS.indexOf(a.target) - MB_TARGETS.indexOf(b.target));
     const numLayers = Math.max(...modules.map((m) => m.layer)) + 1;
     return { checkpoint: ck, config: cfg, runConfigPath: rc, modules, numLayers: stackedLayers ?? numLayers, skipped, close: () => src.close() };
   } catch (e) {
@@ -174,12 +175,23 @@ export function asSource(t: TargetTensor): SourceTensor {
   return { name: t.name, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.describe, read: (b, o) => produceBox(t, b, o) };
 }
 
-/** The row segments of each HF piece of a fused `linear_out` [rows, dim] (at `prefix`). */
-function splitRows(c: ModelConfig, target: MbTarget, f: LayerFactor): RowSegment[][] {
-  const kind = MB_TARGETS[target].kind;
-  if (kind === 'copy') return [[allRows(f.src, [...f.prefix])]];
-  if (kind === 'gated') {
-    const F = c.ffnHiddenSize;
+/**
+ * The base weight a target adapts at `layer`, from the family table: its HF pieces (q/k/v,
+ * gate/up, or one), its kind and its Megatron shape [rows, in].
+ */
+function baseParam(c: ModelConfig, layer: number, target: MbTarget, file: string): LayerParam {
+  const fam = familyOf(c);
+  const p = fam.layerParams(c, layer).find((x) => x.megatron === `${target}.weight`);
+  if (!p) throw unsupported(`${file}: an adapter for layer ${layer} ${target}, which ${fam.description} does not have there (only dense linear adapters are supported)`, file);
+  if (p.kind !== 'qkv' && p.kind !== 'gated' && p.kind !== 'copy') throw unsupported(`${file}: layer ${layer} ${target} is a ${typeof p.kind === 'object' ? p.kind.id : p.kind} parameter in ${fam.description}; its LoRA factors have no PEFT split shardshift knows`, file);
+  return p;
+}
+
+/** The row segments of each HF piece of a fused `linear_out` [rows, dim] (at `prefix`), as the base weight splits. */
+function splitRows(c: ModelConfig, p: LayerParam, f: LayerFactor): RowSegment[][] {
+  if (p.kind === 'copy') return [[allRows(f.src, [...f.prefix])]];
+  if (p.kind === 'gated') {
+    const F = p.shape[0]! / 2;
     return [[rows(f.src, 0, F, [...f.prefix])], [rows(f.src, F, F, [...f.prefix])]];
   }
   const hn = c.kvChannels;
@@ -192,23 +204,6 @@ function splitRows(c: ModelConfig, target: MbTarget, f: LayerFactor): RowSegment
   ];
 }
 
-/** The HF shapes a Megatron target's factors must have: [rows of linear_out, cols of linear_in]. */
-function expectedShape(c: ModelConfig, target: MbTarget): [number, number] {
-  const H = c.hiddenSize;
-  const q = c.numAttentionHeads * c.kvChannels;
-  const kv = c.numQueryGroups * c.kvChannels;
-  switch (target) {
-    case 'self_attention.linear_qkv':
-      return [q + 2 * kv, H];
-    case 'self_attention.linear_proj':
-      return [H, q];
-    case 'mlp.linear_fc1':
-      return [2 * c.ffnHiddenSize, H];
-    case 'mlp.linear_fc2':
-      return [H, c.ffnHiddenSize];
-  }
-}
-
 /**
  * The adapter as PEFT LoRA modules on HF names (lazy views of the Megatron tensors): fused B split
  * by rows, A shared. Checks every factor's shape against the model config.
@@ -218,7 +213,8 @@ export function mbToPeftModules(c: ModelConfig, a: MbAdapter): LoraModuleTensors
   const file = a.checkpoint.source.path;
   for (const m of a.modules) {
     if (m.layer >= c.numLayers) throw badInput(`${file}: adapter for layer ${m.layer} but the model has ${c.numLayers} layers`, file);
-    const [rowsOut, colsIn] = expectedShape(c, m.target);
+    const base = baseParam(c, m.layer, m.target, file);
+    const [rowsOut, colsIn] = base.shape as [number, number];
     const inShape = m.linearIn.src.shape.slice(m.linearIn.prefix.length);
     const outShape = m.linearOut.src.shape.slice(m.linearOut.prefix.length);
     const dim = a.config.dim;
@@ -230,11 +226,13 @@ export function mbToPeftModules(c: ModelConfig, a: MbAdapter): LoraModuleTensors
       );
     }
     const inT = rowConcat(`${m.linearIn.src.name}[${m.layer}]`, m.linearIn.src.dtype, [colsIn], [allRows(m.linearIn.src, [...m.linearIn.prefix])], `${m.linearIn.src.name}${m.linearIn.prefix.length ? `[${m.layer}]` : ''}`);
-    const pieces = splitRows(c, m.target, m.linearOut);
-    MB_TARGETS[m.target].hf.forEach((hf, k) => {
-      const name = `model.layers.${m.layer}.${hf}`;
+    const pieces = splitRows(c, base, m.linearOut);
+    base.hf.forEach((template, k) => {
+      // The HF module: the base weight's name without `.weight`.
+      const name = fill(template, m.layer).replace(/\.weight$/, '');
+      const hf = name.slice(name.lastIndexOf('.') + 1);
       const segs = pieces[k]!;
-      const b = rowConcat(`${name}.lora_B.weight`, m.linearOut.src.dtype, [dim], segs, `${m.linearOut.src.name}${m.linearOut.prefix.length ? `[${m.layer}]` : ''} rows for ${hf.slice(hf.lastIndexOf('.') + 1)}`);
+      const b = rowConcat(`${name}.lora_B.weight`, m.linearOut.src.dtype, [dim], segs, `${m.linearOut.src.name}${m.linearOut.prefix.length ? `[${m.layer}]` : ''} rows for ${hf}`);
       out.push({ name, kind: 'linear', a: asSource({ ...inT, name: `${name}.lora_A.weight` }), b: asSource(b) });
     });
   }
