@@ -25,6 +25,7 @@ import { castTo } from '../lazy/expr.js';
 import { ADAPTER_RECORD, baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
 import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
 import { writeOutput } from '../exec/output.js';
+import { loraManifest } from './lora-mb.js';
 import type { ProgressEvent } from '../exec/executor.js';
 
 export interface MergeLoraOptions {
@@ -370,6 +371,7 @@ export async function mergeLora(baseDir: string, adapterPath: string, out: strin
         overwrite: opts.overwrite,
         maxMemory: opts.maxMemory,
         onProgress: opts.onProgress,
+        manifest: loraManifest('merge-lora', plan.source.format, plan.target.format, base, adapter.source),
       });
       return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
     } finally {

@@ -15,7 +15,7 @@
  *   same arithmetic as its HF counterpart, so exporting the merged Megatron checkpoint to HF gives
  *   the merged HF checkpoint byte for byte.
  */
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { stat } from 'node:fs/promises';
 import { openMegatron, writeMegatron, commonArgs } from '../megatron/checkpoint.js';
 import { iterDirName } from '../megatron/run-dir.js';
@@ -23,6 +23,7 @@ import { writeSafetensors } from '../formats/safetensors.js';
 import { listSideFiles } from '../formats/side-files.js';
 import type { DcpTensorEntry } from '../formats/dcp.js';
 import type { OutputFile, TargetTensor } from '../lazy/types.js';
+import type { CheckpointSource } from '../formats/types.js';
 import { PEFT_PREFIX, type LoraModuleTensors } from '../formats/peft.js';
 import { badInput, usage } from '../util/errors.js';
 import type { DType } from '../tensor/dtype.js';
@@ -37,7 +38,7 @@ import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget
 import { allRows, castTo, rowConcat, produceBox } from '../lazy/expr.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
-import { writeOutput } from '../exec/output.js';
+import { writeOutput, type WriteOutputOptions } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { targetView } from '../lazy/view.js';
 
@@ -67,6 +68,16 @@ async function hfDirFor(opts: MbLoraOptions, baseIterDir: string | undefined): P
   if (opts.hfModel) return opts.hfModel;
   if (baseIterDir && (await isDir(join(baseIterDir, 'hf')))) return join(baseIterDir, 'hf');
   throw usage('give --hf-model <HF model directory of the base> (its config.json decides how fused q/k/v and gate/up split)');
+}
+
+/**
+ * The manifest of a LoRA output: the tensor files of every input (base and adapter), relative to
+ * the first input's root. writeOutput stamps them before the run and checks them before the
+ * commit, so a base or adapter rewritten while it is read commits nothing.
+ */
+export function loraManifest(command: string, sourceFormat: string, targetFormat: string, ...inputs: CheckpointSource[]): NonNullable<WriteOutputOptions['manifest']> {
+  const sourceDir = inputs[0]!.root;
+  return { command, sourceFormat, targetFormat, sourceDir, sourceFiles: inputs.flatMap((s) => s.dataFiles.map((f) => relative(sourceDir, join(s.root, f)))) };
 }
 
 /** Python `json.dumps(obj, indent=2)` for the adapter config (floats marked). */
@@ -161,7 +172,7 @@ export async function exportMbAdapterToPeft(adapterPath: string, out: string, op
       ],
     };
     if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress });
+    await writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('export-adapter', plan.source.format, plan.target.format, a.checkpoint.source) });
     return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
   } finally {
     await a.close();
@@ -216,7 +227,7 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
         ],
       };
       if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-      await writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress });
+      await writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('lora-to-hf', plan.source.format, plan.target.format, meg.source, a.checkpoint.source) });
       return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
     } finally {
       await meg.source.close();
@@ -309,7 +320,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
         notes: [...baseNotes(a, c), `merged into the fused tensors in fp32, rounded once to each tensor's dtype; common.pt args carried from the base; HF config and tokenizer kept under ${iterDir}/hf/`],
       };
       if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-      await writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress });
+      await writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) });
       return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
     } finally {
       await meg.source.close();

@@ -1,6 +1,7 @@
 /**
  * Fault matrix (issue 16, "make it last"): every writer — single-file and directory outputs of
- * every format — under SIGKILL at seeded random moments and just before the commit, a full disk
+ * every format, the LoRA merges and exports, NeMo RL's dcp-to-hf and a named step, each through
+ * the real CLI — under SIGKILL at seeded random moments and at the executor's kill points, a full disk
  * (a small tmpfs), a read-only file system, a directory it may not write (as an unprivileged
  * user), two concurrent runs, and a source rewritten mid-run. After each: nothing that looks done
  * unless it is complete, one readable message naming the path, and a re-run that gives the
@@ -13,46 +14,162 @@ import { execFile, spawn, spawnSync } from 'node:child_process';
 import { chmod, cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
+import { basename, join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { outputDigest as digest } from '../helpers/tree.js';
+import { writeF32Safetensors, type SyntheticTensor } from '../helpers/synthetic.js';
 
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
+/** Sources built once, each a directory a case can copy whole (the mid-run change rewrites a copy). */
 let meg: string;
+let peftPair: string;
+let mbPair: string;
+let nemoRl: string;
+let stepConfig: string;
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-faults-'));
   await chmod(tmp, 0o755);
   meg = join(tmp, 'source.meg');
   assert.equal((await run(['convert', '--to', 'megatron', '-q', example, meg])).code, 0);
+  peftPair = await makePeftPair(join(tmp, 'source.peft'));
+  mbPair = await makeMbPair(join(tmp, 'source.mb'));
+  nemoRl = await makeNemoRl(join(tmp, 'source.nemorl'));
+  // `steps run -c <file>`: the step's settings from YAML, the paths as key=value overrides.
+  stepConfig = join(tmp, 'megatron_to_hf.yaml');
+  await writeFile(stepConfig, 'dtype: bfloat16\nmax_memory: 64MiB\n');
 });
 after(async () => {
   for (const m of mounts) spawnSync('umount', [m]);
   await rm(tmp, { recursive: true, force: true });
 });
 
+// The tiny Llama's shapes (examples/tiny-llama/config.json). Rank 16 makes every LoRA output,
+// the adapter-only export too, larger than the ENOSPC case's 24 KiB tmpfs.
+const LAYERS = 2;
+const HIDDEN = 32;
+const FFN = 64;
+const Q = 32;
+const KV = 16;
+const RANK = 16;
+
+/** `base/` (the tiny Llama) and `adapter/` (a PEFT LoRA on its q/v projections, recording base "base"). */
+async function makePeftPair(dir: string): Promise<string> {
+  await cp(example, join(dir, 'base'), { recursive: true });
+  await mkdir(join(dir, 'adapter'));
+  const t: SyntheticTensor[] = [];
+  for (let l = 0; l < LAYERS; l++) {
+    for (const [m, rows] of [['q_proj', Q], ['v_proj', KV]] as const) {
+      t.push({ name: `base_model.model.model.layers.${l}.self_attn.${m}.lora_A.weight`, shape: [RANK, HIDDEN] });
+      t.push({ name: `base_model.model.model.layers.${l}.self_attn.${m}.lora_B.weight`, shape: [rows, RANK] });
+    }
+  }
+  await writeF32Safetensors(join(dir, 'adapter', 'adapter_model.safetensors'), t, 16);
+  await writeFile(join(dir, 'adapter', 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r: RANK, lora_alpha: 32, target_modules: ['q_proj', 'v_proj'], base_model_name_or_path: 'base' }));
+  return dir;
+}
+
+/**
+ * `base/` (the tiny Llama's Megatron checkpoint) and `lora/iter_0000100/`, a Megatron-Bridge LoRA
+ * on all four linears: its adapter tensors stacked over layers as torch_dist saves them, with
+ * metadata.json and the run_config.yaml `peft:` section that give it its dim and alpha.
+ */
+async function makeMbPair(dir: string): Promise<string> {
+  await cp(meg, join(dir, 'base'), { recursive: true });
+  const flat = join(tmp, 'mb-adapter.safetensors');
+  const t: SyntheticTensor[] = [];
+  for (const [m, cols, rows] of [['self_attention.linear_qkv', HIDDEN, Q + 2 * KV], ['self_attention.linear_proj', Q, HIDDEN], ['mlp.linear_fc1', HIDDEN, 2 * FFN], ['mlp.linear_fc2', FFN, HIDDEN]] as const) {
+    t.push({ name: `decoder.layers.${m}.adapter.linear_in.weight`, shape: [LAYERS, RANK, cols] });
+    t.push({ name: `decoder.layers.${m}.adapter.linear_out.weight`, shape: [LAYERS, rows, RANK] });
+  }
+  await writeF32Safetensors(flat, t, 17);
+  const it = join(dir, 'lora', 'iter_0000100');
+  assert.equal((await run(['convert', '--to', 'dcp', '-q', flat, it])).code, 0);
+  await rm(join(it, 'shardshift-manifest.json'));
+  await writeFile(join(it, 'metadata.json'), JSON.stringify({ sharded_backend: 'torch_dist', sharded_backend_version: 1, common_backend: 'torch', common_backend_version: 1 }));
+  await writeFile(join(it, 'run_config.yaml'), `peft:\n  _target_: megatron.bridge.peft.lora.LoRA\n  dim: ${RANK}\n  alpha: 32\n  dropout: 0.0\n  target_modules: [linear_qkv, linear_proj, linear_fc1, linear_fc2]\n`);
+  return dir;
+}
+
+/** A NeMo RL step directory: `step_1/config.yaml` naming the model, DTensor v2 weights in two .distcp files. */
+async function makeNemoRl(dir: string): Promise<string> {
+  const weights = join(dir, 'step_1', 'policy', 'weights', 'model');
+  assert.equal((await run(['convert', '--to', 'dcp', '-q', '--dcp-files', '2', example, weights])).code, 0);
+  // NeMo RL's weights directory holds the checkpoint only; config.json comes from the model named.
+  for (const f of ['shardshift-manifest.json', 'config.json', 'generation_config.json']) await rm(join(weights, f));
+  await writeFile(join(dir, 'step_1', 'config.yaml'), `policy:\n  model_name: ${example}\n`);
+  return dir;
+}
+
 interface Writer {
   readonly name: string;
-  /** Output path under `dir`, and the arguments that write it from `src` (default source: the tiny Llama). */
+  /** A single file renamed into place, or a directory written file by file into `<out>.partial` (resumable). */
+  readonly kind: 'file' | 'dir';
+  /** Output path under `dir`, and the arguments that write it from `src`. */
   readonly out: (dir: string) => string;
   readonly args: (src: string, out: string) => string[];
-  /** The file of the source the mid-run change rewrites. */
-  readonly sourceFile: (src: string) => string;
+  /** The source files the mid-run change rewrites, one per run: every input a writer reads (base and adapter). */
+  readonly sourceFiles: (src: string) => string[];
   readonly source: () => string;
 }
 
 const hf = (): string => example;
+const st = (s: string): string[] => [join(s, 'model.safetensors')];
+const mbAdapter = (s: string): string => join(s, 'lora', 'iter_0000100');
 const WRITERS: Writer[] = [
-  { name: 'safetensors file', out: (d) => join(d, 'm.safetensors'), args: (s, o) => ['convert', '--to', 'safetensors', '-q', join(s, 'model.safetensors'), o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'safetensors shards', out: (d) => join(d, 'shards'), args: (s, o) => ['convert', '--to', 'safetensors', '-q', '--shard-size', '16KB', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'torch file', out: (d) => join(d, 'm.pt'), args: (s, o) => ['convert', '--to', 'torch', '-q', join(s, 'model.safetensors'), o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'dcp', out: (d) => join(d, 'dcp'), args: (s, o) => ['convert', '--to', 'dcp', '-q', '--dcp-files', '2', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'megatron torch_dist', out: (d) => join(d, 'meg'), args: (s, o) => ['convert', '--to', 'megatron', '-q', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'megatron legacy', out: (d) => join(d, 'legacy'), args: (s, o) => ['convert', '--to', 'megatron', '-q', '--ckpt-format', 'torch', '--tp', '2', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'megatron fsdp_dtensor', out: (d) => join(d, 'fsdp'), args: (s, o) => ['convert', '--to', 'megatron', '-q', '--ckpt-format', 'fsdp_dtensor', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'nxd', out: (d) => join(d, 'nxd'), args: (s, o) => ['convert', '--to', 'nxd', '-q', '--tp', '2', '--hw-backend', 'trn1', s, o], sourceFile: (s) => join(s, 'model.safetensors'), source: hf },
-  { name: 'hf export', out: (d) => join(d, 'hf'), args: (s, o) => ['convert', '--to', 'hf', '-q', s, o], sourceFile: (s) => join(s, 'iter_0000000', '__0_0.distcp'), source: () => meg },
+  { name: 'safetensors file', kind: 'file', out: (d) => join(d, 'm.safetensors'), args: (s, o) => ['convert', '--to', 'safetensors', '-q', join(s, 'model.safetensors'), o], sourceFiles: st, source: hf },
+  { name: 'safetensors shards', kind: 'dir', out: (d) => join(d, 'shards'), args: (s, o) => ['convert', '--to', 'safetensors', '-q', '--shard-size', '16KB', s, o], sourceFiles: st, source: hf },
+  { name: 'torch file', kind: 'file', out: (d) => join(d, 'm.pt'), args: (s, o) => ['convert', '--to', 'torch', '-q', join(s, 'model.safetensors'), o], sourceFiles: st, source: hf },
+  { name: 'dcp', kind: 'dir', out: (d) => join(d, 'dcp'), args: (s, o) => ['convert', '--to', 'dcp', '-q', '--dcp-files', '2', s, o], sourceFiles: st, source: hf },
+  { name: 'megatron torch_dist', kind: 'dir', out: (d) => join(d, 'meg'), args: (s, o) => ['convert', '--to', 'megatron', '-q', s, o], sourceFiles: st, source: hf },
+  { name: 'megatron legacy', kind: 'dir', out: (d) => join(d, 'legacy'), args: (s, o) => ['convert', '--to', 'megatron', '-q', '--ckpt-format', 'torch', '--tp', '2', s, o], sourceFiles: st, source: hf },
+  { name: 'megatron fsdp_dtensor', kind: 'dir', out: (d) => join(d, 'fsdp'), args: (s, o) => ['convert', '--to', 'megatron', '-q', '--ckpt-format', 'fsdp_dtensor', s, o], sourceFiles: st, source: hf },
+  { name: 'nxd', kind: 'dir', out: (d) => join(d, 'nxd'), args: (s, o) => ['convert', '--to', 'nxd', '-q', '--tp', '2', '--hw-backend', 'trn1', s, o], sourceFiles: st, source: hf },
+  { name: 'hf export', kind: 'dir', out: (d) => join(d, 'hf'), args: (s, o) => ['convert', '--to', 'hf', '-q', s, o], sourceFiles: (s) => [join(s, 'iter_0000000', '__0_0.distcp')], source: () => meg },
+  // The LoRA writers read two inputs, the base and the adapter: a rewrite of either must be caught.
+  {
+    name: 'merge-lora peft',
+    kind: 'dir',
+    out: (d) => join(d, 'merged'),
+    args: (s, o) => ['merge-lora', '-q', '--shard-size', '16KB', '--adapter', join(s, 'adapter'), '--base', join(s, 'base'), o],
+    sourceFiles: (s) => [join(s, 'base', 'model.safetensors'), join(s, 'adapter', 'adapter_model.safetensors')],
+    source: () => peftPair,
+  },
+  {
+    name: 'merge-lora megatron-bridge',
+    kind: 'dir',
+    out: (d) => join(d, 'merged-meg'),
+    args: (s, o) => ['merge-lora', '-q', '--backend', 'megatron-bridge', '--adapter', mbAdapter(s), '--base', join(s, 'base'), '--hf-model', example, o],
+    sourceFiles: (s) => [join(s, 'base', 'iter_0000000', '__0_0.distcp'), join(mbAdapter(s), '__0_0.distcp')],
+    source: () => mbPair,
+  },
+  {
+    name: 'lora-to-hf merged',
+    kind: 'dir',
+    out: (d) => join(d, 'merged-hf'),
+    args: (s, o) => ['lora-to-hf', '-q', '--shard-size', '16KB', '--base-ckpt', join(s, 'base'), '--adapter-ckpt', mbAdapter(s), '--hf-model-name', example, '--hf-ckpt-path', o],
+    sourceFiles: (s) => [join(s, 'base', 'iter_0000000', '__0_0.distcp'), join(mbAdapter(s), '__0_0.distcp')],
+    source: () => mbPair,
+  },
+  // What `lora-to-hf --adapter-only` runs too.
+  { name: 'export-adapter', kind: 'dir', out: (d) => join(d, 'peft'), args: (s, o) => ['export-adapter', '-q', '--adapter', mbAdapter(s), '--hf-model', example, o], sourceFiles: (s) => [join(mbAdapter(s), '__0_0.distcp')], source: () => mbPair },
+  {
+    name: 'dcp-to-hf',
+    kind: 'dir',
+    out: (d) => join(d, 'hf'),
+    args: (s, o) => ['dcp-to-hf', '-q', '--dcp-ckpt-path', join(s, 'step_1', 'policy', 'weights'), '--hf-ckpt-path', o],
+    sourceFiles: (s) => [join(s, 'step_1', 'policy', 'weights', 'model', '__0_1.distcp')],
+    source: () => nemoRl,
+  },
+  {
+    name: 'steps run convert/megatron_to_hf',
+    kind: 'dir',
+    out: (d) => join(d, 'hf'),
+    args: (s, o) => ['steps', 'run', 'convert/megatron_to_hf', '-q', '-c', stepConfig, `megatron_path=${s}`, `hf_model_id=${example}`, `hf_path=${o}`],
+    sourceFiles: (s) => [join(s, 'iter_0000000', '__0_0.distcp')],
+    source: () => meg,
+  },
 ];
 
 function run(args: string[], env: Record<string, string> = {}, as?: number): Promise<{ code: number | null; signal: string | null; stderr: string }> {
@@ -117,50 +234,114 @@ function mountTmpfs(at: string, opts: string): boolean {
   return ok;
 }
 
-for (const w of WRITERS) {
-  test(`faults: ${w.name} — SIGKILL at random moments and before the commit, then a re-run resumes to the same bytes`, async () => {
-    const want = await ref(w);
-    // Seeded moments after spawn (node's start-up, planning, writing), and the executor's own kill
-    // points: after the first file, in the middle of the first file.
-    const kills: Array<{ label: string; delay?: number; env?: Record<string, string> }> = [
-      ...Array.from({ length: 4 }, () => {
-        const delay = 40 + Math.floor(rnd() * 260);
-        return { label: `at ${delay} ms`, delay };
-      }),
-      // The window a CI run hit at random: the directory made, the plan not yet recorded in it.
-      { label: 'after creating the partial directory', env: { SHARDSHIFT_TEST_KILL_AFTER_MKDIR: '1' } },
-      { label: 'after the first file', env: { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' } },
-      { label: 'in the middle of the first file', env: { SHARDSHIFT_TEST_KILL_MID_FILE: '0' } },
-    ];
-    for (const [k, kill] of kills.entries()) {
-      const dir = await caseDir(w, `kill${k}`);
-      const out = w.out(dir);
-      const child = spawn(process.execPath, [cli, ...w.args(w.source(), out)], { stdio: 'ignore', env: { ...process.env, ...kill.env } });
-      const timer = kill.delay === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), kill.delay);
-      const code = await new Promise<number | null>((res) => child.on('exit', (c) => res(c)));
+/** For a message that names a path. */
+const escape = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * The executor's own kill points (src/plan/output.ts `killPoint`) short of the commit. They are
+ * steps of a directory output only; the kill before the commit, which every output has, is its own case.
+ */
+const KILL_POINTS: ReadonlyArray<{ label: string; env: Record<string, string> }> = [
+  // The window a CI run hit at random: the directory made, the plan not yet recorded in it.
+  { label: 'after creating the partial directory', env: { SHARDSHIFT_TEST_KILL_AFTER_MKDIR: '1' } },
+  { label: 'after the first file', env: { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' } },
+  { label: 'in the middle of the first file', env: { SHARDSHIFT_TEST_KILL_MID_FILE: '0' } },
+];
+const SINGLE_FILE =
+  'does not apply to a single-file output: it has no partial directory, no progress record and no finished file to resume after (it is written whole to <out>.partial and renamed; the kill before the rename covers it)';
+
+/** Spawns a run and SIGKILLs it `delay` ms later (or lets an env kill point do it). */
+function runKilled(args: string[], env: Record<string, string>, delay?: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  const child = spawn(process.execPath, [cli, ...args], { stdio: 'ignore', env: { ...process.env, ...env } });
+  const timer = delay === undefined ? undefined : setTimeout(() => child.kill('SIGKILL'), delay);
+  return new Promise((res) =>
+    child.on('exit', (code, signal) => {
       clearTimeout(timer);
-      if (code === 0) {
-        // Finished before the kill (a one-file output has no second file to be killed after).
-        assert.deepEqual(await digest(out), want, `${w.name}: finished before the kill ${kill.label}`);
-        continue;
-      }
-      if (existsSync(out)) {
-        // Killed after the rename (while exiting): the output is whole, as the rename is atomic.
-        assert.deepEqual(await digest(out), want, `${w.name}: killed ${kill.label} after its commit`);
-        continue;
-      }
-      const again = await run(w.args(w.source(), out));
-      assert.equal(again.code, 0, `${w.name} after a kill ${kill.label}: ${again.stderr}`);
-      assert.deepEqual(await digest(out), want, `${w.name}: resumed after a kill ${kill.label}`);
+      res({ code, signal });
+    }),
+  );
+}
+
+/** After a kill, the re-run of the same command gives the uninterrupted run's bytes. */
+async function rerunGives(w: Writer, out: string, want: Record<string, string>, label: string): Promise<void> {
+  const again = await run(w.args(w.source(), out));
+  assert.equal(again.code, 0, `${w.name} after a kill ${label}: ${again.stderr}`);
+  assert.deepEqual(await digest(out), want, `${w.name}: resumed after a kill ${label}`);
+}
+
+/** Two runs into the same output at once: one finishes, the other is refused by the lock (or finds it done). */
+async function concurrentRuns(w: Writer, want: Record<string, string>): Promise<void> {
+  const out = w.out(await caseDir(w, 'concurrent'));
+  const [a, b] = await Promise.all([run(w.args(w.source(), out)), run(w.args(w.source(), out))]);
+  assert.ok(a.code === 0 || b.code === 0, `${w.name}: neither concurrent run finished:\n${a.stderr}\n${b.stderr}`);
+  for (const x of [a, b]) if (x.code !== 0) assert.match(oneMessage(x.stderr, `${w.name} concurrent`), /lock|in use|exists|another/i);
+  assert.deepEqual(await digest(out), want, `${w.name}: concurrent output`);
+}
+
+/**
+ * Rewrites the `i`-th source file of a copy of the source (same size, in place) while a run holds
+ * its lock. A directory output is changed once its manifest is written, every read done: only the
+ * stamps taken before the run can catch it. A single file is changed once the lock is taken.
+ */
+async function changedMidRun(w: Writer, i: number): Promise<void> {
+  const dir = await caseDir(w, `source${i}`);
+  const src = join(dir, 'src');
+  await cp(w.source(), src, { recursive: true });
+  const out = w.out(dir);
+  const running = run(w.args(src, out), { SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS: '1200' });
+  const mark = w.kind === 'dir' ? join(`${out}.partial`, 'shardshift-manifest.json') : `${out}.lock`;
+  for (let k = 0; k < 400 && !existsSync(mark); k++) await sleep(25);
+  const f = w.sourceFiles(src)[i]!;
+  const bytes = await readFile(f);
+  bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
+  await writeFile(f, bytes);
+  const r = await running;
+  const label = `${w.name} changed ${basename(f)}`;
+  assert.equal(r.code, 1, `${label}: ${r.stderr}`);
+  // A single file may instead be caught earlier, by a read of the changed bytes that fails (a
+  // member's checksum or directory): either way one message naming the file, nothing committed.
+  const msg = oneMessage(r.stderr, label);
+  if (w.kind === 'dir') assert.match(msg, new RegExp(`${escape(basename(f))} changed while it was being converted`), label);
+  else assert.match(msg, new RegExp(`changed while it was being converted|${escape(basename(f))}`), label);
+  assert.ok(!existsSync(out) && !existsSync(`${out}.lock`), `${label}: committed or left its lock`);
+}
+
+for (const w of WRITERS) {
+  // Two kills at a time, each into its own directory: the runs are mostly node's start-up.
+  test(`faults: ${w.name} — SIGKILL at random moments, at the executor's kill points and before the commit, then a re-run resumes to the same bytes`, { concurrency: 2 }, async (t) => {
+    const want = await ref(w);
+    const cases: Array<Promise<void>> = [];
+    // Seeded moments after spawn: node's start-up, planning, writing.
+    for (const delay of Array.from({ length: 4 }, () => 40 + Math.floor(rnd() * 260))) {
+      cases.push(t.test(`killed at ${delay} ms`, async () => {
+        const out = w.out(await caseDir(w, `kill-${delay}ms`));
+        const x = await runKilled(w.args(w.source(), out), {}, delay);
+        // Finished before the kill (a tiny model converts in a few hundred ms), or killed after the
+        // rename while exiting: the output is whole, as the rename is atomic.
+        if (existsSync(out)) assert.deepEqual(await digest(out), want, `${w.name}: ${x.code === 0 ? 'finished before' : 'committed before'} the kill at ${delay} ms`);
+        else await rerunGives(w, out, want, `at ${delay} ms`);
+      }));
+    }
+    for (const p of KILL_POINTS) {
+      cases.push(t.test(`killed ${p.label}`, { skip: w.kind === 'file' ? SINGLE_FILE : false }, async () => {
+        const out = w.out(await caseDir(w, 'kill-point'));
+        const x = await runKilled(w.args(w.source(), out), p.env);
+        // Reached, so the writer goes through writeOutput's executor (one that did not would finish here).
+        assert.equal(x.signal, 'SIGKILL', `${w.name}: never reached the kill point ${p.label} (exit ${x.code})`);
+        assert.ok(!existsSync(out), `${w.name}: killed ${p.label}, yet ${out} exists`);
+        await rerunGives(w, out, want, p.label);
+      }));
     }
     // The last state transition: everything written and fsynced, killed before the rename.
-    const dir = await caseDir(w, 'kill-commit');
-    const out = w.out(dir);
-    const r = await run(w.args(w.source(), out), { SHARDSHIFT_TEST_KILL_BEFORE_COMMIT: '1' });
-    assert.notEqual(r.code, 0);
-    assert.ok(!existsSync(out), `${w.name}: killed before the commit, yet ${out} exists`);
-    assert.equal((await run(w.args(w.source(), out))).code, 0);
-    assert.deepEqual(await digest(out), want, `${w.name}: committed after a kill before the rename`);
+    cases.push(t.test('killed before the commit', async () => {
+      const out = w.out(await caseDir(w, 'kill-commit'));
+      const r = await run(w.args(w.source(), out), { SHARDSHIFT_TEST_KILL_BEFORE_COMMIT: '1' });
+      assert.equal(r.signal, 'SIGKILL', `${w.name}: never reached the kill before the commit (exit ${r.code}): ${r.stderr}`);
+      assert.ok(!existsSync(out), `${w.name}: killed before the commit, yet ${out} exists`);
+      await rerunGives(w, out, want, 'before the rename');
+    }));
+    await Promise.all(cases);
   });
 
   test(`faults: ${w.name} — full disk, read-only file system, no write permission: one message naming the path, nothing done`, async (t) => {
@@ -177,7 +358,7 @@ for (const w of WRITERS) {
     out = w.out(ro);
     r = await run(w.args(w.source(), out));
     assert.notEqual(r.code, 0, `${w.name} EROFS`);
-    assert.match(oneMessage(r.stderr, `${w.name} EROFS`), new RegExp(`${ro.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}.*read-only`));
+    assert.match(oneMessage(r.stderr, `${w.name} EROFS`), new RegExp(`${escape(ro)}.*read-only`));
     assert.deepEqual(await readdir(ro), []);
     // An unprivileged user writing into a directory it does not own.
     const denied = await caseDir(w, 'eacces');
@@ -192,27 +373,13 @@ for (const w of WRITERS) {
 
   test(`faults: ${w.name} — two concurrent runs give one output; a source rewritten mid-run commits nothing`, async () => {
     const want = await ref(w);
-    const dir = await caseDir(w, 'concurrent');
-    const out = w.out(dir);
-    const [a, b] = await Promise.all([run(w.args(w.source(), out)), run(w.args(w.source(), out))]);
-    assert.ok(a.code === 0 || b.code === 0, `${w.name}: neither concurrent run finished:\n${a.stderr}\n${b.stderr}`);
-    for (const x of [a, b]) if (x.code !== 0) assert.match(oneMessage(x.stderr, `${w.name} concurrent`), /lock|in use|exists|another/i);
-    assert.deepEqual(await digest(out), want, `${w.name}: concurrent output`);
-    // The source changes (same size, in place) while the run holds its lock.
-    const src = join(await caseDir(w, 'source'), 'src');
-    await cp(w.source(), src, { recursive: true });
-    const out2 = join(dirname(src), 'changed-out' + (w.out('x').endsWith('.safetensors') ? '.safetensors' : w.out('x').endsWith('.pt') ? '.pt' : ''));
-    const running = run(w.args(src, out2), { SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS: '2500' });
-    for (let i = 0; i < 200 && !existsSync(`${out2}.lock`); i++) await new Promise((r) => setTimeout(r, 25));
-    const f = w.sourceFile(src);
-    const bytes = await readFile(f);
-    bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
-    await writeFile(f, bytes);
-    const r = await running;
-    assert.equal(r.code, 1, `${w.name} changed source: ${r.stderr}`);
-    // Caught by the stamps before the commit, or earlier by a read of the changed bytes that fails
-    // (a member's checksum or directory): either way one message naming the file, nothing committed.
-    assert.match(oneMessage(r.stderr, `${w.name} changed source`), new RegExp(`changed while it was being converted|${f.split('/').at(-1)!.replace('.', '\\.')}`));
-    assert.ok(!existsSync(out2) && !existsSync(`${out2}.lock`));
+    // Side by side: the source cases spend most of their time waiting in the pause before the commit.
+    await Promise.all([concurrentRuns(w, want), ...w.sourceFiles(w.source()).map((_, i) => changedMidRun(w, i))]);
   });
 }
+
+// Not in the matrix: `merge-lora --backend megatron-bridge --export-hf` (and the convert/merge_lora
+// step with export_hf=true) writes two outputs, one writeOutput after the other. Each is atomic and
+// resumable alone (both are covered above), but the pair is not: killed between the two commits,
+// the Megatron output is done and the re-run of the same command is refused ("already exists").
+test.todo('faults: merge-lora megatron-bridge --export-hf — a re-run after a kill between its two commits is refused (output exists) instead of finishing the second');
