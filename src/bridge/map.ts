@@ -15,7 +15,6 @@ import { HF_IGNORED, MEGATRON_IGNORED } from '../models/dense.js';
 import { familyOf } from '../models/registry.js';
 import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from '../models/spec.js';
 import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
-import { targetView } from '../lazy/view.js';
 
 export interface Skipped {
   readonly name: string;
@@ -311,11 +310,6 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
   return { tensors: out, skipped, dtypes };
-}
-
-/** A target viewed with leading dims of 1 (a layer's — or a layer's expert's — chunk of a stacked tensor). */
-export function withLeadingOnes(t: TargetTensor, n: number): TargetTensor {
-  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => produceBox(t, { start: box.start.slice(n), size: box.size.slice(n) }, out) });
 }
 
 /**

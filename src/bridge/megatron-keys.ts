@@ -24,7 +24,7 @@ import type { PyValue } from '../pickle/values.js';
 import type { ModelConfig } from '../models/config.js';
 import type { Family, SourcePart, SplitParam } from '../models/spec.js';
 import { allRows, rowConcat, produceBox } from '../lazy/expr.js';
-import { targetView } from '../lazy/view.js';
+import { targetView, withLeadingOnes, sliceTarget } from '../lazy/view.js';
 import { badInput } from '../util/errors.js';
 import { MEGATRON_IGNORED } from '../models/dense.js';
 import { ungroupedExpertName } from '../megatron/parallel.js';
@@ -86,14 +86,9 @@ function splitParams(fam: Family, c: ModelConfig): Map<string, SplitParam> | und
   return out;
 }
 
-/** Rows [start, start + count) of a target. */
+/** Rows [start, start + count) of a target, described as the target itself. */
 function rowSlice(t: TargetTensor, start: number, count: number): TargetTensor {
-  return targetView(t, { shape: [count, ...t.shape.slice(1)], produce: (box, out) => produceBox(t, { start: [box.start[0]! + start, ...box.start.slice(1)], size: box.size }, out) });
-}
-
-function leadingOnes(t: TargetTensor, n: number): TargetTensor {
-  if (n === 0) return t;
-  return targetView(t, { shape: [...Array<number>(n).fill(1), ...t.shape], produce: (box, out) => produceBox(t, { start: box.start.slice(n), size: box.size.slice(n) }, out) });
+  return targetView(sliceTarget(t, 0, start, count), { describe: t.describe });
 }
 
 /**
@@ -114,7 +109,7 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
   const add = (key: string, lead: number[], leadShape: number[], t: TargetTensor): void => {
     let g = groups.get(key);
     if (!g) groups.set(key, (g = { shape: [...leadShape, ...t.shape], dtype: t.dtype ?? dtype, chunks: [] }));
-    g.chunks.push({ offsets: [...lead, ...t.shape.map(() => 0)], tensor: leadingOnes(t, lead.length) });
+    g.chunks.push({ offsets: [...lead, ...t.shape.map(() => 0)], tensor: withLeadingOnes(t, lead.length) });
   };
   const splits = splitParams(fam, c);
   for (const [name, t] of targets) {

@@ -6,7 +6,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
-import { isMegatronPath } from '../megatron/run-dir.js';
+import { isMegatronPath, type CkptFormat } from '../megatron/run-dir.js';
 import { jsonEvents } from './events.js';
 import { isNxdPath } from '../nxd/shards.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
@@ -33,7 +33,7 @@ interface Flags {
   allowUnmapped?: boolean;
   dropMtp?: boolean;
   quantize?: 'mxfp4';
-  ckptFormat: 'torch_dist' | 'torch' | 'fsdp_dtensor';
+  ckptFormat: CkptFormat;
   megatronSpec: 'te' | 'local';
   from?: FormatName;
   maxMemory: string;

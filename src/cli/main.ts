@@ -16,6 +16,7 @@ import { runVerify, runDiff } from './verify.js';
 import { runStepsList, runStepsShow, runStepsRun } from './steps.js';
 import { runDcpToHf } from './dcp-to-hf.js';
 import { registerNxdCommands } from './nxd.js';
+import { CKPT_FORMATS } from '../megatron/run-dir.js';
 
 
 function program(): Command {
@@ -50,7 +51,7 @@ function program(): Command {
     .option('--etp <n>', 'megatron, MoE models: expert tensor-parallel size (default: --tp)')
     .option('--make-vocab-size-divisible-by <n>', 'megatron: vocab padding divisor', '128')
     .option('--iteration <n>', 'megatron: iteration number of the output', '0')
-    .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, torch (legacy mp_rank_* files for --tp × --pp), or fsdp_dtensor (Megatron-FSDP)').choices(['torch_dist', 'torch', 'fsdp_dtensor']).default('torch_dist'))
+    .addOption(new Option('--ckpt-format <format>', 'megatron: torch_dist, torch (legacy mp_rank_* files for --tp × --pp), or fsdp_dtensor (Megatron-FSDP)').choices([...CKPT_FORMATS]).default('torch_dist'))
     .addOption(new Option('--megatron-spec <spec>', 'megatron: key names of the TransformerEngine (te) or local (TE-free) layer spec; they differ for legacy norms and MoE pre-MLP norms').choices(['te', 'local']).default('te'))
     .option('--hf-model <dir>', 'hf: reference HF model directory or hub id (config, tokenizer) for the export')
     .addOption(new Option('--model-style <style>', 'nxd: names inside the shards (NxDT --model_style)').choices(['hf', 'megatron']).default('hf'))

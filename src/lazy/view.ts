@@ -46,6 +46,14 @@ export function sliceTarget(t: TargetTensor, dim: number, start: number, size: n
   };
 }
 
+/** `t` with `n` leading dims of 1 (a layer's — or a layer's expert's — chunk of a stacked tensor). */
+export function withLeadingOnes(t: TargetTensor, n: number): TargetTensor {
+  if (n === 0) return t;
+  const shape = [...Array<number>(n).fill(1), ...t.shape];
+  if (t.kind === 'cast') return { kind: 'cast', name: t.name, dtype: t.dtype, shape, byteLength: t.byteLength, describe: t.describe, inner: withLeadingOnes(t.inner, n) };
+  return { kind: 'produced', name: t.name, dtype: t.dtype, shape, byteLength: t.byteLength, describe: t.describe, produce: (box, out) => t.produce({ start: box.start.slice(n), size: box.size.slice(n) }, out) };
+}
+
 /** Targets stacked along dim 0 (e.g. a rank's `[gate_r; up_r]`). */
 export function concatRows(name: string, parts: readonly TargetTensor[]): TargetTensor {
   const first = parts[0]!;

@@ -14,6 +14,15 @@ import { dataclass, enumClass } from '../pickle/index.js';
 export const TRACKER = 'latest_checkpointed_iteration.txt';
 
 /**
+ * The checkpoint formats of a Megatron iteration directory (`--ckpt-format`): megatron-core's
+ * `torch_dist` (DCP + metadata.json + common.pt), the legacy per-rank `torch` files
+ * (`mp_rank_*\/model_optim_rng.pt`) and Megatron-FSDP's `fsdp_dtensor`. The one list the CLI,
+ * the steps and the plans take their choices and types from.
+ */
+export const CKPT_FORMATS = ['torch_dist', 'torch', 'fsdp_dtensor'] as const;
+export type CkptFormat = (typeof CKPT_FORMATS)[number];
+
+/**
  * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
  * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
  */

@@ -13,7 +13,7 @@ import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../formats/mxfp4.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron } from '../megatron/checkpoint.js';
-import { iterDirName, isMegatronPath } from '../megatron/run-dir.js';
+import { iterDirName, isMegatronPath, type CkptFormat } from '../megatron/run-dir.js';
 import { writeMegatronLegacy } from '../megatron/legacy.js';
 import { writeMegatronFsdp } from '../megatron/fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
@@ -35,7 +35,7 @@ import { configFromHfDir, localSpecNames, megatronArgs, megatronConfig, sourceFr
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
-  ckptFormat?: 'torch_dist' | 'torch' | 'fsdp_dtensor';
+  ckptFormat?: CkptFormat;
   /** Layer names of legacy outputs: TransformerEngine-fused norms (te, default) or the local spec's. */
   megatronSpec?: 'te' | 'local';
   /** Skip source tensors the model map has no place for, instead of failing. */

@@ -12,6 +12,7 @@ import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
 import { basename, join } from 'node:path';
 import { usage } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
+import { CKPT_FORMATS, type CkptFormat } from '../megatron/run-dir.js';
 
 export type ParamType = 'string' | 'int' | 'bool' | 'size';
 
@@ -77,7 +78,7 @@ const hfToMegatron: Step = {
     'parallel.etp': { type: 'int', description: 'expert tensor-parallel size (MoE models; default: tp)', default: null, aliases: ['etp'] },
     make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
-    ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: ['torch_dist', 'torch', 'fsdp_dtensor'] },
+    ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: [...CKPT_FORMATS] },
     ...COMMON,
   },
   async run(p, ctx) {
@@ -91,7 +92,7 @@ const hfToMegatron: Step = {
       etp: (p['parallel.etp'] as number | null) ?? undefined,
       makeVocabSizeDivisibleBy: p.make_vocab_size_divisible_by as number,
       iteration: p.iteration as number,
-      ckptFormat: p.ckpt_format as 'torch_dist' | 'torch' | 'fsdp_dtensor',
+      ckptFormat: p.ckpt_format as CkptFormat,
       allowUnmapped: p.allow_unmapped as boolean,
       maxMemory: p.max_memory as number,
       overwrite: p.overwrite as boolean,
