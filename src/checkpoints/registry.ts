@@ -18,9 +18,28 @@ export interface FormatModule {
   readonly description: string;
   detect(path: string): Promise<boolean>;
   open(path: string): Promise<CheckpointSource>;
+  /** Lays out targets in this format (formats `convert --to` writes tensor for tensor). */
+  readonly write?: (tensors: readonly TargetTensor[], opts: WriteOptions) => WriteReport;
 }
 
-export const FORMATS: readonly FormatModule[] = [
+export interface WriteOptions {
+  maxShardSize?: number;
+  /** Single-file output with this name (safetensors, torch). */
+  singleFile?: string;
+  /** DCP: number of .distcp files. */
+  dcpFiles?: number;
+  /** Nesting of a torch/DCP source, for torch output. */
+  tree?: PyValue;
+  /** Non-tensor entries, for formats that can hold them. */
+  objects?: ReadonlyMap<string, PyValue>;
+  /** safetensors __metadata__. */
+  metadata?: ReadonlyMap<string, string>;
+}
+
+const dropAll = (objects: ReadonlyMap<string, PyValue> | undefined, reason: string): WriteReport['dropped'] => [...(objects ?? new Map()).keys()].map((name) => ({ name, reason }));
+
+/** Every format, in detection order. A new format is one module plus one entry here. */
+export const FORMATS = [
   {
     name: 'megatron',
     description: 'Megatron-Core torch_dist (run dir with latest_checkpointed_iteration.txt, or iter_* dir)',
@@ -31,13 +50,32 @@ export const FORMATS: readonly FormatModule[] = [
       return { ...m.source, format: 'megatron' as const, metadata };
     },
   },
-  { name: 'dcp', description: 'PyTorch Distributed Checkpoint (.metadata + *.distcp)', detect: isDcpPath, open: openDcp },
-  { name: 'safetensors', description: 'safetensors, single file or sharded with model.safetensors.index.json', detect: isSafetensorsPath, open: openSafetensors },
-  { name: 'torch', description: 'torch.save zip archive (pytorch_model.bin, *.pt), single or sharded with .bin.index.json', detect: isTorchPath, open: openTorch },
-];
+  {
+    name: 'dcp',
+    description: 'PyTorch Distributed Checkpoint (.metadata + *.distcp)',
+    detect: isDcpPath,
+    open: openDcp,
+    write: (tensors, o) => writeDcp(tensors, { files: o.dcpFiles, objects: o.objects }),
+  },
+  {
+    name: 'safetensors',
+    description: 'safetensors, single file or sharded with model.safetensors.index.json',
+    detect: isSafetensorsPath,
+    open: openSafetensors,
+    write: (tensors, o) => ({ files: writeSafetensors(tensors, { maxShardSize: o.maxShardSize, singleFile: o.singleFile, metadata: o.metadata }).files, dropped: dropAll(o.objects, 'safetensors holds only tensors') }),
+  },
+  {
+    name: 'torch',
+    description: 'torch.save zip archive (pytorch_model.bin, *.pt), single or sharded with .bin.index.json',
+    detect: isTorchPath,
+    open: openTorch,
+    write: (tensors, o) => writeTorch(tensors, { maxShardSize: o.maxShardSize, singleFile: o.singleFile, tree: o.tree, objects: o.objects }),
+  },
+] as const satisfies readonly FormatModule[];
 
+type Writable = Extract<(typeof FORMATS)[number], { write: unknown }>;
 /** Formats `convert --to` writes tensor-for-tensor. */
-export const FORMAT_NAMES = ['safetensors', 'torch', 'dcp'] as const satisfies readonly FormatName[];
+export const FORMAT_NAMES = ['safetensors', 'torch', 'dcp'] as const satisfies ReadonlyArray<Writable['name']>;
 /** Formats a source can be read as (`--from`, `inspect --format`). */
 export const READ_FORMAT_NAMES: readonly FormatName[] = FORMATS.map((f) => f.name);
 
@@ -56,33 +94,11 @@ export async function openCheckpoint(path: string, format?: FormatName): Promise
   return mod.open(path);
 }
 
-export interface WriteOptions {
-  maxShardSize?: number;
-  /** Single-file output with this name (safetensors, torch). */
-  singleFile?: string;
-  /** DCP: number of .distcp files. */
-  dcpFiles?: number;
-  /** Nesting of a torch/DCP source, for torch output. */
-  tree?: PyValue;
-  /** Non-tensor entries, for formats that can hold them. */
-  objects?: ReadonlyMap<string, PyValue>;
-  /** safetensors __metadata__. */
-  metadata?: ReadonlyMap<string, string>;
-}
-
 /** Lays out `tensors` in `format`; reports non-tensor entries the format cannot hold. */
 export function writeFormat(format: (typeof FORMAT_NAMES)[number], tensors: readonly TargetTensor[], opts: WriteOptions): WriteReport {
-  switch (format) {
-    case 'safetensors': {
-      const r = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize, singleFile: opts.singleFile, metadata: opts.metadata });
-      const dropped = [...(opts.objects ?? new Map()).keys()].map((name) => ({ name, reason: 'safetensors holds only tensors' }));
-      return { files: r.files, dropped };
-    }
-    case 'torch':
-      return writeTorch(tensors, { maxShardSize: opts.maxShardSize, singleFile: opts.singleFile, tree: opts.tree, objects: opts.objects });
-    case 'dcp':
-      return writeDcp(tensors, { files: opts.dcpFiles, objects: opts.objects });
-  }
+  const mod = FORMATS.find((f): f is Writable => f.name === format && 'write' in f);
+  if (!mod) throw new Error(`internal: no writer for ${format}`);
+  return mod.write(tensors, opts);
 }
 
 export type { CheckpointSource, FormatName, WriteReport } from '../formats/types.js';
