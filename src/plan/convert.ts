@@ -105,12 +105,12 @@ export async function convert(srcPath: string, outPath: string, opts: ConvertOpt
       sideFiles,
       totalBytes: report.files.reduce((s, f) => s + f.size, 0),
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(srcPath, outPath, kind, report.files, sideFiles.map((rel) => ({ from: join(src.root, rel), to: rel })), {
-      ...opts,
-      manifest: { command: `convert --to ${opts.to}`, sourceFormat: src.format, targetFormat: opts.to, sourceDir: src.root, sourceFiles: src.dataFiles },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(srcPath, outPath, kind, report.files, sideFiles.map((rel) => ({ from: join(src.root, rel), to: rel })), {
+        ...opts,
+        manifest: { command: `convert --to ${opts.to}`, sourceFormat: src.format, targetFormat: opts.to, sourceDir: src.root, sourceFiles: src.dataFiles },
+      }),
+    );
   } finally {
     await src.close();
   }
@@ -129,3 +129,15 @@ export function checkComplete(targets: readonly TargetTensor[], files: readonly 
   const twice = [...seen].filter(([, n]) => n > 1).map(([t]) => t.name);
   if (missing.length || twice.length) throw new Error(`internal: plan incomplete (missing ${missing.slice(0, 5).join(', ')}; written twice ${twice.slice(0, 5).join(', ')})`);
 }
+
+/**
+ * The end every use case shares: a dry run returns the plan alone; otherwise `write` writes the
+ * output (atomically, `exec/output.ts`) and the result reports the plan's bytes. Await it inside
+ * the use case's `try` so its sources stay open until the output is complete.
+ */
+export async function finish(plan: ConvertPlan, t0: number, dryRun: boolean | undefined, write: () => Promise<void>): Promise<ConvertResult> {
+  if (dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
+  await write();
+  return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+}
+

@@ -29,7 +29,7 @@ import type { DType } from '../tensor/dtype.js';
 import { badInput, usage } from '../util/errors.js';
 import { buildImport } from '../bridge/map.js';
 import { castTo, copyOf } from '../lazy/expr.js';
-import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { convertMegatronToHf } from './model-convert.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
 import { writeOutput } from '../exec/output.js';
@@ -136,12 +136,12 @@ export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHf
       totalBytes: report.files.reduce((n, f) => n + f.size, 0),
       notes: [`model ${modelName} (${cfg.family}) from ${opts.hfModelName ? '--hf-model-name' : configPath}`, tokenizerDir ? `tokenizer from ${tokenizerDir}` : `tokenizer from ${modelName}`],
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(dcpPath, out, 'dir', report.files, copies, {
-      ...opts,
-      manifest: { command: 'dcp-to-hf', sourceFormat: plan.source.format, targetFormat: 'hf (safetensors)', sourceDir: src.root, sourceFiles: src.dataFiles },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(dcpPath, out, 'dir', report.files, copies, {
+        ...opts,
+        manifest: { command: 'dcp-to-hf', sourceFormat: plan.source.format, targetFormat: 'hf (safetensors)', sourceDir: src.root, sourceFiles: src.dataFiles },
+      }),
+    );
   } finally {
     await src.close();
   }

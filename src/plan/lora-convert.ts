@@ -23,7 +23,7 @@ import { moduleScaling, targetStatus } from '../lora/match.js';
 import { mergedBias, mergedWeight, type MergeRounding, type WeightLayout } from '../lora/merge.js';
 import { castTo } from '../lazy/expr.js';
 import { ADAPTER_RECORD, baseFingerprint, checkRecordedBase } from '../lora/base-identity.js';
-import { checkComplete, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import { loraManifest } from './lora-mb.js';
 import type { ProgressEvent } from '../exec/executor.js';
@@ -366,14 +366,14 @@ export async function mergeLora(baseDir: string, adapterPath: string, out: strin
         totalBytes: report.files.reduce((s, f) => s + f.size, 0),
         notes,
       };
-      if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-      await writeOutput(baseDir, out, 'dir', report.files, side.map((s) => ({ from: join(baseDir, s), to: s })), {
-        overwrite: opts.overwrite,
-        maxMemory: opts.maxMemory,
-        onProgress: opts.onProgress,
-        manifest: loraManifest('merge-lora', plan.source.format, plan.target.format, base, adapter.source),
-      });
-      return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+      return await finish(plan, t0, opts.dryRun, () =>
+        writeOutput(baseDir, out, 'dir', report.files, side.map((s) => ({ from: join(baseDir, s), to: s })), {
+          overwrite: opts.overwrite,
+          maxMemory: opts.maxMemory,
+          onProgress: opts.onProgress,
+          manifest: loraManifest('merge-lora', plan.source.format, plan.target.format, base, adapter.source),
+        }),
+      );
     } finally {
       await base.close();
     }

@@ -37,7 +37,7 @@ import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-ide
 import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
 import { allRows, castTo, rowConcat, produceBox } from '../lazy/expr.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
-import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput, type WriteOutputOptions } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { targetView } from '../lazy/view.js';
@@ -171,9 +171,9 @@ export async function exportMbAdapterToPeft(adapterPath: string, out: string, op
         fp ? `base checksum of ${hfDir}'s weight files recorded in ${ADAPTER_RECORD} (checked by merge-lora)` : `${hfDir} holds no weights: no base checksum recorded`,
       ],
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('export-adapter', plan.source.format, plan.target.format, a.checkpoint.source) });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('export-adapter', plan.source.format, plan.target.format, a.checkpoint.source) }),
+    );
   } finally {
     await a.close();
   }
@@ -226,9 +226,9 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
           `config and tokenizer from ${hfDir}`,
         ],
       };
-      if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-      await writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('lora-to-hf', plan.source.format, plan.target.format, meg.source, a.checkpoint.source) });
-      return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+      return await finish(plan, t0, opts.dryRun, () =>
+        writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('lora-to-hf', plan.source.format, plan.target.format, meg.source, a.checkpoint.source) }),
+      );
     } finally {
       await meg.source.close();
     }
@@ -319,9 +319,9 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
         totalBytes: files.reduce((s, f) => s + f.size, 0),
         notes: [...baseNotes(a, c), `merged into the fused tensors in fp32, rounded once to each tensor's dtype; common.pt args carried from the base; HF config and tokenizer kept under ${iterDir}/hf/`],
       };
-      if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-      await writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) });
-      return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+      return await finish(plan, t0, opts.dryRun, () =>
+        writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) }),
+      );
     } finally {
       await meg.source.close();
     }

@@ -28,7 +28,7 @@ import { paddedVocab, type ModelConfig } from '../models/config.js';
 import { buildExport, buildImport, type SkipRule, gateUpTest } from '../bridge/map.js';
 import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
-import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { configFromHfDir, localSpecNames, megatronArgs, megatronConfig, sourceFromTargets, storedDtype } from '../bridge/megatron-config.js';
@@ -188,18 +188,19 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
         ...(cfg.moe ? [`MoE: ${cfg.moe.numExperts} experts, top-${cfg.moe.topK}, expert ffn ${cfg.moe.ffnHiddenSize}${cfg.moe.sharedExpertFfn ? `, shared experts ffn ${cfg.moe.sharedExpertFfn}` : ''}`] : []),
       ],
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(srcPath, out, 'dir', files, side.map((s) => ({ from: join(sideDir!, s), to: `${iterDir}/hf/${s}` })), {
-      ...opts,
-      manifest: {
-        command: `convert --to megatron --ckpt-format ${opts.ckptFormat ?? 'torch_dist'}`,
-        sourceFormat: plan.source.format,
-        targetFormat: plan.target.format,
-        sourceDir: (meg?.source ?? src).root,
-        sourceFiles: (meg?.source ?? src).dataFiles,
-      },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    const recorded = meg?.source ?? src;
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(srcPath, out, 'dir', files, side.map((s) => ({ from: join(sideDir!, s), to: `${iterDir}/hf/${s}` })), {
+        ...opts,
+        manifest: {
+          command: `convert --to megatron --ckpt-format ${opts.ckptFormat ?? 'torch_dist'}`,
+          sourceFormat: plan.source.format,
+          targetFormat: plan.target.format,
+          sourceDir: recorded.root,
+          sourceFiles: recorded.dataFiles,
+        },
+      }),
+    );
   } finally {
     await (meg?.source ?? src)?.close();
   }
@@ -326,12 +327,12 @@ export async function convertMegatronToHf(megPath: string, out: string, opts: Mo
       totalBytes: files.reduce((s, f) => s + f.size, 0),
       notes,
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(megPath, out, 'dir', files, side.map((s) => ({ from: join(refDir!, s), to: s })), {
-      ...opts,
-      manifest: { command: 'convert --to hf', sourceFormat: 'megatron torch_dist', targetFormat: 'hf (safetensors)', sourceDir: src.root, sourceFiles: src.dataFiles },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(megPath, out, 'dir', files, side.map((s) => ({ from: join(refDir!, s), to: s })), {
+        ...opts,
+        manifest: { command: 'convert --to hf', sourceFormat: 'megatron torch_dist', targetFormat: 'hf (safetensors)', sourceDir: src.root, sourceFiles: src.dataFiles },
+      }),
+    );
   } finally {
     await src.close();
   }

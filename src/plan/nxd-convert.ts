@@ -41,7 +41,7 @@ import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
 import { readBox, type Box, type Piece } from '../tensor/layout.js';
 import { castTo, copyOf } from '../lazy/expr.js';
 import { targetView } from '../lazy/view.js';
-import { checkComplete, filePlan, type ConvertPlan, type ConvertResult } from './convert.js';
+import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 
@@ -565,12 +565,12 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
         `layers per pp rank: ${Array.from({ length: layout.pp }, (_, p) => ranks.find((r) => r.pp === p)!.tensors.filter((x) => /layers\.\d+\./.test(x.name)).map((x) => Number(/layers\.(\d+)\./.exec(x.name)![1])).filter((v, i, a) => a.indexOf(v) === i).join(',')).join(' | ')}`,
       ],
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(srcPath, out, 'dir', files, [], {
-      ...opts,
-      manifest: { command: opts.command ?? 'convert --to nxd', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: src.root, sourceFiles: src.dataFiles },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(srcPath, out, 'dir', files, [], {
+        ...opts,
+        manifest: { command: opts.command ?? 'convert --to nxd', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: src.root, sourceFiles: src.dataFiles },
+      }),
+    );
   } finally {
     await src.close();
   }
@@ -621,12 +621,12 @@ export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConv
       totalBytes: files.reduce((n, f) => n + f.size, 0),
       notes,
     };
-    if (opts.dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-    await writeOutput(srcPath, out, 'dir', files, side, {
-      ...opts,
-      manifest: { command: opts.command ?? 'convert --to hf', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: sh.dir, sourceFiles: sh.ranks.map((r) => r.file) },
-    });
-    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+    return await finish(plan, t0, opts.dryRun, () =>
+      writeOutput(srcPath, out, 'dir', files, side, {
+        ...opts,
+        manifest: { command: opts.command ?? 'convert --to hf', sourceFormat: plan.source.format, targetFormat: plan.target.format, sourceDir: sh.dir, sourceFiles: sh.ranks.map((r) => r.file) },
+      }),
+    );
   } finally {
     await sh.close();
   }
