@@ -17,7 +17,7 @@ import { badInput, usage } from '../util/errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
-import { familyById, familyForHfConfig } from '../models/registry.js';
+import { familyById, familyForHfConfig, familyForMegatron } from '../models/registry.js';
 import { buildExport, mainDtype } from './map.js';
 import { familyOf } from '../models/registry.js';
 import { targetView } from '../lazy/view.js';
@@ -177,9 +177,7 @@ function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig
   const qkNorm = m.get('qk_layernorm') === true;
   const qkvBias = m.get('add_qkv_bias') === true;
   const moe = moeFromMegatron((k) => m.get(k), file);
-  const family = moe
-    ? target.includes('mixtral') || (!target.includes('qwen') && !qkNorm) ? 'mixtral' : 'qwen3_moe'
-    : target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  const family = familyForMegatron({ target, moe: moe !== undefined, qkNorm, qkvBias }, file).id;
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const c: ModelConfig = {
@@ -217,7 +215,8 @@ function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: 
   const qkNorm = args.get('qk_layernorm') === true;
   const qkvBias = args.get('add_qkv_bias') === true;
   const moe = moeFromMegatron((k) => args.get(k), file);
-  const family = typeof famName === 'string' && familyById(famName) ? famName : moe ? (qkNorm ? 'qwen3_moe' : 'mixtral') : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+  // shardshift records its family; MLM's own args leave it to the features.
+  const family = typeof famName === 'string' && familyById(famName) ? famName : familyForMegatron({ target: '', moe: moe !== undefined, qkNorm, qkvBias }, file).id;
   return {
     ...(moe ? { moe } : {}),
     family,

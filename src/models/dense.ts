@@ -182,6 +182,8 @@ export interface DenseSpec {
   readonly description: string;
   readonly qkvBias: boolean;
   readonly qkNorm: boolean;
+  /** How a Megatron checkpoint without an HF config is recognised as this family (`Family.megatronClaim`). */
+  readonly megatronClaim?: Family['megatronClaim'];
 }
 
 /** A Llama-style dense family from its few distinguishing facts. */

@@ -8,4 +8,6 @@ export const llama = denseFamily({
   qkvBias: false,
   qkNorm: false,
   description: 'Llama 2, Llama 3 / 3.1 / 3.2',
+  // The dense fallback: no q/k norms, no QKV bias (a Llama provider class with either is not Llama).
+  megatronClaim: (r) => (!r.moe && !r.qkNorm && !r.qkvBias ? 'features' : undefined),
 });

@@ -8,4 +8,5 @@ export const mistral = denseFamily({
   qkvBias: false,
   qkNorm: false,
   description: 'Mistral 7B and relatives',
+  megatronClaim: (r) => (!r.moe && r.target.includes('mistral') && !r.target.includes('qwen') ? 'provider' : undefined),
 });

@@ -8,4 +8,9 @@ export const qwen2 = denseFamily({
   qkvBias: true,
   qkNorm: false,
   description: 'Qwen2, Qwen2.5',
+  megatronClaim: (r) =>
+    r.moe ? undefined
+    : r.target.includes('qwen2') || (r.target.includes('qwen') && !r.target.includes('qwen3') && r.qkvBias) ? 'provider'
+    : r.qkvBias && !r.qkNorm ? 'features'
+    : undefined,
 });

@@ -8,4 +8,5 @@ export const qwen3 = denseFamily({
   qkvBias: false,
   qkNorm: true,
   description: 'Qwen3 dense models',
+  megatronClaim: (r) => (r.moe ? undefined : r.target.includes('qwen3') ? 'provider' : r.qkNorm ? 'features' : undefined),
 });

@@ -1,5 +1,5 @@
 /** The model-family registry: HF `architectures` → family. Adding a family is one file plus one line here. */
-import type { Family } from './spec.js';
+import type { Family, MegatronRecord } from './spec.js';
 import type { ModelConfig } from './config.js';
 import { llama } from './llama.js';
 import { mistral } from './mistral.js';
@@ -23,6 +23,16 @@ export function familyById(id: string): Family | undefined {
 export function familyOf(c: ModelConfig): Family {
   const f = familyById(c.family);
   if (!f) throw new Error(`internal: no family ${c.family}`);
+  return f;
+}
+
+/**
+ * The family of a Megatron checkpoint that records no HF config, from its provider class and
+ * features (`Family.megatronClaim`): a family the provider names, else one whose features fit.
+ */
+export function familyForMegatron(r: MegatronRecord, file: string): Family {
+  const f = FAMILIES.find((x) => x.megatronClaim?.(r) === 'provider') ?? FAMILIES.find((x) => x.megatronClaim?.(r) === 'features');
+  if (!f) throw unsupported(`${file}: no family matches the recorded model (${r.target || 'training args'}${r.moe ? ', MoE' : ''}${r.qkNorm ? ', q/k norms' : ''}${r.qkvBias ? ', QKV bias' : ''}); give --hf-model <reference HF dir>`, file);
   return f;
 }
 

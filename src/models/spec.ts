@@ -117,6 +117,18 @@ export interface Block {
   extraStateModules(i: number): readonly string[];
 }
 
+/**
+ * What a Megatron checkpoint without an HF config says about its model: Megatron-Bridge's provider
+ * class (`run_config.yaml`'s model `_target_`, lower-cased; '' for MLM training args) and the
+ * features its config records.
+ */
+export interface MegatronRecord {
+  readonly target: string;
+  readonly moe: boolean;
+  readonly qkNorm: boolean;
+  readonly qkvBias: boolean;
+}
+
 export interface Family {
   readonly id: string;
   /** HF `architectures` entries this family handles (first = the one written). */
@@ -156,6 +168,12 @@ export interface Family {
    * `quantization_config` the hub carries with them.
    */
   readonly hubQuantized?: { readonly method: 'mxfp4'; readonly tensors: RegExp; readonly quantizationConfig: Readonly<Record<string, unknown>> };
+  /**
+   * Whether a Megatron checkpoint that records no HF config is this family's (`models/registry.ts`
+   * familyForMegatron): `provider` when Megatron-Bridge's provider class names it, `features` when
+   * only its recorded features fit; families that never come from such a checkpoint leave it out.
+   */
+  megatronClaim?(r: MegatronRecord): 'provider' | 'features' | undefined;
   /** Megatron training-args fields beyond the dense ones (MoE, hybrid pattern …). */
   megatronArgs?(c: ModelConfig): Record<string, PyValue>;
   /**

@@ -1,0 +1,41 @@
+/**
+ * The family of a Megatron checkpoint without an HF config is each family's own claim
+ * (`Family.megatronClaim`, issue 15) — and gives the decisions the hand-written string matching it
+ * replaced gave, for every provider class and feature combination (the old rule is spelled out
+ * here as the reference).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { familyForMegatron } from '../../src/models/registry.js';
+
+function before(target: string, moe: boolean, qkNorm: boolean, qkvBias: boolean): string {
+  return moe
+    ? target.includes('mixtral') || (!target.includes('qwen') && !qkNorm) ? 'mixtral' : 'qwen3_moe'
+    : target.includes('qwen3') ? 'qwen3' : target.includes('qwen2') || (target.includes('qwen') && qkvBias) ? 'qwen2' : target.includes('mistral') ? 'mistral' : qkNorm ? 'qwen3' : qkvBias ? 'qwen2' : 'llama';
+}
+
+const TARGETS = [
+  '',
+  'megatron.bridge.models.llama.llama_provider.llama31modelprovider8b',
+  'megatron.bridge.models.mistral.mistral_provider.mistralmodelprovider',
+  'megatron.bridge.models.qwen.qwen_provider.qwen2modelprovider',
+  'megatron.bridge.models.qwen.qwen_provider.qwen25modelprovider7b',
+  'megatron.bridge.models.qwen.qwen_provider.qwen3modelprovider',
+  'megatron.bridge.models.qwen.qwen_provider.qwen3moemodelprovider',
+  'megatron.bridge.models.qwen.qwen_provider.qwenmodelprovider',
+  'megatron.bridge.models.mixtral.mixtral_provider.mixtralmodelprovider',
+  'megatron.bridge.models.deepseek.deepseek_provider.deepseekv3modelprovider',
+  'megatron.bridge.models.gpt_provider.gptmodelprovider',
+];
+
+test('familyForMegatron decides as the old string matching did, for every provider × MoE × q/k norm × QKV bias', () => {
+  let n = 0;
+  for (const target of TARGETS) {
+    for (const moe of [false, true]) for (const qkNorm of [false, true]) for (const qkvBias of [false, true]) {
+      const got = familyForMegatron({ target, moe, qkNorm, qkvBias }, 'run_config.yaml').id;
+      assert.equal(got, before(target, moe, qkNorm, qkvBias), `${target || '(args)'} moe=${moe} qkNorm=${qkNorm} qkvBias=${qkvBias}`);
+      n++;
+    }
+  }
+  assert.equal(n, TARGETS.length * 8);
+});
