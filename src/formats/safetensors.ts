@@ -9,7 +9,7 @@
  * The writer reproduces the crate's layout byte for byte: tensors ordered by dtype (largest
  * first, in the crate's enum order) then name, header padded with spaces to 8 bytes.
  */
-import { readdir, stat, readFile } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
@@ -18,7 +18,7 @@ import { contiguousStrides, readBox, wholeBox, type Box, type Piece } from '../t
 import { type CheckpointSource, type SourceObject, type WriteReport } from './types.js';
 import { tensorSlot, type OutputFile, type Part, type SourceTensor, type TargetTensor } from '../lazy/types.js';
 import { listSideFiles } from './side-files.js';
-import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE } from './shards.js';
+import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE, readWeightMap } from './shards.js';
 
 /** The crate's cap on header size (`MAX_HEADER_SIZE`). */
 export const MAX_HEADER_SIZE = 100_000_000;
@@ -188,7 +188,7 @@ export async function openSafetensors(path: string): Promise<CheckpointSource> {
     const indexes = names.filter((n) => n.endsWith('.safetensors.index.json'));
     if (indexes.length > 1) throw usage(`${path}: several safetensors indexes (${indexes.join(', ')}); name one file or keep one index`);
     if (indexes.length === 1) {
-      weightMap = await readIndex(join(path, indexes[0]!));
+      weightMap = await readWeightMap(join(path, indexes[0]!), (v) => v.endsWith('.safetensors'), '.safetensors');
       for (const f of new Set(weightMap.values())) files.push(f);
     } else {
       const sts = names.filter((n) => n.endsWith('.safetensors'));
@@ -254,25 +254,6 @@ export async function openSafetensors(path: string): Promise<CheckpointSource> {
       await Promise.all(opened.map((f) => f.close()));
     },
   };
-}
-
-async function readIndex(path: string): Promise<Map<string, string>> {
-  let json: unknown;
-  try {
-    json = JSON.parse(await readFile(path, 'utf8'));
-  } catch (e) {
-    throw badInput(`${path}: not valid JSON (${(e as Error).message})`, path);
-  }
-  const wm = (json as { weight_map?: unknown })?.weight_map;
-  if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) throw badInput(`${path}: has no weight_map object`, path);
-  const m = new Map<string, string>();
-  for (const [k, v] of Object.entries(wm as Record<string, unknown>)) {
-    if (typeof v !== 'string' || v.includes('/') || v.includes('\\') || v === '..' || !v.endsWith('.safetensors')) {
-      throw badInput(`${path}: weight_map entry ${k} names ${JSON.stringify(v)}, not a .safetensors file beside the index`, path, k);
-    }
-    m.set(k, v);
-  }
-  return m;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,33 @@
 /**
- * Splitting a checkpoint into shard files and the Hugging Face `*.index.json` that maps each
- * tensor to its shard — shared by the safetensors and torch writers.
+ * Sharded checkpoints: splitting into shard files and the Hugging Face `*.index.json` that maps
+ * each tensor to its shard, and reading that index back — shared by safetensors and torch.
  */
+import { readFile } from 'node:fs/promises';
 import type { OutputFile } from '../lazy/types.js';
+import { badInput } from '../util/errors.js';
+
+/**
+ * The `weight_map` of an HF `*.index.json`: tensor name → shard file, each a plain file name
+ * beside the index (never a path that leaves its directory) that `isShard` accepts.
+ */
+export async function readWeightMap(path: string, isShard: (name: string) => boolean, what: string): Promise<Map<string, string>> {
+  let json: unknown;
+  try {
+    json = JSON.parse(await readFile(path, 'utf8'));
+  } catch (e) {
+    throw badInput(`${path}: not valid JSON (${(e as Error).message})`, path);
+  }
+  const wm = (json as { weight_map?: unknown })?.weight_map;
+  if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) throw badInput(`${path}: has no weight_map object`, path);
+  const m = new Map<string, string>();
+  for (const [k, v] of Object.entries(wm as Record<string, unknown>)) {
+    if (typeof v !== 'string' || v.includes('/') || v.includes('\\') || v === '..' || !isShard(v)) {
+      throw badInput(`${path}: weight_map entry ${k} names ${JSON.stringify(v)}, not a ${what} file beside the index`, path, k);
+    }
+    m.set(k, v);
+  }
+  return m;
+}
 
 /** transformers 5's `save_pretrained` default `max_shard_size` ("50GB" = 5·10¹⁰ bytes; 4.x used "5GB"). */
 export const DEFAULT_MAX_SHARD_SIZE = 50_000_000_000;

@@ -3,7 +3,7 @@
  * with `pytorch_model.bin.index.json`. Only the zip format (torch ≥ 1.6) is read; the legacy
  * pickle-stream and tar formats are recognised and refused by name.
  */
-import { readdir, stat, readFile } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { ReadOnlyFile } from '../io/file.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
@@ -13,7 +13,7 @@ import { PyDict, TensorRef, type PyValue } from '../pickle/values.js';
 import { type CheckpointSource, type SourceObject, type WriteReport } from './types.js';
 import { type OutputFile, type SourceTensor, type TargetTensor } from '../lazy/types.js';
 import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, type TorchArchive } from './torch-archive.js';
-import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE } from './shards.js';
+import { planShards, shardName, indexFile, DEFAULT_MAX_SHARD_SIZE, readWeightMap } from './shards.js';
 import { listSideFiles } from './side-files.js';
 import { flattenTree, mapTreeLeaves } from './tree.js';
 
@@ -96,7 +96,7 @@ export async function openTorch(path: string): Promise<CheckpointSource> {
     const idx = names.filter((n) => n.endsWith('.bin.index.json') || n.endsWith('.pt.index.json'));
     if (idx.length > 1) throw usage(`${path}: several torch indexes (${idx.join(', ')}); name one file`);
     if (idx.length === 1) {
-      weightMap = await readWeightMap(join(path, idx[0]!));
+      weightMap = await readWeightMap(join(path, idx[0]!), (v) => TORCH_EXT.test(v), 'torch.save (.bin/.pt)');
       files = [...new Set(weightMap.values())];
     } else {
       files = names.filter((n) => TORCH_EXT.test(n));
@@ -153,23 +153,6 @@ export async function openTorch(path: string): Promise<CheckpointSource> {
       await Promise.all(opened.map((f) => f.close()));
     },
   };
-}
-
-async function readWeightMap(path: string): Promise<Map<string, string>> {
-  let json: unknown;
-  try {
-    json = JSON.parse(await readFile(path, 'utf8'));
-  } catch (e) {
-    throw badInput(`${path}: not valid JSON (${(e as Error).message})`, path);
-  }
-  const wm = (json as { weight_map?: unknown })?.weight_map;
-  if (typeof wm !== 'object' || wm === null) throw badInput(`${path}: has no weight_map`, path);
-  const m = new Map<string, string>();
-  for (const [k, v] of Object.entries(wm as Record<string, unknown>)) {
-    if (typeof v !== 'string' || v.includes('/') || !TORCH_EXT.test(v)) throw badInput(`${path}: weight_map entry ${k} names ${JSON.stringify(v)}`, path, k);
-    m.set(k, v);
-  }
-  return m;
 }
 
 // ---------------------------------------------------------------------------------------------
