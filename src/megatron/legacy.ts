@@ -18,12 +18,13 @@ import { openTorchArchive, tensorPiece, torchArchiveParts, contiguousTensorRef, 
 import { flattenTree } from '../formats/tree.js';
 import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './run-dir.js';
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, describe, type PyValue } from '../pickle/values.js';
-import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
-import { isContiguous, readBox, type Box, type Piece } from '../tensor/layout.js';
+import { itemSize, numelOf } from '../tensor/dtype.js';
+import { isContiguous, type Piece } from '../tensor/layout.js';
 import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from './parallel.js';
 import type { CheckpointSource, SourceObject } from '../formats/types.js';
 import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { targetView, sliceTarget, concatRows } from '../lazy/view.js';
+import { PieceTensor } from '../lazy/pieces.js';
 
 const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
 export const LEGACY_FILE = 'model_optim_rng.pt';
@@ -31,22 +32,6 @@ export const LEGACY_FILE = 'model_optim_rng.pt';
 export async function isLegacyIterDir(dir: string): Promise<boolean> {
   const names = await readdir(dir).catch(() => [] as string[]);
   return names.some((n) => RANK_DIR.test(n));
-}
-
-class GlobalTensor implements SourceTensor {
-  readonly byteLength: number;
-  constructor(
-    readonly name: string,
-    readonly dtype: DType,
-    readonly shape: readonly number[],
-    readonly pieces: readonly Piece[],
-    readonly where: string,
-  ) {
-    this.byteLength = byteLength(dtype, numelOf(shape));
-  }
-  read(box: Box, out: Uint8Array): Promise<void> {
-    return readBox(this.name, this.dtype, this.shape, this.pieces, box, out);
-  }
 }
 
 interface RankFile {
@@ -269,7 +254,7 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
       }
     }
     const where = `${byTp.map((s) => s.r.dir).join(',')}:${first.local}`;
-    tensors.set(name, new GlobalTensor(name, first.ref.dtype, shape, pieces, where));
+    tensors.set(name, new PieceTensor(name, first.ref.dtype, shape, pieces, where));
   }
   const objects = new Map<string, SourceObject>();
   for (const [k, v] of rank0.stringEntries()) if (k !== 'model') objects.set(k, { name: k, value: v, where: `${files[0]!.dir}/${LEGACY_FILE}` });

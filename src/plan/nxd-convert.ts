@@ -37,13 +37,14 @@ import { listSideFiles } from '../formats/side-files.js';
 import type { CheckpointSource } from '../formats/types.js';
 import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
-import { byteLength, itemSize, numelOf, type DType } from '../tensor/dtype.js';
-import { readBox, type Box, type Piece } from '../tensor/layout.js';
+import { itemSize, numelOf, type DType } from '../tensor/dtype.js';
+import { type Piece } from '../tensor/layout.js';
 import { castTo, copyOf } from '../lazy/expr.js';
 import { targetView } from '../lazy/view.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
+import { PieceTensor } from '../lazy/pieces.js';
 
 export type ModelStyle = 'hf' | 'megatron';
 
@@ -271,34 +272,6 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLay
 // NxD → HF
 
 /** A global tensor assembled from rank pieces; `replicas` are other copies checked against it. */
-class AssembledTensor implements SourceTensor {
-  readonly byteLength: number;
-  constructor(
-    readonly name: string,
-    readonly dtype: DType,
-    readonly shape: readonly number[],
-    readonly pieces: readonly Piece[],
-    readonly where: string,
-    readonly replicas: ReadonlyArray<{ pieces: readonly Piece[]; where: string }> = [],
-  ) {
-    this.byteLength = byteLength(dtype, numelOf(shape));
-  }
-  async read(box: Box, out: Uint8Array): Promise<void> {
-    await readBox(this.name, this.dtype, this.shape, this.pieces, box, out);
-    for (const [k, rep] of this.replicas.entries()) {
-      const tmp = new Uint8Array(out.length);
-      await readBox(this.name, this.dtype, this.shape, rep.pieces, box, tmp);
-      if (Buffer.compare(tmp, out) !== 0) {
-        throw badInput(
-          `${this.name}: KV replica ${k + 1} (${rep.where}) differs from replica 0 (${this.where}) in rows ${box.start[0]}..${box.start[0]! + box.size[0]!} — the shards do not hold kv_size_multiplier identical copies of the KV heads`,
-          undefined,
-          this.name,
-        );
-      }
-    }
-  }
-}
-
 interface Acc {
   dtype: DType;
   shape: number[];
@@ -426,7 +399,8 @@ export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout>
     const covered = a.pieces.reduce((s, p) => s + numelOf(p.box.size), 0);
     if (covered !== numelOf(a.shape)) throw badInput(`${sh.dir}: ${name} is not covered by its rank shards (${covered} of ${numelOf(a.shape)} elements: ${a.where.join(', ')})`, sh.dir, name);
     const reps = [...a.replicas.entries()].sort((x, y) => x[0] - y[0]).map(([k, ps]) => ({ pieces: ps, where: `replica ${k}` }));
-    tensors.set(name, new AssembledTensor(name, a.dtype, a.shape, a.pieces, a.where.join(','), reps));
+    const replicas = reps.length ? { what: 'KV replica', why: 'the shards do not hold kv_size_multiplier identical copies of the KV heads', copies: reps } : undefined;
+    tensors.set(name, new PieceTensor(name, a.dtype, a.shape, a.pieces, a.where.join(','), replicas));
   }
   if (layout.kvSizeMultiplier > 1) notes.push(`kv_size_multiplier ${layout.kvSizeMultiplier}: K/V from the first replica, the other ${layout.kvSizeMultiplier - 1} checked byte for byte while reading`);
   notes.push(`NxD ${modelStyle} style, tp_size ${tp}, pp_size ${sh.pp}${qkvLinear ? `, qkv_linear${fuseQkv ? ' + fuse_qkv' : ''}, hw_backend ${layout.hwBackend}` : ''}${sh.xser ? ', xser' : ''}`);
