@@ -162,22 +162,67 @@ async function runConfigModel(iterDir: string): Promise<Map<string, unknown> | u
   return fields;
 }
 
-/** A ModelConfig from Megatron-Bridge's run_config.yaml model section. */
-function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig {
-  const n = (k: string): number | undefined => (typeof m.get(k) === 'number' ? (m.get(k) as number) : undefined);
+/**
+ * Where a Megatron checkpoint's model fields come from: Megatron-Bridge's run_config.yaml model
+ * section (provider field names, `_target_` naming the provider class) or MLM's training args in
+ * common.pt (which shardshift's own outputs extend with `shardshift_family`). The two name a few
+ * fields differently; everything else is read the same way.
+ */
+interface MegatronFields {
+  readonly get: (k: string) => unknown;
+  readonly where: string;
+  /** Megatron-Bridge's provider class, lower-cased ('' for training args). */
+  readonly target: string;
+  readonly numQueryGroups: (heads: number, need: (k: string) => number) => number;
+  readonly vocabSize: (need: (k: string) => number, n: (k: string) => number | undefined) => number;
+  readonly tied: boolean;
+  readonly hybrid: boolean;
+  readonly recordedFamily?: string;
+}
+
+function runConfigFields(m: Map<string, unknown>): MegatronFields {
+  const target = String(m.get('_target_') ?? '').toLowerCase();
+  return {
+    get: (k) => m.get(k),
+    where: 'model section',
+    target,
+    numQueryGroups: (heads) => (typeof m.get('num_query_groups') === 'number' ? (m.get('num_query_groups') as number) : heads),
+    vocabSize: (need) => need('vocab_size'),
+    tied: m.get('share_embeddings_and_output_weights') !== false,
+    hybrid: m.get('hybrid_override_pattern') !== undefined || m.get('hybrid_layer_pattern') !== undefined || /mamba|hybrid|nemotronh/.test(target),
+  };
+}
+
+function argsFields(args: NonNullable<ReturnType<typeof commonArgs>>): MegatronFields {
+  const fam = args.get('shardshift_family');
+  return {
+    get: (k) => args.get(k),
+    where: 'args',
+    target: '',
+    numQueryGroups: (heads, need) => (args.get('group_query_attention') === true ? need('num_query_groups') : heads),
+    vocabSize: (need, n) => n('vocab_size') ?? need('padded_vocab_size'),
+    tied: args.get('untie_embeddings_and_output_weights') !== true,
+    hybrid: args.get('hybrid_override_pattern') !== undefined || args.get('is_hybrid_model') === true,
+    ...(typeof fam === 'string' && familyById(fam) ? { recordedFamily: fam } : {}),
+  };
+}
+
+/** A ModelConfig from a Megatron checkpoint's recorded fields (when no HF config is at hand). */
+function configFromMegatron(f: MegatronFields, file: string): ModelConfig {
+  const n = (k: string): number | undefined => {
+    const v = f.get(k);
+    return typeof v === 'number' ? v : asNumber(v as PyValue);
+  };
   const need = (k: string): number => {
     const v = n(k);
-    if (v === undefined) throw badInput(`${file}: model section has no ${k}; give --hf-model <reference HF dir>`, file);
+    if (v === undefined) throw badInput(`${file}: ${f.where} has no ${k}; give --hf-model <reference HF dir>`, file);
     return v;
   };
-  const target = String(m.get('_target_') ?? '').toLowerCase();
-  if (m.get('hybrid_override_pattern') !== undefined || m.get('hybrid_layer_pattern') !== undefined || /mamba|hybrid|nemotronh/.test(target)) {
-    throw badInput(`${file}: a hybrid (Mamba) model's config is not read from run_config.yaml yet; give --hf-model <reference HF dir>`, file);
-  }
-  const qkNorm = m.get('qk_layernorm') === true;
-  const qkvBias = m.get('add_qkv_bias') === true;
-  const moe = moeFromMegatron((k) => m.get(k), file);
-  const family = familyForMegatron({ target, moe: moe !== undefined, qkNorm, qkvBias }, file).id;
+  if (f.hybrid) throw badInput(`${file}: a hybrid (Mamba) model's config is not ${f.where === 'args' ? 'rebuilt from the training args' : 'read from run_config.yaml'} yet; give --hf-model <reference HF dir>`, file);
+  const qkNorm = f.get('qk_layernorm') === true;
+  const qkvBias = f.get('add_qkv_bias') === true;
+  const moe = moeFromMegatron(f.get, file);
+  const family = f.recordedFamily ?? familyForMegatron({ target: f.target, moe: moe !== undefined, qkNorm, qkvBias }, file).id;
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const c: ModelConfig = {
@@ -187,50 +232,15 @@ function configFromRunConfig(m: Map<string, unknown>, file: string): ModelConfig
     hiddenSize: hidden,
     ffnHiddenSize: need('ffn_hidden_size'),
     numAttentionHeads: heads,
-    numQueryGroups: n('num_query_groups') ?? heads,
+    numQueryGroups: f.numQueryGroups(heads, need),
     kvChannels: n('kv_channels') ?? hidden / heads,
-    vocabSize: need('vocab_size'),
-    tieEmbeddings: m.get('share_embeddings_and_output_weights') !== false,
+    vocabSize: f.vocabSize(need, n),
+    tieEmbeddings: f.tied,
     qkvBias,
     qkNorm,
   };
   validateConfig(c, file);
   return c;
-}
-
-/** A ModelConfig from MLM-style args in common.pt (when no HF config is at hand). */
-function configFromArgs(args: NonNullable<ReturnType<typeof commonArgs>>, file: string): ModelConfig {
-  const n = (k: string): number | undefined => asNumber(args.get(k));
-  const need = (k: string): number => {
-    const v = n(k);
-    if (v === undefined) throw badInput(`${file}: args has no ${k}; give --hf-model <reference HF dir>`, file);
-    return v;
-  };
-  const heads = need('num_attention_heads');
-  const hidden = need('hidden_size');
-  const famName = args.get('shardshift_family');
-  if (args.get('hybrid_override_pattern') !== undefined || args.get('is_hybrid_model') === true) {
-    throw badInput(`${file}: a hybrid (Mamba) model's config is not rebuilt from the training args yet; give --hf-model <reference HF dir>`, file);
-  }
-  const qkNorm = args.get('qk_layernorm') === true;
-  const qkvBias = args.get('add_qkv_bias') === true;
-  const moe = moeFromMegatron((k) => args.get(k), file);
-  // shardshift records its family; MLM's own args leave it to the features.
-  const family = typeof famName === 'string' && familyById(famName) ? famName : familyForMegatron({ target: '', moe: moe !== undefined, qkNorm, qkvBias }, file).id;
-  return {
-    ...(moe ? { moe } : {}),
-    family,
-    numLayers: need('num_layers'),
-    hiddenSize: hidden,
-    ffnHiddenSize: need('ffn_hidden_size'),
-    numAttentionHeads: heads,
-    numQueryGroups: args.get('group_query_attention') === true ? need('num_query_groups') : heads,
-    kvChannels: n('kv_channels') ?? hidden / heads,
-    vocabSize: n('vocab_size') ?? need('padded_vocab_size'),
-    tieEmbeddings: args.get('untie_embeddings_and_output_weights') !== true,
-    qkvBias,
-    qkNorm,
-  };
 }
 
 type FieldGetter = (mlmArgName: string) => unknown;
@@ -315,11 +325,11 @@ export async function megatronConfig(
       const rc = await runConfigModel(meg.resolved.iterDir);
       let fields: FieldGetter;
       if (rc) {
-        cfg = configFromRunConfig(rc, join(meg.resolved.iterDir, 'run_config.yaml'));
+        cfg = configFromMegatron(runConfigFields(rc), join(meg.resolved.iterDir, 'run_config.yaml'));
         fields = (k) => rc.get(MB_FIELD[k] ?? k);
         notes.push('config from run_config.yaml (Megatron-Bridge); config.json synthesized, no tokenizer carried');
       } else if (args) {
-        cfg = configFromArgs(args, join(meg.resolved.iterDir, 'common.pt'));
+        cfg = configFromMegatron(argsFields(args), join(meg.resolved.iterDir, 'common.pt'));
         fields = (k) => args.get(k);
         notes.push('config.json synthesized from the training args in common.pt (no tokenizer carried)');
       } else {
