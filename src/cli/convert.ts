@@ -1,4 +1,4 @@
-import { convert, type ConvertPlan } from '../plan/convert.js';
+import { convert, type ConvertPlan, type ConvertResult } from '../plan/convert.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import type { FormatName, FORMAT_NAMES } from '../checkpoints/registry.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
@@ -6,14 +6,11 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { progressPrinter } from './progress.js';
 import { resolveModel } from '../hub/download.js';
-import { isMegatronPath, type CkptFormat } from '../megatron/run-dir.js';
+import type { CkptFormat } from '../megatron/run-dir.js';
 import { jsonEvents } from './events.js';
-import { isNxdPath } from '../nxd/shards.js';
+import { modelSourceKind } from '../plan/sources.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
 import { join } from 'node:path';
-import { stat } from 'node:fs/promises';
-
-const isFile = (p: string): Promise<boolean> => stat(p).then((s) => s.isFile(), () => false);
 
 interface Flags {
   to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf' | 'nxd';
@@ -114,35 +111,44 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     fuseQkv: f.fuseQkv,
     hwBackend: f.hwBackend,
   };
-  const nxdSource = f.to === 'hf' && (await isNxdPath(src));
-  const nxdRef = nxdSource && f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined;
-  const r = nxdSource
-    ? await convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, hfModel: nxdRef, config: nxdRef ? join(nxdRef, 'config.json') : undefined })
-    : f.to === 'nxd'
-    ? await (async () => {
-        const ref = f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined;
-        const from = (await isFile(src)) || (await isMegatronPath(src).catch(() => false)) ? src : await resolveModel(src, 'all', hubLog);
-        return convertHfToNxd(from, out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, hfModel: ref, config: ref ? join(ref, 'config.json') : undefined });
-      })()
-    : f.to === 'megatron'
-      ? await convertHfToMegatron((await isMegatronPath(src).catch(() => false)) || (await isNxdPath(src)) ? src : await resolveModel(src, 'all', hubLog), out, {
-          ...common,
-          nxd,
-          allowUnmapped: f.allowUnmapped,
-          dropMtp: f.dropMtp,
-          ckptFormat: f.ckptFormat,
-          megatronSpec: f.megatronSpec,
-          hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined,
-          tp: positive(f.tp, '--tp'),
-          pp: positive(f.pp, '--pp'),
-          ep: positive(f.ep, '--ep'),
-          etp: f.etp === undefined ? undefined : positive(f.etp, '--etp'),
-          makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),
-          iteration: whole(f.iteration, '--iteration'),
-        })
-      : f.to === 'hf'
-        ? await convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, dropMtp: f.dropMtp, quantize: f.quantize, hfModel: f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined })
-        : await convert(src, out, { ...common, to: f.to, from: f.from });
+  const kind = await modelSourceKind(src);
+  const ref = async (): Promise<string | undefined> => (f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined);
+  // A source that is not a Megatron or NxD checkpoint (or a file) may be a hub model id.
+  const model = async (): Promise<string> => (kind === 'megatron' || kind === 'nxd' || kind === 'file' ? src : await resolveModel(src, 'all', hubLog));
+  // The route table: target × what the source is.
+  const routes: Record<Flags['to'], () => Promise<ConvertResult>> = {
+    hf: async () => {
+      if (kind === 'nxd') {
+        const r = await ref();
+        return convertNxdToHf(src, out, { ...common, ...nxd, modelStyle: undefined, hfModel: r, config: r ? join(r, 'config.json') : undefined });
+      }
+      return convertMegatronToHf(src, out, { ...common, allowUnmapped: f.allowUnmapped, dropMtp: f.dropMtp, quantize: f.quantize, hfModel: await ref() });
+    },
+    nxd: async () => {
+      const r = await ref();
+      return convertHfToNxd(await model(), out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, hfModel: r, config: r ? join(r, 'config.json') : undefined });
+    },
+    megatron: async () =>
+      convertHfToMegatron(await model(), out, {
+        ...common,
+        nxd,
+        allowUnmapped: f.allowUnmapped,
+        dropMtp: f.dropMtp,
+        ckptFormat: f.ckptFormat,
+        megatronSpec: f.megatronSpec,
+        hfModel: await ref(),
+        tp: positive(f.tp, '--tp'),
+        pp: positive(f.pp, '--pp'),
+        ep: positive(f.ep, '--ep'),
+        etp: f.etp === undefined ? undefined : positive(f.etp, '--etp'),
+        makeVocabSizeDivisibleBy: positive(f.makeVocabSizeDivisibleBy, '--make-vocab-size-divisible-by'),
+        iteration: whole(f.iteration, '--iteration'),
+      }),
+    safetensors: () => convert(src, out, { ...common, to: 'safetensors', from: f.from }),
+    torch: () => convert(src, out, { ...common, to: 'torch', from: f.from }),
+    dcp: () => convert(src, out, { ...common, to: 'dcp', from: f.from }),
+  };
+  const r = await routes[f.to]();
   progress?.done();
   if (f.json) {
     process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');

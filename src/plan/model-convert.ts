@@ -7,13 +7,13 @@
  * `iter_XXXXXXX/hf/`, so provenance stays with the weights and the export back to HF needs no
  * reference model (one can still be given with `--hf-model`).
  */
-import { readFile, stat } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../formats/mxfp4.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron } from '../megatron/checkpoint.js';
-import { iterDirName, isMegatronPath, type CkptFormat } from '../megatron/run-dir.js';
+import { iterDirName, type CkptFormat } from '../megatron/run-dir.js';
 import { writeMegatronLegacy } from '../megatron/legacy.js';
 import { writeMegatronFsdp } from '../megatron/fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
@@ -32,6 +32,7 @@ import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish }
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { configFromHfDir, localSpecNames, megatronArgs, megatronConfig, sourceFromTargets, storedDtype } from '../bridge/megatron-config.js';
+import { modelSourceKind } from './sources.js';
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
@@ -81,10 +82,11 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
  */
 export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
-  const fromMegatron = await isMegatronPath(srcPath);
-  const { isNxdPath } = await import('../nxd/shards.js');
-  const fromNxd = !fromMegatron && (await isNxdPath(srcPath));
-  if (!fromMegatron && !fromNxd && !(await stat(srcPath)).isDirectory()) throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
+  const kind = await modelSourceKind(srcPath);
+  if (kind === 'missing') throw usage(`${srcPath}: no such file or directory`);
+  if (kind === 'file') throw usage(`${srcPath}: give the HF model directory (with config.json), not a file`);
+  const fromMegatron = kind === 'megatron';
+  const fromNxd = kind === 'nxd';
   const meg = fromMegatron ? await openMegatron(srcPath) : undefined;
   let src: CheckpointSource | undefined;
   try {
