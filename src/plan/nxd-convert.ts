@@ -45,6 +45,9 @@ import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish }
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { PieceTensor } from '../lazy/pieces.js';
+import { fill } from '../bridge/map.js';
+import { familyOf, familyForHfConfig } from '../models/registry.js';
+import type { ModelConfig } from '../models/config.js';
 
 export type ModelStyle = 'hf' | 'megatron';
 
@@ -156,6 +159,48 @@ export function ppRankOfLayer(layers: readonly number[], pp: number, i: number):
 
 const LAYER = /^model\.layers\.(\d+)\.(.+)$/;
 
+/** What an HF tensor is to NxD's converter: how it is split over TP and renamed. */
+export type NxdRole = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down' | 'vocab';
+
+/** The HF name suffix NxD's converter recognises each role by (it matches names, not shapes). */
+const ROLE_SUFFIX: Record<Exclude<NxdRole, 'vocab'>, string> = { q: 'self_attn.q_proj.weight', k: 'self_attn.k_proj.weight', v: 'self_attn.v_proj.weight', o: 'self_attn.o_proj.weight', gate: 'mlp.gate_proj.weight', up: 'mlp.up_proj.weight', down: 'mlp.down_proj.weight' };
+
+/**
+ * The NxD role of each of a family's HF tensors, from its parameter table (`Family.layerParams`,
+ * `globalParams`): q/k/v are the pieces of `linear_qkv`, gate/up of a gated `linear_fc1`, o and
+ * down the row-parallel `linear_proj` and `linear_fc2`, the vocabulary tensors split by rows;
+ * everything else is replicated. What NxD's converter cannot lay out is refused by name: MoE
+ * experts, attention biases, custom layout moves, and linears under names it does not recognise.
+ */
+export function nxdRoles(c: ModelConfig, file: string): Map<string, NxdRole> {
+  const fam = familyOf(c);
+  const roles = new Map<string, NxdRole>();
+  const set = (name: string, role: NxdRole): void => {
+    if (role !== 'vocab' && !name.endsWith(`.${ROLE_SUFFIX[role]}`)) throw unsupported(`${file}: ${fam.description}'s ${name} is NxD's ${role} projection, but NxD's converter only recognises it as …${ROLE_SUFFIX[role]}`, file, name);
+    roles.set(name, role);
+  };
+  for (const g of fam.globalParams(c)) if (g.kind === 'vocab') set(g.hf, 'vocab');
+  // A tied model's checkpoint may still hold lm_head: the converter splits it by rows like any.
+  set('lm_head.weight', 'vocab');
+  if (fam.blocks?.(c).length) throw unsupported(`${file}: ${fam.description} has layer stacks beyond the decoder (${fam.blocks(c).map((b) => b.prefix).join(', ')}); NxD's converter lays out decoder layers only`, file);
+  for (let i = 0; i < c.numLayers; i++) {
+    for (const p of fam.layerParams(c, i)) {
+      const names = p.hf.map((h) => fill(h, i));
+      if (p.experts !== undefined) throw unsupported(`${file}: ${fam.description} has MoE experts (${p.megatron}); NxD's converter handles dense models only`, file, names[0]);
+      if (typeof p.kind === 'object') throw unsupported(`${file}: ${names[0]} is a ${p.kind.id} layout in ${fam.description}; NxD's converter has no such move`, file, names[0]);
+      if (p.megatron === 'self_attention.linear_qkv.bias') throw unsupported(`${file}: ${names[0]}: attention biases are not handled by NxD's converter (${fam.description} has them)`, file, names[0]);
+      if (p.megatron === 'self_attention.linear_qkv.weight') names.forEach((n, k) => set(n, (['q', 'k', 'v'] as const)[k]!));
+      else if (p.megatron === 'self_attention.linear_proj.weight') set(names[0]!, 'o');
+      else if (p.megatron === 'mlp.linear_fc1.weight') {
+        if (p.kind !== 'gated') throw unsupported(`${file}: ${names[0]}: ${fam.description}'s MLP is not gated; NxD's converter fuses gate_proj and up_proj`, file, names[0]);
+        set(names[0]!, 'gate');
+        set(names[1]!, 'up');
+      } else if (p.megatron === 'mlp.linear_fc2.weight') set(names[0]!, 'down');
+    }
+  }
+  return roles;
+}
+
 // ---------------------------------------------------------------------------------------------
 // HF → NxD
 
@@ -184,7 +229,7 @@ function split(t: TargetTensor, dim: number, tp: number, r: number, what: string
 }
 
 /** One rank's tensors, named as NxD stores them. */
-export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLayout, h: NxdHeads, tpRank: number, ppRank: number): TargetTensor[] {
+export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, roles: ReadonlyMap<string, NxdRole>, l: NxdLayout, h: NxdHeads, tpRank: number, ppRank: number): TargetTensor[] {
   const layers = [...new Set([...src.keys()].map((k) => LAYER.exec(k)).filter((m) => m).map((m) => Number(m![1])))].sort((a, b) => a - b);
   const out = new Map<string, TargetTensor>();
   const put = (name: string, t: TargetTensor): void => void out.set(name, targetView(t, { name }));
@@ -201,11 +246,11 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLay
     } else if (name.includes('lm_head') || name === 'model.norm.weight' || name === 'norm_f.weight') {
       if (ppRank !== l.pp - 1) continue;
     }
-    const attn = m ? /^self_attn\.(q|k|v|o)_proj\.(weight|bias)$/.exec(m[2]!) : null;
-    if (attn && attn[2] === 'bias') throw unsupported(`${name}: attention biases are not handled by NxD's converter (Llama-style models only)`, undefined, name);
+    const role = roles.get(name);
+    const attn = role === 'q' || role === 'k' || role === 'v' || role === 'o' ? role : undefined;
     const prefix = m ? `model.layers.${m[1]}.self_attn.` : '';
-    if (attn && attn[1] !== 'o' && l.qkvLinear) {
-      const which = attn[1]!;
+    if (attn && attn !== 'o' && l.qkvLinear) {
+      const which = attn;
       if (which === 'q') {
         if (t.shape[0] !== h.q * h.headDim) throw badInput(`${name}: ${t.shape[0]} rows, config says ${h.q} heads × ${h.headDim}`, undefined, name);
         put(`${prefix}qkv_proj.weight_q`, sliceTarget(t, 0, qGroupOf(l, h, tpRank) * qRows, qRows));
@@ -214,25 +259,26 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, l: NxdLay
         // Row r·R.. of the tiled tensor is row (r·R mod kv·hd) of the original (R divides kv·hd).
         put(`${prefix}qkv_proj.weight_${which}`, sliceTarget(t, 0, (tpRank * kvRowsPerRank) % kvRows, kvRowsPerRank));
       }
-    } else if (attn && attn[1] === 'o') {
+    } else if (attn === 'o') {
       const cols = t.shape[1]!;
       if (l.qkvLinear && cols !== h.q * h.headDim) throw badInput(`${name}: ${cols} columns, config says ${h.q} heads × ${h.headDim}`, undefined, name);
       put(name, l.qkvLinear ? sliceTarget(t, 1, qGroupOf(l, h, tpRank) * qRows, qRows) : split(t, 1, tp, tpRank, ''));
     } else if (attn) {
       put(name, split(t, 0, tp, tpRank, ''));
-    } else if (name.includes('embed_tokens') || name.includes('lm_head') || name.includes('wte')) {
+    } else if (role === 'vocab') {
       put(name, split(t, 0, tp, tpRank, ' (the vocabulary is not padded: it must divide evenly)'));
-    } else if (m && /^mlp\.down_proj\.weight$/.test(m[2]!)) {
+    } else if (role === 'down') {
       put(name, split(t, 1, tp, tpRank, ''));
-    } else if (m && /^mlp\.(gate|up)_proj\.weight$/.test(m[2]!)) {
+    } else if (m && (role === 'gate' || role === 'up')) {
       const fused = `model.layers.${m[1]}.mlp.gate_up_proj.weight`;
       if (out.has(fused)) continue;
       const gate = src.get(`model.layers.${m[1]}.mlp.gate_proj.weight`);
       const up = src.get(`model.layers.${m[1]}.mlp.up_proj.weight`);
       if (!gate || !up) throw badInput(`${name}: layer ${m[1]} needs both gate_proj and up_proj`, undefined, name);
       out.set(fused, concatRows(fused, [split(gate, 0, tp, tpRank, ''), split(up, 0, tp, tpRank, '')]));
-    } else if (m && /(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj)\./.test(m[2]!)) {
-      throw unsupported(`${name}: not a parameter NxD's converter handles (Llama-style weights only)`, undefined, name);
+    } else if (/(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|embed_tokens|lm_head|wte)\./.test(name)) {
+      // The converter would try to partition it by its name, and the family table has no such weight.
+      throw unsupported(`${name}: not a parameter of the model's family table that NxD's converter can lay out (attention biases and extra projections are not handled)`, undefined, name);
     } else {
       put(name, t); // replicated
     }
@@ -490,7 +536,11 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
   const meg = (await isMegatronPath(srcPath)) ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
   const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);
-  const { heads } = await readNxdConfig(configPath).catch(async (e: unknown) => {
+  const { heads, roles } = await (async () => {
+    const { heads, json } = await readNxdConfig(configPath);
+    const cfg = meg?.cfg ?? familyForHfConfig(json, configPath).fromHf(json, configPath);
+    return { heads, roles: nxdRoles(cfg, configPath) };
+  })().catch(async (e: unknown) => {
     await meg?.source.close();
     throw e;
   });
@@ -521,7 +571,7 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
     if (opts.nLayers && opts.nLayers !== heads.layers) throw usage(`--n_layers ${opts.nLayers} disagrees with num_hidden_layers ${heads.layers} in ${configPath}`);
     if (layerCount < layout.pp) throw usage(`--pp_size ${layout.pp} is larger than the ${layerCount} layers`);
     const ranks: Array<{ tp: number; pp: number; tensors: TargetTensor[] }> = [];
-    for (let t = 0; t < layout.tp; t++) for (let p = 0; p < layout.pp; p++) ranks.push({ tp: t, pp: p, tensors: nxdRankTargets(targets, layout, heads, t, p) });
+    for (let t = 0; t < layout.tp; t++) for (let p = 0; p < layout.pp; p++) ranks.push({ tp: t, pp: p, tensors: nxdRankTargets(targets, roles, layout, heads, t, p) });
     const files = writeNxdShards(ranks, { xser: !!opts.xser });
     const plan: ConvertPlan = {
       source: { path: srcPath, format: meg ? 'megatron (through its HF names)' : `hf (${src.format})`, tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((n, x) => n + x.byteLength, 0) },

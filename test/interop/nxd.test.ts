@@ -7,7 +7,8 @@
  *   and MHA, trn1 and trn2, kv_size_multiplier, fuse_qkv, plain and xser;
  * - shardshift reads the converter's shards (xser with TensorReference + tensor_N.pt, xser as the
  *   converter leaves it on CPU, plain) and the HF result gives transformers the original logits;
- * - the converter reads shardshift's shards back (including xser) to the original logits.
+ * - the converter reads shardshift's shards back (including xser) to the original logits;
+ * - Mistral and Qwen3 (whose layouts come from their family tables) as Llama is.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -61,7 +62,7 @@ async function model(name: string): Promise<string> {
 
 interface Case {
   label: string;
-  model: 'gqa' | 'gqa8' | 'mha' | 'mqa';
+  model: 'gqa' | 'gqa8' | 'mha' | 'mqa' | 'mistral' | 'qwen3';
   flags: string[];
   xser?: 'cpu' | 'xla';
   /** The converter's own read-back works for this layout. */
@@ -75,6 +76,9 @@ const CASES: Case[] = [
   { label: 'hf, MHA (non-GQA), trn2, tp 2, qkv_linear', model: 'mha', flags: ['--model_style', 'hf', '--hw_backend', 'trn2', '--tp_size', '2', '--pp_size', '1', '--qkv_linear', 'True'], converterReadsBack: true },
   { label: 'megatron, MHA (non-GQA, query_key_value), tp 2 pp 2, xser as the converter writes it on CPU', model: 'mha', flags: ['--model_style', 'megatron', '--hw_backend', 'trn1', '--tp_size', '2', '--pp_size', '2', '--save_xser', 'True'], xser: 'cpu', converterReadsBack: true },
   { label: 'megatron, GQA (query + key_value), tp 2 pp 2, qkv_linear', model: 'gqa', flags: ['--model_style', 'megatron', '--hw_backend', 'trn1', '--tp_size', '2', '--pp_size', '2', '--qkv_linear', 'True'], converterReadsBack: true },
+  // Other dense families, through the family tables (the converter itself goes by names).
+  { label: 'Mistral, hf, GQA 4q/2kv, trn2, tp 2 pp 2 kvm 2, fuse_qkv', model: 'mistral', flags: ['--model_style', 'hf', '--hw_backend', 'trn2', '--tp_size', '2', '--pp_size', '2', '--kv_size_multiplier', '2', '--qkv_linear', 'True', '--fuse_qkv', 'True'], converterReadsBack: true },
+  { label: 'Qwen3 (q/k norms replicated), hf, GQA 4q/2kv, trn1, tp 2 pp 2, qkv_linear', model: 'qwen3', flags: ['--model_style', 'hf', '--hw_backend', 'trn1', '--tp_size', '2', '--pp_size', '2', '--qkv_linear', 'True'], converterReadsBack: true },
 ];
 
 for (const c of CASES) {

@@ -16,11 +16,11 @@ index), so the converter's imports are satisfied by small CPU stand-ins defined 
   - neuronx_distributed.trainer.checkpoint._xser_load_data: torch.load of the reference tree
     with each TensorReference replaced by torch.load(<file>.tensors/tensor_<tid>.pt).
 
-  make <dir> <case>                 tiny Llama (save_pretrained, fp32) + pytorch_model.bin (the
+  make <dir> <case>                 tiny Llama / Mistral / Qwen3 (save_pretrained, fp32) + pytorch_model.bin (the
                                     converter's single-file input) + ref_logits.json
   convert <converter flags…>        CheckpointConverterBase().run(parse_args(flags))
   logits <hf_dir | checkpoint.pt> <config.json> <ref_logits.json>
-                                    LlamaForCausalLM loads the weights strictly; JSON max_abs_diff
+                                    the config's model class loads the weights strictly; JSON max_abs_diff
   dump <model_dir>                  every shard, references resolved: {file: {name: [dtype,
                                     shape, sha256 of the contiguous bytes]}} (JSON)
 """
@@ -42,7 +42,13 @@ CASES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=32),
     "gqa8": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=32),
+    # Other dense families shardshift maps, through the same converter (it goes by tensor names):
+    # Mistral has Llama's names; Qwen3 adds per-head q/k norms, which the converter replicates
+    # (head_dim = hidden / heads, as the converter assumes).
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, sliding_window=None, arch="mistral"),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8, arch="qwen3"),
 }
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 BASE = dict(vocab_size=96, intermediate_size=48, num_hidden_layers=4, max_position_embeddings=128, rms_norm_eps=1e-6,
             rope_theta=10000.0, tie_word_embeddings=False, architectures=["LlamaForCausalLM"], model_type="llama")
 
@@ -133,11 +139,20 @@ def logits_of(model):
         return model(TOKENS).logits.double()
 
 
+def classes(arch):
+    import transformers
+    c, m = ARCHS[arch]
+    return getattr(transformers, c), getattr(transformers, m)
+
+
 def cmd_make(out, case):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    spec = dict(CASES[case])
+    arch = spec.pop("arch", "llama")
+    Config, Model = classes(arch)
     torch.manual_seed(7)
-    cfg = LlamaConfig(**BASE, **CASES[case])
-    model = LlamaForCausalLM(cfg).eval()
+    base = dict(BASE, architectures=[ARCHS[arch][1]], model_type=arch)
+    cfg = Config(**base, **spec)
+    model = Model(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)  # not the init's zeros/ones: every byte of every tensor matters
@@ -158,14 +173,15 @@ def cmd_convert(flags):
 
 
 def cmd_logits(path, config, ref):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    with open(config) as f:
+        raw = json.load(f)
+    Config, Model = classes(raw.get("model_type", "llama"))
     if os.path.isdir(path):
-        model = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        model = Model.from_pretrained(path, torch_dtype=torch.float32).eval()
         missing = unexpected = []
     else:
-        with open(config) as f:
-            cfg = LlamaConfig(**json.load(f))
-        model = LlamaForCausalLM(cfg).eval()
+        cfg = Config(**raw)
+        model = Model(cfg).eval()
         sd = torch.load(path)
         r = model.load_state_dict(sd, strict=False)
         missing, unexpected = list(r.missing_keys), list(r.unexpected_keys)
