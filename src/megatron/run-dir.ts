@@ -23,10 +23,6 @@ export const CKPT_FORMATS = ['torch_dist', 'torch', 'fsdp_dtensor'] as const;
 export type CkptFormat = (typeof CKPT_FORMATS)[number];
 
 /**
- * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
- * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
- */
-/**
  * numpy arrays and dtypes as pickled inside Megatron's RNG state (`np.random.get_state()`):
  * `_reconstruct(ndarray, (0,), b'b')` then BUILD with `(version, shape, dtype, fortran, bytes)`,
  * and `dtype('u4', False, True)` then BUILD. Kept as inert records (they are never used as
@@ -44,6 +40,10 @@ const numpyReconstruct: FunctionEntry = {
   call: (args) => new PyObject('numpy', 'ndarray', null, args, 'call'),
 };
 
+/**
+ * Globals Megatron checkpoints pickle beyond plain torch/DCP ones: the args namespace's enums,
+ * and the metadata classes some megatron-core versions attach to DCP's `.metadata`.
+ */
 export const MEGATRON_GLOBALS: AllowList = {
   'numpy.core.multiarray._reconstruct': numpyReconstruct,
   'numpy._core.multiarray._reconstruct': numpyReconstruct,
