@@ -28,11 +28,15 @@ interface MergeFlags {
 
 function report(r: ConvertResult, f: { json?: boolean; dryRun?: boolean }): void {
   if (f.json) {
-    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
   }
   if (f.dryRun) {
     process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
+    return;
+  }
+  if (r.outcome === 'reused') {
+    process.stdout.write(`kept ${r.plan.target.path}: already this finished output (manifest, source and every file's SHA-256 verified)\n`);
     return;
   }
   const rate = r.seconds > 0 ? r.bytesWritten / r.seconds : 0;
@@ -53,7 +57,9 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
   if (f.backend === 'megatron-bridge') {
     if (f.safeMerge || f.forceBase) throw usage('--safe-merge and --force-base apply to --backend peft only');
     const common = { hfModel: f.hfModel, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
-    const r = await mergeMbToMegatron(f.base, f.adapter, out, common);
+    // With --export-hf the command writes two outputs, each committed on its own: a re-run after a
+    // kill between the two commits keeps the finished Megatron output (verified) and writes the HF one.
+    const r = await mergeMbToMegatron(f.base, f.adapter, out, { ...common, reuseComplete: !!f.exportHf });
     progress?.done();
     report(r, f);
     if (f.exportHf) {

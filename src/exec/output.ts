@@ -13,7 +13,7 @@ import { basename, dirname, join, resolve, sep } from 'node:path';
 import { badInput, usage } from '../util/errors.js';
 import type { OutputFile } from '../lazy/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
-import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
+import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifyFile, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
 import { VERSION } from '../util/version.js';
 
 async function exists(p: string): Promise<boolean> {
@@ -96,7 +96,17 @@ export interface WriteOutputOptions {
     /** Hash whole source files (default: first and last MiB plus size). */
     readonly fullSourceHash?: boolean;
   };
+  /**
+   * Keep an `out` that already holds this very output — finished by shardshift for the same plan
+   * from the same, unchanged source, every file still holding its recorded SHA-256 — instead of
+   * refusing it. For commands that write two outputs one after the other (`merge-lora --export-hf`):
+   * a re-run after a kill between the two commits keeps the first and finishes the second.
+   */
+  reuseComplete?: boolean;
 }
+
+/** What writeOutput did: wrote the output, or kept an identical finished one (`reuseComplete`). */
+export type OutputOutcome = 'written' | 'reused';
 
 async function readProgress(path: string): Promise<Progress | undefined> {
   try {
@@ -138,9 +148,20 @@ async function fileStamp(p: string): Promise<string> {
   );
 }
 
+/** Outputs this process has committed (for the after-commit kill point). */
+let commits = 0;
+
 /** Test hook: SIGKILL this process at a chosen point, to prove interrupted runs resume. */
-function killPoint(kind: 'after-mkdir' | 'after-files' | 'mid-file' | 'before-commit', n = 0): boolean {
-  const v = process.env[{ 'after-mkdir': 'SHARDSHIFT_TEST_KILL_AFTER_MKDIR', 'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES', 'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE', 'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT' }[kind]];
+function killPoint(kind: 'after-mkdir' | 'after-files' | 'mid-file' | 'before-commit' | 'after-commit', n = 0): boolean {
+  const v = process.env[
+    {
+      'after-mkdir': 'SHARDSHIFT_TEST_KILL_AFTER_MKDIR',
+      'after-files': 'SHARDSHIFT_TEST_KILL_AFTER_FILES',
+      'mid-file': 'SHARDSHIFT_TEST_KILL_MID_FILE',
+      'before-commit': 'SHARDSHIFT_TEST_KILL_BEFORE_COMMIT',
+      'after-commit': 'SHARDSHIFT_TEST_KILL_AFTER_COMMIT',
+    }[kind]
+  ];
   return v !== undefined && Number(v) === n;
 }
 
@@ -157,8 +178,37 @@ async function strandedComplete(partial: string, hash: string): Promise<boolean>
     return false;
   }
   if (m.tool !== 'shardshift' || m.planHash !== hash || typeof m.files !== 'object') return false;
-  for (const [rel, rec] of Object.entries(m.files)) {
-    const p = join(partial, rel);
+  return verifyFiles(partial, m.files);
+}
+
+/**
+ * Why `dir` is not a finished output of this plan from this unchanged source, or undefined if it
+ * is: its manifest was written by shardshift with this plan hash, the source files it records have
+ * the recorded identity, and every recorded file is present with its size and SHA-256.
+ */
+async function notFinishedOutput(dir: string, hash: string, m: NonNullable<WriteOutputOptions['manifest']>): Promise<string | undefined> {
+  let man: Manifest;
+  try {
+    man = JSON.parse(await readFile(join(dir, MANIFEST_NAME), 'utf8')) as Manifest;
+  } catch {
+    return `no readable ${MANIFEST_NAME}`;
+  }
+  if (man.tool !== 'shardshift' || typeof man.files !== 'object' || !Array.isArray(man.source?.files)) return `${MANIFEST_NAME} is not shardshift's`;
+  if (man.planHash !== hash) return 'it was made by a different plan';
+  const recorded = man.source.files;
+  if (recorded.length !== m.sourceFiles.length) return 'it was made from other source files';
+  for (const [i, rel] of m.sourceFiles.entries()) {
+    const r = recorded[i]!;
+    const now = await identifyFile(join(m.sourceDir, rel), r.hashKind === 'sha256').catch(() => undefined);
+    if (!now || now.size !== r.size || now.mtimeMs !== r.mtimeMs || now.hash !== r.hash) return `${join(m.sourceDir, rel)} changed since it was made`;
+  }
+  return (await verifyFiles(dir, man.files)) ? undefined : 'a file in it no longer matches its recorded SHA-256';
+}
+
+/** Every file of `records` is a regular file in `dir` with the recorded size and SHA-256. */
+async function verifyFiles(dir: string, records: Readonly<Record<string, FileRecord>>): Promise<boolean> {
+  for (const [rel, rec] of Object.entries(records)) {
+    const p = join(dir, rel);
     if (!(await lstat(p).then((st) => st.isFile() && st.size === rec.size, () => false))) return false;
     if ((await sha256File(p)).sha256 !== rec.sha256) return false;
   }
@@ -174,7 +224,8 @@ async function strandedComplete(partial: string, hash: string): Promise<boolean>
  * already recorded and rewrites the rest; a different plan into the same `.partial` is refused.
  * When everything is written, side files are copied, `shardshift-manifest.json` is written last,
  * and the directory is renamed into place. A single-file output goes to `<out>.partial` and is
- * renamed when complete.
+ * renamed when complete. With `reuseComplete`, an `out` that is already this finished output is
+ * kept ('reused').
  */
 export async function writeOutput(
   src: string,
@@ -183,12 +234,19 @@ export async function writeOutput(
   files: readonly OutputFile[],
   sideCopies: ReadonlyArray<{ from: string; to: string }>,
   opts: WriteOutputOptions,
-): Promise<void> {
+): Promise<OutputOutcome> {
   const s = await canonical(src);
   const o = await canonical(out);
   if (within(o, s)) throw usage(`output ${out} is ${o === s ? 'the source itself' : 'inside the source'} (${src}); choose a path outside it`);
   if (within(s, o)) throw usage(`output ${out} contains the source ${src}; choose another path`);
-  if ((await exists(o)) && !opts.overwrite) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
+  if ((await exists(o)) && !opts.overwrite) {
+    if (opts.reuseComplete && kind === 'dir' && opts.manifest) {
+      const why = await notFinishedOutput(o, planHash(files, sideCopies.map((c) => c.to)), opts.manifest);
+      if (why === undefined) return 'reused';
+      throw usage(`output ${out} already exists and is not this run's finished output (${why}); remove it or pass --overwrite`);
+    }
+    throw usage(`output ${out} already exists; remove it or pass --overwrite`);
+  }
   const partial = `${o}.partial`;
   // A `.partial` that is a link is not ours: following it could write into the source (or
   // anywhere). A single-file partial is unlinked and created fresh by the executor; a directory
@@ -213,9 +271,12 @@ export async function writeOutput(
         throw badInput(`${changed[0]} changed while it was being converted (${before[sourceFiles.indexOf(changed[0]!)]} → ${after[sourceFiles.indexOf(changed[0]!)]})${changed.length > 1 ? ` (and ${changed.length - 1} more source files)` : ''}; nothing was written — re-run once the source is stable`, changed[0]);
       }
     });
+    // Test hook: the n-th commit of this process (a command writing two outputs dies between them).
+    if (killPoint('after-commit', ++commits)) process.kill(process.pid, 'SIGKILL');
   } finally {
     await lock.release();
   }
+  return 'written';
 }
 
 /** Creates (or, after a kill during creation, reuses) the partial directory and records the plan in it. */

@@ -11,7 +11,7 @@ import type { DType } from '../tensor/dtype.js';
 import { usage } from '../util/errors.js';
 import { castTo } from '../lazy/expr.js';
 import type { ProgressEvent } from '../exec/executor.js';
-import { writeOutput } from '../exec/output.js';
+import { writeOutput, type OutputOutcome } from '../exec/output.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
@@ -52,6 +52,8 @@ export interface ConvertResult {
   readonly plan: ConvertPlan;
   readonly seconds: number;
   readonly bytesWritten: number;
+  /** 'reused': the output already held this finished conversion and was kept (`reuseComplete`). */
+  readonly outcome: 'dry-run' | OutputOutcome;
 }
 
 /** Output kind from the destination's name: a known file extension means one file. */
@@ -135,9 +137,9 @@ export function checkComplete(targets: readonly TargetTensor[], files: readonly 
  * output (atomically, `exec/output.ts`) and the result reports the plan's bytes. Await it inside
  * the use case's `try` so its sources stay open until the output is complete.
  */
-export async function finish(plan: ConvertPlan, t0: number, dryRun: boolean | undefined, write: () => Promise<void>): Promise<ConvertResult> {
-  if (dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0 };
-  await write();
-  return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: plan.totalBytes };
+export async function finish(plan: ConvertPlan, t0: number, dryRun: boolean | undefined, write: () => Promise<OutputOutcome | void>): Promise<ConvertResult> {
+  if (dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0, outcome: 'dry-run' };
+  const outcome = (await write()) ?? 'written';
+  return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: outcome === 'reused' ? 0 : plan.totalBytes, outcome };
 }
 

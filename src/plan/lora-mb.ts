@@ -52,6 +52,8 @@ export interface MbLoraOptions {
   maxMemory?: number;
   maxShardSize?: number;
   overwrite?: boolean;
+  /** Keep an output that already is this finished merge (see WriteOutputOptions.reuseComplete). */
+  reuseComplete?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
 }
@@ -320,7 +322,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
         notes: [...baseNotes(a, c), `merged into the fused tensors in fp32, rounded once to each tensor's dtype; common.pt args carried from the base; HF config and tokenizer kept under ${iterDir}/hf/`],
       };
       return await finish(plan, t0, opts.dryRun, () =>
-        writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) }),
+        writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, reuseComplete: opts.reuseComplete, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) }),
       );
     } finally {
       await meg.source.close();

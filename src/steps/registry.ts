@@ -190,11 +190,12 @@ const mergeLoraStep: Step = {
     const hfModel = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
     const mbOpts = { ...common, hfModel };
     const outMeg = (p.output_megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-megatron`);
-    const r = await mergeMbToMegatron(String(p.base_megatron_path), adapter, outMeg, mbOpts);
+    // Two outputs, each committed on its own: a re-run after a kill between them keeps the first.
+    const r = await mergeMbToMegatron(String(p.base_megatron_path), adapter, outMeg, { ...mbOpts, reuseComplete: !!p.export_hf });
     if (!p.export_hf) return r;
     const outHf = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-hf`);
     const h = await mergeMbToHf(String(p.base_megatron_path), adapter, outHf, mbOpts);
-    return { ...r, seconds: r.seconds + h.seconds, bytesWritten: r.bytesWritten + h.bytesWritten, plan: { ...r.plan, notes: [...(r.plan.notes ?? []), `also exported HF: ${h.plan.target.path}`] } };
+    return { ...r, seconds: r.seconds + h.seconds, bytesWritten: r.bytesWritten + h.bytesWritten, outcome: h.outcome, plan: { ...r.plan, notes: [...(r.plan.notes ?? []), ...(r.outcome === 'reused' ? [`kept the finished ${r.plan.target.path} (verified)`] : []), `also exported HF: ${h.plan.target.path}`] } };
   },
 };
 

@@ -388,8 +388,74 @@ for (const w of WRITERS) {
   });
 }
 
-// Not in the matrix: `merge-lora --backend megatron-bridge --export-hf` (and the convert/merge_lora
-// step with export_hf=true) writes two outputs, one writeOutput after the other. Each is atomic and
-// resumable alone (both are covered above), but the pair is not: killed between the two commits,
-// the Megatron output is done and the re-run of the same command is refused ("already exists").
-test.todo('faults: merge-lora megatron-bridge --export-hf — a re-run after a kill between its two commits is refused (output exists) instead of finishing the second');
+// Two outputs, each committed on its own: `merge-lora --backend megatron-bridge --export-hf` (and
+// the convert/merge_lora step with export_hf=true) commit the Megatron merge, then the HF one. A
+// kill between the two commits must not strand the pair: the re-run of the same command keeps
+// the finished Megatron output — only after verifying its manifest, its source and every file's
+// SHA-256 — and writes the HF one. A finished output that no longer verifies is refused.
+const pairArgs = (dir: string): string[] => ['merge-lora', '-q', '--backend', 'megatron-bridge', '--adapter', mbAdapter(mbPair), '--base', join(mbPair, 'base'), '--hf-model', example, join(dir, 'meg'), '--export-hf', join(dir, 'hf')];
+const stepPairArgs = (dir: string): string[] => ['steps', 'run', 'convert/merge_lora', '-q', 'backend=megatron_bridge', `lora_checkpoint=${mbAdapter(mbPair)}`, `base_megatron_path=${join(mbPair, 'base')}`, `hf_model_id=${example}`, `output_megatron_path=${join(dir, 'meg')}`, 'export_hf=true', `output_hf_path=${join(dir, 'hf')}`];
+async function pairDigest(dir: string): Promise<Record<string, Record<string, string>>> {
+  return { meg: await digest(join(dir, 'meg')), hf: await digest(join(dir, 'hf')) };
+}
+
+for (const [label, args] of [['merge-lora megatron-bridge --export-hf', pairArgs], ['steps run convert/merge_lora export_hf=true', stepPairArgs]] as const) {
+  test(`faults: ${label} — killed between its two commits, the re-run keeps the first (verified) and writes the second`, async () => {
+    const refDir = join(tmp, `ref-pair-${label.replace(/\W+/g, '-')}`);
+    await mkdir(refDir);
+    const r0 = await run(args(refDir));
+    assert.equal(r0.code, 0, r0.stderr);
+    const want = await pairDigest(refDir);
+
+    // Killed right after the first commit: the Megatron merge is done, the HF export not begun.
+    const dir = join(tmp, `pair-${label.replace(/\W+/g, '-')}`);
+    await mkdir(dir);
+    const k1 = await runKilled(args(dir), { SHARDSHIFT_TEST_KILL_AFTER_COMMIT: '1' });
+    assert.equal(k1.signal, 'SIGKILL');
+    assert.deepEqual(await digest(join(dir, 'meg')), want.meg);
+    assert.ok(!existsSync(join(dir, 'hf')));
+    // Killed again, now inside the second output (after its first file): the first is reused, not rewritten.
+    const k2 = await runKilled(args(dir), { SHARDSHIFT_TEST_KILL_AFTER_FILES: '1' });
+    assert.equal(k2.signal, 'SIGKILL', 'the second run reached the HF export (the Megatron output was kept)');
+    assert.ok(!existsSync(join(dir, 'hf')) && existsSync(join(dir, 'hf.partial')));
+    const again = await run(args(dir));
+    assert.equal(again.code, 0, again.stderr);
+    assert.deepEqual(await pairDigest(dir), want);
+    // Both finished: a re-run is refused by the second output, as any finished output is.
+    const done = await run(args(dir));
+    assert.notEqual(done.code, 0);
+    assert.match(oneMessage(done.stderr, `${label} re-run`), /already exists/);
+  });
+}
+
+test('faults: merge-lora megatron-bridge --export-hf — a finished first output that no longer verifies is refused, not reused', async () => {
+  for (const tamper of ['file', 'source'] as const) {
+    const dir = join(tmp, `pair-tampered-${tamper}`);
+    await mkdir(dir);
+    let args = pairArgs(dir);
+    if (tamper === 'source') {
+      // A copy of the inputs, so the shared source stays as it is.
+      const src = join(dir, 'src');
+      await cp(mbPair, src, { recursive: true });
+      args = args.map((a) => (a.startsWith(mbPair) ? src + a.slice(mbPair.length) : a));
+    }
+    assert.equal((await runKilled(args, { SHARDSHIFT_TEST_KILL_AFTER_COMMIT: '1' })).signal, 'SIGKILL');
+    if (tamper === 'file') {
+      // One byte of a tensor file flipped, size unchanged.
+      const rel = Object.keys(await digest(join(dir, 'meg'))).find((f) => f.endsWith('.distcp'))!;
+      const p = join(dir, 'meg', rel);
+      const b = await readFile(p);
+      b[b.length >> 1] = b[b.length >> 1]! ^ 1;
+      await writeFile(p, b);
+    } else {
+      const p = join(dir, 'src', 'lora', 'iter_0000100', '__0_0.distcp');
+      const b = await readFile(p);
+      b[b.length >> 1] = b[b.length >> 1]! ^ 1;
+      await writeFile(p, b);
+    }
+    const r = await run(args);
+    assert.notEqual(r.code, 0, `${tamper}: ${r.stderr}`);
+    assert.match(oneMessage(r.stderr, `tampered ${tamper}`), tamper === 'file' ? /already exists and is not this run's finished output \(a file in it no longer matches its recorded SHA-256\); remove it or pass --overwrite/ : /already exists and is not this run's finished output \(.*__0_0\.distcp changed since it was made\)/);
+    assert.ok(!existsSync(join(dir, 'hf')) && !existsSync(join(dir, 'hf.partial')), `${tamper}: nothing of the second output was written`);
+  }
+});
