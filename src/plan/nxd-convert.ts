@@ -159,6 +159,9 @@ export function ppRankOfLayer(layers: readonly number[], pp: number, i: number):
 
 const LAYER = /^model\.layers\.(\d+)\.(.+)$/;
 
+/** The names NxD's converter partitions over TP (it matches names, not the model's table). */
+const PARTITIONED_BY_NAME = /(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj|embed_tokens|lm_head|wte)\./;
+
 /** What an HF tensor is to NxD's converter: how it is split over TP and renamed. */
 export type NxdRole = 'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down' | 'vocab';
 
@@ -276,7 +279,7 @@ export function nxdRankTargets(src: ReadonlyMap<string, TargetTensor>, roles: Re
       const up = src.get(`model.layers.${m[1]}.mlp.up_proj.weight`);
       if (!gate || !up) throw badInput(`${name}: layer ${m[1]} needs both gate_proj and up_proj`, undefined, name);
       out.set(fused, concatRows(fused, [split(gate, 0, tp, tpRank, ''), split(up, 0, tp, tpRank, '')]));
-    } else if (/(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|embed_tokens|lm_head|wte)\./.test(name)) {
+    } else if (PARTITIONED_BY_NAME.test(name)) {
       // The converter would try to partition it by its name, and the family table has no such weight.
       throw unsupported(`${name}: not a parameter of the model's family table that NxD's converter can lay out (attention biases and extra projections are not handled)`, undefined, name);
     } else {
@@ -339,8 +342,13 @@ export interface AssembleResult {
   readonly notes: string[];
 }
 
-/** Detects style, qkv_linear, fuse_qkv and kv_size_multiplier from the names and shapes where the flags were not given. */
-export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout> & { nLayers?: number }): AssembleResult {
+/**
+ * Reassembles the HF tensors from NxD rank shards. Each tensor's split comes from its role in the
+ * model's family table (`roles`, see nxdRoles), and NxD's fused tensors (`qkv_proj.weight_*`,
+ * `gate_up_proj`) are unfused into the family's HF names of those roles. Detects style, qkv_linear,
+ * fuse_qkv and kv_size_multiplier from the names and shapes where the flags were not given.
+ */
+export function assembleHf(sh: NxdShards, h: NxdHeads, roles: ReadonlyMap<string, NxdRole>, given: Partial<NxdLayout> & { nLayers?: number }): AssembleResult {
   const all = sh.ranks.flatMap((r) => [...r.tensors.keys()]);
   const modelStyle: ModelStyle = given.modelStyle ?? (all.some((n) => n.startsWith('language_model.')) ? 'megatron' : 'hf');
   const qkvLinear = given.qkvLinear ?? all.some((n) => /\.(qkv_proj\.weight_(q|qkv)|self_attention\.query\.weight)$/.test(n));
@@ -379,25 +387,37 @@ export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout>
   const qRows = (h.q / tp) * h.headDim;
   const kvAll = h.kv * h.headDim;
   const kvR = (kvAll * layout.kvSizeMultiplier) / tp;
+  // The family's HF name of each layer's projection (the inverse of `roles`), for NxD's fused tensors.
+  const byRole = new Map<string, string>();
+  for (const [n, role] of roles) {
+    const m = LAYER.exec(n);
+    if (m) byRole.set(`${m[1]} ${role}`, n);
+  }
+  const hfOf = (layer: string, role: NxdRole, r: NxdRank, local: string): string => {
+    const n = byRole.get(`${layer} ${role}`);
+    if (!n) throw unsupported(`${local} in ${r.file} holds layer ${layer}'s ${role} projection, which ${h.file}'s model has no tensor for`, join(sh.dir, r.file), local);
+    return n;
+  };
   const layerIdx = new Set<number>();
   for (const r of sh.ranks) {
     for (const [local, rt] of r.tensors) {
       const name = modelStyle === 'megatron' ? hfNameOfMegatron(local) : local;
       const m = LAYER.exec(name);
       if (m) layerIdx.add(Number(m[1]));
-      const p = m ? `model.layers.${m[1]}.` : '';
       const cols = rt.shape[1];
       const rowsIn = (n: string, row0: number, start: number, count: number, total: number): void =>
         add(n, rt, r, [total, ...rt.shape.slice(1)], placed(rt, [row0, ...rt.shape.slice(1).map(() => 0)], start, count));
-      const attn = m ? /^self_attn\.(qkv_proj\.weight_(q|k|v|qkv|kv)|qkv_proj\.weight|([qkvo])_proj\.weight)$/.exec(m[2]!) : null;
-      if (attn && (attn[2] || attn[1] === 'qkv_proj.weight')) {
-        const kind = attn[2] ?? 'mha';
-        const q = (at: number): void => rowsIn(`${p}self_attn.q_proj.weight`, qGroupOf(layout, h, r.tp) * qRows, at, qRows, h.q * h.headDim);
+      // NxD's fused attention: qkv_linear's weight_q/_k/_v, fuse_qkv's weight_qkv, megatron style's
+      // key_value, or MHA's coalesced qkv_proj.weight.
+      const fused = m ? /^self_attn\.qkv_proj\.weight(?:_(q|k|v|qkv|kv))?$/.exec(m[2]!) : null;
+      const role = roles.get(name);
+      if (m && fused) {
+        const kind = fused[1] ?? 'mha';
+        const q = (at: number): void => rowsIn(hfOf(m[1]!, 'q', r, local), qGroupOf(layout, h, r.tp) * qRows, at, qRows, h.q * h.headDim);
         const kv = (which: 'k' | 'v', at: number): void => {
           const tiled = r.tp * kvR;
           const rep = Math.floor(tiled / kvAll);
-          const n = `${p}self_attn.${which}_proj.weight`;
-          add(n, rt, r, [kvAll, cols!], placed(rt, [tiled % kvAll, 0], at, kvR), rep);
+          add(hfOf(m[1]!, which, r, local), rt, r, [kvAll, cols!], placed(rt, [tiled % kvAll, 0], at, kvR), rep);
         };
         if (kind === 'q') q(0);
         else if (kind === 'k' || kind === 'v') kv(kind, 0);
@@ -413,21 +433,24 @@ export function assembleHf(sh: NxdShards, h: NxdHeads, given: Partial<NxdLayout>
           // MHA fused query_key_value / coalesced qkv_proj.weight: [q_r; k_r; v_r], hidden/tp rows each.
           const third = rt.shape[0]! / 3;
           if (!Number.isInteger(third)) throw badInput(`${name}: ${rt.shape[0]} rows in ${r.file} do not split into q, k, v thirds`, join(sh.dir, r.file), local);
-          (['q', 'k', 'v'] as const).forEach((w, i) => rowsIn(`${p}self_attn.${w}_proj.weight`, r.tp * third, i * third, third, third * tp));
+          (['q', 'k', 'v'] as const).forEach((w, i) => rowsIn(hfOf(m[1]!, w, r, local), r.tp * third, i * third, third, third * tp));
         }
-      } else if (attn && attn[3] === 'o') {
-        const n = `${p}self_attn.o_proj.weight`;
-        add(n, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, qGroupOf(layout, h, r.tp) * cols!]));
-      } else if (attn) {
-        rowsIn(name, r.tp * rt.shape[0]!, 0, rt.shape[0]!, rt.shape[0]! * tp);
       } else if (m && m[2] === 'mlp.gate_up_proj.weight') {
         const half = rt.shape[0]! / 2;
-        rowsIn(`${p}mlp.gate_proj.weight`, r.tp * half, 0, half, half * tp);
-        rowsIn(`${p}mlp.up_proj.weight`, r.tp * half, half, half, half * tp);
-      } else if (m && m[2] === 'mlp.down_proj.weight') {
-        add(name, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, r.tp * cols!]));
-      } else if (name.includes('embed_tokens') || name.includes('lm_head') || name.includes('wte')) {
+        rowsIn(hfOf(m[1]!, 'gate', r, local), r.tp * half, 0, half, half * tp);
+        rowsIn(hfOf(m[1]!, 'up', r, local), r.tp * half, half, half, half * tp);
+      } else if (role === 'o') {
+        add(name, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, qGroupOf(layout, h, r.tp) * cols!]));
+      } else if (role === 'q' || role === 'k' || role === 'v' || role === 'vocab') {
         rowsIn(name, r.tp * rt.shape[0]!, 0, rt.shape[0]!, rt.shape[0]! * tp);
+      } else if (role === 'down') {
+        add(name, rt, r, [rt.shape[0]!, cols! * tp], placed(rt, [0, r.tp * cols!]));
+      } else if (role !== undefined) {
+        throw unsupported(`${local} in ${r.file}: a ${role} projection outside NxD's fused gate_up_proj`, join(sh.dir, r.file), local);
+      } else if (PARTITIONED_BY_NAME.test(name)) {
+        // The converter partitions by name: a tensor it split that the family table does not know
+        // (a bias, an extra projection) cannot be put back together from one rank's copy.
+        throw unsupported(`${local} in ${r.file}: not a parameter of ${h.file}'s model that NxD's converter lays out (attention biases and extra projections are not handled)`, join(sh.dir, r.file), local);
       } else {
         // Replicated: the first copy (tp 0 of the first pp rank holding it), as the converter keeps.
         if (!acc.has(name)) add(name, rt, r, [...rt.shape], placed(rt, rt.shape.map(() => 0)));
@@ -487,6 +510,12 @@ function hfOrder(a: string, b: string): number {
 // ---------------------------------------------------------------------------------------------
 // Plans
 
+/** The heads and the family's NxD roles of the model `configPath` describes (or `cfg`, already read). */
+async function nxdModel(configPath: string, cfg?: ModelConfig): Promise<{ heads: NxdHeads; roles: Map<string, NxdRole> }> {
+  const { heads, json } = await readNxdConfig(configPath);
+  return { heads, roles: nxdRoles(cfg ?? familyForHfConfig(json, configPath).fromHf(json, configPath), configPath) };
+}
+
 export interface NxdConvertOptions {
   /** config.json (the converter's --config); default: the HF source's own. */
   config?: string;
@@ -536,11 +565,7 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
   const meg = (await isMegatronPath(srcPath)) ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
   const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);
-  const { heads, roles } = await (async () => {
-    const { heads, json } = await readNxdConfig(configPath);
-    const cfg = meg?.cfg ?? familyForHfConfig(json, configPath).fromHf(json, configPath);
-    return { heads, roles: nxdRoles(cfg, configPath) };
-  })().catch(async (e: unknown) => {
+  const { heads, roles } = await nxdModel(configPath, meg?.cfg).catch(async (e: unknown) => {
     await meg?.source.close();
     throw e;
   });
@@ -603,10 +628,10 @@ export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConv
 /** NxD shards as their HF-named full state (a lazy source; closing it closes the shards). */
 export async function openNxdAsHf(srcPath: string, opts: NxdConvertOptions): Promise<CheckpointSource> {
   if (!opts.config) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give config.json (--config, or --hf-model <dir>)`);
-  const { heads } = await readNxdConfig(opts.config);
+  const { heads, roles } = await nxdModel(opts.config);
   const sh = await openNxdShards(srcPath, { tp: opts.tp, pp: opts.pp });
   try {
-    const { tensors } = assembleHf(sh, heads, { ...opts });
+    const { tensors } = assembleHf(sh, heads, roles, { ...opts });
     return { format: 'nxd', path: srcPath, root: sh.dir, tensors, objects: new Map(), metadata: new Map(), dataFiles: sh.ranks.map((r) => r.file), sideFiles: [], close: () => sh.close() };
   } catch (e) {
     await sh.close();
@@ -618,11 +643,11 @@ export async function openNxdAsHf(srcPath: string, opts: NxdConvertOptions): Pro
 export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
   if (!opts.config) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give config.json (--config, or --hf-model <dir>)`);
-  const { heads } = await readNxdConfig(opts.config);
+  const { heads, roles } = await nxdModel(opts.config);
   const sh = await openNxdShards(srcPath, { tp: opts.tp, pp: opts.pp });
   try {
     if (opts.xser === true && !sh.xser) throw usage(`${sh.dir}: --load_xser given but the shards have no .tensors folders (not xser)`);
-    const { tensors, notes } = assembleHf(sh, heads, { ...opts });
+    const { tensors, notes } = assembleHf(sh, heads, roles, { ...opts });
     const targets: TargetTensor[] = [...tensors.keys()].sort(hfOrder).map((n) => {
       const c = copyOf(n, tensors.get(n)!);
       return opts.dtype ? castTo(c, opts.dtype) : c;

@@ -12,7 +12,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
-import { openNxdShards } from '../../src/nxd/shards.js';
+import { openNxdShards, writeNxdShards } from '../../src/nxd/shards.js';
+import { copyOf } from '../../src/lazy/expr.js';
+import { writeOutput } from '../../src/exec/output.js';
 import { convertHfToNxd, convertNxdToHf, ppRankOfLayer, type NxdConvertOptions } from '../../src/plan/nxd-convert.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
@@ -175,6 +177,44 @@ test('bad input: a missing rank file, an xser reference to a missing tensor file
   r = await run(['convert', '--to', 'hf', join(tmp, 'hf-qkv-linear-kvm2-trn2-plain'), join(tmp, 'out-kvm'), '--hf-model', example, '--hw-backend', 'trn2', '--kv-size-multiplier', '1']);
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr, /replicated 2× .* --kv_size_multiplier says 1/);
+});
+
+test('NxD → HF: a tensor the converter partitions by name that the family table lacks (an attention bias) is refused by name; an unknown one is kept replicated', async () => {
+  const src = join(tmp, 'hf-separate-q-k-v-plain');
+  /** The source's shards with `extra` (named after layer 0's input norm's data) added on pp rank 0. */
+  const withExtra = async (out: string, extra: string): Promise<void> => {
+    const sh = await openNxdShards(src);
+    try {
+      const ranks = sh.ranks.map((r) => {
+        const ts = [...r.tensors].map(([n, t]) => copyOf(n, t));
+        const norm = [...r.tensors].find(([n]) => n.endsWith('.input_layernorm.weight'))?.[1];
+        if (r.pp === 0) ts.push(copyOf(extra, norm!));
+        return { tp: r.tp, pp: r.pp, tensors: ts };
+      });
+      await writeOutput(src, out, 'dir', writeNxdShards(ranks, { xser: false }), [], {});
+    } finally {
+      await sh.close();
+    }
+  };
+  await withExtra(join(tmp, 'with-bias'), 'model.layers.0.self_attn.q_proj.bias');
+  let r = await run(['convert', '--to', 'hf', join(tmp, 'with-bias'), join(tmp, 'out-bias'), '--hf-model', example]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /model\.layers\.0\.self_attn\.q_proj\.bias in dp_rank_00_tp_rank_0[01]_pp_rank_00\.pt: not a parameter of \S*config\.json's model that NxD's converter lays out/);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.ok(!existsSync(join(tmp, 'out-bias')));
+  // A name the converter replicates: the first copy, as the converter keeps it.
+  await withExtra(join(tmp, 'with-scale'), 'model.layers.0.extra_scale');
+  r = await run(['convert', '--to', 'hf', join(tmp, 'with-scale'), join(tmp, 'out-scale'), '--hf-model', example]);
+  assert.equal(r.code, 0, r.stderr);
+  const got = await openCheckpoint(join(tmp, 'out-scale'));
+  const orig = await openCheckpoint(example);
+  try {
+    assert.ok((await bytesOf(got.tensors.get('model.layers.0.extra_scale')!)).equals(await bytesOf(orig.tensors.get('model.layers.0.input_layernorm.weight')!)));
+    assert.equal(got.tensors.size, 22);
+  } finally {
+    await got.close();
+    await orig.close();
+  }
 });
 
 /** The README's side-by-side table: every example of NxDT's conversion docs, scaled to the tiny model (tp 8 → 2, pp 4 → 2, 32 layers → 2). */
