@@ -68,11 +68,17 @@ async function commitOutput(t: OutputTarget): Promise<void> {
   await fsyncPath(dirname(t.path));
 }
 
-/** Copies side files (config.json, tokenizer ...) into the output, fsyncing each. */
+/**
+ * Copies side files (config.json, tokenizer ...) into the output, fsyncing each. A copy already in
+ * a resumed `.partial` is made again: a kill in the middle of a copy leaves a truncated file, and
+ * its source may have changed since.
+ */
 export async function copySideFiles(copies: ReadonlyArray<{ from: string; to: string }>, toDir: string): Promise<void> {
+  const seen = new Set<string>();
   for (const c of copies) {
+    if (seen.has(c.to)) continue; // the first source named for a path wins
+    seen.add(c.to);
     const dst = join(toDir, c.to);
-    if (await lstat(dst).then((st) => st.isFile(), () => false)) continue;
     await mkdir(dirname(dst), { recursive: true });
     await copyExclusive(c.from, dst);
     await fsyncPath(dst);
@@ -166,53 +172,68 @@ function killPoint(kind: 'after-mkdir' | 'after-files' | 'mid-file' | 'before-co
 }
 
 /**
- * Whether `partial` is a finished output stranded before its rename (killed after the manifest
- * was written and the progress file removed): its manifest is this plan's, and every file it
- * records is there with the recorded size and SHA-256.
- */
-async function strandedComplete(partial: string, hash: string): Promise<boolean> {
-  let m: Manifest;
-  try {
-    m = JSON.parse(await readFile(join(partial, MANIFEST_NAME), 'utf8')) as Manifest;
-  } catch {
-    return false;
-  }
-  if (m.tool !== 'shardshift' || m.planHash !== hash || typeof m.files !== 'object') return false;
-  return verifyFiles(partial, m.files);
-}
-
-/**
  * Why `dir` is not a finished output of this plan from this unchanged source, or undefined if it
- * is: its manifest was written by shardshift with this plan hash, the source files it records have
- * the recorded identity, and every recorded file is present with its size and SHA-256.
+ * is. Used for a finished `.partial` stranded before its rename and for an `out` kept by
+ * `reuseComplete`. It is, only if: its manifest was written by shardshift for this plan hash; the
+ * manifest lists exactly the files this plan writes (at their planned sizes) and its side files —
+ * never a file dropped from both, never a path of its own; the source files it records still have
+ * the recorded identity; each side file still has the content of the file it is copied from; and
+ * every file is present with its recorded SHA-256.
  */
-async function notFinishedOutput(dir: string, hash: string, m: NonNullable<WriteOutputOptions['manifest']>): Promise<string | undefined> {
+async function notFinishedOutput(
+  dir: string,
+  hash: string,
+  files: readonly OutputFile[],
+  sideCopies: ReadonlyArray<{ from: string; to: string }>,
+  m: WriteOutputOptions['manifest'],
+): Promise<string | undefined> {
   let man: Manifest;
   try {
     man = JSON.parse(await readFile(join(dir, MANIFEST_NAME), 'utf8')) as Manifest;
   } catch {
     return `no readable ${MANIFEST_NAME}`;
   }
-  if (man.tool !== 'shardshift' || typeof man.files !== 'object' || !Array.isArray(man.source?.files)) return `${MANIFEST_NAME} is not shardshift's`;
+  if (man === null || man.tool !== 'shardshift' || typeof man.files !== 'object' || man.files === null || !Array.isArray(man.source?.files)) return `${MANIFEST_NAME} is not shardshift's`;
   if (man.planHash !== hash) return 'it was made by a different plan';
-  const recorded = man.source.files;
-  if (recorded.length !== m.sourceFiles.length) return 'it was made from other source files';
-  for (const [i, rel] of m.sourceFiles.entries()) {
-    const r = recorded[i]!;
-    const now = await identifyFile(join(m.sourceDir, rel), r.hashKind === 'sha256').catch(() => undefined);
-    if (!now || now.size !== r.size || now.mtimeMs !== r.mtimeMs || now.hash !== r.hash) return `${join(m.sourceDir, rel)} changed since it was made`;
+  const planned = new Map<string, number | undefined>(files.map((f) => [f.relPath, f.size]));
+  for (const c of sideCopies) if (!planned.has(c.to)) planned.set(c.to, undefined);
+  const listed = Object.keys(man.files);
+  if (listed.length !== planned.size || listed.some((k) => !planned.has(k))) return `its manifest lists other files than this run writes`;
+  for (const [rel, size] of planned) {
+    const rec = man.files[rel]!;
+    if (typeof rec?.sha256 !== 'string' || typeof rec.size !== 'number' || (size !== undefined && rec.size !== size)) return `${rel} is not the size this run writes`;
   }
-  return (await verifyFiles(dir, man.files)) ? undefined : 'a file in it no longer matches its recorded SHA-256';
+  if (m) {
+    const recorded = man.source.files;
+    if (recorded.length !== m.sourceFiles.length) return 'it was made from other source files';
+    for (const [i, rel] of m.sourceFiles.entries()) {
+      const r = recorded[i]!;
+      const now = await identifyFile(join(m.sourceDir, rel), r.hashKind === 'sha256').catch(() => undefined);
+      if (!now || now.size !== r.size || now.mtimeMs !== r.mtimeMs || now.hash !== r.hash) return `${join(m.sourceDir, rel)} changed since it was made`;
+    }
+  }
+  for (const c of sideCopies) {
+    const now = await sha256File(c.from).catch(() => undefined);
+    if (now?.sha256 !== man.files[c.to]!.sha256) return `its ${c.to} is not a copy of ${c.from}`;
+  }
+  for (const [rel, rec] of Object.entries(man.files)) {
+    const p = join(dir, rel);
+    if (!(await lstat(p).then((st) => st.isFile() && st.size === rec.size, () => false)) || (await sha256File(p)).sha256 !== rec.sha256) return `${rel} in it no longer matches its recorded SHA-256`;
+  }
+  return undefined;
 }
 
-/** Every file of `records` is a regular file in `dir` with the recorded size and SHA-256. */
-async function verifyFiles(dir: string, records: Readonly<Record<string, FileRecord>>): Promise<boolean> {
-  for (const [rel, rec] of Object.entries(records)) {
-    const p = join(dir, rel);
-    if (!(await lstat(p).then((st) => st.isFile() && st.size === rec.size, () => false))) return false;
-    if ((await sha256File(p)).sha256 !== rec.sha256) return false;
-  }
-  return true;
+/**
+ * A `.partial` (or `out`) another user could have planted or can still write into is never
+ * reused: it must be ours, and not writable by everyone. (A group-writable one is accepted: a
+ * umask of 002 is common on shared clusters, and the group is trusted with the output anyway.)
+ */
+async function foreignDir(p: string): Promise<string | undefined> {
+  const st = await lstat(p);
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid) return `${p} belongs to another user (uid ${st.uid})`;
+  if (st.mode & 0o002) return `${p} is writable by every user`;
+  return undefined;
 }
 
 /**
@@ -239,14 +260,9 @@ export async function writeOutput(
   const o = await canonical(out);
   if (within(o, s)) throw usage(`output ${out} is ${o === s ? 'the source itself' : 'inside the source'} (${src}); choose a path outside it`);
   if (within(s, o)) throw usage(`output ${out} contains the source ${src}; choose another path`);
-  if ((await exists(o)) && !opts.overwrite) {
-    if (opts.reuseComplete && kind === 'dir' && opts.manifest) {
-      const why = await notFinishedOutput(o, planHash(files, sideCopies.map((c) => c.to)), opts.manifest);
-      if (why === undefined) return 'reused';
-      throw usage(`output ${out} already exists and is not this run's finished output (${why}); remove it or pass --overwrite`);
-    }
-    throw usage(`output ${out} already exists; remove it or pass --overwrite`);
-  }
+  // An existing `out` is refused, unless it may be this very output, kept (checked under the lock).
+  const reuse = (await exists(o)) && !opts.overwrite;
+  if (reuse && !(opts.reuseComplete && kind === 'dir')) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
   const partial = `${o}.partial`;
   // A `.partial` that is a link is not ours: following it could write into the source (or
   // anywhere). A single-file partial is unlinked and created fresh by the executor; a directory
@@ -259,6 +275,13 @@ export async function writeOutput(
   const before = await Promise.all(sourceFiles.map(fileStamp));
   const lock = await lockOutput(o);
   try {
+    if (reuse) {
+      const why = (await foreignDir(o)) ?? (await notFinishedOutput(o, planHash(files, sideCopies.map((c) => c.to)), files, sideCopies, opts.manifest));
+      if (why === undefined) return 'reused';
+      throw usage(`output ${out} already exists and is not this run's finished output (${why}); remove it or pass --overwrite`);
+    }
+    // Finished by another run between the check above and taking the lock.
+    if (!opts.overwrite && (await exists(o))) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
     await writeLocked(s, o, partial, kind, files, sideCopies, opts, async () => {
       // Test hook: a window in which a test changes the source.
       const pause = Number(process.env.SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS ?? 0);
@@ -331,8 +354,14 @@ async function writeLocked(
   const progressPath = join(partial, PROGRESS_NAME);
   let progress: Progress;
   if (await exists(partial)) {
+    const foreign = await foreignDir(partial);
+    if (foreign) throw usage(`${partial} is not this user's partial output (${foreign}); remove it to start over`);
     const prev = await readProgress(progressPath);
-    if (!prev && (await strandedComplete(partial, hash))) {
+    if (!prev && (await lstat(join(partial, MANIFEST_NAME)).then(() => true, () => false))) {
+      // Finished and killed before its rename: committed only once it checks out in full.
+      const why = await notFinishedOutput(partial, hash, files, sideCopies, opts.manifest);
+      if (why) throw usage(`${partial} holds a finished conversion that is not this run's (${why}); remove it to start over`);
+      await beforeCommit();
       await commitOutput({ path: o, temp: partial, kind });
       return;
     }
