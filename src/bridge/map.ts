@@ -313,6 +313,18 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
 }
 
 /**
+ * How a family's `linear_fc1` tensors are fused, over every layer and block: all `[gate; up]`
+ * ('gated'), all plain ('plain'), both ('mixed'), or no fc1 at all ('none'). Megatron records one
+ * `swiglu` flag for the whole model, and the legacy reader splits fc1 over TP by that flag alone.
+ */
+export function fc1Gating(fam: Family, c: ModelConfig): 'gated' | 'plain' | 'mixed' | 'none' {
+  const params = [...Array.from({ length: c.numLayers }, (_, i) => fam.layerParams(c, i)), ...(fam.blocks?.(c) ?? []).flatMap((b) => Array.from({ length: b.layers }, (_, i) => b.params(i)))].flat();
+  const fc1 = params.filter((p) => /(^|\.)linear_fc1\.weight/.test(p.megatron));
+  const gated = fc1.filter((p) => p.kind === 'gated' || p.gateUp).length;
+  return fc1.length === 0 ? 'none' : gated === fc1.length ? 'gated' : gated === 0 ? 'plain' : 'mixed';
+}
+
+/**
  * Whether the canonical Megatron tensor `name` (`decoder.layers.<i>.…`, a block's `<prefix><i>.…`,
  * experts by global index, TE or local-spec names) is a `[gate; up]` fusion in the family's table
  * — how legacy rank files split it over TP. Per layer, from the same parameter lists the maps use.

@@ -18,7 +18,7 @@ import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig, familyForMegatron } from '../models/registry.js';
-import { buildExport, mainDtype } from './map.js';
+import { buildExport, fc1Gating, mainDtype } from './map.js';
 import { familyOf } from '../models/registry.js';
 import { targetView } from '../lazy/view.js';
 
@@ -120,7 +120,8 @@ export function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; diviso
     qk_layernorm: c.qkNorm,
     normalization: 'RMSNorm',
     norm_epsilon: f(hf.rms_norm_eps, 1e-5),
-    swiglu: true,
+    // One flag for the model, from the family table (a family may still override it below).
+    swiglu: fc1Gating(familyOf(c), c) !== 'plain',
     position_embedding_type: 'rope',
     rotary_base: ropeTheta(hf),
     tensor_model_parallel_size: o.tp,
@@ -129,9 +130,8 @@ export function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; diviso
     bf16: o.dtype === 'BF16',
     fp16: o.dtype === 'F16',
     iteration: o.iteration,
-    ...familyById(c.family)?.megatronArgs?.(c),
-    shardshift_family: c.family,
     ...(familyOf(c).megatronArgs?.(c) ?? {}),
+    shardshift_family: c.family,
   };
 }
 

@@ -25,7 +25,7 @@ import type { TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, type ModelConfig } from '../models/config.js';
-import { buildExport, buildImport, type SkipRule, gateUpTest } from '../bridge/map.js';
+import { buildExport, buildImport, type SkipRule, gateUpTest, fc1Gating } from '../bridge/map.js';
 import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
@@ -151,6 +151,8 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       ...(cfg.hfLayout ? { shardshift_hf_layout: JSON.stringify(cfg.hfLayout) } : {}),
     };
     const legacy = opts.ckptFormat === 'torch';
+    // Legacy rank files carry one `swiglu` flag, and their reader splits every fc1 over TP by it.
+    if (legacy && fc1Gating(familyOf(cfg), cfg) === 'mixed') throw unsupported(`--ckpt-format torch: ${familyOf(cfg).description} has both gated ([gate; up]) and plain linear_fc1 tensors, and legacy rank files record one swiglu flag for the whole model; use --ckpt-format torch_dist`, srcPath);
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
     const files = fsdp
       ? writeMegatronFsdp(targets, { iteration, files: opts.dcpFiles })

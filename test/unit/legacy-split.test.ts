@@ -76,3 +76,26 @@ test('the legacy writer splits a gated fc1 per half and a non-gated one as one b
   assert.deepEqual(await ranks(true), [[0, 1, 4, 5], [2, 3, 6, 7]]);
   assert.deepEqual(await ranks(false), [[0, 1, 2, 3], [4, 5, 6, 7]]);
 });
+
+test('fc1Gating / swiglu: one flag per model, from the family table; a model mixing gated and plain fc1 is refused for legacy rank files', async () => {
+  const { readdir } = await import('node:fs/promises');
+  const { fc1Gating } = await import('../../src/bridge/map.js');
+  const { megatronArgs } = await import('../../src/bridge/megatron-config.js');
+  const { familyOf } = await import('../../src/models/registry.js');
+  const seen: Record<string, string> = {};
+  for (const f of (await readdir(join(repoRoot, 'test', 'published', 'configs'))).filter((n) => n.endsWith('.json')).sort()) {
+    const c = await published(f);
+    const g = fc1Gating(familyOf(c), c);
+    seen[f] = g;
+    const args = megatronArgs(c, { tp: 1, pp: 1, dtype: 'BF16', divisor: 128, iteration: 0 });
+    assert.equal(args.swiglu, g !== 'plain', `${f}: swiglu ${String(args.swiglu)} but the table's fc1 is ${g}`);
+  }
+  assert.equal(seen['nvidia--NVIDIA-Nemotron-3-Nano-30B-A3B-BF16.json'], 'plain');
+  assert.equal(seen['meta-llama--Llama-3.1-8B.json'], 'gated');
+  assert.equal(seen['openai--gpt-oss-20b.json'], 'gated');
+  // A family whose layer 1 is a plain MLP (as a GELU vision tower beside a SwiGLU decoder would be).
+  const llama = await published('meta-llama--Llama-3.1-8B.json');
+  const fam = familyOf(llama);
+  const mixed = { ...fam, layerParams: (c: typeof llama, i: number) => fam.layerParams(c, i).map((p) => (i === 1 && p.kind === 'gated' ? { ...p, kind: 'copy' as const } : p)) } as typeof fam;
+  assert.equal(fc1Gating(mixed, llama), 'mixed');
+});
