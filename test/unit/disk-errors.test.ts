@@ -54,3 +54,17 @@ test('ENOSPC in a directory output: the message names the file; nothing that loo
   assert.ok(!(await readdir(small)).includes('meg'), 'no output that looks done');
   assert.ok(!(await readdir(small)).includes('meg.lock'), 'the lock is released');
 });
+
+test('a model directory the user may not read: one line naming it (permission denied), not a misleading "config.json missing"', async (t) => {
+  if (spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'true']).status !== 0) return t.skip('setpriv cannot switch to an unprivileged user here');
+  const { chmod } = await import('node:fs/promises');
+  await chmod(tmp, 0o755);
+  const locked = join(tmp, 'locked-model');
+  await mkdir(locked, { mode: 0o700 });
+  const r = await new Promise<{ code: number; stderr: string }>((res) =>
+    execFile('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cli, 'convert', '--to', 'megatron', locked, join(tmp, 'never')], (err, _o, stderr) => res({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stderr })),
+  );
+  assert.equal(r.code, 1, r.stderr);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, /^shardshift: error: \S*locked-model: permission denied/);
+});
