@@ -151,7 +151,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   const r = await routes[f.to]();
   progress?.done();
   if (f.json) {
-    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
   }
   for (const d of r.plan.dropped) process.stderr.write(`shardshift: warning: ${d.name} not carried: ${d.reason}\n`);

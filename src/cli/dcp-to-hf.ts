@@ -38,7 +38,7 @@ export async function runDcpToHf(f: Flags): Promise<void> {
     onProgress: events?.progress ?? progress?.update,
   });
   progress?.done();
-  if (f.json) process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');
+  if (f.json) process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
   else if (f.dryRun) process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
   else process.stdout.write(`Saved HF checkpoint to: ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
 }

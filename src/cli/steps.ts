@@ -37,7 +37,7 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   });
   progress?.done();
   if (f.json) {
-    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
   }
   if (f.dryRun) {

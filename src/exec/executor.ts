@@ -12,7 +12,7 @@
  * In file order on the main thread: CRC-32 of zip records, computed parts (which may need those
  * CRCs), and handing the bytes to a sink. Off the main thread: reads and writes (libuv), SHA-256
  * of each large file (the hash worker) and casts (a tinypool sized to the cores) — see
- * `workers.ts`. Two sinks:
+ * `tensor/pool.ts` and `exec/hash-worker.ts`. Two sinks:
  *
  * - `BufferedSink` (the default): adjacent chunks batched into one `writev`, two in flight at
  *   distinct positions, and write-back started every 64 MiB (`fdatasync`, one at a time) so the

@@ -4,7 +4,7 @@
  * `state_dict()` has with no parallelism (`decoder.layers.<i>.<param>`, experts as
  * `decoder.layers.<i>.mlp.experts.local_experts.<global e>.<param>`). How those are keyed on disk
  * (torch_dist stacks layers and experts; legacy files split TP/PP/EP and number locally) is the
- * formats' business (`megatron-keys.ts`, `formats/megatron-legacy.ts`), not the families'.
+ * formats' business (`megatron-keys.ts`, `megatron/legacy.ts`), not the families'.
  */
 import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import type { PyValue } from '../pickle/values.js';

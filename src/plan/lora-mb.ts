@@ -34,7 +34,7 @@ import { familyOf } from '../models/registry.js';
 import type { ModelConfig } from '../models/config.js';
 import { mergedWeight } from '../lora/merge.js';
 import { ADAPTER_RECORD, adapterRecord, baseFingerprint } from '../lora/base-identity.js';
-import { asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
+import { MB_TARGETS, asSource, mbToPeftModules, openMbAdapter, type MbAdapter, type MbTarget } from '../lora/megatron-bridge.js';
 import { allRows, castTo, rowConcat, produceBox } from '../lazy/expr.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
@@ -275,7 +275,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
         };
         return mergedWeight({ name: base.name, base, module: mod, layout: 'out-in', scaling, rounding: { roundDelta: false }, describe: `${base.describe} + lora(${mod.a.where}, ${mod.b.where}) × ${scaling}` });
       };
-      const TARGET_RE = /^decoder\.layers\.(?:(\d+)\.)?(self_attention\.linear_qkv|self_attention\.linear_proj|mlp\.linear_fc1|mlp\.linear_fc2)\.weight$/;
+      const TARGET_RE = new RegExp(`^decoder\\.layers\\.(?:(\\d+)\\.)?(${MB_TARGETS.map((x) => x.replace(/\./g, '\\.')).join('|')})\\.weight$`);
       for (const t of src.tensors.values()) {
         if (/_extra_state/.test(t.name) || /^optimizer\.|^rng_state|^chained_\d+\.optimizer\./.test(t.name)) {
           skipped.push({ name: t.name, reason: 'not model weights (regenerated or dropped)' });

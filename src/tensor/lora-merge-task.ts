@@ -1,6 +1,6 @@
 /**
  * One block of a LoRA merge, in place: W ← round(W + ΔW) for a box of a 2-D weight, where
- * ΔW = f32(chain(X·Y) × scaling). Runs on the executor's worker pool (`plan/pool-worker.ts`) or
+ * ΔW = f32(chain(X·Y) × scaling). Runs on the executor's worker pool (`tensor/pool-worker.ts`) or
  * inline; the bytes are the same either way. All inputs are SharedArrayBuffers so a task is posted
  * to a worker without copying.
  *
