@@ -10,7 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { familyForHfConfig } from '../../src/models/registry.js';
-import { nxdRoles } from '../../src/plan/nxd-convert.js';
+import { nxdRoles } from '../../src/nxd/layout.js';
 import type { ModelConfig } from '../../src/models/config.js';
 
 async function published(file: string): Promise<ModelConfig> {

@@ -15,7 +15,8 @@ import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { openNxdShards, writeNxdShards } from '../../src/nxd/shards.js';
 import { copyOf } from '../../src/lazy/expr.js';
 import { writeOutput } from '../../src/exec/output.js';
-import { convertHfToNxd, convertNxdToHf, ppRankOfLayer, type NxdConvertOptions } from '../../src/plan/nxd-convert.js';
+import { convertHfToNxd, convertNxdToHf, type NxdConvertOptions } from '../../src/plan/nxd-convert.js';
+import { ppRankOfLayer } from '../../src/nxd/layout.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
 
