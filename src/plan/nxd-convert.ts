@@ -6,7 +6,7 @@
 import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
-import { isMegatronPath } from '../megatron/run-dir.js';
+import { modelSourceKind } from './sources.js';
 import { openMegatronAsHf } from '../bridge/megatron-config.js';
 import { openNxdShards, writeNxdShards } from '../nxd/shards.js';
 import { writeSafetensors } from '../formats/safetensors.js';
@@ -79,7 +79,7 @@ async function fullStatePath(src: string): Promise<string> {
 export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
-  const meg = (await isMegatronPath(srcPath)) ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
+  const meg = (await modelSourceKind(srcPath)) === 'megatron' ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
   const configPath = meg && !opts.config ? meg.configPath : await configPathFor(srcPath, opts.config);
   const { heads, roles } = await nxdModel(configPath, meg?.cfg).catch(async (e: unknown) => {
     await meg?.source.close();
