@@ -1,4 +1,4 @@
-import { convert, type ConvertPlan, type ConvertResult } from '../plan/convert.js';
+import { checkOutputName, convert, type ConvertPlan, type ConvertResult } from '../plan/convert.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import type { FormatName, FORMAT_NAMES } from '../checkpoints/registry.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
@@ -111,6 +111,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     fuseQkv: f.fuseQkv,
     hwBackend: f.hwBackend,
   };
+  checkOutputName(out, f.to);
   const kind = await modelSourceKind(src);
   const ref = async (): Promise<string | undefined> => (f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined);
   // A source that is not a Megatron or NxD checkpoint (or a file) may be a hub model id.

@@ -56,8 +56,26 @@ export interface ConvertResult {
   readonly outcome: 'dry-run' | OutputOutcome;
 }
 
+/** File extensions of single-file checkpoints, by the format they name. */
+const FILE_EXTENSIONS: Readonly<Record<string, string>> = { '.safetensors': 'safetensors', '.bin': 'torch', '.pt': 'torch', '.pth': 'torch', '.distcp': 'dcp' };
+
+/**
+ * Refuses an output path whose extension names a checkpoint file the target does not write as one
+ * file (`--to safetensors … x.pt` made a directory called `x.pt`; `--to megatron … y.safetensors` a
+ * directory called `y.safetensors`). `to` is any `convert --to` target.
+ */
+export function checkOutputName(out: string, to: string): void {
+  const ext = extname(out).toLowerCase();
+  const named = FILE_EXTENSIONS[ext];
+  if (!named) return;
+  if ((to === 'safetensors' && ext === '.safetensors') || (to === 'torch' && named === 'torch')) return;
+  const single = to === 'safetensors' ? ' (or a .safetensors name for one file)' : to === 'torch' ? ' (or a .bin, .pt or .pth name for one file)' : '';
+  throw usage(`output ${out}: ${ext} names a ${named} file, but --to ${to} writes ${single ? 'this output as a directory' : 'a directory'}; give a directory name${single}`);
+}
+
 /** Output kind from the destination's name: a known file extension means one file. */
 function outputKind(out: string, to: FormatName): { kind: 'dir' | 'file'; singleFile?: string } {
+  checkOutputName(out, to);
   const ext = extname(out);
   if (to === 'safetensors' && ext === '.safetensors') return { kind: 'file', singleFile: basename(out) };
   if (to === 'torch' && ['.bin', '.pt', '.pth'].includes(ext)) return { kind: 'file', singleFile: basename(out) };

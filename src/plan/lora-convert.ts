@@ -333,7 +333,7 @@ export async function mergeLora(baseDir: string, adapterPath: string, out: strin
       }
       const report = writeSafetensors(targets, { maxShardSize: opts.maxShardSize });
       checkComplete(targets, report.files);
-      const side = await listSideFiles(baseDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt') || n.endsWith('.pth') || n === 'shardshift-manifest.json');
+      const side = await listSideFiles(baseDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt') || n.endsWith('.pth'));
 
       const kinds = { linear: 0, conv1d: 0, embedding: 0, dora: 0 };
       for (const r of resolved) {

@@ -213,7 +213,7 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
       if (missing.length) throw badInput(`${basePath}: the base has no ${missing.slice(0, 4).join(', ')} for the adapter`, basePath);
       const report = writeSafetensors(tensors, { maxShardSize: opts.maxShardSize });
       checkComplete(tensors, report.files);
-      const side = await listSideFiles(hfDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt') || n === 'shardshift-manifest.json');
+      const side = await listSideFiles(hfDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt'));
       const plan: ConvertPlan = {
         source: { path: basePath, format: 'megatron torch_dist + megatron-bridge lora', tensors: meg.source.tensors.size, bytes: [...meg.source.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
         target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
@@ -310,7 +310,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
       const files = writeMegatron(entries, { iteration, args, objects: torchDistExtraState(familyOf(c), c) });
       checkComplete(entries.flatMap((e) => e.chunks.map((ch) => ch.tensor)), files);
       const iterDir = iterDirName(iteration);
-      const side = await listSideFiles(hfDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt') || n === 'shardshift-manifest.json');
+      const side = await listSideFiles(hfDir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json') || n.endsWith('.bin') || n.endsWith('.pt'));
       const plan: ConvertPlan = {
         source: { path: basePath, format: 'megatron torch_dist + megatron-bridge lora', tensors: src.tensors.size, bytes: [...src.tensors.values()].reduce((s, t) => s + t.byteLength, 0) },
         target: { path: out, format: 'megatron torch_dist', kind: 'dir' },

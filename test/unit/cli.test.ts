@@ -127,3 +127,37 @@ test('convert --quantize: only for exports, only for a family with a quantized h
   assert.ok(!existsSync(join(tmp, 'q.hf')));
 });
 
+
+test('an output whose extension names another format is refused, not made a directory of that name', async () => {
+  for (const [to, name, what] of [
+    ['safetensors', 'x.pt', /\.pt names a torch file, but --to safetensors writes this output as a directory; give a directory name \(or a \.safetensors name for one file\)/],
+    ['torch', 'x.safetensors', /\.safetensors names a safetensors file, but --to torch writes this output as a directory; give a directory name \(or a \.bin, \.pt or \.pth name for one file\)/],
+    ['megatron', 'y.safetensors', /\.safetensors names a safetensors file, but --to megatron writes a directory; give a directory name$/m],
+    ['dcp', 'z.distcp', /--to dcp writes a directory/],
+    ['hf', 'w.bin', /--to hf writes a directory/],
+  ] as const) {
+    const out = join(tmp, `ext-${to}-${name}`);
+    const r = await run(['convert', '--to', to, '-q', example, out]);
+    assert.equal(r.code, 2, `${to} ${name}: ${r.stderr}`);
+    assert.match(r.stderr, what);
+    assert.ok(!existsSync(out), `${to} ${name}: nothing made`);
+  }
+});
+
+test('a checkpoint shardshift wrote converts again: its manifest is not a side file (the next output verifies, inspect does not list it)', async () => {
+  const a = join(tmp, 'chain-a');
+  const b = join(tmp, 'chain-b');
+  const c = join(tmp, 'chain-c');
+  assert.equal((await run(['convert', '--to', 'megatron', '-q', example, a])).code, 0);
+  assert.equal((await run(['convert', '--to', 'hf', '-q', a, b])).code, 0);
+  assert.equal((await run(['convert', '--to', 'safetensors', '-q', b, c])).code, 0);
+  for (const d of [b, c]) {
+    const v = await run(['verify', d]);
+    assert.equal(v.code, 0, `${d}: ${v.stdout}${v.stderr}`);
+  }
+  const i = await run(['inspect', b]);
+  assert.match(i.stdout, /side files:\s+config\.json, generation_config\.json\n/);
+  const m = await run(['convert', '--to', 'megatron', '-q', b, join(tmp, 'chain-d')]);
+  assert.equal(m.code, 0, m.stderr);
+  assert.ok(!(await readdir(join(tmp, 'chain-d', 'iter_0000000', 'hf'))).includes('shardshift-manifest.json'));
+});
