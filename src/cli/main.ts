@@ -22,8 +22,10 @@ import { CKPT_FORMATS } from '../megatron/run-dir.js';
 function program(): Command {
   const p = new Command('shardshift')
     .description('Convert large-model checkpoints between formats, byte-exactly, with no Python and no GPU.')
-    .version(VERSION)
-    .showHelpAfterError()
+    // The first word is the version (scripts parse it); then what it runs on.
+    .version(`${VERSION} (Node.js ${process.version}, ${process.platform}-${process.arch})`)
+    // Commander's own errors read like shardshift's ("shardshift: error: …").
+    .configureOutput({ outputError: (str, write) => write(`shardshift: ${str}`) })
     .exitOverride();
 
   p.command('inspect')
@@ -124,7 +126,19 @@ function program(): Command {
     .action(runDiff);
   registerLoraCommands(p);
   registerNxdCommands(p);
+  shortUsageErrors(p);
   return p;
+}
+
+/**
+ * After a usage error, commander prints the error line; then each command adds its usage line and
+ * where the rest is — not the whole help (90 lines that push the error off the screen).
+ */
+function shortUsageErrors(c: Command, parents: readonly string[] = []): void {
+  const path = [...parents, c.name()];
+  c.showHelpAfterError(`Usage: ${path.join(' ')} ${c.usage()}
+See '${path.join(' ')} --help'.`);
+  for (const sub of c.commands) shortUsageErrors(sub, path);
 }
 
 export async function main(argv: string[]): Promise<number> {

@@ -110,7 +110,8 @@ test('--help shows worked examples; --version matches package.json', async () =>
   assert.equal(h.code, 0);
   assert.match(h.stdout, /Examples:\n\s+\$ shardshift convert --to safetensors/);
   const v = await run(['--version']);
-  assert.equal(v.stdout.trim(), VERSION);
+  assert.equal(v.stdout.trim().split(' ')[0], VERSION);
+  assert.equal(v.stdout.trim(), `${VERSION} (Node.js ${process.version}, ${process.platform}-${process.arch})`);
   const pkg = JSON.parse((await import('node:fs')).readFileSync(join(repoRoot, 'package.json'), 'utf8'));
   assert.equal(pkg.version, VERSION);
 });
@@ -160,4 +161,20 @@ test('a checkpoint shardshift wrote converts again: its manifest is not a side f
   const m = await run(['convert', '--to', 'megatron', '-q', b, join(tmp, 'chain-d')]);
   assert.equal(m.code, 0, m.stderr);
   assert.ok(!(await readdir(join(tmp, 'chain-d', 'iter_0000000', 'hf'))).includes('shardshift-manifest.json'));
+});
+
+test('a usage error is the error, the usage line of its command and where the help is — not the whole help', async () => {
+  for (const [args, usage] of [
+    [['convert', '--bogus', 'a', 'b'], "Usage: shardshift convert [options] <src> <out>\nSee 'shardshift convert --help'."],
+    [['convert', 'a', 'b'], "Usage: shardshift convert [options] <src> <out>\nSee 'shardshift convert --help'."],
+    [['steps', 'run'], "Usage: shardshift steps run [options] <step> [overrides...]\nSee 'shardshift steps run --help'."],
+    [['frob'], "Usage: shardshift [options] [command]\nSee 'shardshift --help'."],
+  ] as const) {
+    const r = await run([...args]);
+    assert.equal(r.code, 2, r.stderr);
+    const lines = r.stderr.trimEnd().split('\n');
+    assert.equal(lines.length, 3, r.stderr);
+    assert.match(lines[0]!, /^shardshift: error: /);
+    assert.equal(lines.slice(1).join('\n'), usage);
+  }
 });
