@@ -19,6 +19,12 @@ import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
 export interface Skipped {
   readonly name: string;
   readonly reason: string;
+  /**
+   * The tensor held model data the output now lacks (an unmapped tensor, a dropped MTP layer):
+   * always reported. False for what a consumer regenerates or never needs (optimizer and RNG
+   * state, TransformerEngine extra state, a tied copy), reported only when asked (--verbose).
+   */
+  readonly carriesData: boolean;
 }
 
 /** A target stored in another dtype than the one asked for, and why (a family's precision rule). */
@@ -117,6 +123,8 @@ function toHf(c: ModelConfig, p: LayerParam, names: string[], src: SourcePart): 
 export interface SkipRule {
   readonly pattern: RegExp;
   readonly reason: string;
+  /** See Skipped.carriesData. */
+  readonly carriesData: boolean;
 }
 
 export interface ImportOptions {
@@ -201,11 +209,11 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   for (const name of hf.tensors.keys()) {
     if (used.has(name)) continue;
     const rule = [...(opts.skip ?? []), ...HF_IGNORED].find((r) => r.pattern.test(name));
-    if (rule) skipped.push({ name, reason: rule.reason });
-    else if (name === tiedHead) skipped.push({ name, reason: 'tied to the input embedding' });
+    if (rule) skipped.push({ name, reason: rule.reason, carriesData: rule.carriesData });
+    else if (name === tiedHead) skipped.push({ name, reason: 'tied to the input embedding', carriesData: false });
     else unmapped.push(name);
   }
-  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)' });
+  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)', carriesData: true });
   else if (unmapped.length) {
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} Megatron model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }
@@ -298,14 +306,14 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
   for (const name of meg.tensors.keys()) {
     if (used.has(name)) continue;
     const rule = [...(opts.skip ?? []), ...MEGATRON_IGNORED].find((r) => r.pattern.test(name));
-    if (rule) skipped.push({ name, reason: rule.reason });
+    if (rule) skipped.push({ name, reason: rule.reason, carriesData: rule.carriesData });
     else unmapped.push(name);
   }
   for (const name of meg.objects.keys()) {
     const rule = MEGATRON_IGNORED.find((r) => r.pattern.test(name));
-    skipped.push({ name, reason: rule?.reason ?? 'non-tensor entry' });
+    skipped.push({ name, reason: rule?.reason ?? 'non-tensor entry', carriesData: rule?.carriesData ?? false });
   }
-  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)' });
+  if (unmapped.length && opts.allowUnmapped) for (const name of unmapped) skipped.push({ name, reason: 'not mapped (--allow-unmapped)', carriesData: true });
   else if (unmapped.length) {
     throw badInput(`${file}: ${unmapped.length} tensor(s) have no place in a ${c.family} HF model: ${unmapped.slice(0, 8).join(', ')}${unmapped.length > 8 ? ', …' : ''} (--allow-unmapped skips them)`, file, unmapped[0]);
   }

@@ -42,12 +42,13 @@ interface Flags {
   dryRun?: boolean;
   json?: boolean;
   quiet?: boolean;
+  verbose?: boolean;
 }
 
 /** `TransformerEngine extra state (FP8 metadata) ×8 (decoder.layers.…)` per reason. */
-function skippedSummary(plan: ConvertPlan): string[] {
+function skippedSummary(plan: ConvertPlan, which: 'all' | 'data' = 'all'): string[] {
   const by = new Map<string, string[]>();
-  for (const s of plan.skipped ?? []) by.set(s.reason, [...(by.get(s.reason) ?? []), s.name]);
+  for (const s of plan.skipped ?? []) if (which === 'all' || s.carriesData) by.set(s.reason, [...(by.get(s.reason) ?? []), s.name]);
   return [...by].map(([reason, names]) => `${reason} ×${names.length} (${names[0]}${names.length > 1 ? ', …' : ''})`);
 }
 
@@ -160,7 +161,9 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
     return;
   }
-  for (const s of skippedSummary(r.plan)) process.stderr.write(`shardshift: skipped by rule: ${s}\n`);
+  // Information, not a warning: what was left out and why. Model data the output lacks is always
+  // listed; state a consumer regenerates or never needs only with --verbose.
+  for (const s of skippedSummary(r.plan, f.verbose ? 'all' : 'data')) process.stderr.write(`note: skipped ${s}\n`);
   const rate = r.seconds > 0 ? r.bytesWritten / r.seconds : 0;
   process.stdout.write(
     `wrote ${r.plan.target.path}: ${r.plan.files.length} file${r.plan.files.length === 1 ? '' : 's'}, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)\n`,

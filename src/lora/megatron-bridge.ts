@@ -29,7 +29,7 @@ import { rowConcat, rows, allRows, type RowSegment, produceBox } from '../lazy/e
 import type { ModelConfig } from '../models/config.js';
 import type { LayerParam } from '../models/spec.js';
 import { MEGATRON_IGNORED } from '../models/dense.js';
-import { fill } from '../bridge/map.js';
+import { fill, type Skipped } from '../bridge/map.js';
 import { familyOf } from '../models/registry.js';
 
 /**
@@ -71,7 +71,7 @@ export interface MbAdapter {
   readonly modules: readonly MbAdapterModule[];
   readonly numLayers: number;
   /** Entries left out by a named rule (extra state, optimizer, base weights). */
-  readonly skipped: ReadonlyArray<{ name: string; reason: string }>;
+  readonly skipped: readonly Skipped[];
   close(): Promise<void>;
 }
 
@@ -120,7 +120,7 @@ export async function openMbAdapter(path: string): Promise<MbAdapter> {
     const { cfg, path: rc } = await readPeftSection(ck.resolved.iterDir);
     const src: CheckpointSource = ck.source;
     const parts = new Map<string, { layer: number; target: MbTarget; in?: LayerFactor; out?: LayerFactor }>();
-    const skipped: Array<{ name: string; reason: string }> = [];
+    const skipped: Skipped[] = [];
     const unknown: string[] = [];
     let stackedLayers: number | undefined;
     const add = (layer: number, target: MbTarget, which: string, f: LayerFactor): void => {
@@ -146,8 +146,8 @@ export async function openMbAdapter(path: string): Promise<MbAdapter> {
         continue;
       }
       const rule = MEGATRON_IGNORED.find((r) => r.pattern.test(t.name));
-      if (rule) skipped.push({ name: t.name, reason: rule.reason });
-      else if (!t.name.includes('.adapter.')) skipped.push({ name: t.name, reason: 'base weight in the adapter checkpoint (the base comes from --base)' });
+      if (rule) skipped.push({ name: t.name, reason: rule.reason, carriesData: rule.carriesData });
+      else if (!t.name.includes('.adapter.')) skipped.push({ name: t.name, reason: 'base weight in the adapter checkpoint (the base comes from --base)', carriesData: false });
       else unknown.push(t.name);
     }
     if (unknown.length) throw unsupported(`${src.path}: adapter tensors shardshift does not know: ${unknown.slice(0, 6).join(', ')}${unknown.length > 6 ? ', …' : ''} (MoE, CanonicalLoRA or DoRA adapters are not supported)`, src.path);

@@ -161,18 +161,18 @@ export function linearExtraState(c: ModelConfig, i: number): string[] {
 }
 
 /** HF tensors a converter may meet and drop by a named rule. */
-export const HF_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string }> = [
-  { pattern: /\.rotary_emb\.inv_freq$/, reason: 'rotary inverse frequencies are recomputed from the config' },
+export const HF_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string; carriesData: false }> = [
+  { pattern: /\.rotary_emb\.inv_freq$/, reason: 'rotary inverse frequencies are recomputed from the config', carriesData: false },
 ];
 
 /** Megatron entries that are not model weights, skipped by a named rule. */
-export const MEGATRON_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string }> = [
-  { pattern: /^optimizer\.|^chained_\d+\.optimizer\./, reason: 'optimizer state' },
-  { pattern: /^rng_state/, reason: 'RNG state' },
-  { pattern: /^rerun_state_machine_state/, reason: 'rerun state machine' },
-  { pattern: /^common_state/, reason: 'common (non-tensor) state' },
-  { pattern: /_extra_state(\d*)(\/|$)/, reason: 'TransformerEngine extra state (FP8 metadata)' },
-  { pattern: /\.mlp\.router\.local_tokens_per_expert$/, reason: 'router token counts (training statistics)' },
+export const MEGATRON_IGNORED: ReadonlyArray<{ pattern: RegExp; reason: string; carriesData: false }> = [
+  { pattern: /^optimizer\.|^chained_\d+\.optimizer\./, reason: 'optimizer state', carriesData: false },
+  { pattern: /^rng_state/, reason: 'RNG state', carriesData: false },
+  { pattern: /^rerun_state_machine_state/, reason: 'rerun state machine', carriesData: false },
+  { pattern: /^common_state/, reason: 'common (non-tensor) state', carriesData: false },
+  { pattern: /_extra_state(\d*)(\/|$)/, reason: 'TransformerEngine extra state (FP8 metadata)', carriesData: false },
+  { pattern: /\.mlp\.router\.local_tokens_per_expert$/, reason: 'router token counts (training statistics)', carriesData: false },
 ];
 
 export interface DenseSpec {

@@ -3,6 +3,7 @@
  * file, every entry that cannot be carried — built and checked before a byte is written, then run
  * through the bounded-memory executor into an atomic output.
  */
+import type { Skipped } from '../bridge/map.js';
 import { stat } from 'node:fs/promises';
 import { extname, basename, join } from 'node:path';
 import { openCheckpoint, writeFormat, FORMAT_NAMES, type CheckpointSource, type FormatName, type TargetTensor } from '../checkpoints/registry.js';
@@ -37,7 +38,7 @@ export interface ConvertPlan {
   /** Entries the target cannot hold (data not carried: warned about). */
   readonly dropped: ReadonlyArray<{ name: string; reason: string }>;
   /** Source entries left out by a named rule (optimizer state, RNG, TE extra state ...). */
-  readonly skipped?: ReadonlyArray<{ name: string; reason: string }>;
+  readonly skipped?: readonly Skipped[];
   readonly sideFiles: readonly string[];
   readonly totalBytes: number;
   /** Decisions worth showing (model family, where the config came from, iteration chosen ...). */

@@ -131,7 +131,7 @@ export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHf
       target: { path: out, format: 'hf (safetensors)', kind: 'dir' },
       files: filePlan(report.files),
       dropped: [],
-      skipped: [...optimizer.map((name) => ({ name, reason: 'optimizer state' })), ...skipped],
+      skipped: [...optimizer.map((name) => ({ name, reason: 'optimizer state', carriesData: false })), ...skipped],
       sideFiles: copies.map((c) => c.to),
       totalBytes: report.files.reduce((n, f) => n + f.size, 0),
       notes: [`model ${modelName} (${cfg.family}) from ${opts.hfModelName ? '--hf-model-name' : configPath}`, tokenizerDir ? `tokenizer from ${tokenizerDir}` : `tokenizer from ${modelName}`],

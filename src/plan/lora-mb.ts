@@ -28,7 +28,7 @@ import { PEFT_PREFIX, type LoraModuleTensors } from '../formats/peft.js';
 import { badInput, usage } from '../util/errors.js';
 import type { DType } from '../tensor/dtype.js';
 import type { PyValue } from '../pickle/values.js';
-import { buildExport } from '../bridge/map.js';
+import { buildExport, type Skipped } from '../bridge/map.js';
 import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import type { ModelConfig } from '../models/config.js';
@@ -259,7 +259,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
       const byKey = new Map(a.modules.map((m) => [`${m.layer}:${m.target}`, m]));
       const entries: DcpTensorEntry[] = [];
       const merged = new Set<string>();
-      const skipped: Array<{ name: string; reason: string }> = [];
+      const skipped: Skipped[] = [];
       const fused = (layer: number, target: MbTarget, base: TargetTensor): TargetTensor => {
         const m = byKey.get(`${layer}:${target}`);
         if (!m) return base;
@@ -278,7 +278,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
       const TARGET_RE = new RegExp(`^decoder\\.layers\\.(?:(\\d+)\\.)?(${MB_TARGETS.map((x) => x.replace(/\./g, '\\.')).join('|')})\\.weight$`);
       for (const t of src.tensors.values()) {
         if (/_extra_state/.test(t.name) || /^optimizer\.|^rng_state|^chained_\d+\.optimizer\./.test(t.name)) {
-          skipped.push({ name: t.name, reason: 'not model weights (regenerated or dropped)' });
+          skipped.push({ name: t.name, reason: 'not model weights (regenerated or dropped)', carriesData: false });
           continue;
         }
         const m = TARGET_RE.exec(t.name);

@@ -25,7 +25,7 @@ import type { TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, type ModelConfig } from '../models/config.js';
-import { buildExport, buildImport, type SkipRule, gateUpTest, fc1Gating } from '../bridge/map.js';
+import { buildExport, buildImport, type SkipRule, type Skipped, gateUpTest, fc1Gating } from '../bridge/map.js';
 import { torchDistExtraState } from '../bridge/megatron-keys.js';
 import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
@@ -93,7 +93,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     let cfg: ModelConfig;
     let sideDir: string | undefined;
     const notes: string[] = [];
-    let skippedBefore: Array<{ name: string; reason: string }> = [];
+    let skippedBefore: Skipped[] = [];
     if (meg) {
       const mc = await megatronConfig(meg, opts);
       const mtpIn = mtpChoice(mc.cfg, opts, /^(language_model\.)?mtp\./);
@@ -219,7 +219,7 @@ function mtpChoice(cfg: ModelConfig, opts: ModelConvertOptions, names: RegExp): 
   if (opts.dropMtp) {
     return {
       cfg: { ...cfg, mtpLayers: 0 },
-      skip: [{ pattern: names, reason: 'multi-token prediction layer dropped (--drop-mtp)' }],
+      skip: [{ pattern: names, reason: 'multi-token prediction layer dropped (--drop-mtp)', carriesData: true }],
       notes: cfg.mtpLayers ? [`MTP: ${cfg.mtpLayers} layer(s) dropped (--drop-mtp)`] : [],
     };
   }
