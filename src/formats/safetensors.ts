@@ -87,27 +87,35 @@ export function parseHeader(file: string, prefix: Uint8Array, headerBytes: Uint8
   return { headerSize, dataStart, entries, metadata };
 }
 
+/** A header field as an error shows it: JSON, cut short; a field that is absent reads "missing". */
+function shown(v: unknown): string {
+  if (v === undefined) return 'missing';
+  const j = JSON.stringify(v);
+  return j.length > 120 ? `${j.slice(0, 120)}… (${j.length} chars)` : j;
+}
+
 function parseEntry(file: string, name: string, v: unknown): HeaderEntry {
   if (typeof v !== 'object' || v === null) throw badInput(`${file}: tensor ${name}: header entry is not an object`, file, name);
   const o = v as Record<string, unknown>;
   const dtype = o.dtype;
+  if (dtype === undefined) throw badInput(`${file}: tensor ${JSON.stringify(name)}: header entry has no dtype${/^_+meta/i.test(name) ? ' (a misspelt "__metadata__"?)' : ''}`, file, name);
   if (typeof dtype !== 'string' || !isDType(dtype) || !dtypeInfo(dtype).safetensors) {
-    throw badInput(`${file}: tensor ${name}: unknown dtype ${JSON.stringify(dtype)}`, file, name);
+    throw badInput(`${file}: tensor ${name}: unknown dtype ${shown(dtype)}`, file, name);
   }
   const shape = o.shape;
   if (!Array.isArray(shape) || !shape.every((s) => Number.isSafeInteger(s) && s >= 0)) {
-    throw badInput(`${file}: tensor ${name}: shape ${JSON.stringify(shape)} is not a list of non-negative integers`, file, name);
+    throw badInput(`${file}: tensor ${name}: shape ${shown(shape)} is not a list of non-negative integers`, file, name);
   }
   const offs = o.data_offsets;
   if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((s) => Number.isSafeInteger(s) && s >= 0)) {
-    throw badInput(`${file}: tensor ${name}: data_offsets ${JSON.stringify(offs)} is not [begin, end]`, file, name);
+    throw badInput(`${file}: tensor ${name}: data_offsets ${shown(offs)} is not [begin, end]`, file, name);
   }
   const [begin, end] = offs as [number, number];
   let numel: number;
   try {
     numel = numelOf(shape as number[]);
   } catch {
-    throw badInput(`${file}: tensor ${name}: shape ${JSON.stringify(shape)} overflows`, file, name);
+    throw badInput(`${file}: tensor ${name}: shape ${shown(shape)} overflows`, file, name);
   }
   if (!fillsWholeBytes(dtype, numel)) {
     throw badInput(`${file}: tensor ${name}: ${numel} elements of ${dtype} do not fill whole bytes`, file, name);

@@ -268,7 +268,8 @@ function describeItems(items: readonly PyValue[], depth: number, budget: { left:
 }
 
 function describeOne(v: PyValue | undefined, depth: number, budget: { left: number }): string {
-  if (v === undefined) return 'undefined';
+  // Not a Python value: what an error reports when a field, key or attribute is absent.
+  if (v === undefined) return 'missing';
   if (v === null) return 'None';
   if (typeof v === 'boolean') return v ? 'True' : 'False';
   if (typeof v === 'number') return String(v);

@@ -128,6 +128,17 @@ test('safetensors header with overlapping offsets', async () => {
   await expectFailure(f, /overlap\.safetensors: tensor b .*overlaps/);
 });
 
+test('safetensors header with a misspelt __metadata__ key, or an entry without a shape: the message names what is missing, never "undefined"', async () => {
+  const f = await safetensorsWith('misspelt.safetensors', {
+    __metadatx__: { format: 'pt' } as unknown as { dtype: string; shape: number[]; data_offsets: [number, number] },
+    a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+  }, 8);
+  const m = await expectFailure(f, /misspelt\.safetensors: tensor "__metadatx__": header entry has no dtype \(a misspelt "__metadata__"\?\)/);
+  assert.doesNotMatch(m, /undefined/);
+  const g = await safetensorsWith('noshape.safetensors', { a: { dtype: 'F32', data_offsets: [0, 8] } as unknown as { dtype: string; shape: number[]; data_offsets: [number, number] } }, 8);
+  assert.doesNotMatch(await expectFailure(g, /noshape\.safetensors: tensor a: shape missing is not a list of non-negative integers/), /undefined/);
+});
+
 test('safetensors header with a hole', async () => {
   const f = await safetensorsWith('hole.safetensors', {
     a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },

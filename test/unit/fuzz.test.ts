@@ -11,8 +11,10 @@ import { isTyped, TARGETS } from '../fuzz/targets.js';
 import { harnessSkips } from '../fuzz/files.js';
 import { ShardshiftError } from '../../src/util/errors.js';
 
+const JS_ARTEFACTS = /\bundefined\b|\bNaN\b|\[object \w+\]/;
+
 for (const t of TARGETS) {
-  test(`fuzz: ${t.name} — 400 cases, typed errors only`, async () => {
+  test(`fuzz: ${t.name} — 400 cases, typed errors only, none reading "undefined"`, async () => {
     let typed = 0;
     await fc.assert(
       fc.asyncProperty(t.input, async (b) => {
@@ -20,6 +22,8 @@ for (const t of TARGETS) {
           await t.run(b);
         } catch (e) {
           if (!isTyped(e)) throw e;
+          // A readable message: no JavaScript artefacts leaking from a missing field.
+          assert.doesNotMatch((e as Error).message, JS_ARTEFACTS, 'a typed error message');
           typed++;
         }
       }),
