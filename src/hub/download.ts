@@ -42,6 +42,8 @@ export function looksLikeModelId(s: string): boolean {
  */
 export async function resolveModel(idOrPath: string, what: 'config' | 'all', opts: HubOptions = {}): Promise<string> {
   if (await isDir(idOrPath)) return idOrPath;
+  // A local file (`src/model.safetensors` also reads as org/name) is never a hub id.
+  if (await stat(idOrPath).then((st) => !st.isDirectory(), () => false)) throw usage(`${idOrPath} is a file; give the HF model directory (the one holding config.json)`);
   if (!looksLikeModelId(idOrPath)) throw usage(`${idOrPath}: no such directory, and not a hub model id (org/name)`);
   const env = opts.env ?? process.env;
   const [id, revision = 'main'] = idOrPath.split('@') as [string, string?];

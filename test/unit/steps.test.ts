@@ -122,6 +122,20 @@ test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
   assert.match(r3.stderr, /acme\/tiny-llama: the hub refused access \(HTTP 401\); set HF_TOKEN/);
 });
 
+test('a local file given where an HF model directory is expected is said to be a file, never looked up on the hub', async () => {
+  const { mkdir, copyFile } = await import('node:fs/promises');
+  const cwd = join(tmp, 'cwd-file');
+  await mkdir(join(cwd, 'src'), { recursive: true });
+  await copyFile(join(example, 'model.safetensors'), join(cwd, 'src', 'model.safetensors'));
+  const before = requests.length;
+  const meg = join(tmp, 'file-ref-meg');
+  assert.equal((await run(['convert', '-q', '--to', 'megatron', example, meg])).code, 0);
+  const r = await run(['convert', '-q', '--to', 'hf', meg, join(tmp, 'file-ref-hf'), '--hf-model', 'src/model.safetensors'], { HF_ENDPOINT: endpoint }, cwd);
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stderr, 'shardshift: error: src/model.safetensors is a file; give the HF model directory (the one holding config.json)\n');
+  assert.equal(requests.length, before, 'no request to the hub');
+});
+
 test('the reference docs\' spellings tp / pp / ep address parallel.*; ep > 1 is refused for dense models', async () => {
   const r = await run(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${example}`, 'tp=2', 'pp=2', '-d', '--json']);
   assert.equal(r.code, 0, r.stderr);
