@@ -9,7 +9,7 @@ import type { ConvertResult } from '../plan/convert.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
-import { basename, join } from 'node:path';
+import { join } from 'node:path';
 import { usage } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
 import { CKPT_FORMATS, type CkptFormat } from '../megatron/run-dir.js';
@@ -50,8 +50,32 @@ export function defaultOutputBase(env: NodeJS.ProcessEnv): string {
   return join('.', 'output', 'convert');
 }
 
+/** Folder names that say nothing about which model or run a checkpoint is. */
+const GENERIC_DIR = /^(policy|weights|model|hf|checkpoints?)$/;
+/** Folder names of one save of a run: the run's name must come with them. */
+const SAVE_DIR = /^(iter_\d+|step_\d+|global_step\d+|checkpoint-\d+|latest)$/;
+
+/**
+ * The name a default output is called after: a hub id's model name, or a local checkpoint's folder
+ * with the run's folder in front when the checkpoint is one save of a run (`./run/iter_0000100` →
+ * `run-iter_0000100`, `results/run1/step_100/policy/weights` → `run1-step_100`), so two runs'
+ * exports do not land in the same directory.
+ */
+export function outputStem(idOrPath: string): string {
+  const parts = idOrPath.split('/').filter((p) => p !== '' && p !== '.');
+  const kept: string[] = [];
+  for (let i = parts.length - 1; i >= 0; i--) {
+    const p = parts[i]!;
+    if (p === '..') break;
+    if (GENERIC_DIR.test(p) && (kept.length > 0 || i > 0)) continue;
+    kept.unshift(p);
+    if (!SAVE_DIR.test(p)) break;
+  }
+  return kept.join('-') || 'model';
+}
+
 function modelName(idOrPath: string): string {
-  return basename(idOrPath.replace(/\/+$/, '')) || 'model';
+  return outputStem(idOrPath);
 }
 
 const DTYPE: ParamSpec = { type: 'string', description: 'weight dtype of the output', default: 'bfloat16', choices: ['bfloat16', 'float16', 'float32'] };
@@ -136,14 +160,14 @@ const dcpToHf: Step = {
     dcp_ckpt_path: { type: 'string', description: 'the run\'s step_N/policy/weights', required: true },
     config: { type: 'string', description: 'the run\'s config.yaml (default: step_N/config.yaml beside policy/)', default: null },
     hf_model_name: { type: 'string', description: 'override policy.model_name (config.json and fallback tokenizer)', default: null },
-    hf_ckpt_path: { type: 'string', description: 'output HF directory (default: <output base>/<step>-hf)', default: null },
+    hf_ckpt_path: { type: 'string', description: 'output HF directory (default: <output base>/<run>-<step>-hf)', default: null },
     dtype: { ...DTYPE, default: null, description: 'cast floating-point weights (default: keep)' },
     ...COMMON,
   },
   async run(p, ctx) {
     const { convertDcpToHf } = await import('../plan/dcp-to-hf.js');
     const dcp = String(p.dcp_ckpt_path);
-    const stepName = basename(join(dcp, '..', '..')) || 'policy';
+    const stepName = outputStem(dcp);
     const out = (p.hf_ckpt_path as string | null) ?? join(defaultOutputBase(ctx.env), `${stepName}-hf`);
     return convertDcpToHf(dcp, out, {
       config: (p.config as string | null) ?? undefined,

@@ -101,6 +101,25 @@ test('default output: CONVERT_OUTPUT_DIR, then NEMO_RUN_DIR/convert, then ./outp
   assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(tmp, 'output', 'convert', 'tiny-llama-megatron-hf', 'model.safetensors'))));
 });
 
+test('default output names carry the run: two runs\' iter_0000100 exports do not collide', async () => {
+  const { outputStem } = await import('../../src/steps/registry.js');
+  assert.equal(outputStem('./run/iter_0000100'), 'run-iter_0000100');
+  assert.equal(outputStem('/ckpt/llama/iter_0000000/'), 'llama-iter_0000000');
+  assert.equal(outputStem('results/run1/step_100/policy/weights'), 'run1-step_100');
+  assert.equal(outputStem('acme/tiny-llama'), 'tiny-llama');
+  assert.equal(outputStem('examples/tiny-llama'), 'tiny-llama');
+  const { mkdir, cp } = await import('node:fs/promises');
+  const meg = join(tmp, 'two-runs-meg');
+  assert.equal((await run(['convert', '-q', '--to', 'megatron', example, meg])).code, 0);
+  for (const runName of ['runA', 'runB']) {
+    await mkdir(join(tmp, runName), { recursive: true });
+    await cp(join(meg, 'iter_0000000'), join(tmp, runName, 'iter_0000100'), { recursive: true });
+    const r = await run(['steps', 'run', 'convert/megatron_to_hf', '-q', `megatron_path=${join(tmp, runName, 'iter_0000100')}`, `hf_model_id=${example}`], { CONVERT_OUTPUT_DIR: join(tmp, 'two-runs-out') });
+    assert.equal(r.code, 0, r.stderr);
+  }
+  assert.deepEqual((await readdir(join(tmp, 'two-runs-out'))).sort(), ['runA-iter_0000100-hf', 'runB-iter_0000100-hf']);
+});
+
 test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
   const env = { HF_ENDPOINT: endpoint, HF_TOKEN: 'secret', SHARDSHIFT_HUB_CACHE: join(tmp, 'hub') };
   const out = join(tmp, 'from-hub');
