@@ -80,11 +80,13 @@ export const FORMAT_NAMES = ['safetensors', 'torch', 'dcp'] as const satisfies R
 export const READ_FORMAT_NAMES: readonly FormatName[] = FORMATS.map((f) => f.name);
 
 export async function detectFormat(path: string): Promise<FormatModule> {
+  let st;
   try {
-    await stat(path);
+    st = await stat(path);
   } catch {
     throw usage(`${path}: no such file or directory`);
   }
+  if (!st.isFile() && !st.isDirectory()) throw badInput(`${path} is ${st.isFIFO() ? 'a named pipe' : 'not a regular file'}, not a checkpoint`, path);
   for (const f of FORMATS) if (await f.detect(path)) return f;
   throw badInput(`${path}: not a checkpoint shardshift recognises (${FORMATS.map((f) => f.name).join(', ')})`, path);
 }

@@ -152,7 +152,7 @@ export async function openDcp(path: string, opts: { extraGlobals?: AllowList } =
     const length = info.attr('length');
     const td = info.attr('transform_descriptors');
     if (typeof rel !== 'string') throw badInput(`${metaPath}: ${fqn} names no storage file (${describe(rel)})`, metaPath, fqn);
-    if (rel.includes('/') || rel.startsWith('.')) throw badInput(`${metaPath}: ${fqn} is stored in ${describe(rel)}, not a file of this directory`, metaPath, fqn);
+    if (rel === '' || rel.includes('/') || rel.startsWith('.')) throw badInput(`${metaPath}: ${fqn} is stored in ${describe(rel)}, not a file of this directory`, metaPath, fqn);
     if (typeof offset !== 'number' || typeof length !== 'number' || offset < 0 || length < 0) throw badInput(`${metaPath}: ${fqn} has a bad storage range`, metaPath, fqn);
     if (td !== undefined && td !== null && !(Array.isArray(td) && td.length === 0)) {
       throw unsupported(`${metaPath}: ${fqn} is stored with transforms ${describe(td)} (compressed or encrypted DCP); shardshift reads plain DCP only`, metaPath, fqn);

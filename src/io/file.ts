@@ -2,6 +2,7 @@
  * Read-only positioned access to a file, or to a byte range of one (DCP stores each tensor as a
  * small torch.save archive inside a larger `.distcp` file). Sources never open files for writing.
  */
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { badInput } from '../util/errors.js';
 
@@ -20,9 +21,18 @@ export class ReadOnlyFile implements ByteSource {
     readonly size: number,
   ) {}
 
+  /**
+   * Opens a regular file. Anything else a checkpoint's metadata may name is refused by name: a
+   * directory (reads fail with EISDIR), a device, or a named pipe — opened without O_NONBLOCK, a
+   * pipe nobody writes to would block the run for ever.
+   */
   static async open(path: string): Promise<ReadOnlyFile> {
-    const fh = await open(path, 'r');
+    const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
     const st = await fh.stat();
+    if (!st.isFile()) {
+      await fh.close();
+      throw badInput(`${path} is ${st.isDirectory() ? 'a directory' : st.isFIFO() ? 'a named pipe' : 'not a regular file'}, not a checkpoint file`, path);
+    }
     return new ReadOnlyFile(path, fh, st.size);
   }
 

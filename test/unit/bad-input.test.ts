@@ -139,6 +139,18 @@ test('safetensors header with a misspelt __metadata__ key, or an entry without a
   assert.doesNotMatch(await expectFailure(g, /noshape\.safetensors: tensor a: shape missing is not a list of non-negative integers/), /undefined/);
 });
 
+test('a named pipe where a checkpoint file should be is refused by name at once, never opened blocking (a hang)', async () => {
+  const { execFileSync } = await import('node:child_process');
+  const { mkdir, copyFile } = await import('node:fs/promises');
+  const d = join(tmp, 'fifo-model');
+  await mkdir(d);
+  await copyFile(join(repoRoot, 'examples', 'tiny-llama', 'config.json'), join(d, 'config.json'));
+  execFileSync('mkfifo', [join(d, 'model.safetensors')]);
+  await expectFailure(d, /fifo-model\/model\.safetensors is a named pipe, not a checkpoint file/);
+  execFileSync('mkfifo', [join(tmp, 'lone.safetensors')]);
+  await expectFailure(join(tmp, 'lone.safetensors'), /lone\.safetensors is a named pipe, not a checkpoint$/);
+});
+
 test('safetensors header with a hole', async () => {
   const f = await safetensorsWith('hole.safetensors', {
     a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },

@@ -53,6 +53,9 @@ test('fuzz: an untyped exception is reported as a failure (the harness itself)',
 const FINDINGS: Array<{ target: string; seed: number; caseIndex: number; was: string }> = [
   // A swapped subtree gave a row-parallel weight a 1-D shape: "shape [32, NaN] has more elements than can be counted exactly" (RangeError).
   { target: 'legacy Megatron rank file', seed: 7, caseIndex: 371, was: 'RangeError from a 1-D row-parallel weight' },
+  // A .metadata whose storage entry names the empty relative path: the directory itself was opened and read (EISDIR).
+  { target: 'DCP .metadata', seed: 20261202, caseIndex: 11588, was: 'EISDIR reading the checkpoint directory as a storage file' },
+  { target: 'DCP .metadata', seed: 20261202, caseIndex: 48509, was: 'EISDIR reading the checkpoint directory as a storage file' },
 ];
 
 for (const f of FINDINGS) {
