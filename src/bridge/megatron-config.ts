@@ -5,7 +5,7 @@
  * Megatron output records (what MLM reads back with --use-checkpoint-args); and a Megatron
  * checkpoint seen lazily under its HF names.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openMegatron, commonArgs } from '../megatron/checkpoint.js';
 import { configJson, JsonFloat } from '../formats/config-json.js';
@@ -13,7 +13,7 @@ import { produceBox } from '../lazy/expr.js';
 import type { CheckpointSource } from '../formats/types.js';
 import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
-import { badInput, usage } from '../util/errors.js';
+import { badInput, isErrno, usage } from '../util/errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
 import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
@@ -21,13 +21,16 @@ import { familyById, familyForHfConfig, familyForMegatron } from '../models/regi
 import { buildExport, fc1Gating, mainDtype } from './map.js';
 import { familyOf } from '../models/registry.js';
 import { targetView } from '../lazy/view.js';
+import { readTextFile } from '../io/file.js';
 
 async function readJson(path: string): Promise<Record<string, unknown>> {
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
-  } catch {
-    throw badInput(`${path}: missing (an HF model directory needs its config.json)`, path);
+    text = await readTextFile(path);
+  } catch (e) {
+    // Missing is the common case; anything else (a named pipe, too large, unreadable) says itself.
+    if (isErrno(e) && e.code === 'ENOENT') throw badInput(`${path}: missing (an HF model directory needs its config.json)`, path);
+    throw e;
   }
   try {
     const j = JSON.parse(text) as unknown;
@@ -143,7 +146,7 @@ async function runConfigModel(iterDir: string): Promise<Map<string, unknown> | u
   const path = join(iterDir, 'run_config.yaml');
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
+    text = await readTextFile(path);
   } catch {
     return undefined;
   }

@@ -4,7 +4,7 @@
  * looks done. The destination must not exist (unless overwriting), and may be neither the source,
  * inside it, nor contain it.
  */
-import { lstat, mkdir, open, readFile, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { copyExclusive, createExclusive } from '../io/create.js';
 import { lockOutput } from '../io/lock.js';
 import { createReadStream } from 'node:fs';
@@ -15,6 +15,7 @@ import type { OutputFile } from '../lazy/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
 import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifyFile, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
 import { VERSION } from '../util/version.js';
+import { readTextFile } from '../io/file.js';
 
 async function exists(p: string): Promise<boolean> {
   return stat(p).then(
@@ -116,7 +117,7 @@ export type OutputOutcome = 'written' | 'reused';
 
 async function readProgress(path: string): Promise<Progress | undefined> {
   try {
-    const j = JSON.parse(await readFile(path, 'utf8')) as Progress;
+    const j = JSON.parse(await readTextFile(path)) as Progress;
     return typeof j.planHash === 'string' && typeof j.files === 'object' ? j : undefined;
   } catch {
     return undefined;
@@ -189,7 +190,7 @@ async function notFinishedOutput(
 ): Promise<string | undefined> {
   let man: Manifest;
   try {
-    man = JSON.parse(await readFile(join(dir, MANIFEST_NAME), 'utf8')) as Manifest;
+    man = JSON.parse(await readTextFile(join(dir, MANIFEST_NAME))) as Manifest;
   } catch {
     return `no readable ${MANIFEST_NAME}`;
   }

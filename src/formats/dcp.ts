@@ -8,9 +8,9 @@
  * A global tensor is the union of its chunks, assembled lazily box by box. Written by hand
  * because no library outside torch reads this format.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ByteWindow, MemorySource, ReadOnlyFile, type ByteSource } from '../io/file.js';
+import { ByteWindow, MemorySource, ReadOnlyFile, type ByteSource, readWholeFile } from '../io/file.js';
 import { badInput, unsupported, ShardshiftError } from '../util/errors.js';
 import { pickle, type AllowList } from '../pickle/index.js';
 import {
@@ -131,7 +131,7 @@ class DcpTensor implements SourceTensor {
 
 export async function openDcp(path: string, opts: { extraGlobals?: AllowList } = {}): Promise<CheckpointSource> {
   const metaPath = join(path, '.metadata');
-  const meta = unpickleChecked(await readFile(metaPath), metaPath, '.metadata', { extraGlobals: opts.extraGlobals });
+  const meta = unpickleChecked(await readWholeFile(metaPath), metaPath, '.metadata', { extraGlobals: opts.extraGlobals });
   const m = obj(meta, 'Metadata', '.metadata', metaPath);
   const sdm = m.attr('state_dict_metadata');
   const sd = m.attr('storage_data');

@@ -17,13 +17,14 @@
  * weights file says which modules actually carry LoRA tensors. Adapter types and options whose
  * merge is not the one implemented here are refused by name.
  */
-import { readFile, stat, readdir } from 'node:fs/promises';
+import { stat, readdir } from 'node:fs/promises';
 import { join, basename } from 'node:path';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { isSafetensorsPath, openSafetensors } from './safetensors.js';
 import { isTorchPath, openTorch } from './torch.js';
 import type { CheckpointSource } from './types.js';
 import type { SourceTensor } from '../lazy/types.js';
+import { readTextFile } from '../io/file.js';
 
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_SAFETENSORS = 'adapter_model.safetensors';
@@ -281,7 +282,7 @@ export async function openPeftAdapter(path: string): Promise<PeftAdapter> {
   const configPath = join(dir, ADAPTER_CONFIG);
   let text: string;
   try {
-    text = await readFile(configPath, 'utf8');
+    text = await readTextFile(configPath);
   } catch {
     const names = await readdir(dir).catch(() => [] as string[]);
     const hint = names.includes('config.json') ? ' (it has a config.json: is this a full model rather than an adapter?)' : '';

@@ -2,9 +2,9 @@
  * Sharded checkpoints: splitting into shard files and the Hugging Face `*.index.json` that maps
  * each tensor to its shard, and reading that index back — shared by safetensors and torch.
  */
-import { readFile } from 'node:fs/promises';
 import type { OutputFile } from '../lazy/types.js';
 import { badInput } from '../util/errors.js';
+import { readTextFile } from '../io/file.js';
 
 /**
  * The `weight_map` of an HF `*.index.json`: tensor name → shard file, each a plain file name
@@ -13,7 +13,7 @@ import { badInput } from '../util/errors.js';
 export async function readWeightMap(path: string, isShard: (name: string) => boolean, what: string): Promise<Map<string, string>> {
   let json: unknown;
   try {
-    json = JSON.parse(await readFile(path, 'utf8'));
+    json = JSON.parse(await readTextFile(path));
   } catch (e) {
     throw badInput(`${path}: not valid JSON (${(e as Error).message})`, path);
   }

@@ -98,3 +98,26 @@ export class MemorySource implements ByteSource {
     return into.subarray(0, length);
   }
 }
+
+/** Largest side file (config, metadata, tracker, YAML) read whole; a bigger one is refused. */
+export const MAX_WHOLE_FILE = 256 << 20;
+
+/**
+ * Reads a small input file whole — a config.json, a DCP `.metadata`, a tracker, a YAML config —
+ * through `ReadOnlyFile.open`: a regular file only (a planted named pipe would block `readFile`
+ * for ever), and at most `limit` bytes (a "config.json" of 100 GB is not read into memory).
+ */
+export async function readWholeFile(path: string, limit = MAX_WHOLE_FILE): Promise<Buffer> {
+  const f = await ReadOnlyFile.open(path);
+  try {
+    if (f.size > limit) throw badInput(`${path} is ${f.size} bytes; a file read whole (a config, metadata or tracker) may hold at most ${limit}`, path);
+    return Buffer.from(await f.read(0, f.size));
+  } finally {
+    await f.close();
+  }
+}
+
+/** `readWholeFile` as UTF-8 text. */
+export async function readTextFile(path: string, limit = MAX_WHOLE_FILE): Promise<string> {
+  return (await readWholeFile(path, limit)).toString('utf8');
+}

@@ -7,9 +7,10 @@
  * refused with the holder named.
  */
 import { hostname } from 'node:os';
-import { readFile, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import { createExclusive } from './create.js';
 import { usage } from '../util/errors.js';
+import { readTextFile } from './file.js';
 
 interface Holder {
   readonly pid: number;
@@ -32,7 +33,7 @@ function alive(pid: number): boolean {
 
 async function readHolder(path: string): Promise<Holder | undefined> {
   try {
-    const h = JSON.parse(await readFile(path, 'utf8')) as Holder;
+    const h = JSON.parse(await readTextFile(path)) as Holder;
     return typeof h.pid === 'number' && typeof h.host === 'string' ? h : undefined;
   } catch {
     return undefined;

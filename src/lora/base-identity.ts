@@ -5,12 +5,12 @@
  * enough to tell a different fine-tune of the same architecture apart without reading the whole
  * model. A base re-sharded into other files no longer matches; `--force-base` waives the check.
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { badInput } from '../util/errors.js';
 import { identifySource } from '../exec/manifest.js';
 import { VERSION } from '../util/version.js';
+import { readTextFile } from '../io/file.js';
 
 export const ADAPTER_RECORD = 'shardshift-adapter.json';
 
@@ -47,7 +47,7 @@ export async function checkRecordedBase(adapterDir: string, baseDir: string, for
   const path = join(adapterDir, ADAPTER_RECORD);
   let rec: { base_checksum?: BaseFingerprint };
   try {
-    rec = JSON.parse(await readFile(path, 'utf8')) as { base_checksum?: BaseFingerprint };
+    rec = JSON.parse(await readTextFile(path)) as { base_checksum?: BaseFingerprint };
   } catch {
     return undefined;
   }

@@ -17,7 +17,6 @@
  * each name, as Megatron-Bridge does; PEFT then computes B_q·A, B_k·A, B_v·A, exactly the rows of
  * B·A). `linear_proj` → o_proj and `linear_fc2` → down_proj map 1:1.
  */
-import { readFile } from 'node:fs/promises';
 import { join, dirname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { openMegatron, type MegatronCheckpoint } from '../megatron/checkpoint.js';
@@ -31,6 +30,7 @@ import type { LayerParam } from '../models/spec.js';
 import { MEGATRON_IGNORED } from '../models/dense.js';
 import { fill, type Skipped } from '../bridge/map.js';
 import { familyOf } from '../models/registry.js';
+import { readTextFile } from '../io/file.js';
 
 /**
  * The Megatron linears Megatron-Bridge's LoRA adapts (its `target_modules` names), in its order.
@@ -78,10 +78,10 @@ export interface MbAdapter {
 /** The `peft:` section of run_config.yaml (in the iteration directory or the run directory). */
 async function readPeftSection(iterDir: string): Promise<{ cfg: MbPeftConfig; path: string }> {
   let path = join(iterDir, 'run_config.yaml');
-  let text: string | undefined = await readFile(path, 'utf8').catch(() => undefined);
+  let text: string | undefined = await readTextFile(path).catch(() => undefined);
   if (text === undefined) {
     path = join(dirname(iterDir), 'run_config.yaml');
-    text = await readFile(path, 'utf8').catch(() => undefined);
+    text = await readTextFile(path).catch(() => undefined);
   }
   if (text === undefined) {
     throw badInput(`${iterDir}: no run_config.yaml (here or in the run directory); a Megatron-Bridge LoRA checkpoint records its dim and alpha there`, join(iterDir, 'run_config.yaml'));

@@ -8,12 +8,11 @@
  * file), then reads the DCP part with the DCP reader — chunks saved under any TP/PP/EP are
  * reassembled lazily into the global tensors. Writing lays out the same directory.
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { badInput } from '../util/errors.js';
 import { openDcp, writeDcpChunked, type DcpTensorEntry } from '../formats/dcp.js';
 import { openTorchArchive } from '../formats/torch-archive.js';
-import { ReadOnlyFile } from '../io/file.js';
+import { ReadOnlyFile, readTextFile } from '../io/file.js';
 import { PyDict, PyFloat, PyObject, type PyValue } from '../pickle/values.js';
 import type { CheckpointSource } from '../formats/types.js';
 import type { OutputFile } from '../lazy/types.js';
@@ -58,7 +57,7 @@ export async function openMegatron(path: string): Promise<MegatronCheckpoint> {
   }
   let backend: Record<string, unknown>;
   try {
-    backend = JSON.parse(await readFile(metaJson, 'utf8')) as Record<string, unknown>;
+    backend = JSON.parse(await readTextFile(metaJson)) as Record<string, unknown>;
   } catch (e) {
     throw badInput(`${metaJson}: not valid JSON (${(e as Error).message})`, metaJson);
   }

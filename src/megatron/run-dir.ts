@@ -4,12 +4,13 @@
  * and the globals Megatron pickles beyond plain torch (the args namespace's enums, numpy RNG state,
  * megatron-core's DCP metadata classes). Shared by the torch_dist, legacy and fsdp_dtensor readers.
  */
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { badInput, usage } from '../util/errors.js';
 import { PyObject } from '../pickle/values.js';
 import type { AllowList, ClassEntry, FunctionEntry } from '../pickle/index.js';
 import { dataclass, enumClass } from '../pickle/index.js';
+import { readTextFile } from '../io/file.js';
 
 export const TRACKER = 'latest_checkpointed_iteration.txt';
 
@@ -109,7 +110,7 @@ export async function resolveIteration(path: string): Promise<ResolvedIteration>
   const tracker = join(path, TRACKER);
   const iters = (await readdir(path).catch(() => [] as string[])).filter((n) => iterationOf(n) !== undefined).sort();
   if (await isFile(tracker)) {
-    const text = (await readFile(tracker, 'utf8')).trim();
+    const text = (await readTextFile(tracker)).trim();
     const it: number | 'release' | undefined = text === 'release' ? 'release' : /^\d+$/.test(text) ? Number(text) : undefined;
     if (it === undefined) throw badInput(`${tracker}: expected an iteration number or "release", found ${JSON.stringify(text.slice(0, 40))}`, tracker);
     const dir = join(path, iterDirName(it));

@@ -26,7 +26,6 @@
  * Every move is a row or column range of a source tensor: nothing is computed, so round trips are
  * bit-exact.
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { NxdRank, NxdShards, RankTensor } from './shards.js';
 import { concatRows, sliceTarget, targetView } from '../lazy/view.js';
@@ -38,6 +37,7 @@ import { PieceTensor } from '../lazy/pieces.js';
 import { fill } from '../bridge/map.js';
 import { familyOf } from '../models/registry.js';
 import type { ModelConfig } from '../models/config.js';
+import { readTextFile } from '../io/file.js';
 
 export type ModelStyle = 'hf' | 'megatron';
 
@@ -66,7 +66,7 @@ export interface NxdHeads {
 export async function readNxdConfig(file: string): Promise<{ heads: NxdHeads; json: Record<string, unknown> }> {
   let json: Record<string, unknown>;
   try {
-    json = JSON.parse(await readFile(file, 'utf8')) as Record<string, unknown>;
+    json = JSON.parse(await readTextFile(file)) as Record<string, unknown>;
   } catch (e) {
     throw badInput(`${file}: cannot read the model config (${(e as Error).message})`, file);
   }

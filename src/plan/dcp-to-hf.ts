@@ -15,7 +15,7 @@
  * config.yaml; the tokenizer from the run's `policy/tokenizer/` when present, else the model's.
  * Optimizer state is skipped by name; every weight must fit the model's config.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { openDcp } from '../formats/dcp.js';
@@ -34,6 +34,7 @@ import { convertMegatronToHf } from './model-convert.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
+import { readTextFile } from '../io/file.js';
 
 export interface DcpToHfOptions {
   /** NeMo RL's config.yaml (for policy.model_name). */
@@ -61,7 +62,7 @@ const exists = (p: string): Promise<boolean> =>
 async function modelNameFromConfig(path: string): Promise<string> {
   let doc: unknown;
   try {
-    doc = parseYaml(await readFile(path, 'utf8'));
+    doc = parseYaml(await readTextFile(path));
   } catch (e) {
     throw badInput(`${path}: cannot read it as YAML (${(e as Error).message})`, path);
   }

@@ -9,7 +9,7 @@
  * error lists what is wrong — before a byte is written. The base's recorded identity
  * (`base_model_name_or_path`) is checked too; `--force-base` waives only that check.
  */
-import { readFile, stat, realpath } from 'node:fs/promises';
+import { stat, realpath } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { openPeftAdapter, PEFT_PREFIX, type LoraModuleTensors, type PeftAdapter } from '../formats/peft.js';
@@ -27,6 +27,7 @@ import { checkComplete, type ConvertPlan, type ConvertResult, finish } from './c
 import { writeOutput } from '../exec/output.js';
 import { loraManifest } from './lora-mb.js';
 import type { ProgressEvent } from '../exec/executor.js';
+import { readTextFile } from '../io/file.js';
 
 export interface MergeLoraOptions {
   /** Waive the base_model_name_or_path identity check (never the shape checks). */
@@ -60,7 +61,7 @@ async function readBaseConfig(dir: string): Promise<Record<string, unknown>> {
   const file = join(dir, 'config.json');
   let text: string;
   try {
-    text = await readFile(file, 'utf8');
+    text = await readTextFile(file);
   } catch {
     throw badInput(`${dir}: no config.json; --base must be the HF model directory the adapter was trained on`, file);
   }

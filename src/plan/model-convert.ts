@@ -7,7 +7,6 @@
  * `iter_XXXXXXX/hf/`, so provenance stays with the weights and the export back to HF needs no
  * reference model (one can still be given with `--hf-model`).
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../formats/mxfp4.js';
@@ -33,6 +32,7 @@ import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { configFromHfDir, localSpecNames, megatronArgs, megatronConfig, sourceFromTargets, storedDtype } from '../bridge/megatron-config.js';
 import { modelSourceKind } from './sources.js';
+import { readTextFile } from '../io/file.js';
 
 export interface ModelConvertOptions {
   /** Megatron output format: torch_dist (default) or the legacy per-rank `torch` files. */
@@ -257,7 +257,7 @@ async function exportedConfig(path: string, cfg: ModelConfig, quantize: ModelCon
   const method = q && typeof q.quant_method === 'string' ? q.quant_method : undefined;
   if (quantize) {
     if (method === quantize) return undefined;
-    const text = await readFile(path, 'utf8');
+    const text = await readTextFile(path);
     const parsed = parseConfigJson(withoutTopLevelKey(text, 'quantization_config')) as Record<string, unknown>;
     notes.push(`config.json: quantization_config ${method ? `(${method}) replaced by` : 'added:'} the hub's ${quantize} one`);
     return Buffer.from(configJson({ ...parsed, quantization_config: familyOf(cfg).hubQuantized!.quantizationConfig }));
@@ -265,7 +265,7 @@ async function exportedConfig(path: string, cfg: ModelConfig, quantize: ModelCon
   if (q === undefined) return undefined;
   notes.push(`config.json: quantization_config${method ? ` (${method})` : ''} dropped — the weights are written unquantised`);
   // Edited as text: every other byte as the reference has it (float fields stay floats).
-  return Buffer.from(withoutTopLevelKey(await readFile(path, 'utf8'), 'quantization_config'));
+  return Buffer.from(withoutTopLevelKey(await readTextFile(path), 'quantization_config'));
 }
 
 /**

@@ -8,7 +8,7 @@
  * through the model map when they differ (HF ↔ Megatron), and reports per-tensor differences.
  */
 import { createReadStream } from 'node:fs';
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
@@ -24,6 +24,7 @@ import { MANIFEST_NAME, type Manifest } from '../exec/manifest.js';
 import { buildExport, buildImport, mainDtype } from '../bridge/map.js';
 import { configFromHfDir } from '../bridge/megatron-config.js';
 import { produceBox } from '../lazy/expr.js';
+import { readTextFile } from '../io/file.js';
 
 const CHUNK = 16 << 20;
 
@@ -180,7 +181,7 @@ export async function verifyOutput(path: string, opts: { against?: string } = {}
   const manifestPath = join(path, MANIFEST_NAME);
   let manifest: Manifest | undefined;
   try {
-    manifest = JSON.parse(await readFile(manifestPath, 'utf8')) as Manifest;
+    manifest = JSON.parse(await readTextFile(manifestPath)) as Manifest;
   } catch {
     add('manifest', false, `${manifestPath} is missing or unreadable`);
   }

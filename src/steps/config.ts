@@ -3,12 +3,13 @@
  * `default.yaml`, or a path) ← `key=value` dotlist overrides. Nested YAML mappings and dotted
  * override keys address the same parameters (`parallel: {tp: 2}` ≡ `parallel.tp=2`).
  */
-import { readFile, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import { usage, badInput } from '../util/errors.js';
 import { canonicalKey, parseParam, type Step, type StepParams } from './registry.js';
+import { readTextFile } from '../io/file.js';
 
 /** Where the package's step configs live: `steps/<step>/default.yaml` at the package root. */
 export function stepConfigDir(step: Step): string {
@@ -34,7 +35,7 @@ export async function loadConfigFile(step: Step, nameOrPath: string): Promise<Re
   }
   let doc: unknown;
   try {
-    doc = parseYaml(await readFile(path, 'utf8'));
+    doc = parseYaml(await readTextFile(path));
   } catch (e) {
     throw badInput(`${path}: not valid YAML (${(e as Error).message})`, path);
   }

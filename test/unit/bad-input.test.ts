@@ -147,6 +147,12 @@ test('a named pipe where a checkpoint file should be is refused by name at once,
   await copyFile(join(repoRoot, 'examples', 'tiny-llama', 'config.json'), join(d, 'config.json'));
   execFileSync('mkfifo', [join(d, 'model.safetensors')]);
   await expectFailure(d, /fifo-model\/model\.safetensors is a named pipe, not a checkpoint file/);
+  // A config.json read whole (readFile would have blocked on it).
+  const c = join(tmp, 'fifo-config');
+  await mkdir(c);
+  await copyFile(join(repoRoot, 'examples', 'tiny-llama', 'model.safetensors'), join(c, 'model.safetensors'));
+  execFileSync('mkfifo', [join(c, 'config.json')]);
+  await expectFailure(c, /fifo-config\/config\.json is a named pipe, not a checkpoint file/, 1, 'megatron');
   execFileSync('mkfifo', [join(tmp, 'lone.safetensors')]);
   await expectFailure(join(tmp, 'lone.safetensors'), /lone\.safetensors is a named pipe, not a checkpoint$/);
 });
