@@ -68,3 +68,13 @@ test('diff reports ulp differences of a cast, and maps Megatron onto HF names', 
   assert.equal(r.code, 0, r.stdout);
   assert.match(r.stdout, /21 tensors compared: 21 identical, 0 different; 0 unmatched/);
 });
+
+test('verify of a checkpoint it cannot read exits 1 with one message (bad input), not 3 (a failed check) — as the README says', async () => {
+  const { writeFile } = await import('node:fs/promises');
+  const bad = join(tmp, 'unreadable.safetensors');
+  await writeFile(bad, Buffer.from([200, 0, 0, 0, 0, 0, 0, 0, 123]));
+  const r = await run(['verify', bad]);
+  assert.equal(r.code, 1, r.stdout + r.stderr);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, /^shardshift: error: \S*unreadable\.safetensors: /);
+});
