@@ -4,10 +4,9 @@ import type { FormatName, FORMAT_NAMES } from '../checkpoints/registry.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
-import { progressPrinter } from './progress.js';
+import { partialNote, reporter } from './report.js';
 import { resolveModel } from '../hub/download.js';
 import type { CkptFormat } from '../megatron/run-dir.js';
-import { jsonEvents } from './events.js';
 import { modelSourceKind } from '../plan/sources.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
 import { join } from 'node:path';
@@ -101,10 +100,9 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     if (!Number.isInteger(dcpFiles) || dcpFiles < 1) throw usage(`--dcp-files: ${f.dcpFiles} is not a positive whole number`);
   }
   const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
-  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
+  const rep = reporter(f);
   const hubLog = { log: f.quiet || f.json ? undefined : (m: string) => process.stderr.write(`${m}\n`) };
-  const events = f.json && !f.dryRun ? jsonEvents(process.stderr) : undefined;
-  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, hashSource: f.hashSource, dryRun: f.dryRun, onProgress: events?.progress ?? progress?.update };
+  const common = { maxMemory, maxShardSize, dcpFiles, dtype, overwrite: f.overwrite, hashSource: f.hashSource, dryRun: f.dryRun, onProgress: rep.onProgress };
   const nxd = {
     modelStyle: f.modelStyle,
     kvSizeMultiplier: f.kvSizeMultiplier === undefined ? undefined : positive(f.kvSizeMultiplier, '--kv-size-multiplier'),
@@ -150,15 +148,23 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     torch: () => convert(src, out, { ...common, to: 'torch', from: f.from }),
     dcp: () => convert(src, out, { ...common, to: 'dcp', from: f.from }),
   };
-  const r = await routes[f.to]();
-  progress?.done();
+  rep.status(`opening ${src} …`);
+  let r: ConvertResult;
+  try {
+    r = await routes[f.to]();
+  } catch (e) {
+    rep.fail();
+    throw e;
+  }
+  rep.finish(r);
   if (f.json) {
     process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
   }
   for (const d of r.plan.dropped) process.stderr.write(`shardshift: warning: ${d.name} not carried: ${d.reason}\n`);
   if (f.dryRun) {
-    process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
+    const note = partialNote(r.plan.target.path);
+    process.stdout.write(describePlan(r.plan) + `\n${note ? `${note}\n` : ''}(dry run: nothing written)\n`);
     return;
   }
   // Information, not a warning: what was left out and why. Model data the output lacks is always

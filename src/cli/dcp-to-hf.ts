@@ -3,8 +3,7 @@ import { resolveModel } from '../hub/download.js';
 import { dtypeFromTorch } from '../tensor/dtype.js';
 import { parseSize, formatBytes } from '../util/size.js';
 import { usage } from '../util/errors.js';
-import { progressPrinter } from './progress.js';
-import { jsonEvents } from './events.js';
+import { partialNote, reporter } from './report.js';
 import { describePlan } from './convert.js';
 
 interface Flags {
@@ -24,9 +23,9 @@ interface Flags {
 export async function runDcpToHf(f: Flags): Promise<void> {
   if (!f.dcpCkptPath) throw usage('--dcp-ckpt-path is required (the run\'s step_N/policy/weights)');
   if (!f.hfCkptPath) throw usage('--hf-ckpt-path is required (where to write the HF checkpoint)');
-  const events = f.json && !f.dryRun ? jsonEvents(process.stderr) : undefined;
-  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
+  const rep = reporter(f);
   const log = f.quiet || f.json ? undefined : (m: string): boolean => process.stderr.write(`${m}\n`);
+  rep.status(`opening ${f.dcpCkptPath} …`);
   const r = await convertDcpToHf(f.dcpCkptPath, f.hfCkptPath, {
     config: f.config,
     hfModelName: f.hfModelName,
@@ -35,10 +34,13 @@ export async function runDcpToHf(f: Flags): Promise<void> {
     maxMemory: parseSize(f.maxMemory, '--max-memory'),
     overwrite: f.overwrite,
     dryRun: f.dryRun,
-    onProgress: events?.progress ?? progress?.update,
+    onProgress: rep.onProgress,
+  }).catch((e: unknown) => {
+    rep.fail();
+    throw e;
   });
-  progress?.done();
+  rep.finish(r);
   if (f.json) process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
-  else if (f.dryRun) process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
+  else if (f.dryRun) process.stdout.write(describePlan(r.plan) + `\n${partialNote(r.plan.target.path) ?? ''}${partialNote(r.plan.target.path) ? '\n' : ''}(dry run: nothing written)\n`);
   else process.stdout.write(`Saved HF checkpoint to: ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
 }

@@ -1,8 +1,35 @@
-/** `--json` progress: one JSON object per line on stderr (`{"event":"progress",…}`), stdout keeps the final document. */
+/**
+ * `--json` progress: one JSON object per line on stderr, stdout keeping the final document. The
+ * events (docs/json-events.md is their schema):
+ *
+ * - `{"event":"status","text":…}` — what the run is doing before bytes move (opening, planning);
+ * - `{"event":"progress","phase":"writing"|"finishing","file":…,"bytesDone":…,"bytesTotal":…,
+ *   "bytesReused":…,"filesReused":…,"rate":…|null,"etaSeconds":…|null}` — rate in bytes/s of the
+ *   bytes written by this run (smoothed; null until known), reused bytes excluded;
+ * - `{"event":"done","outcome":"written"|"reused"|"dry-run","seconds":…,"bytesWritten":…,
+ *   "bytesReused":…,"filesReused":…}` — last, once the output is in place.
+ */
 import type { ProgressEvent } from '../exec/executor.js';
+import { RateMeter } from './progress.js';
 
-export function jsonEvents(stream: NodeJS.WritableStream): { progress: (e: ProgressEvent) => void } {
+export interface JsonEvents {
+  status(text: string): void;
+  progress(e: ProgressEvent): void;
+  done(r: { outcome: string; seconds: number; bytesWritten: number }): void;
+}
+
+export function jsonEvents(stream: NodeJS.WritableStream, now: () => number = () => performance.now() / 1000): JsonEvents {
+  const meter = new RateMeter();
+  let last: ProgressEvent | undefined;
+  const line = (o: Record<string, unknown>): void => void stream.write(JSON.stringify(o) + '\n');
   return {
-    progress: (e) => stream.write(JSON.stringify({ event: 'progress', file: e.file, bytesDone: e.bytesDone, bytesTotal: e.bytesTotal }) + '\n'),
+    status: (text) => line({ event: 'status', text }),
+    progress: (e) => {
+      last = e;
+      const rate = e.phase === 'writing' ? meter.sample(now(), e.bytesDone - e.bytesReused) : undefined;
+      const eta = rate ? (e.bytesTotal - e.bytesDone) / rate : e.phase === 'finishing' ? 0 : undefined;
+      line({ event: 'progress', phase: e.phase, file: e.file, bytesDone: e.bytesDone, bytesTotal: e.bytesTotal, bytesReused: e.bytesReused, filesReused: e.filesReused, rate: rate ?? null, etaSeconds: eta === undefined ? null : Math.round(eta) });
+    },
+    done: (r) => line({ event: 'done', outcome: r.outcome, seconds: r.seconds, bytesWritten: r.bytesWritten, bytesReused: last?.bytesReused ?? 0, filesReused: last?.filesReused ?? 0 }),
   };
 }

@@ -6,7 +6,7 @@ import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { describePlan } from './convert.js';
-import { progressPrinter } from './progress.js';
+import { reporter, type Reporter } from './report.js';
 import type { ConvertResult } from '../plan/convert.js';
 
 interface MergeFlags {
@@ -53,23 +53,25 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
     dtype = dtypeFromTorch(f.dtype);
     if (!dtype) throw usage(`--dtype: unknown dtype ${f.dtype}`);
   }
-  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
+  const progress = reporter(f);
   if (f.backend === 'megatron-bridge') {
     if (f.safeMerge || f.forceBase) throw usage('--safe-merge and --force-base apply to --backend peft only');
-    const common = { hfModel: f.hfModel, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
+    const common = { hfModel: f.hfModel, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress.onProgress };
     // With --export-hf the command writes two outputs, each committed on its own: a re-run after a
     // kill between the two commits keeps the finished Megatron output (verified) and writes the HF one.
-    const r = await mergeMbToMegatron(f.base, f.adapter, out, { ...common, reuseComplete: !!f.exportHf });
-    progress?.done();
+    progress.status(`opening ${f.base} and ${f.adapter} …`);
+    const r = await watched(progress, mergeMbToMegatron(f.base, f.adapter, out, { ...common, reuseComplete: !!f.exportHf }));
     report(r, f);
     if (f.exportHf) {
-      const h = await mergeMbToHf(f.base, f.adapter, f.exportHf, { ...common, dtype });
+      const second = reporter(f);
+      const h = await watched(second, mergeMbToHf(f.base, f.adapter, f.exportHf, { ...common, dtype, onProgress: second.onProgress }));
       report(h, f);
     }
     return;
   }
   if (f.exportHf || f.hfModel) throw usage('--export-hf and --hf-model apply to --backend megatron-bridge only');
-  const r = await mergeLora(f.base, f.adapter, out, {
+  progress.status(`opening ${f.base} and ${f.adapter} …`);
+  const r = await watched(progress, mergeLora(f.base, f.adapter, out, {
     forceBase: f.forceBase,
     dtype,
     safeMerge: f.safeMerge,
@@ -77,10 +79,21 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
     maxShardSize,
     overwrite: f.overwrite,
     dryRun: f.dryRun,
-    onProgress: progress?.update,
-  });
-  progress?.done();
+    onProgress: progress.onProgress,
+  }));
   report(r, f);
+}
+
+/** Awaits a run, clearing the display on failure and finishing it (resume note, JSON done) on success. */
+async function watched(rep: Reporter, run: Promise<ConvertResult>): Promise<ConvertResult> {
+  try {
+    const r = await run;
+    rep.finish(r);
+    return r;
+  } catch (e) {
+    rep.fail();
+    throw e;
+  }
 }
 
 /** Adds `merge-lora` to the program. */
@@ -165,14 +178,10 @@ async function runLoraToHf(f: LoraToHfFlags): Promise<void> {
   const maxMemory = parseSize(f.maxMemory, '--max-memory');
   const maxShardSize = parseSize(f.shardSize, '--shard-size');
   const dtype = f.dtype ? dtypeFromTorch(f.dtype) : undefined;
-  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
-  const common = { hfModel: f.hfModelName, dtype, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress?.update };
-  let r: ConvertResult;
-  if (f.adapterOnly) r = await exportMbAdapterToPeft(f.adapterCkpt, f.hfCkptPath, common);
-  else {
-    if (!f.baseCkpt) throw usage('--base-ckpt is required to merge (or pass --adapter-only)');
-    r = await mergeMbToHf(f.baseCkpt, f.adapterCkpt, f.hfCkptPath, common);
-  }
-  progress?.done();
+  const progress = reporter(f);
+  const common = { hfModel: f.hfModelName, dtype, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress.onProgress };
+  if (!f.adapterOnly && !f.baseCkpt) throw usage('--base-ckpt is required to merge (or pass --adapter-only)');
+  progress.status(`opening ${f.adapterCkpt} …`);
+  const r = await watched(progress, f.adapterOnly ? exportMbAdapterToPeft(f.adapterCkpt, f.hfCkptPath, common) : mergeMbToHf(f.baseCkpt!, f.adapterCkpt, f.hfCkptPath, common));
   report(r, f);
 }

@@ -17,6 +17,7 @@ import { runStepsList, runStepsShow, runStepsRun } from './steps.js';
 import { runDcpToHf } from './dcp-to-hf.js';
 import { registerNxdCommands } from './nxd.js';
 import { CKPT_FORMATS } from '../megatron/run-dir.js';
+import { onInterrupt } from './report.js';
 
 
 function program(): Command {
@@ -143,6 +144,8 @@ See '${path.join(' ')} --help'.`);
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // Ctrl-C: say what was kept and how to resume (finished files are fsynced and recorded).
+  process.once('SIGINT', onInterrupt);
   const p = program();
   try {
     await p.parseAsync(argv, { from: 'user' });

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import { nxdStep } from '../steps/nxd.js';
 import { resolveParams } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
-import { progressPrinter } from './progress.js';
+import { reporter } from './report.js';
 import { describePlan } from './convert.js';
 import { formatBytes } from '../util/size.js';
 
@@ -30,14 +30,20 @@ export function registerNxdCommands(p: Command): void {
       for (const k of VALUE_FLAGS) if (f[k] !== undefined) overrides.push(`${k}=${String(f[k])}`);
       for (const k of SWITCHES) if (f[k]) overrides.push(`${k}=true`);
       const params = await resolveParams(nxdStep, undefined, overrides);
-      const progress = f.quiet || f.dryRun ? undefined : progressPrinter(process.stderr);
-      const r = await nxdStep.run(params, {
-        dryRun: !!f.dryRun,
-        env: process.env,
-        onProgress: progress?.update,
-        resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet ? undefined : (m) => process.stderr.write(`${m}\n`) }),
-      });
-      progress?.done();
+      const rep = reporter({ quiet: !!f.quiet, dryRun: !!f.dryRun });
+      rep.status('nxd-convert: opening …');
+      const r = await nxdStep
+        .run(params, {
+          dryRun: !!f.dryRun,
+          env: process.env,
+          onProgress: rep.onProgress,
+          resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet ? undefined : (m) => process.stderr.write(`${m}\n`) }),
+        })
+        .catch((e: unknown) => {
+          rep.fail();
+          throw e;
+        });
+      rep.finish(r);
       if (f.dryRun) {
         process.stdout.write(`${describePlan(r.plan)}\n(dry run: nothing written)\n`);
         return;

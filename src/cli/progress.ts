@@ -1,22 +1,87 @@
-/** A one-line progress display on a TTY (bytes, rate, ETA, current file); silent otherwise. */
+/**
+ * The one-line progress display on a TTY (silent otherwise): what the run is doing from its first
+ * moment (opening and planning before any byte moves), then percent, bytes, a smoothed rate and
+ * an ETA as h:mm:ss, then the finishing phase (fsync, manifest, rename). Bytes kept from an
+ * interrupted run count toward the percentage but never toward the rate or the ETA.
+ */
 import { formatBytes } from '../util/size.js';
 import type { ProgressEvent } from '../exec/executor.js';
 
-export function progressPrinter(stream: NodeJS.WriteStream): { update: (e: ProgressEvent) => void; done: () => void } | undefined {
+/** Seconds as h:mm:ss (or m:ss under an hour). */
+export function clock(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const ss = String(s % 60).padStart(2, '0');
+  return h ? `${h}:${String(m).padStart(2, '0')}:${ss}` : `${m}:${ss}`;
+}
+
+/**
+ * Rate of the bytes written in this run (reused bytes excluded), smoothed: an exponential moving
+ * average with a 3 s time constant over the samples, reported only once half a second of writing
+ * has been seen (the first frames of a run otherwise show a rate off by orders of magnitude).
+ */
+export class RateMeter {
+  private last?: { t: number; bytes: number };
+  private first?: number;
+  private avg = 0;
+
+  constructor(private readonly tau = 3) {}
+
+  /** Adds a sample (`bytes` written so far at `t` seconds); returns bytes/s, or undefined while unknown. */
+  sample(t: number, bytes: number): number | undefined {
+    if (!this.last) {
+      this.last = { t, bytes };
+      this.first = t;
+      return undefined;
+    }
+    const dt = t - this.last.t;
+    if (dt <= 0) return this.rate(t);
+    const inst = (bytes - this.last.bytes) / dt;
+    const w = 1 - Math.exp(-dt / this.tau);
+    this.avg = this.avg === 0 ? inst : this.avg + w * (inst - this.avg);
+    this.last = { t, bytes };
+    return this.rate(t);
+  }
+
+  private rate(t: number): number | undefined {
+    return this.first !== undefined && t - this.first >= 0.5 && this.avg > 0 ? this.avg : undefined;
+  }
+}
+
+export interface ProgressDisplay {
+  /** Says what the run is doing before bytes move (opening, planning). */
+  status(text: string): void;
+  update(e: ProgressEvent): void;
+  done(): void;
+}
+
+export function progressPrinter(stream: NodeJS.WriteStream, now: () => number = () => performance.now() / 1000): ProgressDisplay | undefined {
   if (!stream.isTTY) return undefined;
-  const t0 = Date.now();
+  const meter = new RateMeter();
   let shown = false;
+  const line = (text: string): void => {
+    const width = stream.columns && stream.columns > 20 ? stream.columns - 1 : 119;
+    stream.write(`\r\x1b[K${text.length > width ? `${text.slice(0, width - 1)}…` : text}`);
+    shown = true;
+  };
   return {
+    status: (text) => line(text),
     update: (e) => {
-      const s = (Date.now() - t0) / 1000;
-      const rate = s > 0 ? e.bytesDone / s : 0;
-      const eta = rate > 0 ? (e.bytesTotal - e.bytesDone) / rate : 0;
-      const pct = e.bytesTotal ? ((100 * e.bytesDone) / e.bytesTotal).toFixed(1) : '100';
-      stream.write(`\r\x1b[K${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${formatBytes(rate)}/s  ETA ${eta.toFixed(0)}s  ${e.file}`);
-      shown = true;
+      const pct = e.bytesTotal ? ((100 * e.bytesDone) / e.bytesTotal).toFixed(1) : '100.0';
+      if (e.phase === 'finishing') {
+        line(`100.0%  ${formatBytes(e.bytesTotal)}  finishing: fsync, manifest, rename into place …`);
+        return;
+      }
+      const rate = meter.sample(now(), e.bytesDone - e.bytesReused);
+      const left = e.bytesTotal - e.bytesDone;
+      const eta = rate ? clock(left / rate) : '-:--';
+      const reused = e.bytesReused ? `  (${formatBytes(e.bytesReused)} kept from the interrupted run)` : '';
+      line(`${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${eta}  ${e.file}${reused}`);
     },
     done: () => {
       if (shown) stream.write('\r\x1b[K');
+      shown = false;
     },
   };
 }

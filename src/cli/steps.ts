@@ -1,11 +1,11 @@
 import { listSteps, getStep, defaultOutputBase } from '../steps/registry.js';
 import { resolveParams, stepConfigDir } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
-import { progressPrinter } from './progress.js';
+import { partialNote, reporter } from './report.js';
 import { describePlan } from './convert.js';
+import type { ConvertResult } from '../plan/convert.js';
 import { formatBytes } from '../util/size.js';
 import { readdir } from 'node:fs/promises';
-import { jsonEvents } from './events.js';
 
 export async function runStepsList(): Promise<void> {
   for (const s of listSteps()) process.stdout.write(`${s.name.padEnd(26)} ${s.description}\n`);
@@ -27,21 +27,28 @@ export async function runStepsShow(name: string): Promise<void> {
 export async function runStepsRun(name: string, overrides: string[], f: { config?: string; dryRun?: boolean; json?: boolean; quiet?: boolean }): Promise<void> {
   const step = getStep(name);
   const params = await resolveParams(step, f.config, overrides);
-  const events = f.json ? jsonEvents(process.stderr) : undefined;
-  const progress = f.quiet || f.json || f.dryRun ? undefined : progressPrinter(process.stderr);
-  const r = await step.run(params, {
-    dryRun: !!f.dryRun,
-    env: process.env,
-    onProgress: events?.progress ?? progress?.update,
-    resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`) }),
-  });
-  progress?.done();
+  const rep = reporter(f);
+  rep.status(`${name}: opening …`);
+  let r: ConvertResult;
+  try {
+    r = await step.run(params, {
+      dryRun: !!f.dryRun,
+      env: process.env,
+      onProgress: rep.onProgress,
+      resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`) }),
+    });
+  } catch (e) {
+    rep.fail();
+    throw e;
+  }
+  rep.finish(r);
   if (f.json) {
     process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
   }
   if (f.dryRun) {
-    process.stdout.write(`${name} (dry run: nothing written)\n${describePlan(r.plan)}\n`);
+    const note = partialNote(r.plan.target.path);
+    process.stdout.write(`${name} (dry run: nothing written)\n${describePlan(r.plan)}\n${note ? `${note}\n` : ''}`);
     return;
   }
   process.stdout.write(`${name}: wrote ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);

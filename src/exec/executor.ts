@@ -52,9 +52,15 @@ export interface ExecuteOptions {
 }
 
 export interface ProgressEvent {
+  /** 'writing' while tensor bytes stream out; 'finishing' while the output is fsynced, recorded and renamed into place. */
+  readonly phase: 'writing' | 'finishing';
   readonly file: string;
   readonly bytesDone: number;
   readonly bytesTotal: number;
+  /** Of `bytesDone`, bytes of files kept from an interrupted run (resumed, not written again). */
+  readonly bytesReused: number;
+  /** Files kept from an interrupted run so far. */
+  readonly filesReused: number;
 }
 
 export const DEFAULT_MAX_MEMORY = 1 << 30;
@@ -375,7 +381,21 @@ export class Executor {
   /** Counts a file that needs no writing (already complete on resume) as done. */
   skipFile(f: OutputFile): void {
     this.done += f.size;
-    this.opts.onProgress?.({ file: f.relPath, bytesDone: this.done, bytesTotal: this.total });
+    this.reused += f.size;
+    this.filesReused++;
+    this.emit('writing', f.relPath);
+  }
+
+  private reused = 0;
+  private filesReused = 0;
+
+  /** Reports the finishing phase (fsync, manifest, rename): the bytes are all out. */
+  finishing(): void {
+    this.emit('finishing', '');
+  }
+
+  private emit(phase: ProgressEvent['phase'], file: string, done = this.done): void {
+    this.opts.onProgress?.({ phase, file, bytesDone: done, bytesTotal: this.total, bytesReused: this.reused, filesReused: this.filesReused });
   }
 
   /** Writes every file under `dir` (which must exist); each file is created fresh and fsynced. */
@@ -418,7 +438,7 @@ export class Executor {
     }
     this.done += f.size - reported;
     // Every finished file is reported, whatever the throttle.
-    this.opts.onProgress?.({ file: f.relPath, bytesDone: this.done, bytesTotal: this.total });
+    this.emit('writing', f.relPath);
     return hex;
   }
 
@@ -442,7 +462,7 @@ export class Executor {
     const now = Date.now();
     if (now - this.lastReport < 100) return;
     this.lastReport = now;
-    this.opts.onProgress({ file, bytesDone: done, bytesTotal: this.total });
+    this.emit('writing', file, done);
   }
 
   /** Produces every part of `f` and hands its bytes, in order, to `sink`; returns the file's size. */

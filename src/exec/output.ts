@@ -112,6 +112,24 @@ export interface WriteOutputOptions {
   reuseComplete?: boolean;
 }
 
+/** An output being written by this process: what an interrupt (Ctrl-C) reports and cleans up. */
+export interface ActiveOutput {
+  readonly out: string;
+  readonly partial: string;
+  readonly kind: 'dir' | 'file';
+  readonly lock: string;
+  readonly filesTotal: number;
+  /** Files finished (written, or kept from an interrupted run) so far. */
+  filesDone: number;
+}
+
+const active = new Set<ActiveOutput>();
+
+/** The outputs this process is writing right now (for the CLI's interrupt message). */
+export function activeOutputs(): readonly ActiveOutput[] {
+  return [...active];
+}
+
 /** What writeOutput did: wrote the output, or kept an identical finished one (`reuseComplete`). */
 export type OutputOutcome = 'written' | 'reused';
 
@@ -283,7 +301,9 @@ export async function writeOutput(
     }
     // Finished by another run between the check above and taking the lock.
     if (!opts.overwrite && (await exists(o))) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
-    await writeLocked(s, o, partial, kind, files, sideCopies, opts, async () => {
+    const me: ActiveOutput = { out: o, partial, kind, lock: `${o}.lock`, filesTotal: files.length, filesDone: 0 };
+    active.add(me);
+    await writeLocked(s, o, partial, kind, files, sideCopies, opts, me, async () => {
       // Test hook: a window in which a test changes the source.
       const pause = Number(process.env.SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS ?? 0);
       if (pause > 0) await new Promise((r) => setTimeout(r, pause));
@@ -298,6 +318,7 @@ export async function writeOutput(
     // Test hook: the n-th commit of this process (a command writing two outputs dies between them).
     if (killPoint('after-commit', ++commits)) process.kill(process.pid, 'SIGKILL');
   } finally {
+    for (const a of active) if (a.out === o) active.delete(a);
     await lock.release();
   }
   return 'written';
@@ -332,6 +353,7 @@ async function writeLocked(
   files: readonly OutputFile[],
   sideCopies: ReadonlyArray<{ from: string; to: string }>,
   opts: WriteOutputOptions,
+  me: ActiveOutput,
   beforeCommit: () => Promise<void>,
 ): Promise<void> {
   const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
@@ -345,6 +367,8 @@ async function writeLocked(
       await rm(partial, { force: true });
       throw e;
     }
+    me.filesDone = 1;
+    ex.finishing();
     await beforeCommit();
     if (killPoint('before-commit', 1)) process.kill(process.pid, 'SIGKILL');
     await commitOutput({ path: o, temp: partial, kind });
@@ -397,6 +421,7 @@ async function writeLocked(
       // enough (a file altered in place at the same size was committed as if it were ours).
       if (done && (await lstat(path).then((st) => st.isFile() && st.size === done.size, () => false)) && (await sha256File(path)).sha256 === done.sha256) {
         ex.skipFile(f);
+        me.filesDone++;
         continue;
       }
       if (killPoint('mid-file', i)) {
@@ -411,11 +436,13 @@ async function writeLocked(
       const sha256 = await ex.writeFile(path, f, { replace: true });
       progress.files[f.relPath] = { size: f.size, sha256 };
       await writeJsonAtomic(progressPath, progress);
+      me.filesDone++;
       written++;
       if (killPoint('after-files', written)) process.kill(process.pid, 'SIGKILL');
     }
     await copySideFiles(sideCopies, partial);
   }
+  ex.finishing();
   const records: Record<string, FileRecord> = {};
   for (const f of files) records[f.relPath] = progress.files[f.relPath]!;
   for (const c of sideCopies) records[c.to] = await sha256File(join(partial, c.to));
