@@ -50,7 +50,7 @@ test('the TTY display (a pseudo-terminal): opening first, percent, h:mm:ss ETA, 
   const out = join(tmp, 'tty-meg');
   const r = spawnSync('script', ['-qfec', `${process.execPath} ${cli} convert --to megatron ${example} ${out}`, '/dev/null'], { encoding: 'utf8' });
   assert.equal(r.status, 0, r.stdout);
-  const frames = r.stdout.split(/\r\x1b\[K/).map((f) => f.trim()).filter(Boolean);
+  const frames = r.stdout.split('\r\u001b[K').map((f) => f.trim()).filter(Boolean);
   assert.match(frames[0]!, /^opening \S+tiny-llama …$/);
   const progress = frames.filter((f) => /^\d+\.\d%/.test(f) && !f.includes('finishing'));
   assert.ok(progress.length > 0, r.stdout);
