@@ -455,7 +455,7 @@ test('faults: merge-lora megatron-bridge --export-hf — a finished first output
     }
     const r = await run(args);
     assert.notEqual(r.code, 0, `${tamper}: ${r.stderr}`);
-    assert.match(oneMessage(r.stderr, `tampered ${tamper}`), tamper === 'file' ? /already exists and is not this run's finished output \(a file in it no longer matches its recorded SHA-256\); remove it or pass --overwrite/ : /already exists and is not this run's finished output \(.*__0_0\.distcp changed since it was made\)/);
+    assert.match(oneMessage(r.stderr, `tampered ${tamper}`), tamper === 'file' ? /already exists and is not this run's finished output \(iter_0000000\/__0_0\.distcp in it no longer matches its recorded SHA-256\); remove it or pass --overwrite/ : /already exists and is not this run's finished output \(.*__0_0\.distcp changed since it was made\)/);
     assert.ok(!existsSync(join(dir, 'hf')) && !existsSync(join(dir, 'hf.partial')), `${tamper}: nothing of the second output was written`);
   }
 });
