@@ -6,6 +6,7 @@
  */
 import { formatBytes } from '../util/size.js';
 import type { ProgressEvent } from '../exec/executor.js';
+import type { CheckProgress } from '../plan/verify.js';
 
 /** Seconds as h:mm:ss (or m:ss under an hour). */
 export function clock(seconds: number): string {
@@ -78,6 +79,32 @@ export function progressPrinter(stream: NodeJS.WriteStream, now: () => number = 
       const eta = rate ? clock(left / rate) : '-:--';
       const reused = e.bytesReused ? `  (${formatBytes(e.bytesReused)} kept from the interrupted run)` : '';
       line(`${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${eta}  ${e.file}${reused}`);
+    },
+    done: () => {
+      if (shown) stream.write('\r\x1b[K');
+      shown = false;
+    },
+  };
+}
+
+/** The display of `verify` and `diff`: the stage, percent, bytes, rate and ETA, the file or tensor. */
+export function checkPrinter(stream: NodeJS.WriteStream, now: () => number = () => performance.now() / 1000): { update: (e: CheckProgress) => void; done: () => void } | undefined {
+  if (!stream.isTTY) return undefined;
+  let meter = new RateMeter();
+  let stage = '';
+  let shown = false;
+  return {
+    update: (e) => {
+      if (e.stage !== stage) {
+        stage = e.stage;
+        meter = new RateMeter();
+      }
+      const rate = meter.sample(now(), e.bytesDone);
+      const pct = e.bytesTotal ? ((100 * e.bytesDone) / e.bytesTotal).toFixed(1) : '100.0';
+      const text = `${e.stage}: ${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${rate ? clock((e.bytesTotal - e.bytesDone) / rate) : '-:--'}  ${e.item}`;
+      const width = stream.columns && stream.columns > 20 ? stream.columns - 1 : 119;
+      stream.write(`\r\x1b[K${text.length > width ? `${text.slice(0, width - 1)}…` : text}`);
+      shown = true;
     },
     done: () => {
       if (shown) stream.write('\r\x1b[K');

@@ -1,8 +1,10 @@
 import { verifyOutput, diffCheckpoints } from '../plan/verify.js';
 import { EXIT_VERIFY_FAILED } from './exit.js';
+import { checkPrinter } from './progress.js';
 
 export async function runVerify(out: string, f: { against?: string; json?: boolean }): Promise<void> {
-  const r = await verifyOutput(out, { against: f.against });
+  const display = f.json ? undefined : checkPrinter(process.stderr);
+  const r = await verifyOutput(out, { against: f.against, onProgress: display?.update }).finally(() => display?.done());
   if (f.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n');
   else {
     for (const c of r.checks) process.stdout.write(`${c.ok ? 'ok  ' : 'FAIL'}  ${c.check}: ${c.detail}\n`);
@@ -12,7 +14,8 @@ export async function runVerify(out: string, f: { against?: string; json?: boole
 }
 
 export async function runDiff(a: string, b: string, f: { json?: boolean; all?: boolean }): Promise<void> {
-  const r = await diffCheckpoints(a, b);
+  const display = f.json ? undefined : checkPrinter(process.stderr);
+  const r = await diffCheckpoints(a, b, { onProgress: display?.update }).finally(() => display?.done());
   if (f.json) process.stdout.write(JSON.stringify(r, (_k, v) => (v === Infinity ? 'Infinity' : v), 2) + '\n');
   else {
     const rows = r.tensors.filter((d) => f.all || !d.equal);

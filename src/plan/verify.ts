@@ -147,12 +147,36 @@ export interface VerifyReport {
   readonly ok: boolean;
 }
 
-async function sha256Of(path: string): Promise<{ size: number; sha256: string }> {
+/** Where a verify or diff is: which stage, how many of its bytes are done, on which file or tensor. */
+export interface CheckProgress {
+  readonly stage: string;
+  readonly bytesDone: number;
+  readonly bytesTotal: number;
+  readonly item: string;
+}
+
+/** Reports a stage's progress, at most every 100 ms (and at each item's end). */
+function stageReporter(stage: string, total: number, onProgress: ((e: CheckProgress) => void) | undefined): { add(bytes: number, item: string, force?: boolean): void } {
+  let done = 0;
+  let last = 0;
+  return {
+    add: (bytes, item, force = false) => {
+      done += bytes;
+      const now = Date.now();
+      if (!onProgress || (!force && now - last < 100)) return;
+      last = now;
+      onProgress({ stage, bytesDone: done, bytesTotal: total, item });
+    },
+  };
+}
+
+async function sha256Of(path: string, onBytes?: (n: number) => void): Promise<{ size: number; sha256: string }> {
   const h = createHash('sha256');
   let size = 0;
   for await (const c of createReadStream(path, { highWaterMark: 1 << 22 })) {
     h.update(c as Buffer);
     size += (c as Buffer).length;
+    onBytes?.((c as Buffer).length);
   }
   return { size, sha256: h.digest('hex') };
 }
@@ -172,7 +196,7 @@ async function expectedHfShapes(dir: string, out: CheckpointSource): Promise<Map
   return new Map([...out.tensors.values()].map((t) => [t.name, t.shape]));
 }
 
-export async function verifyOutput(path: string, opts: { against?: string } = {}): Promise<VerifyReport> {
+export async function verifyOutput(path: string, opts: { against?: string; onProgress?: (e: CheckProgress) => void } = {}): Promise<VerifyReport> {
   const checks: VerifyReport['checks'] = [];
   const add = (check: string, ok: boolean, detail: string): void => {
     checks.push({ check, ok, detail });
@@ -187,8 +211,10 @@ export async function verifyOutput(path: string, opts: { against?: string } = {}
   }
   if (manifest) {
     const bad: string[] = [];
+    const sums = stageReporter('checksums', Object.values(manifest.files).reduce((n, r) => n + (typeof r.size === 'number' ? r.size : 0), 0), opts.onProgress);
     for (const [rel, rec] of Object.entries(manifest.files)) {
-      const got = await sha256Of(join(path, rel)).catch(() => undefined);
+      const got = await sha256Of(join(path, rel), (n) => sums.add(n, rel)).catch(() => undefined);
+      sums.add(0, rel, true);
       if (!got) bad.push(`${rel} missing`);
       else if (got.size !== rec.size || got.sha256 !== rec.sha256) bad.push(`${rel} ${got.size !== rec.size ? `is ${got.size} bytes, manifest says ${rec.size}` : 'fails its SHA-256'}`);
     }
@@ -219,8 +245,10 @@ export async function verifyOutput(path: string, opts: { against?: string } = {}
     const src = opts.against ? await openAgainst(opts.against, out) : undefined;
     try {
       const nonFinite: string[] = [];
+      const scan = stageReporter('NaN/Inf scan', [...out.tensors.values()].reduce((n, t) => n + t.byteLength, 0), opts.onProgress);
       for (const t of out.tensors.values()) {
         const nf = await countNonFinite(t, readerOf(t));
+        scan.add(t.byteLength, t.name);
         if (nf.nan + nf.inf === 0) continue;
         const mapped = src?.get(t.name);
         const srcNf = mapped ? await countNonFinite(mapped, readerOf(mapped)) : undefined;
@@ -230,11 +258,13 @@ export async function verifyOutput(path: string, opts: { against?: string } = {}
       if (src) {
         const diffs: string[] = [];
         let compared = 0;
+        const cmp = stageReporter('comparing with the source', [...out.tensors.values()].reduce((n, t) => n + (src.has(t.name) ? t.byteLength : 0), 0), opts.onProgress);
         for (const t of out.tensors.values()) {
           const m = src.get(t.name);
           if (!m) continue;
           compared++;
           const d = await compareTensors(t.name, t, readerOf(t), m, readerOf(m));
+          cmp.add(t.byteLength, t.name);
           if (!d.equal) diffs.push(`${t.name}: ${d.note ?? `${d.differing} elements differ (max ${d.maxUlp} ulp)`}`);
         }
         const unmatched = [...out.tensors.keys()].filter((n) => !src.has(n));
@@ -357,17 +387,19 @@ function scatter(src: Uint8Array, size: readonly number[], dst: Uint8Array, into
 }
 
 /** Compares two checkpoints; b is mapped onto a's names when one is Megatron and the other HF. */
-export async function diffCheckpoints(aPath: string, bPath: string): Promise<DiffReport> {
+export async function diffCheckpoints(aPath: string, bPath: string, opts: { onProgress?: (e: CheckProgress) => void } = {}): Promise<DiffReport> {
   const aIsMeg = await stat(join(aPath, 'latest_checkpointed_iteration.txt')).then(() => true, () => false);
   const a = aIsMeg ? { ...(await openMegatron(aPath)).source, format: 'megatron' as const } : await openCheckpoint(aPath);
   try {
     const b = await openAgainst(bPath, a);
     try {
       const tensors: TensorDiff[] = [];
+      const cmp = stageReporter('comparing', [...a.tensors.values()].reduce((n, t) => n + (b.has(t.name) ? t.byteLength : 0), 0), opts.onProgress);
       for (const t of a.tensors.values()) {
         const m = b.get(t.name);
         if (!m) continue;
         tensors.push(await compareTensors(t.name, t, readerOf(t), m, readerOf(m)));
+        cmp.add(t.byteLength, t.name);
       }
       const onlyInA = [...a.tensors.keys()].filter((n) => !b.has(n));
       const onlyInB = [...b.keys()].filter((n) => !a.tensors.has(n));

@@ -115,3 +115,19 @@ test('Ctrl-C: says what it kept and how to resume (exit 130, lock released); a s
   assert.match(s.stderr, /interrupted; \S+ctrlc\.safetensors was not written \(a single file is not resumable\) and nothing is left behind/);
   assert.ok(!existsSync(file) && !existsSync(`${file}.partial`) && !existsSync(`${file}.lock`));
 });
+
+test('verify and diff show their progress on a terminal: the stage, percent and the file or tensor (a pseudo-terminal)', (t) => {
+  if (spawnSync('script', ['--version']).status !== 0) return t.skip('no script(1) for a pseudo-terminal');
+  const meg = join(tmp, 'tty-meg');
+  if (!existsSync(meg)) assert.equal(spawnSync(process.execPath, [cli, 'convert', '-q', '--to', 'megatron', example, meg]).status, 0);
+  const v = spawnSync('script', ['-qfec', `${process.execPath} ${cli} verify ${meg} --against ${example}`, '/dev/null'], { encoding: 'utf8' });
+  assert.equal(v.status, 0, v.stdout);
+  const vf = v.stdout.split('\r\u001b[K').map((f) => f.trim());
+  assert.ok(vf.some((f) => /^checksums: \d+\.\d% {2}.* iter_0000000\//.test(f)), v.stdout);
+  assert.ok(vf.some((f) => /^NaN\/Inf scan: \d+\.\d%/.test(f)), v.stdout);
+  assert.ok(vf.some((f) => /^comparing with the source: \d+\.\d%/.test(f)), v.stdout);
+  const d = spawnSync('script', ['-qfec', `${process.execPath} ${cli} diff ${example} ${meg}`, '/dev/null'], { encoding: 'utf8' });
+  assert.equal(d.status, 0, d.stdout);
+  assert.ok(d.stdout.split('\r\u001b[K').some((f) => /^comparing: \d+\.\d%/.test(f.trim())), d.stdout);
+  assert.match(d.stdout, /21 tensors compared: 21 identical/);
+});
