@@ -18,6 +18,7 @@ import { runDcpToHf } from './dcp-to-hf.js';
 import { registerNxdCommands } from './nxd.js';
 import { CKPT_FORMATS } from '../megatron/run-dir.js';
 import { onInterrupt } from './report.js';
+import tab from '@bomb.sh/tab/commander';
 
 
 function program(): Command {
@@ -128,6 +129,9 @@ function program(): Command {
     .action(runDiff);
   registerLoraCommands(p);
   registerNxdCommands(p);
+  // `shardshift completion bash|zsh|fish|powershell` prints the script; the shell then asks the
+  // hidden `shardshift complete -- <words>` (commands, options and their choices, from this tree).
+  tab(p, { completionCommandName: 'completion' });
   shortUsageErrors(p);
   return p;
 }

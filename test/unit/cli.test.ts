@@ -178,3 +178,21 @@ test('a usage error is the error, the usage line of its command and where the he
     assert.equal(lines.slice(1).join('\n'), usage);
   }
 });
+
+test('shell completion: `completion bash|zsh|fish` prints a script for that shell; the engine behind it completes commands, options and their choices', async () => {
+  const { spawnSync } = await import('node:child_process');
+  for (const sh of ['bash', 'zsh', 'fish']) {
+    const r = await run(['completion', sh]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, new RegExp(`${sh} completion for shardshift|shardshift`, 'i'));
+    assert.match(r.stdout, /shardshift complete --/);
+  }
+  const bash = await run(['completion', 'bash']);
+  assert.match(bash.stdout, /^complete -F __shardshift_complete shardshift$/m);
+  assert.equal(spawnSync('bash', ['-n'], { input: bash.stdout }).status, 0, 'the bash script parses');
+  const words = async (...w: string[]): Promise<string[]> => (await run(['complete', '--', ...w])).stdout.split('\n').filter((l) => l && !l.startsWith(':')).map((l) => l.split('\t')[0]!);
+  assert.deepEqual(await words('conv'), ['convert']);
+  assert.deepEqual(await words('convert', '--to', ''), ['safetensors', 'torch', 'dcp', 'megatron', 'hf', 'nxd']);
+  assert.ok((await words('convert', '--ckpt')).includes('--ckpt-format'));
+  assert.ok((await words('steps', '')).includes('run'));
+});
