@@ -149,14 +149,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     dcp: () => convert(src, out, { ...common, to: 'dcp', from: f.from }),
   };
   rep.status(`opening ${src} …`);
-  let r: ConvertResult;
-  try {
-    r = await routes[f.to]();
-  } catch (e) {
-    rep.fail();
-    throw e;
-  }
-  rep.finish(r);
+  const r = await rep.watch(routes[f.to]());
   if (f.json) {
     process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;

@@ -26,7 +26,7 @@ export async function runDcpToHf(f: Flags): Promise<void> {
   const rep = reporter(f);
   const log = f.quiet || f.json ? undefined : (m: string): boolean => process.stderr.write(`${m}\n`);
   rep.status(`opening ${f.dcpCkptPath} …`);
-  const r = await convertDcpToHf(f.dcpCkptPath, f.hfCkptPath, {
+  const r = await rep.watch(convertDcpToHf(f.dcpCkptPath, f.hfCkptPath, {
     config: f.config,
     hfModelName: f.hfModelName,
     resolveModel: (id) => resolveModel(id, 'config', { log }),
@@ -35,12 +35,11 @@ export async function runDcpToHf(f: Flags): Promise<void> {
     overwrite: f.overwrite,
     dryRun: f.dryRun,
     onProgress: rep.onProgress,
-  }).catch((e: unknown) => {
-    rep.fail();
-    throw e;
-  });
-  rep.finish(r);
+  }));
   if (f.json) process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
-  else if (f.dryRun) process.stdout.write(describePlan(r.plan) + `\n${partialNote(r.plan.target.path) ?? ''}${partialNote(r.plan.target.path) ? '\n' : ''}(dry run: nothing written)\n`);
+  else if (f.dryRun) {
+    const note = partialNote(r.plan.target.path);
+    process.stdout.write(describePlan(r.plan) + `\n${note ? `${note}\n` : ''}(dry run: nothing written)\n`);
+  }
   else process.stdout.write(`Saved HF checkpoint to: ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
 }

@@ -6,7 +6,7 @@ import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { describePlan } from './convert.js';
-import { reporter, type Reporter } from './report.js';
+import { reporter } from './report.js';
 import type { ConvertResult } from '../plan/convert.js';
 
 interface MergeFlags {
@@ -60,18 +60,18 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
     // With --export-hf the command writes two outputs, each committed on its own: a re-run after a
     // kill between the two commits keeps the finished Megatron output (verified) and writes the HF one.
     progress.status(`opening ${f.base} and ${f.adapter} …`);
-    const r = await watched(progress, mergeMbToMegatron(f.base, f.adapter, out, { ...common, reuseComplete: !!f.exportHf }));
+    const r = await progress.watch(mergeMbToMegatron(f.base, f.adapter, out, { ...common, reuseComplete: !!f.exportHf }));
     report(r, f);
     if (f.exportHf) {
       const second = reporter(f);
-      const h = await watched(second, mergeMbToHf(f.base, f.adapter, f.exportHf, { ...common, dtype, onProgress: second.onProgress }));
+      const h = await second.watch(mergeMbToHf(f.base, f.adapter, f.exportHf, { ...common, dtype, onProgress: second.onProgress }));
       report(h, f);
     }
     return;
   }
   if (f.exportHf || f.hfModel) throw usage('--export-hf and --hf-model apply to --backend megatron-bridge only');
   progress.status(`opening ${f.base} and ${f.adapter} …`);
-  const r = await watched(progress, mergeLora(f.base, f.adapter, out, {
+  const r = await progress.watch(mergeLora(f.base, f.adapter, out, {
     forceBase: f.forceBase,
     dtype,
     safeMerge: f.safeMerge,
@@ -82,18 +82,6 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
     onProgress: progress.onProgress,
   }));
   report(r, f);
-}
-
-/** Awaits a run, clearing the display on failure and finishing it (resume note, JSON done) on success. */
-async function watched(rep: Reporter, run: Promise<ConvertResult>): Promise<ConvertResult> {
-  try {
-    const r = await run;
-    rep.finish(r);
-    return r;
-  } catch (e) {
-    rep.fail();
-    throw e;
-  }
 }
 
 /** Adds `merge-lora` to the program. */
@@ -182,6 +170,6 @@ async function runLoraToHf(f: LoraToHfFlags): Promise<void> {
   const common = { hfModel: f.hfModelName, dtype, maxMemory, maxShardSize, overwrite: f.overwrite, dryRun: f.dryRun, onProgress: progress.onProgress };
   if (!f.adapterOnly && !f.baseCkpt) throw usage('--base-ckpt is required to merge (or pass --adapter-only)');
   progress.status(`opening ${f.adapterCkpt} …`);
-  const r = await watched(progress, f.adapterOnly ? exportMbAdapterToPeft(f.adapterCkpt, f.hfCkptPath, common) : mergeMbToHf(f.baseCkpt!, f.adapterCkpt, f.hfCkptPath, common));
+  const r = await progress.watch(f.adapterOnly ? exportMbAdapterToPeft(f.adapterCkpt, f.hfCkptPath, common) : mergeMbToHf(f.baseCkpt!, f.adapterCkpt, f.hfCkptPath, common));
   report(r, f);
 }

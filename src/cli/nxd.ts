@@ -32,18 +32,14 @@ export function registerNxdCommands(p: Command): void {
       const params = await resolveParams(nxdStep, undefined, overrides);
       const rep = reporter({ quiet: !!f.quiet, dryRun: !!f.dryRun });
       rep.status('nxd-convert: opening …');
-      const r = await nxdStep
-        .run(params, {
+      const r = await rep.watch(
+        nxdStep.run(params, {
           dryRun: !!f.dryRun,
           env: process.env,
           onProgress: rep.onProgress,
           resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet ? undefined : (m) => process.stderr.write(`${m}\n`) }),
-        })
-        .catch((e: unknown) => {
-          rep.fail();
-          throw e;
-        });
-      rep.finish(r);
+        }),
+      );
       if (f.dryRun) {
         process.stdout.write(`${describePlan(r.plan)}\n(dry run: nothing written)\n`);
         return;

@@ -57,15 +57,27 @@ export interface ProgressDisplay {
   done(): void;
 }
 
+/** One line rewritten in place on a TTY, cut to the terminal's width. */
+function statusLine(stream: NodeJS.WriteStream): { show(text: string): void; clear(): void } {
+  let shown = false;
+  return {
+    show: (text) => {
+      const width = stream.columns && stream.columns > 20 ? stream.columns - 1 : 119;
+      stream.write(`\r\x1b[K${text.length > width ? `${text.slice(0, width - 1)}…` : text}`);
+      shown = true;
+    },
+    clear: () => {
+      if (shown) stream.write('\r\x1b[K');
+      shown = false;
+    },
+  };
+}
+
 export function progressPrinter(stream: NodeJS.WriteStream, now: () => number = () => performance.now() / 1000): ProgressDisplay | undefined {
   if (!stream.isTTY) return undefined;
   const meter = new RateMeter();
-  let shown = false;
-  const line = (text: string): void => {
-    const width = stream.columns && stream.columns > 20 ? stream.columns - 1 : 119;
-    stream.write(`\r\x1b[K${text.length > width ? `${text.slice(0, width - 1)}…` : text}`);
-    shown = true;
-  };
+  const status = statusLine(stream);
+  const line = status.show;
   return {
     status: (text) => line(text),
     update: (e) => {
@@ -80,10 +92,7 @@ export function progressPrinter(stream: NodeJS.WriteStream, now: () => number = 
       const reused = e.bytesReused ? `  (${formatBytes(e.bytesReused)} kept from the interrupted run)` : '';
       line(`${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${eta}  ${e.file}${reused}`);
     },
-    done: () => {
-      if (shown) stream.write('\r\x1b[K');
-      shown = false;
-    },
+    done: status.clear,
   };
 }
 
@@ -92,7 +101,7 @@ export function checkPrinter(stream: NodeJS.WriteStream, now: () => number = () 
   if (!stream.isTTY) return undefined;
   let meter = new RateMeter();
   let stage = '';
-  let shown = false;
+  const status = statusLine(stream);
   return {
     update: (e) => {
       if (e.stage !== stage) {
@@ -101,14 +110,8 @@ export function checkPrinter(stream: NodeJS.WriteStream, now: () => number = () 
       }
       const rate = meter.sample(now(), e.bytesDone);
       const pct = e.bytesTotal ? ((100 * e.bytesDone) / e.bytesTotal).toFixed(1) : '100.0';
-      const text = `${e.stage}: ${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${rate ? clock((e.bytesTotal - e.bytesDone) / rate) : '-:--'}  ${e.item}`;
-      const width = stream.columns && stream.columns > 20 ? stream.columns - 1 : 119;
-      stream.write(`\r\x1b[K${text.length > width ? `${text.slice(0, width - 1)}…` : text}`);
-      shown = true;
+      status.show(`${e.stage}: ${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${rate ? clock((e.bytesTotal - e.bytesDone) / rate) : '-:--'}  ${e.item}`);
     },
-    done: () => {
-      if (shown) stream.write('\r\x1b[K');
-      shown = false;
-    },
+    done: status.clear,
   };
 }

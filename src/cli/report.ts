@@ -17,10 +17,11 @@ export interface Reporter {
   readonly onProgress: (e: ProgressEvent) => void;
   /** What the run is doing before bytes move. */
   status(text: string): void;
-  /** After the run: clears the display, ends the JSON events, says whether it resumed. */
-  finish(r: ConvertResult): void;
-  /** After a failure: clears the display (the error follows on its own line). */
-  fail(): void;
+  /**
+   * Awaits the run: on success clears the display, ends the JSON events and says whether it
+   * resumed; on failure clears the display (the error follows on its own line).
+   */
+  watch(run: Promise<ConvertResult>): Promise<ConvertResult>;
 }
 
 export function reporter(f: { quiet?: boolean; json?: boolean; dryRun?: boolean }): Reporter {
@@ -37,14 +38,19 @@ export function reporter(f: { quiet?: boolean; json?: boolean; dryRun?: boolean 
       events?.status(text);
       display?.status(text);
     },
-    finish: (r) => {
-      display?.done();
+    watch: async (run) => {
+      let r: ConvertResult;
+      try {
+        r = await run;
+      } finally {
+        display?.done();
+      }
       events?.done(r);
       if (!f.json && !f.quiet && last && last.filesReused > 0) {
         process.stderr.write(`resumed ${r.plan.target.path}.partial: kept ${last.filesReused} finished file${last.filesReused === 1 ? '' : 's'} (${formatBytes(last.bytesReused)}) of the interrupted run, wrote the rest\n`);
       }
+      return r;
     },
-    fail: () => display?.done(),
   };
 }
 

@@ -3,7 +3,6 @@ import { resolveParams, stepConfigDir } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
 import { partialNote, reporter } from './report.js';
 import { describePlan } from './convert.js';
-import type { ConvertResult } from '../plan/convert.js';
 import { formatBytes } from '../util/size.js';
 import { readdir } from 'node:fs/promises';
 
@@ -29,19 +28,14 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   const params = await resolveParams(step, f.config, overrides);
   const rep = reporter(f);
   rep.status(`${name}: opening …`);
-  let r: ConvertResult;
-  try {
-    r = await step.run(params, {
+  const r = await rep.watch(
+    step.run(params, {
       dryRun: !!f.dryRun,
       env: process.env,
       onProgress: rep.onProgress,
       resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`) }),
-    });
-  } catch (e) {
-    rep.fail();
-    throw e;
-  }
-  rep.finish(r);
+    }),
+  );
   if (f.json) {
     process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;

@@ -293,6 +293,7 @@ export async function writeOutput(
   const sourceFiles = opts.manifest ? opts.manifest.sourceFiles.map((r) => join(opts.manifest!.sourceDir, r)) : [];
   const before = await Promise.all(sourceFiles.map(fileStamp));
   const lock = await lockOutput(o);
+  const me: ActiveOutput = { out: o, partial, kind, lock: `${o}.lock`, filesTotal: files.length, filesDone: 0 };
   try {
     if (reuse) {
       const why = (await foreignDir(o)) ?? (await notFinishedOutput(o, planHash(files, sideCopies.map((c) => c.to)), files, sideCopies, opts.manifest));
@@ -301,7 +302,6 @@ export async function writeOutput(
     }
     // Finished by another run between the check above and taking the lock.
     if (!opts.overwrite && (await exists(o))) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
-    const me: ActiveOutput = { out: o, partial, kind, lock: `${o}.lock`, filesTotal: files.length, filesDone: 0 };
     active.add(me);
     await writeLocked(s, o, partial, kind, files, sideCopies, opts, me, async () => {
       // Test hook: a window in which a test changes the source.
@@ -318,7 +318,7 @@ export async function writeOutput(
     // Test hook: the n-th commit of this process (a command writing two outputs dies between them).
     if (killPoint('after-commit', ++commits)) process.kill(process.pid, 'SIGKILL');
   } finally {
-    for (const a of active) if (a.out === o) active.delete(a);
+    active.delete(me);
     await lock.release();
   }
   return 'written';

@@ -74,9 +74,6 @@ export function outputStem(idOrPath: string): string {
   return kept.join('-') || 'model';
 }
 
-function modelName(idOrPath: string): string {
-  return outputStem(idOrPath);
-}
 
 const DTYPE: ParamSpec = { type: 'string', description: 'weight dtype of the output', default: 'bfloat16', choices: ['bfloat16', 'float16', 'float32'] };
 const COMMON: Record<string, ParamSpec> = {
@@ -107,7 +104,7 @@ const hfToMegatron: Step = {
   },
   async run(p, ctx) {
     const src = await ctx.resolveModel(String(p.hf_model_id), 'all');
-    const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.hf_model_id))}-megatron`);
+    const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(String(p.hf_model_id))}-megatron`);
     return convertHfToMegatron(src, out, {
       dtype: dtypeOf(p),
       tp: p['parallel.tp'] as number,
@@ -139,7 +136,7 @@ const megatronToHf: Step = {
   },
   async run(p, ctx) {
     const ref = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
-    const out = (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(String(p.megatron_path))}-hf`);
+    const out = (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(String(p.megatron_path))}-hf`);
     return convertMegatronToHf(String(p.megatron_path), out, {
       hfModel: ref,
       dtype: p.dtype ? dtypeOf(p) : undefined,
@@ -206,18 +203,18 @@ const mergeLoraStep: Step = {
       if (!p.base_hf_path) throw usage(`${this.name}: backend=hf_peft needs base_hf_path`);
       const { mergeLora } = await import('../plan/lora-convert.js');
       const base = await ctx.resolveModel(String(p.base_hf_path), 'all');
-      const out = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-hf`);
+      const out = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(adapter)}-merged-hf`);
       return mergeLora(base, adapter, out, { ...common, forceBase: p.force_base as boolean });
     }
     if (!p.base_megatron_path) throw usage(`${this.name}: backend=megatron_bridge needs base_megatron_path`);
     const { mergeMbToMegatron, mergeMbToHf } = await import('../plan/lora-mb.js');
     const hfModel = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
     const mbOpts = { ...common, hfModel };
-    const outMeg = (p.output_megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-megatron`);
+    const outMeg = (p.output_megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(adapter)}-merged-megatron`);
     // Two outputs, each committed on its own: a re-run after a kill between them keeps the first.
     const r = await mergeMbToMegatron(String(p.base_megatron_path), adapter, outMeg, { ...mbOpts, reuseComplete: !!p.export_hf });
     if (!p.export_hf) return r;
-    const outHf = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${modelName(adapter)}-merged-hf`);
+    const outHf = (p.output_hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(adapter)}-merged-hf`);
     const h = await mergeMbToHf(String(p.base_megatron_path), adapter, outHf, mbOpts);
     return { ...r, seconds: r.seconds + h.seconds, bytesWritten: r.bytesWritten + h.bytesWritten, outcome: h.outcome, plan: { ...r.plan, notes: [...(r.plan.notes ?? []), ...(r.outcome === 'reused' ? [`kept the finished ${r.plan.target.path} (verified)`] : []), `also exported HF: ${h.plan.target.path}`] } };
   },

@@ -8,17 +8,16 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { chmod, chown, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
+import { runCli } from '../helpers/cli.js';
 import { outputDigest as tree } from '../helpers/tree.js';
 import { writeOutput, type WriteOutputOptions } from '../../src/exec/output.js';
 import type { OutputFile } from '../../src/lazy/types.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
 before(async () => {
@@ -29,14 +28,7 @@ after(async () => {
   await rm(tmp, { recursive: true, force: true });
 });
 
-function run(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
-  return new Promise((res) => {
-    execFile(process.execPath, [cli, ...args], { env: { ...process.env, ...env } }, (err, stdout, stderr) => {
-      const e = err as (Error & { code?: number; signal?: string }) | null;
-      res({ code: e ? (e.code ?? null) : 0, signal: e?.signal ?? null, stdout, stderr });
-    });
-  });
-}
+const run = runCli;
 
 /** A source directory (two data files, one side file) and a plan writing two files from it. */
 async function fixture(name: string): Promise<{ src: string; out: string; files: OutputFile[]; side: Array<{ from: string; to: string }>; opts: WriteOutputOptions }> {

@@ -6,15 +6,15 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
+import { cli, runCli } from '../helpers/cli.js';
 import { RateMeter, clock } from '../../src/cli/progress.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
 before(async () => {
@@ -24,14 +24,7 @@ after(async () => {
   await rm(tmp, { recursive: true, force: true });
 });
 
-function run(args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
-  return new Promise((res) =>
-    execFile(process.execPath, [cli, ...args], { env: { ...process.env, ...env } }, (err, stdout, stderr) => {
-      const e = err as (Error & { code?: number; signal?: string }) | null;
-      res({ code: e ? (e.code ?? null) : 0, signal: e?.signal ?? null, stdout, stderr });
-    }),
-  );
-}
+const run = runCli;
 
 test('clock is h:mm:ss; the rate meter says nothing until it knows, then the smoothed rate', () => {
   assert.equal(clock(0), '0:00');
