@@ -29,7 +29,7 @@ const dir = join(cacheRoot, 'mxfp4', `${id}-${layers}-dense`);
 if (!existsSync(`${dir}.complete`)) {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(join(cacheRoot, 'mxfp4'), { recursive: true });
-  const tensors = h.truncateTensors(await h.publishedTensors(m), layers);
+  const tensors = h.truncateTensors(await h.publishedTensors(m), layers, h.layerCount(published));
   await h.writeSparseCheckpoint(dir, h.truncateConfig(published, layers), tensors, { data: 'holes', denseData: /./, shardBytes: 5e9 });
   writeFileSync(`${dir}.complete`, 'ok');
 }

@@ -15,6 +15,7 @@ import { HF_IGNORED, MEGATRON_IGNORED } from '../models/dense.js';
 import { familyOf } from '../models/registry.js';
 import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from '../models/spec.js';
 import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
+import { targetView } from '../lazy/view.js';
 
 export interface Skipped {
   readonly name: string;
@@ -180,6 +181,7 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   };
   const targets = new Map<string, TargetTensor>();
   const dtypes: DtypeException[] = [];
+  const copied: Skipped[] = [];
   const Vp = paddedVocab(c.vocabSize, opts.makeVocabSizeDivisibleBy, opts.tp);
   for (const g of fam.globalParams(c)) {
     const src = get(g.hf, g.shape);
@@ -187,6 +189,14 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
     const pad = g.kind === 'vocab' && Vp > c.vocabSize;
     const segs = [allRows(src.src), ...(pad ? [zeroRows(Vp - c.vocabSize)] : [])];
     targets.set(g.megatron, toStored(rowConcat(g.megatron, src.src.dtype, g.shape.slice(1), segs, `${g.hf}${pad ? ` + ${Vp - c.vocabSize} zero rows` : ''}`), opts.dtype, g.precision, 'megatron', dtypes));
+    // Copies Megatron keeps once (absent from checkpoints transformers saved): shape-checked, listed as skipped.
+    for (const copy of g.hfCopies ?? []) {
+      const t = hf.tensors.get(copy);
+      if (!t) continue;
+      if (!sameShape(t.shape, g.shape)) throw shapeError(t, g.shape, file);
+      used.add(copy);
+      copied.push({ name: copy, reason: `a copy of ${g.hf} (Megatron keeps one ${g.megatron}; the export writes the copy back from it)`, carriesData: true });
+    }
   }
   for (const { i, prefix, params } of layers(fam, c)) {
     for (const p of params) {
@@ -203,7 +213,7 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   if (missing.length) {
     throw badInput(`${file}: ${missing.length} tensor(s) the config needs are missing: ${missing.slice(0, 8).join(', ')}${missing.length > 8 ? ', …' : ''}`, file, missing[0]);
   }
-  const skipped: Skipped[] = [];
+  const skipped: Skipped[] = [...copied];
   const unmapped: string[] = [];
   const tiedHead = c.tieEmbeddings ? fam.globalParams({ ...c, tieEmbeddings: false }).find((g) => g.megatron === 'output_layer.weight')?.hf : undefined;
   for (const name of hf.tensors.keys()) {
@@ -277,6 +287,8 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
       expect(src, g.shape);
       out.push(toStored(rowConcat(g.hf, src.src.dtype, g.shape.slice(1), [partRows(src, 0, g.shape[0] ?? 1)], src.src.name), opts.dtype, g.precision, 'hf', dtypes));
     }
+    const main = out[out.length - 1]!;
+    for (const copy of g.hfCopies ?? []) out.push(targetView(main, { name: copy, describe: `${main.describe} (copy for ${copy})` }));
   }
   for (const { i, prefix, params } of layers(fam, c)) {
     for (const p of params) {

@@ -21,6 +21,7 @@ import { familyById, familyForHfConfig, familyForMegatron } from '../models/regi
 import { buildExport, fc1Gating, mainDtype } from './map.js';
 import { familyOf } from '../models/registry.js';
 import { targetView } from '../lazy/view.js';
+import type { Family } from '../models/spec.js';
 import { readTextFile } from '../io/file.js';
 
 async function readJson(path: string): Promise<Record<string, unknown>> {
@@ -79,8 +80,10 @@ export function sourceFromTargets(path: string, targets: readonly TargetTensor[]
 }
 
 /** Canonical targets under the names a local-spec (non-TE) model has: unfused norms. */
-export function localSpecNames(targets: ReadonlyMap<string, TargetTensor>, spec: 'te' | 'local'): Map<string, TargetTensor> {
+export function localSpecNames(fam: Family, targets: ReadonlyMap<string, TargetTensor>, spec: 'te' | 'local'): Map<string, TargetTensor> {
   if (spec === 'te') return new Map(targets);
+  const own = fam.localSpecName;
+  if (own) return new Map([...targets].map(([name, t]) => [own(name), own(name) === name ? t : targetView(t, { name: own(name) })]));
   const LOCAL: Array<[RegExp, string]> = [
     [/\.self_attention\.linear_qkv\.layer_norm_weight$/, '.input_layernorm.weight'],
     [/\.mlp\.linear_fc1\.layer_norm_weight$/, '.pre_mlp_layernorm.weight'],
@@ -221,6 +224,8 @@ function configFromMegatron(f: MegatronFields, file: string): ModelConfig {
     if (v === undefined) throw badInput(`${file}: ${f.where} has no ${k}; give --hf-model <reference HF dir>`, file);
     return v;
   };
+  // MLA's sizes (q/kv LoRA ranks, rope/nope head dims) and its router (groups, scaling) live in the HF config.
+  if (f.get('multi_latent_attention') === true) throw badInput(`${file}: a multi-latent-attention (DeepSeek-V3 / Kimi K2) model's config is not rebuilt from ${f.where === 'args' ? 'the training args' : 'run_config.yaml'} yet; give --hf-model <reference HF dir>`, file);
   if (f.hybrid) throw badInput(`${file}: a hybrid (Mamba) model's config is not ${f.where === 'args' ? 'rebuilt from the training args' : 'read from run_config.yaml'} yet; give --hf-model <reference HF dir>`, file);
   const qkNorm = f.get('qk_layernorm') === true;
   const qkvBias = f.get('add_qkv_bias') === true;

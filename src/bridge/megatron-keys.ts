@@ -114,7 +114,7 @@ export function torchDistEntries(fam: Family, c: ModelConfig, targets: ReadonlyM
   const splits = splitParams(fam, c);
   for (const [name, t] of targets) {
     const { key: k, lead, leadShape } = keyOf(name, stacks, E);
-    const key = withPrefix(spec === 'local' ? localSpecKey(k) : k);
+    const key = withPrefix(spec === 'local' ? (fam.localSpecName ?? localSpecKey)(k) : k);
     const split = splitOf(splits, name);
     if (!split) {
       add(key, lead, leadShape, t);

@@ -24,6 +24,8 @@ export interface ModelConfig {
   readonly moe?: MoeConfig;
   /** Hybrid (Mamba / attention / MLP / MoE) layer stacks: megatron-core's MambaModel. */
   readonly hybrid?: HybridConfig;
+  /** Multi-latent attention (DeepSeek-V2/V3, Kimi K2): its low-rank projection sizes, in place of `linear_qkv`. */
+  readonly mla?: MlaConfig;
   /** Multi-token-prediction layers (megatron-core's MTP block, the hub's `mtp.*`), when mapped. */
   readonly mtpLayers?: number;
   /** How the HF checkpoint lays its tensors out where the config does not say (read from its names, recorded in Megatron args). */
@@ -46,6 +48,22 @@ export interface HfLayout {
   readonly mtpExperts?: ExpertLayout;
   /** The text model's name prefix where a family has two (`model.` or `model.language_model.`: a Qwen3.5 causal LM re-saved from a VL checkpoint). */
   readonly textPrefix?: string;
+}
+
+/**
+ * Multi-latent attention's sizes (HF DeepseekV3Config ↔ megatron-core MLATransformerConfig):
+ * queries through a rank-`qLoraRank` bottleneck (or one `q_proj` when absent), keys and values
+ * through a rank-`kvLoraRank` latent plus a shared rope key of `qkRopeHeadDim`.
+ */
+export interface MlaConfig {
+  /** HF q_lora_rank; undefined = a plain `q_proj` (V2-Lite, Moonlight). */
+  readonly qLoraRank?: number;
+  readonly kvLoraRank: number;
+  /** HF qk_nope_head_dim (megatron-core qk_head_dim). */
+  readonly qkNopeHeadDim: number;
+  /** HF qk_rope_head_dim (megatron-core qk_pos_emb_head_dim). */
+  readonly qkRopeHeadDim: number;
+  readonly vHeadDim: number;
 }
 
 export interface MoeConfig {

@@ -85,6 +85,13 @@ export interface GlobalParam {
   readonly kind: 'copy' | 'vocab';
   readonly shape: readonly number[];
   readonly precision?: PrecisionRule;
+  /**
+   * More HF names holding the same tensor, which Megatron keeps once: DeepSeek-V3's MTP layers
+   * carry their own `embed_tokens` / `shared_head.head` copies of the main embedding and head,
+   * where megatron-core's MTP block shares the model's. Skipped (by name) on import, written back
+   * from the one Megatron tensor on export.
+   */
+  readonly hfCopies?: readonly string[];
 }
 
 /**
@@ -153,6 +160,14 @@ export interface Family {
    * experts, a name prefix; MTP layers a config does not record — Qwen3-Next's has no field).
    */
   fromHfNames?(c: ModelConfig, names: readonly string[]): ModelConfig;
+  /** The HF names of the MTP layers' tensors (what `--drop-mtp` leaves out; default `mtp.*`). */
+  mtpHfNames?(c: ModelConfig): RegExp;
+  /**
+   * The name megatron-core's local (TE-free) layer spec gives a canonical parameter, where the
+   * default rule (its `sharded_state_dict_keys_map` folds unfused norms into TE's fused names)
+   * does not hold: MLA layers have no keys map, so their local names are their module names.
+   */
+  localSpecName?(canonical: string): string;
   /** Layer stacks beyond the decoder (MTP, vision tower), in the order their tensors are listed. */
   blocks?(c: ModelConfig): readonly Block[];
   /**

@@ -10,6 +10,7 @@
 import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../formats/mxfp4.js';
+import { fp8SchemeOf, withFp8Dequantized } from '../formats/fp8-block.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron } from '../megatron/checkpoint.js';
 import { iterDirName, type CkptFormat } from '../megatron/run-dir.js';
@@ -113,12 +114,14 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       notes.push('NxD shards read as their HF-named full state, then mapped to Megatron');
     } else {
       cfg = await configFromHfDir(srcPath);
-      // MXFP4 expert weights (GPT-OSS hub checkpoints) read as the bf16 tensors transformers dequantises them to.
-      src = withMxfp4Dequantized(await openCheckpoint(srcPath));
+      // Quantized hub weights (GPT-OSS's MXFP4 experts, DeepSeek-V3's block-scaled FP8) read as the bf16 tensors their references dequantise them to.
+      src = dequantizedSource(await openCheckpoint(srcPath), cfg);
       sideDir = src.root;
+      const recorded = cfg.mtpLayers ?? 0;
       cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()]) ?? cfg;
+      if (recorded > 0 && !cfg.mtpLayers) notes.push(`MTP: the config records ${recorded} layer(s), the checkpoint holds none (transformers saves none): converted without`);
     }
-    const mtp = mtpChoice(cfg, opts, /^mtp\./);
+    const mtp = mtpChoice(cfg, opts, familyOf(cfg).mtpHfNames?.(cfg) ?? /^mtp\./);
     cfg = mtp.cfg;
     notes.push(...mtp.notes);
     const tp = opts.tp ?? 1;
@@ -151,13 +154,15 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       ...(cfg.hfLayout ? { shardshift_hf_layout: JSON.stringify(cfg.hfLayout) } : {}),
     };
     const legacy = opts.ckptFormat === 'torch';
+    // megatron-core's local spec builds MLA's down projections column-parallel, TE's duplicated: rank files differ.
+    if (legacy && cfg.mla && tp > 1 && opts.megatronSpec === 'local') throw unsupported(`--ckpt-format torch --megatron-spec local at --tp ${tp}: the local spec splits MLA's down projections over TP where TE duplicates them, and that split is not written yet; use the TE spec (the default) or torch_dist`);
     // Legacy rank files carry one `swiglu` flag, and their reader splits every fc1 over TP by it.
     if (legacy && fc1Gating(familyOf(cfg), cfg) === 'mixed') throw unsupported(`--ckpt-format torch: ${familyOf(cfg).description} has both gated ([gate; up]) and plain linear_fc1 tensors, and legacy rank files record one swiglu flag for the whole model; use --ckpt-format torch_dist`, srcPath);
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
     const files = fsdp
       ? writeMegatronFsdp(targets, { iteration, files: opts.dcpFiles })
       : legacy
-      ? writeMegatronLegacy(localSpecNames(targets, opts.megatronSpec ?? 'te'), {
+      ? writeMegatronLegacy(localSpecNames(familyOf(cfg), targets, opts.megatronSpec ?? 'te'), {
           tp,
           pp,
           ep,
@@ -207,6 +212,28 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     );
   } finally {
     await (meg?.source ?? src)?.close();
+  }
+}
+
+/** The quantization methods whose weights an HF source is read through (as bf16). */
+const READ_QUANTIZED = ['mxfp4', 'fp8'];
+
+/**
+ * An HF checkpoint with its quantized weights read as bf16 (MXFP4 pairs, FP8 + block scales); a
+ * quantization method shardshift cannot read is refused by name, before anything is planned.
+ */
+function dequantizedSource(src: CheckpointSource, cfg: ModelConfig): CheckpointSource {
+  const hf = cfg.hf ?? {};
+  const q = hf.quantization_config as Record<string, unknown> | undefined | null;
+  const method = q && typeof q === 'object' ? q.quant_method : undefined;
+  if (method !== undefined && !READ_QUANTIZED.includes(method as string)) {
+    throw unsupported(`${join(src.root, 'config.json')}: quantization_config quant_method ${JSON.stringify(method)} is not read (shardshift reads ${READ_QUANTIZED.join(' and ')} weights)`, join(src.root, 'config.json'));
+  }
+  try {
+    return withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(hf, join(src.root, 'config.json')));
+  } catch (e) {
+    void src.close();
+    throw e;
   }
 }
 

@@ -27,6 +27,14 @@ export interface HubFacts {
   readonly mxfp4?: boolean;
   /** Regexes of tensors the hub stores as F32. */
   readonly f32?: readonly string[];
+  /** Regexes of tensors the hub stores as BF16 though transformers keeps them float32. */
+  readonly bf16?: readonly string[];
+  /** DeepSeek-V3's MTP layers (`model.layers.<L + k>`, with embedding and head copies). */
+  readonly deepseekMtp?: number;
+  /** DeepSeek-V3's FP8 weights (F8_E4M3 + `_scale_inv` F32 over [rows, cols] blocks). */
+  readonly fp8Block?: readonly [number, number];
+  /** The transformers model_type the config is read as (Kimi K2's `kimi_k2` is DeepseekV3). */
+  readonly modelType?: string;
 }
 
 export interface PublishedModel {
@@ -73,7 +81,7 @@ export async function publishedTensors(m: PublishedModel): Promise<TensorSpec[]>
   return j.tensors;
 }
 
-const ITEM: Record<string, number> = { F64: 8, F32: 4, BF16: 2, F16: 2, U8: 1, I8: 1, I64: 8, I32: 4, BOOL: 1 };
+const ITEM: Record<string, number> = { F64: 8, F32: 4, BF16: 2, F16: 2, F8_E4M3: 1, U8: 1, I8: 1, I64: 8, I32: 4, BOOL: 1 };
 
 export function tensorBytes(t: TensorSpec): number {
   const size = ITEM[t[1]];
@@ -99,6 +107,8 @@ function layerKinds(cfg: Record<string, unknown>): string[] {
   else if (typeof t.full_attention_interval === 'number') for (let i = 0; i < L; i++) kinds[i] += (i + 1) % t.full_attention_interval === 0 ? '|full' : '|linear';
   if (Array.isArray(t.mlp_only_layers)) for (const i of t.mlp_only_layers as number[]) kinds[i] += '|dense';
   if (typeof t.decoder_sparse_step === 'number' && t.decoder_sparse_step > 1) for (let i = 0; i < L; i++) if ((i + 1) % t.decoder_sparse_step !== 0) kinds[i] += '|dense';
+  // DeepSeek-V3: the first first_k_dense_replace layers have dense MLPs.
+  if (typeof t.first_k_dense_replace === 'number') for (let i = 0; i < Math.min(L, t.first_k_dense_replace); i++) kinds[i] += '|dense';
   return kinds;
 }
 
@@ -168,12 +178,24 @@ export function truncateTensorExperts(tensors: readonly TensorSpec[], from: numb
 
 const DECODER_LAYER = /^(?:model\.language_model|model|backbone)\.layers\.(\d+)\./;
 
-/** The tensor list of the truncated model: decoder layers below `layers`, everything else kept. */
-export function truncateTensors(tensors: readonly TensorSpec[], layers: number): TensorSpec[] {
-  return tensors.filter((t) => {
+/**
+ * The tensor list of the truncated model: decoder layers below `layers`, everything else kept.
+ * Layers numbered after the decoder's `fullLayers` (DeepSeek-V3's MTP layers at
+ * `model.layers.<L + k>`) are kept and renumbered to follow the truncated decoder.
+ */
+export function truncateTensors(tensors: readonly TensorSpec[], layers: number, fullLayers = Infinity): TensorSpec[] {
+  const out: TensorSpec[] = [];
+  for (const t of tensors) {
     const m = DECODER_LAYER.exec(t[0]);
-    return !m || Number(m[1]) < layers;
-  });
+    if (!m || Number(m[1]) < layers) out.push(t);
+    else if (Number(m[1]) >= fullLayers) out.push([t[0].replace(`.layers.${m[1]}.`, `.layers.${layers + Number(m[1]) - fullLayers}.`), t[1], t[2]]);
+  }
+  return out;
+}
+
+/** The decoder's layer count of a config (text part). */
+export function layerCount(cfg: Record<string, unknown>): number {
+  return textOf(cfg).num_hidden_layers as number;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -189,6 +211,15 @@ export interface SparseOptions {
   readonly skipData?: RegExp;
   /** Tensors given data over their whole length (benchmarks of a real per-byte cost). */
   readonly denseData?: RegExp;
+  /** Tensors that hold another's data (DeepSeek-V3's MTP embedding and head copies): their name → the original's. */
+  readonly copyOf?: (name: string) => string | undefined;
+}
+
+/** DeepSeek-V3's MTP layers hold copies of the main embedding and head (`model.layers.<n>.embed_tokens`, `.shared_head.head`). */
+export function deepseekCopies(name: string): string | undefined {
+  if (/^model\.layers\.\d+\.embed_tokens\.weight$/.test(name)) return 'model.embed_tokens.weight';
+  if (/^model\.layers\.\d+\.shared_head\.head\.weight$/.test(name)) return 'lm_head.weight';
+  return undefined;
 }
 
 const WINDOW = 4096;
@@ -304,7 +335,7 @@ export async function writeSparseCheckpoint(dir: string, config: Record<string, 
           const t = shards[s]![k]!;
           if (opts.skipData?.test(t[0]) || opts.denseData?.test(t[0])) continue;
           const item = ITEM[t[1]]!;
-          const rnd = xorshift(hashName(t[0]) ^ (opts.seed ?? 1));
+          const rnd = xorshift(hashName(opts.copyOf?.(t[0]) ?? t[0]) ^ (opts.seed ?? 1));
           for (const [a, b] of dataWindows(tensorBytes(t), item)) {
             const buf = Buffer.alloc(b - a);
             fill(buf, t[1], t[0], t[2].length === 1, rnd);

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { pythonPath, repoRoot } from '../helpers/oracle.js';
 import { configJson } from '../../src/formats/config-json.js';
-import { publishedConfig, publishedModels, publishedTensors, truncateConfig, truncatedLayers, truncateTensors, type TensorSpec } from '../helpers/published.js';
+import { layerCount, publishedConfig, publishedModels, publishedTensors, truncateConfig, truncatedLayers, truncateTensors, type TensorSpec } from '../helpers/published.js';
 
 let tmp: string;
 before(async () => {
@@ -56,7 +56,7 @@ test('every committed tensor list, full and layer-truncated, is what transformer
     assert.deepEqual(committed.map(key), full.map(key), `${m.id}: the committed list is stale (node scripts/published-tensors.mjs)`);
     const cut = (JSON.parse(await readFile(join(tmp, `${m.id}-cut.json`), 'utf8')) as { tensors: TensorSpec[] }).tensors;
     const layers = truncatedLayers(config);
-    assert.deepEqual([...truncateTensors(committed, layers).map(key)].sort(), [...cut.map(key)].sort(), `${m.id}: the ${layers}-layer copy differs from transformers' names for the truncated config`);
+    assert.deepEqual([...truncateTensors(committed, layers, layerCount(config)).map(key)].sort(), [...cut.map(key)].sort(), `${m.id}: the ${layers}-layer copy differs from transformers' names for the truncated config`);
     t.diagnostic(`${m.id}: ${committed.length} tensors; truncated to ${layers} layers: ${cut.length}`);
   }
 });

@@ -24,7 +24,19 @@ For each job:
      = the names of the model's last full-attention decoder layer (vLLM and Megatron-Bridge build
      the MTP layer as a full-attention layer), per-expert as the hub stores them;
    - `f32`: regexes of tensors the hub stores as F32 though transformers would save the load dtype
-     (Qwen3.5's GatedDeltaNet `A_log` and `linear_attn.norm.weight`, vLLM #51836).
+     (Qwen3.5's GatedDeltaNet `A_log` and `linear_attn.norm.weight`, vLLM #51836);
+   - `bf16`: regexes of tensors the hub stores as BF16 though transformers keeps them float32
+     (DeepSeek-V3's router `mlp.gate.weight`: DeepSeek's own `Gate` holds it in the model dtype,
+     only its score-correction bias in float32);
+   - `deepseekMtp: n`: DeepSeek-V3's n MTP layers at `model.layers.<L + k>` (L =
+     num_hidden_layers; transformers builds none): the last decoder layer's names plus `enorm`,
+     `hnorm`, `eh_proj` [H, 2H], `shared_head.norm`, and the layer's own `embed_tokens` and
+     `shared_head.head` [V, H] — the layout DeepSeek's and vLLM's MTP loaders read;
+   - `fp8Block: [br, bc]`: DeepSeek-V3's FP8 layout — every linear weight of attention and MLP
+     (not embeddings, head, norms, router, `eh_proj`) as F8_E4M3, each followed by its
+     `<name>_scale_inv` F32 [ceil(R/br), ceil(C/bc)];
+   - `modelType`: the transformers model_type to read the config as (Kimi K2's config says
+     `kimi_k2`, remote code over DeepseekV3's architecture).
 
 The TypeScript harness (test/helpers/published.ts) writes sparse checkpoints with these lists.
 """
@@ -51,10 +63,12 @@ SAFE_DTYPE = {
 }
 
 
-def load_config(path):
+def load_config(path, model_type=None):
     with open(path) as f:
         raw = json.load(f)
     raw.pop("auto_map", None)  # the native transformers class, never remote code
+    if model_type:
+        raw["model_type"] = model_type
     d = tempfile.mkdtemp()
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(raw, f)
@@ -118,20 +132,60 @@ def mtp(tensors, raw, n):
     return out
 
 
+def deepseek_mtp(tensors, raw, n):
+    """DeepSeek-V3's MTP layers model.layers.<L + k>: the last decoder layer's names and the MTP head tensors."""
+    t = text_config(raw)
+    H, L, V = t["hidden_size"], t["num_hidden_layers"], t["vocab_size"]
+    pat = re.compile(r"^model\.layers\.%d\.(.+)$" % (L - 1))
+    layer = [(m.group(1), shape, dt) for name, shape, dt in tensors for m in [pat.match(name)] if m]
+    out = []
+    for k in range(n):
+        p = f"model.layers.{L + k}"
+        out += [(f"{p}.embed_tokens.weight", [V, H], "BF16"), (f"{p}.enorm.weight", [H], "BF16"), (f"{p}.hnorm.weight", [H], "BF16"),
+                (f"{p}.eh_proj.weight", [H, 2 * H], "BF16")]
+        out += [(f"{p}.{rest}", shape, dt) for rest, shape, dt in layer]
+        out += [(f"{p}.shared_head.norm.weight", [H], "BF16"), (f"{p}.shared_head.head.weight", [V, H], "BF16")]
+    return out
+
+
+FP8_LINEAR = re.compile(
+    r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)"
+    r"|mlp\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj|down_proj))\.weight$")
+
+
+def fp8_block(tensors, block):
+    br, bc = block
+    out = []
+    for name, shape, dt in tensors:
+        if FP8_LINEAR.search(name) and len(shape) == 2:
+            out.append((name, shape, "F8_E4M3"))
+            out.append((name + "_scale_inv", [-(-shape[0] // br), -(-shape[1] // bc)], "F32"))
+        else:
+            out.append((name, shape, dt))
+    return out
+
+
 def names(job):
-    cfg, raw = load_config(job["config"])
     hub = job.get("hub", {})
+    cfg, raw = load_config(job["config"], hub.get("modelType"))
     cls = getattr(transformers, raw["architectures"][0])
     tensors = saved_names(cls, cfg, hub.get("fusedExperts", False))
     if hub.get("mtp"):
         # MTP layers as the hub stores them: per-expert, whatever the main decoder's layout.
         per_expert = saved_names(cls, cfg, False) if hub.get("fusedExperts") else tensors
         tensors = tensors + mtp(per_expert, raw, hub["mtp"])
+    if hub.get("deepseekMtp"):
+        tensors = tensors + deepseek_mtp(tensors, raw, hub["deepseekMtp"])
     if hub.get("mxfp4"):
         tensors = mxfp4(tensors)
     for rx in hub.get("f32", []):
         r = re.compile(rx)
         tensors = [(n, s, "F32" if r.search(n) else d) for n, s, d in tensors]
+    for rx in hub.get("bf16", []):
+        r = re.compile(rx)
+        tensors = [(n, s, "BF16" if r.search(n) else d) for n, s, d in tensors]
+    if hub.get("fp8Block"):
+        tensors = fp8_block(tensors, hub["fp8Block"])
     return {"transformers": transformers.__version__, "architecture": raw["architectures"][0], "tensors": [[n, d, s] for n, s, d in tensors]}
 
 

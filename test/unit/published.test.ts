@@ -33,6 +33,8 @@ import {
   truncatedLayers,
   tensorBytes,
   truncateTensors,
+  layerCount,
+  deepseekCopies,
   writeSparseCheckpoint,
   type CliRun,
   type TensorSpec,
@@ -67,11 +69,13 @@ for (const m of models) {
     const dir = join(tmp, `${m.id}-full`);
     const tensors = await publishedTensors(m);
     const w = await writeSparseCheckpoint(dir, await publishedConfig(m), tensors, { data: 'holes' });
-    // MXFP4 blocks and scales are read as one bf16 tensor: 4 bytes of bf16 per byte of blocks.
-    const scales = tensors.filter((x) => x[0].endsWith('_scales'));
+    // MXFP4 blocks and scales are read as one bf16 tensor (4 bytes of bf16 per byte of blocks), FP8
+    // weights and their block scales as one bf16 tensor (2 bytes per byte).
+    const scales = tensors.filter((x) => x[0].endsWith('_scales') || x[0].endsWith('_scale_inv'));
     const blocks = tensors.filter((x) => x[0].endsWith('_blocks'));
+    const fp8 = tensors.filter((x) => x[1] === 'F8_E4M3');
     const sum = (l: TensorSpec[]): number => l.reduce((n, x) => n + tensorBytes(x), 0);
-    const srcBytes = w.bytes - sum(scales) + 3 * sum(blocks);
+    const srcBytes = w.bytes - sum(scales) + 3 * sum(blocks) + sum(fp8);
     for (const extra of m.dryRuns) {
       const r = await runCli(['convert', '--to', 'megatron', dir, join(tmp, `${m.id}-never`), '--dry-run', '--json', ...extra]);
       assert.equal(r.code, 0, `${extra.join(' ')}: ${r.stderr}`);
@@ -101,7 +105,7 @@ for (const m of models) {
     const E = expertCount(published);
     const keep = FULL ? E : truncatedExperts(published);
     let config = truncateConfig(published, layers);
-    let tensors = truncateTensors(await publishedTensors(m), layers);
+    let tensors = truncateTensors(await publishedTensors(m), layers, layerCount(published));
     if (E !== undefined && keep !== undefined && keep < E) {
       config = truncateConfigExperts(config, keep);
       tensors = truncateTensorExperts(tensors, E, keep);
@@ -114,7 +118,7 @@ for (const m of models) {
     // MXFP4 blocks left zero: the bf16 export of GPT-OSS experts is transposed, and data in every
     // block window would make it dense (GBs of disk); the MXFP4 values are checked bit for bit by
     // test/interop/gptoss.test.ts.
-    await writeSparseCheckpoint(dir, config, tensors, { data: 'windows', shardBytes: 2e9, skipData: /_blocks$/ });
+    await writeSparseCheckpoint(dir, config, tensors, { data: 'windows', shardBytes: 2e9, skipData: /_blocks$/, ...(m.hub.deepseekMtp ? { copyOf: deepseekCopies } : {}) });
     const legacy = m.dryRuns.filter((d) => d.includes('torch') && (FULL || m.ci?.legacy));
     const layouts = [[], ...legacy.map((d) => d.filter((x, i, a) => x !== '--pp' && a[i - 1] !== '--pp'))];
     for (const extra of layouts) {
@@ -127,12 +131,17 @@ for (const m of models) {
       const b = await runCli(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', '256MiB']);
       assert.equal(b.code, 0, `${label} → hf: ${b.stderr}`);
       const d = await compareSafetensorsDirs(dir, back);
-      // MXFP4 sources come back unquantised: X_blocks + X_scales → X (bf16), nothing else changed.
+      // MXFP4 sources come back unquantised: X_blocks + X_scales → X (bf16); FP8 ones likewise, X
+      // (F8_E4M3) + X_scale_inv → X (bf16, same shape); nothing else changed. (The dequantised
+      // values are checked bit for bit against the references by test/interop/gptoss.test.ts and
+      // test/interop/deepseek.test.ts.)
       const mxfp4 = tensors.filter((x) => /_(blocks|scales)$/.test(x[0]));
-      assert.deepEqual(d.missing.sort(), mxfp4.map((x) => x[0]).sort(), `${label}: tensors lost on the way`);
+      const fp8 = tensors.filter((x) => x[1] === 'F8_E4M3');
+      const fp8Scales = tensors.filter((x) => x[0].endsWith('_scale_inv'));
+      assert.deepEqual(d.missing.sort(), [...mxfp4, ...fp8Scales].map((x) => x[0]).sort(), `${label}: tensors lost on the way`);
       assert.deepEqual(d.extra.sort(), [...new Set(mxfp4.map((x) => x[0].replace(/_(blocks|scales)$/, '')))].sort(), `${label}: tensors that were not in the source`);
-      assert.deepEqual(d.differing, [], `${label}: tensors that differ`);
-      assert.equal(d.compared, tensors.length - mxfp4.length);
+      assert.deepEqual(d.differing.sort(), fp8.map((x) => `${x[0]}: F8_E4M3 [${x[2].join(', ')}] vs BF16 [${x[2].join(', ')}]`).sort(), `${label}: tensors that differ`);
+      assert.equal(d.compared, tensors.length - mxfp4.length - fp8.length - fp8Scales.length);
       t.diagnostic(`${label}: ${layers} layers${keep !== E ? `, ${keep} of ${E} experts` : ''}, ${d.compared} tensors, ${(d.bytes / 1e9).toFixed(2)} GB; ${report('HF → Megatron', a)}; ${report('Megatron → HF', b)}`);
       withinBudget(`${label} HF → Megatron`, a, TRUNCATED_BUDGET);
       withinBudget(`${label} Megatron → HF`, b, TRUNCATED_BUDGET);
