@@ -1,0 +1,116 @@
+/**
+ * DeepSeek-V3 (MLA, sigmoid-routed MoE with expert bias and shared experts, a dense prefix, MTP)
+ * against real megatron-core 0.16.1 on CPU and transformers 5.24 (test/oracle/deepseek_oracle.py):
+ *
+ * - tiny random `DeepseekV3ForCausalLM` models (q_lora on / off, 1 / 2 dense layers, 1 / 2 shared
+ *   experts, MTP = 1 with the hub's layer-L layout and embedding / head copies): HF → Megatron
+ *   under TE keys and under the local spec's own names, each strictly loaded by megatron-core
+ *   (`dist_checkpointing.load(strict=RAISE_ALL)`, MTP block included) with transformers' logits
+ *   and the MTP block's output equal to a reference MTP forward; HF → Megatron → HF byte-identical;
+ * - an FP8 checkpoint made by the reference block quantizer: HF → Megatron (bf16) → HF equals the
+ *   reference bf16 dequantisation (Megatron-Bridge's dequantize_fp8_blockwise) byte for byte;
+ * - the exhaustive FP8 table, derived from torch on this run;
+ * - a checkpoint megatron-core saves at EP=2 × TP=2 (with MTP) exports to HF that loads cleanly,
+ *   with megatron-core's logits and every expert at its global index.
+ *
+ * Not exercised on CPU: TransformerEngine's fused MLA / grouped-GEMM kernels, YaRN RoPE (the tiny
+ * models use plain RoPE; the weights do not depend on it), the alltoall dispatcher.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runOracle } from '../helpers/oracle.js';
+import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
+import { openCheckpoint } from '../../src/checkpoints/registry.js';
+import { withFp8Dequantized } from '../../src/formats/fp8-block.js';
+
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-deepseek-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+interface Load {
+  max_abs_diff: number;
+  mtp_loaded: boolean;
+  mtp_forward?: boolean;
+  mtp_max_abs_diff?: number;
+}
+
+for (const [c, mtp] of [['v3', true], ['v3_noq', false]] as const) {
+  test(`${c}: megatron-core strictly loads the MLA checkpoint (TE keys and local-spec names${mtp ? ', MTP block' : ''}) with transformers' logits; HF → Megatron → HF is byte-identical`, async () => {
+    const hf = join(tmp, c);
+    await runOracle('deepseek_oracle.py', ['make', hf, c]);
+    for (const spec of ['te', 'local'] as const) {
+      const meg = join(tmp, `${c}.${spec}`);
+      await convertHfToMegatron(hf, meg, { dtype: 'F32', megatronSpec: spec });
+      const r = JSON.parse(await runOracle('deepseek_oracle.py', ['load', join(meg, 'iter_0000000'), hf, ...(mtp ? ['--mtp'] : []), ...(spec === 'local' ? ['--local-names'] : [])])) as Load;
+      assert.ok(r.max_abs_diff < 1e-5, `${spec}: megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+      if (mtp) {
+        assert.equal(r.mtp_loaded, true);
+        assert.equal(r.mtp_forward, true);
+        assert.ok(r.mtp_max_abs_diff! < 1e-5, `${spec}: MTP block output differs by ${r.mtp_max_abs_diff}`);
+      }
+      const back = `${meg}.back`;
+      await convertMegatronToHf(meg, back, {});
+      assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${spec}: round trip is not byte-identical`);
+    }
+  });
+}
+
+test('FP8 block-scaled checkpoint → Megatron (bf16) → HF equals the reference dequantisation byte for byte, config without quantization_config', async () => {
+  const hf = join(tmp, 'fp8');
+  await runOracle('deepseek_oracle.py', ['make', hf, 'v3_fp8']);
+  const meg = `${hf}.meg`;
+  await convertHfToMegatron(hf, meg, {});
+  const back = `${hf}.back`;
+  await convertMegatronToHf(meg, back, {});
+  assert.ok((await readFile(join(`${hf}.ref`, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'not the reference bf16 bytes');
+  const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as Record<string, unknown>;
+  assert.equal(cfg.quantization_config, undefined);
+  const r = JSON.parse(await runOracle('deepseek_oracle.py', ['compare', back, `${hf}.ref`])) as { max_abs_diff: number; missing_a: string[]; unexpected_a: string[] };
+  assert.deepEqual([r.missing_a, r.unexpected_a, r.max_abs_diff], [[], [], 0]);
+});
+
+test('the exhaustive FP8 table derived from torch on this run: every byte value under every edge scale, bit for bit', async () => {
+  const dir = join(tmp, 'table');
+  await runOracle('deepseek_oracle.py', ['fp8_table', dir]);
+  const view = withFp8Dequantized(await openCheckpoint(join(dir, 'fp8.safetensors')), { blockRows: 128, blockCols: 128 });
+  const ref = await openCheckpoint(join(dir, 'ref.safetensors'));
+  for (const n of ['w', 'v']) {
+    const a = view.tensors.get(n)!;
+    const b = ref.tensors.get(n)!;
+    const x = new Uint8Array(a.byteLength);
+    const y = new Uint8Array(b.byteLength);
+    await a.read({ start: [0, 0], size: [...a.shape] }, x);
+    await b.read({ start: [0, 0], size: [...b.shape] }, y);
+    assert.ok(Buffer.from(x).equals(Buffer.from(y)), `${n}: differs from torch's dequantisation`);
+  }
+  await view.close();
+  await ref.close();
+});
+
+test('megatron-core DeepSeek-V3 saved at EP=2 × TP=2 with MTP → HF: clean load, megatron-core logits (and MTP output), every expert at its global index', async () => {
+  const run = join(tmp, 'saved-v3-ep2-tp2');
+  await runOracle('deepseek_oracle.py', ['save', run, 'v3', '--ep', '2', '--tp', '2', '--mtp'], { timeoutMs: 300_000 });
+  const hf = `${run}.hf`;
+  await convertMegatronToHf(run, hf, { hfModel: join(run, 'hf_ref'), dtype: 'F32' });
+  const r = JSON.parse(await runOracle('deepseek_oracle.py', ['check_hf', hf, run])) as {
+    max_abs_diff: number;
+    missing: string[];
+    unexpected: string[];
+    experts_checked: number;
+    experts_misplaced: string[];
+    mtp_copies_exact: boolean;
+    mtp_max_abs_diff: number;
+  };
+  assert.deepEqual([r.missing, r.unexpected, r.experts_misplaced], [[], [], []]);
+  assert.equal(r.experts_checked, 24);
+  assert.equal(r.mtp_copies_exact, true);
+  assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff}`);
+  assert.ok(r.mtp_max_abs_diff < 1e-5, `MTP output differs from megatron-core's by ${r.mtp_max_abs_diff}`);
+});
