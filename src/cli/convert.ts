@@ -28,7 +28,7 @@ interface Flags {
   hfModel?: string;
   allowUnmapped?: boolean;
   dropMtp?: boolean;
-  quantize?: 'mxfp4';
+  quantize?: 'mxfp4' | 'fp8';
   ckptFormat: CkptFormat;
   megatronSpec: 'te' | 'local';
   from?: FormatName;

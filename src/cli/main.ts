@@ -65,7 +65,7 @@ function program(): Command {
     .option('--xser', 'nxd: write xser shards (tensors in <shard>.tensors/tensor_N.pt)')
     .option('--hw-backend <trn1|trn2>', 'nxd: Q-head order of --qkv-linear (trn1 grouped per KV head, trn2 contiguous); default trn1')
     .option('--allow-unmapped', 'megatron/hf: skip source tensors the model map has no place for (listed) instead of failing')
-    .addOption(new Option('--quantize <method>', 'hf: write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, bit for bit as transformers\' quantize_to_mxfp4)').choices(['mxfp4']))
+    .addOption(new Option('--quantize <method>', 'hf: write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, bit for bit as transformers\' quantize_to_mxfp4; fp8: DeepSeek-V3\'s 128×128 block-scaled e4m3 weights, as Megatron-Bridge\'s block quantizer)').choices(['mxfp4', 'fp8']))
     .option('--drop-mtp', 'megatron/hf: leave the multi-token-prediction layers (mtp.*) out on purpose (listed in the plan)')
     .option('--overwrite', 'replace an existing output (the source is never touched)')
     .option('--hash-source', 'record full SHA-256s of the source files in the manifest (default: first and last MiB)')

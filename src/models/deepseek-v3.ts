@@ -171,6 +171,13 @@ export const deepseekV3: Family = {
   architectures: ['DeepseekV3ForCausalLM', 'DeepseekV32ForCausalLM'],
   modelType: 'deepseek_v3',
   description: 'DeepSeek-V3 / R1, Kimi K2, Moonlight (MLA, MoE, MTP; FP8 block-scaled weights read as bf16)',
+  // deepseek-ai/DeepSeek-V3's config.json, as published: every linear of attention and MLP in FP8
+  // (not the embeddings, head, norms, router or the MTP eh_proj).
+  hubQuantized: {
+    method: 'fp8',
+    tensors: /\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)|mlp\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj|down_proj))\.weight$/,
+    quantizationConfig: { activation_scheme: 'dynamic', fmt: 'e4m3', quant_method: 'fp8', weight_block_size: [128, 128] },
+  },
   // megatron-core keys layers one by one whenever moe_layer_freq is a list, which Megatron-Bridge always passes.
   keying: () => 'per-layer',
   fromHf(cfg, file): ModelConfig {

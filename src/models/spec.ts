@@ -182,7 +182,7 @@ export interface Family {
    * writes back so: the method, the weights (by HF name) and the config.json
    * `quantization_config` the hub carries with them.
    */
-  readonly hubQuantized?: { readonly method: 'mxfp4'; readonly tensors: RegExp; readonly quantizationConfig: Readonly<Record<string, unknown>> };
+  readonly hubQuantized?: { readonly method: 'mxfp4' | 'fp8'; readonly tensors: RegExp; readonly quantizationConfig: Readonly<Record<string, unknown>> };
   /**
    * Whether a Megatron checkpoint that records no HF config is this family's (`models/registry.ts`
    * familyForMegatron): `provider` when Megatron-Bridge's provider class names it, `features` when

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { openCheckpoint } from '../checkpoints/registry.js';
 import { withMxfp4Dequantized } from '../formats/mxfp4.js';
 import { fp8SchemeOf, withFp8Dequantized } from '../formats/fp8-block.js';
+import { packQuantizedSchemeOf, withInt4Dequantized } from '../formats/pack-quantized.js';
 import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron } from '../megatron/checkpoint.js';
 import { iterDirName, type CkptFormat } from '../megatron/run-dir.js';
@@ -19,6 +20,8 @@ import { writeMegatronFsdp } from '../megatron/fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import { configJson, parseConfigJson, withoutTopLevelKey } from '../formats/config-json.js';
 import { mxfp4Pair } from '../tensor/mxfp4-quantize.js';
+import type { Family } from '../models/spec.js';
+import { fp8BlockPair } from '../tensor/fp8-block-quantize.js';
 import { castTo, asProduced } from '../lazy/expr.js';
 import type { CheckpointSource } from '../formats/types.js';
 import type { TargetTensor } from '../lazy/types.js';
@@ -56,7 +59,7 @@ export interface ModelConvertOptions {
   /** Leave the multi-token-prediction layers out on purpose (listed in the plan). */
   dropMtp?: boolean;
   /** Exports: write the weights the family's hub checkpoints store quantized in that layout (GPT-OSS: mxfp4). */
-  quantize?: 'mxfp4';
+  quantize?: 'mxfp4' | 'fp8';
   /** Reading an NxD source: its layout flags (as the NxD converter names them). */
   nxd?: import('./nxd-convert.js').NxdConvertOptions;
   maxMemory?: number;
@@ -115,7 +118,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     } else {
       cfg = await configFromHfDir(srcPath);
       // Quantized hub weights (GPT-OSS's MXFP4 experts, DeepSeek-V3's block-scaled FP8) read as the bf16 tensors their references dequantise them to.
-      src = dequantizedSource(await openCheckpoint(srcPath), cfg);
+      src = await dequantizedSource(await openCheckpoint(srcPath), cfg);
       sideDir = src.root;
       const recorded = cfg.mtpLayers ?? 0;
       cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()]) ?? cfg;
@@ -216,23 +219,25 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
 }
 
 /** The quantization methods whose weights an HF source is read through (as bf16). */
-const READ_QUANTIZED = ['mxfp4', 'fp8'];
+const READ_QUANTIZED = ['mxfp4', 'fp8', 'compressed-tensors'];
 
 /**
- * An HF checkpoint with its quantized weights read as bf16 (MXFP4 pairs, FP8 + block scales); a
- * quantization method shardshift cannot read is refused by name, before anything is planned.
+ * An HF checkpoint with its quantized weights read as their references dequantise them (MXFP4
+ * pairs, FP8 + block scales, compressed-tensors INT4 triplets); a quantization method shardshift
+ * cannot read is refused by name, before anything is planned.
  */
-function dequantizedSource(src: CheckpointSource, cfg: ModelConfig): CheckpointSource {
+async function dequantizedSource(src: CheckpointSource, cfg: ModelConfig): Promise<CheckpointSource> {
   const hf = cfg.hf ?? {};
+  const file = join(src.root, 'config.json');
   const q = hf.quantization_config as Record<string, unknown> | undefined | null;
   const method = q && typeof q === 'object' ? q.quant_method : undefined;
-  if (method !== undefined && !READ_QUANTIZED.includes(method as string)) {
-    throw unsupported(`${join(src.root, 'config.json')}: quantization_config quant_method ${JSON.stringify(method)} is not read (shardshift reads ${READ_QUANTIZED.join(' and ')} weights)`, join(src.root, 'config.json'));
-  }
   try {
-    return withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(hf, join(src.root, 'config.json')));
+    if (method !== undefined && !READ_QUANTIZED.includes(method as string)) {
+      throw unsupported(`${file}: quantization_config quant_method ${JSON.stringify(method)} is not read (shardshift reads ${READ_QUANTIZED.join(', ')} weights)`, file);
+    }
+    return await withInt4Dequantized(withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(hf, file)), packQuantizedSchemeOf(hf, file));
   } catch (e) {
-    void src.close();
+    await src.close();
     throw e;
   }
 }
@@ -300,10 +305,11 @@ async function exportedConfig(path: string, cfg: ModelConfig, quantize: ModelCon
  * quantized pair (MXFP4: `X_blocks`, `X_scales`, as transformers' quantize_to_mxfp4 makes them
  * from `X.to(bfloat16)`).
  */
-function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], method: 'mxfp4', notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>): TargetTensor[] {
+function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], method: 'mxfp4' | 'fp8', notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>): TargetTensor[] {
   const fam = familyOf(cfg);
   const hq = fam.hubQuantized;
-  if (!hq || hq.method !== method) throw usage(`--quantize ${method}: ${fam.description} has no ${method} hub layout (GPT-OSS's experts are the MXFP4 weights shardshift writes)`);
+  if (!hq || hq.method !== method) throw usage(`--quantize ${method}: ${fam.description} has no ${method} hub layout (shardshift writes GPT-OSS's MXFP4 experts and DeepSeek-V3's block FP8 weights)`);
+  if (method === 'fp8') return fp8Export(tensors, hq, notes, dtypes, fam.description);
   let n = 0;
   const out = tensors.flatMap((t): TargetTensor[] => {
     if (!hq.tensors.test(t.name)) return [t];
@@ -318,6 +324,26 @@ function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], met
   });
   if (n === 0) throw badInput(`--quantize ${method}: the export holds none of the weights ${fam.description} quantizes (${hq.tensors.source})`);
   notes.push(`MXFP4: ${n} expert weights quantised from bf16 as transformers' quantize_to_mxfp4 (blocks and scales each read the bf16 rows)`);
+  return out;
+}
+
+/** The weights DeepSeek-V3's hub stores in block FP8, quantized back as the reference quantizer does (`tensor/fp8-block-quantize.ts`). */
+function fp8Export(tensors: readonly TargetTensor[], hq: NonNullable<Family['hubQuantized']>, notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>, what: string): TargetTensor[] {
+  const [br, bc] = hq.quantizationConfig.weight_block_size as [number, number];
+  const why = `FP8 e4m3 with ${br}×${bc} block scales (--quantize fp8), as Megatron-Bridge's _quantize_fp8_2d_blocks`;
+  let n = 0;
+  const out = tensors.flatMap((t): TargetTensor[] => {
+    if (!hq.tensors.test(t.name)) return [t];
+    n++;
+    const pair = fp8BlockPair(asProduced(castTo(t, 'BF16')), br, bc);
+    dtypes.push({ name: t.name, dtype: 'F8_E4M3', reason: why }, { name: `${t.name}_scale_inv`, dtype: 'F32', reason: why });
+    return [
+      { kind: 'produced', name: t.name, dtype: 'F8_E4M3', shape: t.shape, byteLength: numelOf(t.shape), describe: `fp8 e4m3(${t.describe})`, produce: pair.weight },
+      { kind: 'produced', name: `${t.name}_scale_inv`, dtype: 'F32', shape: pair.scalesShape, byteLength: numelOf(pair.scalesShape) * 4, describe: `fp8 block scales(${t.describe})`, produce: pair.scales },
+    ];
+  });
+  if (n === 0) throw badInput(`--quantize fp8: the export holds none of the weights ${what} quantizes (${hq.tensors.source})`);
+  notes.push(`FP8: ${n} weights quantised from bf16 in ${br}×${bc} blocks as Megatron-Bridge's block quantizer (weights and scales each read the bf16 block rows)`);
   return out;
 }
 

@@ -131,7 +131,7 @@ const megatronToHf: Step = {
     hf_model_id: { type: 'string', description: 'original HF model id or directory: config, generation config and tokenizer to carry (default: the ones recorded in the checkpoint)', default: null },
     hf_path: { type: 'string', description: 'output HF directory (default: <output base>/<checkpoint>-hf)', default: null },
     dtype: { ...DTYPE, default: null, description: 'weight dtype of the output (default: the HF config\'s torch_dtype, else bfloat16)' },
-    quantize: { type: 'string', description: 'write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, as transformers\' quantize_to_mxfp4)', default: null, choices: ['mxfp4'] },
+    quantize: { type: 'string', description: 'write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, as transformers\' quantize_to_mxfp4; fp8: DeepSeek-V3\'s block-scaled weights)', default: null, choices: ['mxfp4', 'fp8'] },
     ...COMMON,
   },
   async run(p, ctx) {
@@ -140,7 +140,7 @@ const megatronToHf: Step = {
     return convertMegatronToHf(String(p.megatron_path), out, {
       hfModel: ref,
       dtype: p.dtype ? dtypeOf(p) : undefined,
-      quantize: (p.quantize as 'mxfp4' | null) ?? undefined,
+      quantize: (p.quantize as 'mxfp4' | 'fp8' | null) ?? undefined,
       allowUnmapped: p.allow_unmapped as boolean,
       maxMemory: p.max_memory as number,
       overwrite: p.overwrite as boolean,
