@@ -77,6 +77,38 @@ test('FP8 block-scaled checkpoint → Megatron (bf16) → HF equals the referenc
   assert.deepEqual([r.missing_a, r.unexpected_a, r.max_abs_diff], [[], [], 0]);
 });
 
+test('--quantize fp8 writes the hub FP8 layout back exactly as the reference block quantizer; an FP8 → bf16 → FP8 round trip keeps every e4m3 byte', async (t) => {
+  const hf = join(tmp, 'fp8');
+  const meg = `${hf}.meg`;
+  const q = `${hf}.q`;
+  await convertMegatronToHf(meg, q, { quantize: 'fp8' });
+  const expect = `${hf}.expect`;
+  await runOracle('fp8_oracle.py', ['quantize', `${hf}.ref`, expect]);
+  // Tensor by tensor (the two writers order tensors differently): names, dtypes, shapes, bytes.
+  const a = await openCheckpoint(join(q, 'model.safetensors'));
+  const b = await openCheckpoint(join(expect, 'model.safetensors'));
+  assert.deepEqual([...a.tensors.keys()].sort(), [...b.tensors.keys()].sort());
+  for (const [n, x] of a.tensors) {
+    const y = b.tensors.get(n)!;
+    assert.deepEqual([x.dtype, x.shape], [y.dtype, y.shape], n);
+    const bx = new Uint8Array(x.byteLength);
+    const by = new Uint8Array(y.byteLength);
+    await x.read({ start: x.shape.map(() => 0), size: [...x.shape] }, bx);
+    await y.read({ start: y.shape.map(() => 0), size: [...y.shape] }, by);
+    assert.ok(Buffer.from(bx).equals(Buffer.from(by)), `${n}: differs from the reference quantizer`);
+  }
+  await a.close();
+  await b.close();
+  const cfg = JSON.parse(await readFile(join(q, 'config.json'), 'utf8')) as { quantization_config: unknown };
+  assert.deepEqual(cfg.quantization_config, { activation_scheme: 'dynamic', fmt: 'e4m3', quant_method: 'fp8', weight_block_size: [128, 128] });
+  // Against the original FP8 checkpoint: every scale is recomputed from the bf16 block maximum
+  // (the original came from float32 weights), so scales differ in their low bits; the e4m3 codes
+  // do not move (a relative scale change far below half an e4m3 step).
+  const r = JSON.parse(await runOracle('fp8_oracle.py', ['blocks', hf, q])) as { blocks: number; blocks_scale_differs: number; blocks_bytes_differ: number; values_differ: number };
+  t.diagnostic(`FP8 → bf16 → FP8: ${r.blocks} blocks, ${r.blocks_scale_differs} with a different scale, ${r.blocks_bytes_differ} with different e4m3 bytes (${r.values_differ} values)`);
+  assert.equal(r.blocks_bytes_differ, 0);
+});
+
 test('the exhaustive FP8 table derived from torch on this run: every byte value under every edge scale, bit for bit', async () => {
   const dir = join(tmp, 'table');
   await runOracle('deepseek_oracle.py', ['fp8_table', dir]);
