@@ -69,8 +69,12 @@ for (const m of await h.publishedModels()) {
   // Names, shapes and dtypes: the sparse sources are holes, so their bytes (zeros) prove nothing here.
   const d = await h.compareSafetensorsDirs(dir, back, { bytes: false });
   const mxfp4 = requantized ? 0 : tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).length;
-  const ok = d.differing.length === 0 && d.missing.length === mxfp4 && d.compared === tensors.length - mxfp4;
-  const bytes = d.bytes + (requantized ? 0 : tensors.filter((t) => /_(blocks|scales)$/.test(t[0])).reduce((n, t) => n + h.tensorBytes(t), 0));
+  // FP8 weights come back as bf16 of the same shape (their scales gone) unless re-quantized.
+  const fp8 = requantized ? [] : tensors.filter((t) => t[1] === 'F8_E4M3');
+  const fp8Scales = requantized ? 0 : tensors.filter((t) => t[0].endsWith('_scale_inv')).length;
+  const expected = new Set(fp8.map((t) => `${t[0]}: F8_E4M3 [${t[2].join(', ')}] vs BF16 [${t[2].join(', ')}]`));
+  const ok = d.differing.every((x) => expected.has(x)) && d.differing.length === fp8.length && d.missing.length === mxfp4 + fp8Scales && d.compared === tensors.length - mxfp4 - fp8.length - fp8Scales;
+  const bytes = d.bytes + (requantized ? 0 : tensors.filter((t) => /_(blocks|scales)$/.test(t[0]) || t[0].endsWith('_scale_inv') || t[1] === 'F8_E4M3').reduce((n, t) => n + h.tensorBytes(t), 0));
   rows.push({ model: m.id, repo: m.repo, tensors: tensors.length, bytes, toMegatron: a, toHf: b, roundTrip: ok ? 'names, shapes, dtypes equal' : `DIFFERS: ${d.differing.slice(0, 3).join('; ')}` });
   log(`  → megatron ${a.seconds} s, ${(a.rss / MiB).toFixed(0)} MiB; → hf ${b.seconds} s, ${(b.rss / MiB).toFixed(0)} MiB; ${rows.at(-1).roundTrip}`);
   rmSync(meg, { recursive: true, force: true });

@@ -14,7 +14,7 @@ import type { Box } from '../tensor/layout.js';
 import { castBytes } from '../tensor/cast.js';
 import { dequantFp8Block } from '../tensor/fp8-block.js';
 
-/** Staging per slice (fp8 bytes; the float32 scratch is 4× this). */
+/** Staging per slice (fp8 bytes). */
 const SLICE_BYTES = 1 << 20;
 
 /** The block grid of an FP8 checkpoint, from its `quantization_config`. */
@@ -89,7 +89,6 @@ export class Fp8BlockTensor implements SourceTensor {
     const outer = numelOf(box.size.slice(0, n));
     const step = Math.max(1, Math.min(rn, Math.floor(SLICE_BYTES / cn)));
     const q = new Uint8Array(step * cn);
-    const f32 = new Float32Array(step * cn);
     const cb0 = Math.floor(c0 / bc);
     const sCols = Math.floor((c0 + cn - 1) / bc) - cb0 + 1;
     const idx = box.start.slice(0, n);
@@ -112,7 +111,7 @@ export class Fp8BlockTensor implements SourceTensor {
         const qs = q.subarray(0, rk * cn);
         await this.weight.read({ start: [...idx, rs, c0], size: [...one, rk, cn] }, qs);
         const at = (o * rn + ra) * cn * 2;
-        dequantFp8Block(qs, rk, cn, rs, c0, br, bc, sc, sCols, f32, out.subarray(at, at + rk * cn * 2));
+        dequantFp8Block(qs, rk, cn, rs, c0, br, bc, sc, sCols, out.subarray(at, at + rk * cn * 2));
       }
     }
   }
@@ -129,7 +128,7 @@ export function withFp8Dequantized(src: CheckpointSource, scheme: Fp8BlockScheme
   if (!fp8.length && !scaleNames.length) return src;
   if (!scheme) {
     const t = fp8[0] ?? src.tensors.get(scaleNames[0]!)!;
-    throw badInput(`${t.name}: the checkpoint holds FP8 weights or block scales, but config.json has no quantization_config naming their block size ({"quant_method": "fp8", "weight_block_size": [128, 128]})`, src.path, t.name);
+    throw badInput(`${t.name}: the checkpoint holds FP8 weights or block scales, but config.json has no FP8 quantization_config naming their block size ({"quant_method": "fp8", "weight_block_size": [128, 128]})`, src.path, t.name);
   }
   const tensors = new Map<string, SourceTensor>();
   for (const [n, t] of src.tensors) {

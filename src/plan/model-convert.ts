@@ -235,7 +235,10 @@ async function dequantizedSource(src: CheckpointSource, cfg: ModelConfig): Promi
     if (method !== undefined && !READ_QUANTIZED.includes(method as string)) {
       throw unsupported(`${file}: quantization_config quant_method ${JSON.stringify(method)} is not read (shardshift reads ${READ_QUANTIZED.join(', ')} weights)`, file);
     }
-    return await withInt4Dequantized(withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(hf, file)), packQuantizedSchemeOf(hf, file));
+    // Every scheme is read from the config first, so a config shardshift cannot read is what is reported.
+    const fp8 = fp8SchemeOf(hf, file);
+    const int4 = packQuantizedSchemeOf(hf, file);
+    return await withInt4Dequantized(withFp8Dequantized(withMxfp4Dequantized(src), fp8), int4);
   } catch (e) {
     await src.close();
     throw e;

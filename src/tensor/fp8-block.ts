@@ -23,27 +23,30 @@ const E4M3: Float32Array = (() => {
 })();
 
 /**
+ * The bf16 bits of every e4m3 byte times `scale` (256 entries): one block's whole dequantisation,
+ * computed once per block and looked up per value (the same arithmetic as per value, see above).
+ */
+function blockTable(scale: number, f32: Float32Array, t16: Uint16Array): void {
+  for (let b = 0; b < 256; b++) f32[b] = E4M3[b]! * scale;
+  castBytes(new Uint8Array(f32.buffer, f32.byteOffset, 1024), 'F32', 'BF16', new Uint8Array(t16.buffer, t16.byteOffset, 512));
+}
+
+/**
  * Dequantises rows of a box: `q` holds `rows × cols` e4m3 bytes (row-major) of a weight whose
  * block grid is `br × bc`; the box starts at weight row `r0`, column `c0`; `scales` holds the
  * box's block scales row-major over `[sRows, sCols]` with block (r0/br, c0/bc) first. Writes
- * `rows × cols` bf16 values into `out` (2 bytes each, little-endian). `f32` is scratch of at
- * least rows × cols floats.
+ * `rows × cols` bf16 values into `out` (2 bytes each, little-endian).
  */
-export function dequantFp8Block(
-  q: Uint8Array,
-  rows: number,
-  cols: number,
-  r0: number,
-  c0: number,
-  br: number,
-  bc: number,
-  scales: Float32Array,
-  sCols: number,
-  f32: Float32Array,
-  out: Uint8Array,
-): void {
+export function dequantFp8Block(q: Uint8Array, rows: number, cols: number, r0: number, c0: number, br: number, bc: number, scales: Float32Array, sCols: number, out: Uint8Array): void {
   const rb0 = Math.floor(r0 / br);
   const cb0 = Math.floor(c0 / bc);
+  const sRows = Math.floor((r0 + rows - 1) / br) - rb0 + 1;
+  // One 256-entry table per block the box touches.
+  const tables = new Uint16Array(sRows * sCols * 256);
+  const f32 = new Float32Array(256);
+  for (let k = 0; k < sRows * sCols; k++) blockTable(scales[k]!, f32, tables.subarray(k * 256, (k + 1) * 256));
+  const aligned = out.byteOffset % 2 === 0;
+  const o16 = aligned ? new Uint16Array(out.buffer, out.byteOffset, rows * cols) : new Uint16Array(rows * cols);
   for (let r = 0; r < rows; r++) {
     const srow = (Math.floor((r0 + r) / br) - rb0) * sCols;
     const base = r * cols;
@@ -51,9 +54,9 @@ export function dequantFp8Block(
     while (c < cols) {
       const cb = Math.floor((c0 + c) / bc);
       const end = Math.min(cols, (cb + 1) * bc - c0);
-      const s = scales[srow + cb - cb0]!;
-      for (; c < end; c++) f32[base + c] = E4M3[q[base + c]!]! * s;
+      const t = (srow + cb - cb0) * 256;
+      for (; c < end; c++) o16[base + c] = tables[t + q[base + c]!]!;
     }
   }
-  castBytes(new Uint8Array(f32.buffer, f32.byteOffset, rows * cols * 4), 'F32', 'BF16', out);
+  if (!aligned) out.set(new Uint8Array(o16.buffer, 0, rows * cols * 2));
 }

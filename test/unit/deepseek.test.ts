@@ -81,7 +81,7 @@ test('block scales whose weight is not FP8, and FP8 weights without a quantizati
   const { quantization_config: _q, ...bare } = config;
   const b = await convert(bare, tensors);
   assert.equal(b.code, 1, b.stderr);
-  assert.match(b.stderr, /holds FP8 weights or block scales, but config\.json has no quantization_config/);
+  assert.match(b.stderr, /holds FP8 weights or block scales, but config\.json has no FP8 quantization_config/);
 });
 
 test('a quantization_config shardshift does not read is refused by its method name', async () => {
@@ -127,4 +127,17 @@ test('DeepSeek-V3.2 is refused by name: its sparse-attention indexer has no Mega
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr, /DeepSeek-V3\.2's sparse-attention indexer \(self_attn\.indexer\.wq_b, wk, k_norm, weights_proj\) has no Megatron mapping yet/);
   assert.ok(await absent(r.out));
+});
+
+test('the Kimi K2.5 multimodal wrapper is refused by name, saying what would map and what is missing', async () => {
+  const r = await convert({ architectures: ['KimiK25ForConditionalGeneration'], model_type: 'kimi_k25', text_config: config }, tensors);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /Kimi K2\.5's multimodal wrapper is not converted yet: its text branch .* carrying its vision tower \(vision_tower\.\*, mm_projector\.\*\) through Megatron is not written/);
+  assert.ok(await absent(r.out));
+});
+
+test('compressed-tensors schemes other than pack-quantized INT4 are refused by name before anything is planned', async () => {
+  const r = await convert({ ...config, quantization_config: { quant_method: 'compressed-tensors', format: 'float-quantized', config_groups: {} } }, tensors);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /compressed-tensors format "float-quantized"; shardshift reads pack-quantized symmetric INT4 weights/);
 });
