@@ -193,8 +193,10 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
       // Non-expert weights are replicated over EP ranks, whole experts (etp 1) over TP ranks.
       if (!ex && r.ep !== 0) continue;
       if (ex && etp === 1 && r.tp !== 0) continue;
-      const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(ex ? `${ex.before}${r.ep * perEp + ex.expert}${ex.after}` : l.name);
-      const global = m ? `decoder.layers.${stageLayers(stageCount * pp, pp, r.pp).first + Number(m[1])}.${m[2]}` : l.name;
+      // Experts by global index (the decoder's and the MTP layers' alike), then layers by global number.
+      const byGlobalExpert = ex ? `${ex.before}${r.ep * perEp + ex.expert}${ex.after}` : l.name;
+      const m = /^decoder\.layers\.(\d+)\.(.+)$/.exec(byGlobalExpert);
+      const global = m ? `decoder.layers.${stageLayers(stageCount * pp, pp, r.pp).first + Number(m[1])}.${m[2]}` : byGlobalExpert;
       // Outside the layers, each stage may hold its own copy (e.g. a tied embedding on the last
       // stage): the first stage's wins, the others must agree in shape.
       if (!m && groups.has(global) && groups.get(global)!.some((g) => g.r.pp !== r.pp)) continue;
@@ -294,6 +296,8 @@ export interface LegacyWriteOptions {
   readonly args: Record<string, PyValue>;
   /** Modules whose `_extra_state` entry (None) the live model expects, per layer. */
   readonly extraStateModules: (layer: number) => readonly string[];
+  /** The same for the layer stacks beyond the decoder (MTP), by full name; on the last stage. */
+  readonly blockExtraState?: readonly string[];
 }
 
 /**
@@ -339,6 +343,11 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           const onFirst = name.startsWith('embedding.');
           if ((onFirst && p !== 0) || (!onFirst && p !== pp - 1)) continue;
           local = name;
+          // The MTP layers' experts (last stage) are split over EP ranks like the decoder's.
+          if (ex) {
+            if (Math.floor(ex.expert / perRank) !== e) continue;
+            local = `${ex.before}${ex.expert - e * perRank}${ex.after}`;
+          }
         }
         const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gateUp(name));
         const renamed = targetView(g, { name: local });
@@ -359,13 +368,13 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           put(local, concatRows(local, [sliceTarget(g, 0, t * n, n), sliceTarget(g, 0, half + t * n, n)]));
         }
       }
-      for (let l = 0; l < count; l++) {
-        for (const mod of opts.extraStateModules(first + l)) {
-          const ex = expertOf(`decoder.layers.${l}.${mod}`);
-          if (ex && Math.floor(ex.expert / perRank) !== e) continue;
-          model.set(ex ? `${ex.before}${ex.expert - e * perRank}${ex.after}._extra_state` : `decoder.layers.${l}.${mod}._extra_state`, null);
-        }
-      }
+      const extra = (full: string): void => {
+        const ex = expertOf(full);
+        if (ex && Math.floor(ex.expert / perRank) !== e) return;
+        model.set(ex ? `${ex.before}${ex.expert - e * perRank}${ex.after}._extra_state` : `${full}._extra_state`, null);
+      };
+      for (let l = 0; l < count; l++) for (const mod of opts.extraStateModules(first + l)) extra(`decoder.layers.${l}.${mod}`);
+      if (p === pp - 1) for (const full of opts.blockExtraState ?? []) extra(full);
       const args = new PyObject('argparse', 'Namespace', PyDict.from({ ...opts.args, tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp, ...(numExperts ? { expert_model_parallel_size: ep, expert_tensor_parallel_size: etp } : {}) }));
       const root = PyDict.from({ args, checkpoint_version: new PyFloat(3.0), iteration: opts.iteration, model });
       const a = torchArchiveParts('model_optim_rng', root, storages);

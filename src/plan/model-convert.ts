@@ -175,6 +175,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
           gateUp: gateUpTest(cfg),
           args: { ...args, ckpt_format: 'torch' },
           extraStateModules: (i) => familyOf(cfg).extraStateModules(cfg, i),
+          blockExtraState: (familyOf(cfg).blocks?.(cfg) ?? []).flatMap((b) => Array.from({ length: b.layers }, (_, i) => b.extraStateModules(i).map((m) => `${b.prefix}${i}.${m}`)).flat()),
         })
       : writeMegatron(entries, { iteration, files: opts.dcpFiles, args, objects: torchDistExtraState(familyOf(cfg), cfg) });
     const iterDir = iterDirName(iteration);

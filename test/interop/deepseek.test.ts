@@ -60,6 +60,14 @@ for (const [c, mtp] of [['v3', true], ['v3_noq', false]] as const) {
       await convertMegatronToHf(meg, back, {});
       assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${spec}: round trip is not byte-identical`);
     }
+    // Legacy rank files: MLA heads over TP, the decoder's and the MTP layer's experts over EP, layers over PP.
+    for (const layout of [{ tp: 2, ep: 2 }, { tp: 2, ep: 4, etp: 1 }, { pp: c === 'v3' ? 3 : 2, ep: 2 }]) {
+      const leg = join(tmp, `${c}.legacy-${Object.entries(layout).flat().join('')}`);
+      await convertHfToMegatron(hf, leg, { dtype: 'F32', ckptFormat: 'torch', ...layout });
+      const back = `${leg}.back`;
+      await convertMegatronToHf(leg, back, {});
+      assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${JSON.stringify(layout)}: legacy round trip is not byte-identical`);
+    }
   });
 }
 
