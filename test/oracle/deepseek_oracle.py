@@ -192,12 +192,12 @@ def _mtp_keys(keys, num_layers):
 
 def cmd_make(hf_dir, case):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM as A
 
     cfg = hf_config(case)
     torch.manual_seed(7)
     gen = torch.Generator().manual_seed(7)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    m = A.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for n, p in list(m.named_parameters()) + list(m.named_buffers()):
             if "rotary_emb" in n:
@@ -231,13 +231,12 @@ def cmd_make(hf_dir, case):
         out.update(_make_fp8(hf_dir, sd))
     else:
         _write_single(hf_dir, sd)
-    from transformers import AutoModelForCausalLM as A
-    if case != "v3_fp8":
-        _, info = A.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
-        out["missing"] = sorted(info["missing_keys"])
-        unexpected = sorted(info["unexpected_keys"])
-        out["unexpected"] = [u for u in unexpected if u not in _mtp_keys(unexpected, L)]
-        out["unexpected_mtp"] = len(unexpected) - len(out["unexpected"])
+    # transformers loads it (the .ref for FP8, see _load_hf) with the MTP layer as its only unexpected keys
+    _, info = A.from_pretrained(out.get("ref_dir", hf_dir), dtype=torch.float32, output_loading_info=True)
+    out["missing"] = sorted(info["missing_keys"])
+    unexpected = sorted(info["unexpected_keys"])
+    out["unexpected"] = [u for u in unexpected if u not in _mtp_keys(unexpected, L)]
+    out["unexpected_mtp"] = len(unexpected) - len(out["unexpected"])
     from safetensors import safe_open
     with safe_open(os.path.join(hf_dir, "model.safetensors"), "pt") as f:
         out["tensors"] = {k: [f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()] for k in f.keys()}
@@ -279,6 +278,15 @@ def _make_fp8(hf_dir, sd):
 
 def _load_hf(hf_dir):
     from transformers import AutoModelForCausalLM
+    qc = json.load(open(os.path.join(hf_dir, "config.json"))).get("quantization_config") or {}
+    if qc.get("quant_method") == "fp8":
+        # transformers 5.24's FP8 path (integrations/finegrained_fp8.py, Fp8Dequantize and the fp8 linears)
+        # derives the block from the scale grid, block = rows // scale_rows, which is wrong for DeepSeek's
+        # ragged 128x128 blocks (a [32, 192] weight with a [1, 2] grid gets 96-wide blocks; the hub's
+        # kv_a_proj_with_mqa [576, 7168] / [5, 56] raises), and by default also quantises activations:
+        # its logits are no reference. Compare <dir>.ref (make's bf16 dequantisation) instead.
+        raise SystemExit(f"{hf_dir} is an FP8 checkpoint: transformers 5.24 cannot dequantise its ragged "
+                         "blocks; compare its .ref")
     m, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
     return m.eval(), info
 
@@ -575,9 +583,18 @@ def cmd_save(run_dir, case, tp, ep, mtp, local_names):
     from megatron.core import dist_checkpointing
     os.makedirs(run_dir, exist_ok=True)
     mp.spawn(save_worker, args=(tp * ep, tempfile.mktemp(), run_dir, case, tp, ep, mtp, local_names), nprocs=tp * ep, join=True)
-    meta = dist_checkpointing.load_tensors_metadata(os.path.join(run_dir, "iter_0000002"))
+    from torch.distributed.checkpoint import FileSystemReader
+    it = os.path.join(run_dir, "iter_0000002")
+    meta = dist_checkpointing.load_tensors_metadata(it)
     keys = {k: [list(v.global_shape), str(v.dtype).replace("torch.", "")] for k, v in sorted(meta.items())}
-    return {"ok": True, "keys": keys}
+    # the non-tensor entries: megatron-core's linears write `<module>._extra_state` ShardedObjects
+    # (stored as `<key>/shard_<i>_<n>`, one per expert for the experts)
+    objects = {}
+    for k in FileSystemReader(it).read_metadata().state_dict_metadata:
+        if "/shard_" in k:
+            base, shard = k.split("/shard_")
+            objects[base] = int(shard.rsplit("_", 1)[1])
+    return {"ok": True, "keys": keys, "objects": dict(sorted(objects.items()))}
 
 
 def cmd_check_hf(hf_dir, run_dir):
@@ -638,9 +655,11 @@ def cmd_fp8_table(out_dir):
         [1.0 / 448.0, torch.rand(1, generator=gen).item() * 10, 2.0 ** -149],  # smallest float32 subnormal
     ], dtype=torch.float32)
     v = torch.randint(0, 256, (128, 256), generator=gen, dtype=torch.uint8)
-    v_scale = torch.exp(torch.empty(1, 2).uniform_(torch.log(torch.tensor(1e-8)).item(), torch.log(torch.tensor(1e4)).item(), generator=gen)).to(torch.float32)
+    lo, hi = torch.log(torch.tensor(1e-8)).item(), torch.log(torch.tensor(1e4)).item()  # log-uniform 1e-8..1e4
+    v_scale = torch.exp(torch.empty(1, 2).uniform_(lo, hi, generator=gen)).to(torch.float32)
     wq, vq = w.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn)
-    save_file({"w": wq, "w_scale_inv": w_scale, "v": vq, "v_scale_inv": v_scale}, os.path.join(out_dir, "fp8.safetensors"), metadata={"format": "pt"})
+    save_file({"w": wq, "w_scale_inv": w_scale, "v": vq, "v_scale_inv": v_scale},
+              os.path.join(out_dir, "fp8.safetensors"), metadata={"format": "pt"})
     ref = {"w": dequantize_fp8_blockwise(wq, w_scale), "v": dequantize_fp8_blockwise(vq, v_scale)}
     save_file(ref, os.path.join(out_dir, "ref.safetensors"), metadata={"format": "pt"})
     bits = ref["w"].view(torch.int16)
