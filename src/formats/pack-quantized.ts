@@ -45,7 +45,7 @@ export function packQuantizedSchemeOf(cfg: Readonly<Record<string, unknown>>, fi
   const refuse = (what: string): never => {
     throw unsupported(`${file}: compressed-tensors ${what}; shardshift reads pack-quantized symmetric INT4 weights with per-group scales (Kimi K2-Thinking / K2.5)`, file);
   };
-  if (q.format !== 'pack-quantized') refuse(`format ${JSON.stringify(q.format)}`);
+  if (q.format !== 'pack-quantized') refuse(q.format === undefined ? 'config without a format' : `format ${JSON.stringify(q.format)}`);
   if (q.quantization_status !== undefined && q.quantization_status !== 'compressed') refuse(`quantization_status ${JSON.stringify(q.quantization_status)}`);
   const groups = q.config_groups as Record<string, Record<string, unknown>> | undefined;
   if (!groups || typeof groups !== 'object' || Object.keys(groups).length === 0) refuse('config without config_groups');
@@ -54,8 +54,10 @@ export function packQuantizedSchemeOf(cfg: Readonly<Record<string, unknown>>, fi
     const w = g.weights as Record<string, unknown> | undefined;
     if (!w) refuse(`config group ${name} without weights`);
     if (g.input_activations !== null && g.input_activations !== undefined) refuse(`config group ${name} quantizes input activations`);
+    // compressed-tensors' QuantizationArgs defaults: type int, symmetric, static (num_bits 8, strategy tensor).
+    const given: Record<string, unknown> = { type: 'int', symmetric: true, dynamic: false, num_bits: 8, strategy: 'tensor', ...w };
     const want: Record<string, unknown> = { num_bits: 4, type: 'int', symmetric: true, strategy: 'group', dynamic: false };
-    for (const [k, v] of Object.entries(want)) if (w![k] !== v) refuse(`config group ${name} weights.${k} ${JSON.stringify(w![k])}`);
+    for (const [k, v] of Object.entries(want)) if (given[k] !== v) refuse(`config group ${name} weights.${k} ${k in w! ? JSON.stringify(w![k]) : `missing (default ${JSON.stringify(given[k])})`}`);
     if (w!.actorder !== null && w!.actorder !== undefined) refuse(`config group ${name} weights.actorder ${JSON.stringify(w!.actorder)} (g_idx reordering)`);
     const gs = w!.group_size;
     if (typeof gs !== 'number' || !Number.isInteger(gs) || gs <= 0) refuse(`config group ${name} weights.group_size ${JSON.stringify(gs)}`);

@@ -312,6 +312,7 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
   const numExperts = Math.max(0, ...[...globals.keys()].map((n) => (expertOf(n)?.expert ?? -1) + 1));
   if (numExperts % ep !== 0) throw unsupported(`--ep ${ep} does not divide the ${numExperts} experts`);
   const perRank = numExperts / ep;
+  const hasMtp = [...globals.keys()].some((n) => n.startsWith('mtp.'));
   const iterDir = `iter_${String(opts.iteration).padStart(7, '0')}`;
   const files: OutputFile[] = [];
   for (let p = 0; p < pp; p++) {
@@ -340,8 +341,10 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
           }
         } else {
           // Embedding on the first stage, final norm and output layer on the last.
+          // With MTP layers the last stage has its own embedding too (megatron-core's GPTModel
+          // builds one when pre_process or mtp_process).
           const onFirst = name.startsWith('embedding.');
-          if ((onFirst && p !== 0) || (!onFirst && p !== pp - 1)) continue;
+          if ((onFirst && p !== 0 && !(hasMtp && p === pp - 1)) || (!onFirst && p !== pp - 1)) continue;
           local = name;
           // The MTP layers' experts (last stage) are split over EP ranks like the decoder's.
           if (ex) {

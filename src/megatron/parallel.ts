@@ -9,6 +9,7 @@
  *   the gate half followed by its slice of the up half;
  * - MLA (TE spec): `linear_q_up_proj`, `linear_kv_up_proj`, `linear_q_proj` column-parallel (whole
  *   heads per rank), the down projections `linear_q_down_proj` / `linear_kv_down_proj` duplicated;
+ * - MTP: `eh_proj` column-parallel;
  * - row-parallel (split along dim 1): `linear_proj` and `linear_fc2` weights;
  * - replicated: norms, q/k layernorms, row-parallel biases.
  */
@@ -20,6 +21,8 @@ export function tpSplitOf(name: string, gated: boolean): TpSplit {
   // MLA: the up projections (and a plain q_proj) split heads; TE's down projections are duplicated
   // (TELinear parallel_mode='duplicated'), their fused norms replicated like every norm.
   if (/(^|\.)(linear_q_up_proj|linear_kv_up_proj|linear_q_proj)\.weight$/.test(name)) return 'column';
+  // The MTP layers' [embedding; hidden] projection is a ColumnParallelLinear (gather_output=False).
+  if (/(^|\.)eh_proj\.weight$/.test(name)) return 'column';
   if (/(^|\.)linear_fc1\.(weight|bias)$/.test(name)) return gated ? 'gated' : 'column';
   if (/(^|\.)(linear_proj|linear_fc2)\.weight$/.test(name)) return 'row';
   if (/^(embedding\.word_embeddings|output_layer)\.weight$/.test(name)) return 'column';

@@ -215,6 +215,11 @@ export const deepseekV3: Family = {
     const groups = num(cfg, 'n_group', file, 1);
     if (E % groups !== 0) throw badInput(`${file}: n_group (${groups}) does not divide the ${E} routed experts`, file);
     if (num(cfg, 'topk_group', file, 1) > groups) throw badInput(`${file}: topk_group (${String(cfg.topk_group)}) exceeds n_group (${groups})`, file);
+    // megatron-core's sigmoid router always renormalises the top-k scores (topk > 1) and picks with
+    // the score-correction bias: other routers would convert into a model that routes differently.
+    if (cfg.norm_topk_prob === false && topK > 1) throw unsupported(`${file}: norm_topk_prob=false; megatron-core's sigmoid router always renormalises the top-${topK} scores, so the converted model would route differently`, file);
+    if (cfg.scoring_func !== undefined && cfg.scoring_func !== 'sigmoid') throw unsupported(`${file}: scoring_func ${JSON.stringify(cfg.scoring_func)}; DeepSeek-V3's router (and megatron-core's mapping of it) scores with a sigmoid`, file);
+    if (cfg.topk_method !== undefined && cfg.topk_method !== 'noaux_tc') throw unsupported(`${file}: topk_method ${JSON.stringify(cfg.topk_method)}; DeepSeek-V3 selects experts by noaux_tc (group-limited top-k with the score-correction bias)`, file);
     const mtp = cfg.num_nextn_predict_layers ?? 0;
     if (typeof mtp !== 'number' || !Number.isInteger(mtp) || mtp < 0) throw badInput(`${file}: num_nextn_predict_layers is ${JSON.stringify(mtp)}, expected a whole number`, file);
     const moeLayers = Array.from({ length: layers }, (_, i) => i >= dense);
@@ -246,7 +251,7 @@ export const deepseekV3: Family = {
     validateConfig(c, file);
     return c;
   },
-  fromHfNames(c, names): ModelConfig {
+  fromHfNames(c, names, opts): ModelConfig {
     const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout } = { ...c.hfLayout };
     const fusedAt = names.map((n) => /^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
     if (fusedAt.some((i) => i < c.numLayers)) layout.experts = 'fused';
@@ -256,6 +261,8 @@ export const deepseekV3: Family = {
     // transformers builds no MTP layer, so a checkpoint it saved holds none whatever the config says.
     let mtpLayers = want;
     if (held.length === 0) mtpLayers = 0;
+    // Dropped anyway: the layers held are what --drop-mtp leaves out, whatever the config says.
+    else if (opts?.dropMtp) mtpLayers = held[held.length - 1]! + 1;
     else if (held.length !== want || held[held.length - 1] !== want - 1) {
       throw badInput(
         `config.json: num_nextn_predict_layers is ${want}, but the checkpoint holds MTP layer tensors at model.layers.${held.map((k) => c.numLayers + k).join(', ')} (num_hidden_layers ${c.numLayers}); the two must agree`,

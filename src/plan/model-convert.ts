@@ -24,7 +24,7 @@ import type { Family } from '../models/spec.js';
 import { fp8BlockPair } from '../tensor/fp8-block-quantize.js';
 import { castTo, asProduced } from '../lazy/expr.js';
 import type { CheckpointSource } from '../formats/types.js';
-import type { TargetTensor } from '../lazy/types.js';
+import type { SourceTensor, TargetTensor } from '../lazy/types.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { numelOf, type DType } from '../tensor/dtype.js';
 import { paddedVocab, type ModelConfig } from '../models/config.js';
@@ -121,7 +121,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       src = await dequantizedSource(await openCheckpoint(srcPath), cfg);
       sideDir = src.root;
       const recorded = cfg.mtpLayers ?? 0;
-      cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()]) ?? cfg;
+      cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()], { dropMtp: opts.dropMtp }) ?? cfg;
       if (recorded > 0 && !cfg.mtpLayers) notes.push(`MTP: the config records ${recorded} layer(s), the checkpoint holds none (transformers saves none): converted without`);
     }
     const mtp = mtpChoice(cfg, opts, familyOf(cfg).mtpHfNames?.(cfg) ?? /^mtp\./);
@@ -180,6 +180,10 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       : writeMegatron(entries, { iteration, files: opts.dcpFiles, args, objects: torchDistExtraState(familyOf(cfg), cfg) });
     const iterDir = iterDirName(iteration);
     const side = sideDir ? await listSideFiles(sideDir, (n) => /\.(safetensors|bin|pt|pth|distcp)$|\.index\.json$|^\.metadata$|^metadata\.json$/.test(n)) : [];
+    // Tensors Megatron keeps once (DeepSeek-V3's MTP embedding / head copies) must really be copies of
+    // their originals (an HF source's; a Megatron source's were written from the one tensor).
+    const copies = meg ? [] : hfCopyPairs(cfg, src);
+    if (copies.length && opts.dryRun) notes.push(`${copies.length} tensor(s) Megatron keeps once (${copies.map((c) => c.copy.name).join(', ')}) are compared with their originals when the conversion runs`);
     const plan: ConvertPlan = {
       source: { path: srcPath, format: meg ? 'megatron' : fromNxd ? 'nxd' : `hf (${src.format})`, tensors: (meg?.source ?? src).tensors.size, bytes: [...(meg?.source ?? src).tensors.values()].reduce((n, t) => n + t.byteLength, 0) },
       target: { path: out, format: fsdp ? 'megatron fsdp_dtensor' : legacy ? `megatron torch (legacy), TP=${tp} PP=${pp}` : 'megatron torch_dist', kind: 'dir' },
@@ -202,6 +206,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       ],
     };
     const recorded = meg?.source ?? src;
+    if (!opts.dryRun) for (const c of copies) await sameData(c.copy, c.main, src.path);
     return await finish(plan, t0, opts.dryRun, () =>
       writeOutput(srcPath, out, 'dir', files, side.map((s) => ({ from: join(sideDir!, s), to: `${iterDir}/hf/${s}` })), {
         ...opts,
@@ -216,6 +221,39 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     );
   } finally {
     await (meg?.source ?? src)?.close();
+  }
+}
+
+/** HF tensors the family's map keeps once (`GlobalParam.hfCopies`) that the source holds, with their originals. */
+function hfCopyPairs(cfg: ModelConfig, src: CheckpointSource): Array<{ copy: SourceTensor; main: SourceTensor }> {
+  const out: Array<{ copy: SourceTensor; main: SourceTensor }> = [];
+  for (const g of familyOf(cfg).globalParams(cfg)) {
+    const main = src.tensors.get(g.hf);
+    for (const name of g.hfCopies ?? []) {
+      const copy = src.tensors.get(name);
+      if (copy && main) out.push({ copy, main });
+    }
+  }
+  return out;
+}
+
+/** Refuses a "copy" whose bytes differ from its original (compared 16 MiB of rows at a time). */
+async function sameData(copy: SourceTensor, main: SourceTensor, file: string): Promise<void> {
+  if (copy.dtype !== main.dtype || copy.shape.join() !== main.shape.join()) {
+    throw badInput(`${copy.name} (${copy.dtype} [${copy.shape.join(', ')}]) is not a copy of ${main.name} (${main.dtype} [${main.shape.join(', ')}]); megatron-core's MTP block shares the main tensor, so it cannot be carried (--drop-mtp leaves the MTP layer out)`, file, copy.name);
+  }
+  const rowBytes = copy.byteLength / (copy.shape[0] || 1);
+  const step = Math.max(1, Math.floor((16 << 20) / Math.max(1, rowBytes)));
+  const R = copy.shape[0] ?? 1;
+  for (let r = 0; r < R; r += step) {
+    const n = Math.min(step, R - r);
+    const box = { start: [r, ...copy.shape.slice(1).map(() => 0)], size: [n, ...copy.shape.slice(1)] };
+    const a = new Uint8Array(n * rowBytes);
+    const b = new Uint8Array(n * rowBytes);
+    await Promise.all([copy.read(box, a), main.read(box, b)]);
+    if (!Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength))) {
+      throw badInput(`${copy.name} differs from ${main.name} (from row ${r} on); megatron-core's MTP block shares the main tensor, so this checkpoint's own copy cannot be carried (--drop-mtp leaves the MTP layer out)`, file, copy.name);
+    }
   }
 }
 
@@ -313,7 +351,7 @@ function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], met
   const fam = familyOf(cfg);
   const hq = fam.hubQuantized;
   if (!hq || hq.method !== method) throw usage(`--quantize ${method}: ${fam.description} has no ${method} hub layout (shardshift writes GPT-OSS's MXFP4 experts and DeepSeek-V3's block FP8 weights)`);
-  if (method === 'fp8') return fp8Export(tensors, hq, notes, dtypes, fam.description);
+  if (method === 'fp8') return fp8Export(cfg, tensors, hq, notes, dtypes, fam.description);
   let n = 0;
   const out = tensors.flatMap((t): TargetTensor[] => {
     if (!hq.tensors.test(t.name)) return [t];
@@ -332,7 +370,9 @@ function quantizedExport(cfg: ModelConfig, tensors: readonly TargetTensor[], met
 }
 
 /** The weights DeepSeek-V3's hub stores in block FP8, quantized back as the reference quantizer does (`tensor/fp8-block-quantize.ts`). */
-function fp8Export(tensors: readonly TargetTensor[], hq: NonNullable<Family['hubQuantized']>, notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>, what: string): TargetTensor[] {
+function fp8Export(cfg: ModelConfig, tensors: readonly TargetTensor[], hq: NonNullable<Family['hubQuantized']>, notes: string[], dtypes: Array<{ name: string; dtype: string; reason: string }>, what: string): TargetTensor[] {
+  // The hub's FP8 layout has one weight per expert; fused experts would stay bf16 under a config claiming FP8.
+  if (cfg.hfLayout?.experts === 'fused' || cfg.hfLayout?.mtpExperts === 'fused') throw unsupported('--quantize fp8: this checkpoint stores its experts fused (experts.gate_up_proj), which the FP8 hub layout (one weight per expert) does not have');
   const [br, bc] = hq.quantizationConfig.weight_block_size as [number, number];
   const why = `FP8 e4m3 with ${br}×${bc} block scales (--quantize fp8), as Megatron-Bridge's _quantize_fp8_2d_blocks`;
   let n = 0;

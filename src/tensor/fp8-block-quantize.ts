@@ -13,9 +13,12 @@
  * `cast.ts`'s, proven against torch. Non-finite weights are refused: their block's scale would be
  * NaN or Inf and every value of the block garbage.
  *
- * A box of either tensor reads whole block rows (`br` rows × every column) of the bf16 weight, the
- * band its scales need; the last two bands are kept, so row boxes smaller than a band do not
- * requantize it.
+ * Memory is bounded by a slice, not by the weight: a band's scales (one float per block of a
+ * block row) are computed by reading the band's bf16 rows a SLICE_BYTES slice at a time, and a
+ * weight box quantizes only its own rows and columns, a slice at a time. Scales are kept in one
+ * small cache shared by every weight (SCALE_CACHE bands), so the weight rows of a band and its
+ * scales box do not recompute them; the price is that a band's rows are read twice (scales, then
+ * values), as the MXFP4 writer's blocks and scales each read their rows.
  */
 import { badInput } from '../util/errors.js';
 import { castBytes } from './cast.js';
@@ -24,6 +27,9 @@ import type { DType } from './dtype.js';
 
 /** The e4m3 format's largest finite value (torch.finfo(torch.float8_e4m3fn).max). */
 const E4M3_MAX = 448;
+const SLICE_BYTES = 4 << 20;
+/** Bands whose scales are kept (each ⌈C/bc⌉ floats: a few hundred bytes). */
+const SCALE_CACHE = 512;
 
 export interface Bf16Weight {
   readonly name: string;
@@ -38,12 +44,16 @@ export interface Fp8Pair {
   scales(box: Box, out: Uint8Array): Promise<void>;
 }
 
-interface Band {
-  /** e4m3 bytes, [rows, C]. */
-  readonly q: Uint8Array;
-  /** Block scales of the band, [⌈C/bc⌉]. */
-  readonly scales: Float32Array;
-  readonly rows: number;
+/** Band scales by (weight, band), oldest first; in-flight computations are shared. */
+const scaleCache = new Map<string, Promise<Float32Array>>();
+let pairs = 0;
+
+/** Rows [r, r + n), columns [c0, c0 + cn) of the weight as float32 (exact). */
+async function rowsF32(w: Bf16Weight, r: number, n: number, c0: number, cn: number): Promise<Float32Array> {
+  const raw = new Uint8Array(n * cn * 2);
+  await w.produce({ start: [r, c0], size: [n, cn] }, raw);
+  const f = castBytes(raw, 'BF16', 'F32');
+  return new Float32Array(f.buffer, f.byteOffset, n * cn);
 }
 
 /** The block-scaled FP8 pair of a 2-D bf16 weight [R, C] in `br × bc` blocks. */
@@ -52,13 +62,37 @@ export function fp8BlockPair(w: Bf16Weight, br: number, bc: number): Fp8Pair {
   if (w.shape.length !== 2) throw badInput(`${w.name}: a block FP8 weight is 2-D, not [${w.shape.join(', ')}]`, undefined, w.name);
   const [R, C] = w.shape as [number, number];
   const sc = Math.ceil(C / bc);
-  const cache = new Map<number, Promise<Band>>();
-  const band = (b: number): Promise<Band> => {
-    let p = cache.get(b);
+  const id = pairs++;
+  const sliceRows = (cols: number): number => Math.max(1, Math.floor(SLICE_BYTES / (cols * 4)));
+
+  const computeBand = async (b: number): Promise<Float32Array> => {
+    const r0 = b * br;
+    const rows = Math.min(br, R - r0);
+    const amax = new Float32Array(sc);
+    const step = sliceRows(C);
+    for (let a = 0; a < rows; a += step) {
+      const n = Math.min(step, rows - a);
+      const x = await rowsF32(w, r0 + a, n, 0, C);
+      for (let r = 0; r < n; r++) {
+        for (let c = 0; c < C; c++) {
+          const v = Math.abs(x[r * C + c]!);
+          if (!(v < Infinity)) throw badInput(`${w.name}: row ${r0 + a + r}, column ${c} is ${x[r * C + c]}; block FP8 has no encoding for non-finite weights`, undefined, w.name);
+          const j = Math.floor(c / bc);
+          if (v > amax[j]!) amax[j] = v;
+        }
+      }
+    }
+    return amax.map((m) => (m > 0 ? Math.fround(m / E4M3_MAX) : 1));
+  };
+  const band = (b: number): Promise<Float32Array> => {
+    const key = `${id}:${b}`;
+    let p = scaleCache.get(key);
     if (!p) {
-      p = quantizeBand(w, b, br, bc, R, C, sc);
-      cache.set(b, p);
-      if (cache.size > 2) cache.delete(cache.keys().next().value!);
+      p = computeBand(b);
+      scaleCache.set(key, p);
+      // A failed band is not kept: the error is reported once, by the read that asked.
+      p.catch(() => scaleCache.delete(key));
+      if (scaleCache.size > SCALE_CACHE) scaleCache.delete(scaleCache.keys().next().value!);
     }
     return p;
   };
@@ -67,51 +101,25 @@ export function fp8BlockPair(w: Bf16Weight, br: number, bc: number): Fp8Pair {
     async weight(box, out) {
       const [r0, c0] = box.start as [number, number];
       const [rn, cn] = box.size as [number, number];
-      for (let r = r0; r < r0 + rn; ) {
-        const b = Math.floor(r / br);
-        const got = await band(b);
-        const end = Math.min(r0 + rn, b * br + got.rows);
-        for (let x = r; x < end; x++) {
-          const at = (x - b * br) * C + c0;
-          out.set(got.q.subarray(at, at + cn), (x - r0) * cn);
-        }
-        r = end;
+      if (rn === 0 || cn === 0) return;
+      const step = sliceRows(cn);
+      for (let a = 0; a < rn; ) {
+        // A slice within one band: its rows share one row of scales.
+        const b = Math.floor((r0 + a) / br);
+        const n = Math.min(step, rn - a, (b + 1) * br - (r0 + a));
+        const s = await band(b);
+        const x = await rowsF32(w, r0 + a, n, c0, cn);
+        for (let r = 0; r < n; r++) for (let c = 0; c < cn; c++) x[r * cn + c] = x[r * cn + c]! / s[Math.floor((c0 + c) / bc)]!;
+        castBytes(new Uint8Array(x.buffer, x.byteOffset, n * cn * 4), 'F32', 'F8_E4M3', out.subarray(a * cn, (a + n) * cn));
+        a += n;
       }
     },
     async scales(box, out) {
       const [b0, j0] = box.start as [number, number];
       const [bn, jn] = box.size as [number, number];
       const f = new Float32Array(bn * jn);
-      for (let b = 0; b < bn; b++) {
-        const got = await band(b0 + b);
-        f.set(got.scales.subarray(j0, j0 + jn), b * jn);
-      }
+      for (let b = 0; b < bn; b++) f.set((await band(b0 + b)).subarray(j0, j0 + jn), b * jn);
       out.set(new Uint8Array(f.buffer));
     },
   };
-}
-
-async function quantizeBand(w: Bf16Weight, b: number, br: number, bc: number, R: number, C: number, sc: number): Promise<Band> {
-  const rows = Math.min(br, R - b * br);
-  const raw = new Uint8Array(rows * C * 2);
-  await w.produce({ start: [b * br, 0], size: [rows, C] }, raw);
-  const fb = castBytes(raw, 'BF16', 'F32');
-  const x = new Float32Array(fb.buffer, fb.byteOffset, rows * C);
-  const scales = new Float32Array(sc);
-  for (let j = 0; j < sc; j++) {
-    let amax = 0;
-    const c1 = Math.min(C, (j + 1) * bc);
-    for (let r = 0; r < rows; r++) {
-      for (let c = j * bc; c < c1; c++) {
-        const v = Math.abs(x[r * C + c]!);
-        if (!(v <= Infinity) || v === Infinity) throw badInput(`${w.name}: row ${b * br + r}, column ${c} is ${x[r * C + c]}; block FP8 has no encoding for non-finite weights`, undefined, w.name);
-        if (v > amax) amax = v;
-      }
-    }
-    scales[j] = amax > 0 ? Math.fround(amax / E4M3_MAX) : 1;
-  }
-  const y = new Float32Array(rows * C);
-  for (let r = 0; r < rows; r++) for (let c = 0; c < C; c++) y[r * C + c] = x[r * C + c]! / scales[Math.floor(c / bc)]!;
-  const q = castBytes(new Uint8Array(y.buffer), 'F32', 'F8_E4M3');
-  return { q, scales, rows };
 }

@@ -41,6 +41,13 @@ export function dequantFp8Block(q: Uint8Array, rows: number, cols: number, r0: n
   const rb0 = Math.floor(r0 / br);
   const cb0 = Math.floor(c0 / bc);
   const sRows = Math.floor((r0 + rows - 1) / br) - rb0 + 1;
+  if (br * bc < 256) {
+    // Blocks smaller than a table: value by value (the same arithmetic).
+    const f = new Float32Array(rows * cols);
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) f[r * cols + c] = E4M3[q[r * cols + c]!]! * scales[(Math.floor((r0 + r) / br) - rb0) * sCols + Math.floor((c0 + c) / bc) - cb0]!;
+    castBytes(new Uint8Array(f.buffer), 'F32', 'BF16', out);
+    return;
+  }
   // One 256-entry table per block the box touches.
   const tables = new Uint16Array(sRows * sCols * 256);
   const f32 = new Float32Array(256);

@@ -71,6 +71,15 @@ for (const [c, mtp] of [['v3', true], ['v3_noq', false]] as const) {
   });
 }
 
+test("shardshift's legacy rank files at EP=2 (MTP experts local to each rank) load strictly into each rank of megatron-core's model, logits and MTP output equal transformers'", async () => {
+  const hf = join(tmp, 'v3');
+  const leg = join(tmp, 'v3.legacy-local-ep2');
+  await convertHfToMegatron(hf, leg, { dtype: 'F32', ckptFormat: 'torch', megatronSpec: 'local', ep: 2 });
+  const r = JSON.parse(await runOracle('deepseek_oracle.py', ['load_legacy', leg, hf, '--ep', '2', '--mtp'], { timeoutMs: 240_000 })) as { max_abs_diff: number; mtp_max_abs_diff: number };
+  assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+  assert.ok(r.mtp_max_abs_diff < 1e-5, `MTP output differs by ${r.mtp_max_abs_diff}`);
+});
+
 test('FP8 block-scaled checkpoint → Megatron (bf16) → HF equals the reference dequantisation byte for byte, config without quantization_config', async () => {
   const hf = join(tmp, 'fp8');
   await runOracle('deepseek_oracle.py', ['make', hf, 'v3_fp8']);

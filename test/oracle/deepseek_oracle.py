@@ -22,6 +22,11 @@
       megatron-core saves a random model of that case's shape under EP=N x TP=M (gloo ranks) into
       <run_dir>/iter_0000002 (+ tracker), with its logits (and MTP logits), an equivalent HF config
       (<run_dir>/hf_ref) and per global expert a fingerprint (experts.json); JSON lists the keys written
+  load_legacy <run_dir> <hf_dir> --ep N [--mtp]
+      every EP rank (TP=1, PP=1) of megatron-core's model built with the local spec's own names loads
+      shardshift's legacy rank file mp_rank_00_<e>/model_optim_rng.pt with load_state_dict(strict=True)
+      (the decoder's and the MTP layer's experts local to the rank); logits (and MTP logits) vs
+      transformers' (JSON). TP>1 would need TE's MLA modules (the TE names), PP>1 a pipelined forward.
   check_hf <hf_dir> <run_dir>
       from_pretrained(hf_dir): missing/unexpected keys, logits (and MTP logits) vs megatron-core's,
       expert placement by fingerprint (JSON)
@@ -669,6 +674,37 @@ def cmd_fp8_table(out_dir):
             "inf": int(torch.isinf(ref["w"]).sum()), "zero": int((ref["w"] == 0).sum())}
 
 
+def load_legacy_worker(rank, world, init_file, run_dir, hf_dir, ep, mtp, out_file):
+    from transformers import AutoConfig
+
+    init(rank, world, 1, ep, init_file)
+    c = mcore_cfg(AutoConfig.from_pretrained(hf_dir))
+    it = open(os.path.join(run_dir, "latest_checkpointed_iteration.txt")).read().strip()
+    d = os.path.join(run_dir, f"iter_{int(it):07d}", "mp_rank_00" + (f"_{rank:03d}" if ep > 1 else ""), "model_optim_rng.pt")
+    sd = torch.load(d, map_location="cpu", weights_only=False)["model"]
+    model = build(c, sd["embedding.word_embeddings.weight"].shape[0], mtp=mtp, local_names=True)
+    model.load_state_dict(sd, strict=True)
+    if mtp:
+        logits, mtp_logits = forward_mtp(model)
+    else:
+        logits, mtp_logits = forward(model), []
+    if rank == 0:
+        ref = hf_outputs(hf_dir)
+        out = {"keys": len(sd), "max_abs_diff": (logits[..., : c["vocab"]] - ref["logits"]).abs().max().item()}
+        if mtp:
+            out["mtp_max_abs_diff"] = max((a[..., : c["vocab"]] - b).abs().max().item() for a, b in zip(mtp_logits, ref["mtp_logits"]))
+        json.dump(out, open(out_file, "w"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def cmd_load_legacy(run_dir, hf_dir, ep, mtp):
+    import torch.multiprocessing as mp
+    out = tempfile.mktemp()
+    mp.spawn(load_legacy_worker, args=(ep, tempfile.mktemp(), run_dir, hf_dir, ep, mtp, out), nprocs=ep, join=True)
+    return json.load(open(out))
+
+
 def main():
     a = sys.argv[1:]
     opt = lambda k, d: int(a[a.index(k) + 1]) if k in a else d  # noqa: E731
@@ -680,6 +716,8 @@ def main():
         r = cmd_load(a[1], a[2], "--mtp" in a, "--local-names" in a)
     elif a[0] == "save":
         r = cmd_save(a[1], a[2], opt("--tp", 1), opt("--ep", 1), "--mtp" in a, "--local-names" in a)
+    elif a[0] == "load_legacy":
+        r = cmd_load_legacy(a[1], a[2], opt("--ep", 1), "--mtp" in a)
     elif a[0] == "check_hf":
         r = cmd_check_hf(a[1], a[2])
     elif a[0] == "fp8_table":

@@ -47,8 +47,12 @@ after(async () => {
 let n = 0;
 /** Writes the (possibly edited) checkpoint and converts it to Megatron; the output must not exist after a failure. */
 async function convert(cfg: Record<string, unknown>, list: readonly TensorSpec[], ...extra: string[]): Promise<{ code: number | null; stdout: string; stderr: string; out: string }> {
+  return convertData('holes', cfg, list, ...extra);
+}
+
+async function convertData(data: 'holes' | 'windows', cfg: Record<string, unknown>, list: readonly TensorSpec[], ...extra: string[]): Promise<{ code: number | null; stdout: string; stderr: string; out: string }> {
   const dir = join(tmp, `case-${++n}`);
-  await writeSparseCheckpoint(dir, cfg, list, { data: 'holes' });
+  await writeSparseCheckpoint(dir, cfg, list, { data });
   const out = join(tmp, `out-${n}`);
   const r = await runCli(['convert', '--to', 'megatron', dir, out, ...extra]);
   return { ...r, out };
@@ -140,4 +144,31 @@ test('compressed-tensors schemes other than pack-quantized INT4 are refused by n
   const r = await convert({ ...config, quantization_config: { quant_method: 'compressed-tensors', format: 'float-quantized', config_groups: {} } }, tensors);
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr, /compressed-tensors format "float-quantized"; shardshift reads pack-quantized symmetric INT4 weights/);
+});
+
+test('an MTP embedding or head that is not a copy of the main one is refused before anything is written (Megatron keeps one)', async () => {
+  // Windows of pseudo-random data seeded by name: the MTP layer's embed_tokens differs from the main one.
+  const r = await convertData('windows', config, tensors);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /model\.layers\.4\.(embed_tokens|shared_head\.head)\.weight differs from (model\.embed_tokens|lm_head)\.weight \(from row 0 on\); megatron-core's MTP block shares the main tensor/);
+  assert.ok(await absent(r.out));
+  const dry = await convert(config, tensors, '--dry-run', '--json');
+  const plan = (JSON.parse(dry.stdout) as { plan: { notes: string[] } }).plan;
+  assert.ok(plan.notes.some((x) => /2 tensor\(s\) Megatron keeps once .* are compared with their originals when the conversion runs/.test(x)), plan.notes.join('\n'));
+});
+
+test('--drop-mtp drops MTP layers the config does not record', async () => {
+  const r = await convert({ ...config, num_nextn_predict_layers: 0 }, tensors, '--dry-run', '--json', '--drop-mtp');
+  assert.equal(r.code, 0, r.stderr);
+  const d = (JSON.parse(r.stdout) as { plan: { skipped: Array<{ name: string; reason: string }> } }).plan;
+  assert.ok(d.skipped.some((s) => s.name === 'model.layers.4.eh_proj.weight' && /--drop-mtp/.test(s.reason)));
+});
+
+test('routers megatron-core cannot express are refused: norm_topk_prob=false, another scoring function', async () => {
+  const a = await convert({ ...config, norm_topk_prob: false }, tensors);
+  assert.equal(a.code, 1);
+  assert.match(a.stderr, /norm_topk_prob=false; megatron-core's sigmoid router always renormalises the top-8 scores/);
+  const b = await convert({ ...config, scoring_func: 'softmax' }, tensors);
+  assert.equal(b.code, 1);
+  assert.match(b.stderr, /scoring_func "softmax"/);
 });

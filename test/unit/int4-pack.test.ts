@@ -69,6 +69,11 @@ test('compressed-tensors schemes other than symmetric per-group INT4 are refused
     [{ ...base, config_groups: { group_0: { ...base.config_groups.group_0, input_activations: { num_bits: 8 } } } }, /quantizes input activations/],
   ];
   for (const [q, re] of cases) assert.throws(() => packQuantizedSchemeOf({ quantization_config: q }, 'config.json'), re);
+  // compressed-tensors' defaults (type int, symmetric, static) apply to fields left out; a missing required one says so.
+  const { type: _t, symmetric: _s, dynamic: _d, ...bare } = w;
+  assert.deepEqual(packQuantizedSchemeOf({ quantization_config: { ...base, config_groups: { group_0: { ...base.config_groups.group_0, weights: bare } } } }, 'config.json'), { groupSize: 32 });
+  const { num_bits: _n, ...noBits } = w;
+  assert.throws(() => packQuantizedSchemeOf({ quantization_config: { ...base, config_groups: { group_0: { ...base.config_groups.group_0, weights: noBits } } } }, 'config.json'), /weights\.num_bits missing \(default 8\)/);
 });
 
 test('an INT4 triplet missing its scale, or a zero point, is refused naming the tensor', async () => {
