@@ -32,7 +32,7 @@
 import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
 import { isMoeLayer, num, validateConfig, type ExpertLayout, type MlaConfig, type ModelConfig } from './config.js';
-import { denseGlobals, denseMlpParams, moeArgs, moeParams } from './dense.js';
+import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
 const L = 'model.layers.{i}';
@@ -98,10 +98,7 @@ function layerParams(c: ModelConfig, P: string, moe: boolean, experts: ExpertLay
 function extraState(c: ModelConfig, moe: boolean): string[] {
   const attn = c.mla?.qLoraRank === undefined ? ['self_attention.linear_q_proj'] : ['self_attention.linear_q_down_proj', 'self_attention.linear_q_up_proj'];
   const out = [...attn, 'self_attention.linear_kv_down_proj', 'self_attention.linear_kv_up_proj', 'self_attention.linear_proj'];
-  if (!moe) return [...out, 'mlp.linear_fc1', 'mlp.linear_fc2'];
-  for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
-  if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
-  return out;
+  return moe ? [...out, ...moeExtraState(c)] : [...out, 'mlp.linear_fc1', 'mlp.linear_fc2'];
 }
 
 /** HF name prefix of MTP layer k: the layers after the decoder's. */

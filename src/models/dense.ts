@@ -154,7 +154,12 @@ export const DENSE_EXTRA_STATE_MODULES: readonly string[] = ['self_attention.lin
 /** The linears of layer i (dense or MoE) that carry `_extra_state`. */
 export function linearExtraState(c: ModelConfig, i: number): string[] {
   if (!isMoeLayer(c, i)) return [...DENSE_EXTRA_STATE_MODULES];
-  const out = ['self_attention.linear_qkv', 'self_attention.linear_proj'];
+  return ['self_attention.linear_qkv', 'self_attention.linear_proj', ...moeExtraState(c)];
+}
+
+/** The linears of an MoE block that carry `_extra_state`: every routed expert's, then the shared experts'. */
+export function moeExtraState(c: ModelConfig): string[] {
+  const out: string[] = [];
   for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
   if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
   return out;

@@ -28,7 +28,7 @@
  */
 import { badInput, unsupported } from '../util/errors.js';
 import { fromHfConfig, isMoeLayer, num, type ExpertLayout, type ModelConfig } from './config.js';
-import { denseGlobals, denseMlpParams, moeArgs, moeParams } from './dense.js';
+import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
 import type { Block, CustomKind, Family, GlobalParam, LayerParam, PrecisionRule, SourcePart } from './spec.js';
 import type { TargetTensor } from '../lazy/types.js';
 import { PyFloat } from '../pickle/values.js';
@@ -288,11 +288,7 @@ function hybridLayerParams(c: ModelConfig, spec: HybridSpec, L: string, kind: La
 
 function hybridExtraState(c: ModelConfig, kind: LayerType, moe: boolean): string[] {
   const attn = kind === 'full_attention' ? ['self_attention.linear_qkv', 'self_attention.linear_proj'] : ['self_attention.in_proj', 'self_attention.out_proj'];
-  if (!moe) return [...attn, 'mlp.linear_fc1', 'mlp.linear_fc2'];
-  const out = [...attn];
-  for (let e = 0; e < c.moe!.numExperts; e++) out.push(`mlp.experts.local_experts.${e}.linear_fc1`, `mlp.experts.local_experts.${e}.linear_fc2`);
-  if (c.moe!.sharedExpertFfn) out.push('mlp.shared_experts.linear_fc1', 'mlp.shared_experts.linear_fc2');
-  return out;
+  return moe ? [...attn, ...moeExtraState(c)] : [...attn, 'mlp.linear_fc1', 'mlp.linear_fc2'];
 }
 
 /**

@@ -35,6 +35,28 @@ after(async () => {
   await rm(tmp, { recursive: true, force: true });
 });
 
+/**
+ * A quantized HF checkpoint `hf` → Megatron (`<hf>.meg`) → HF (`<hf>.back`): its safetensors must be
+ * the oracle's dequantised `<hf>.ref` byte for byte, its config.json without quantization_config.
+ */
+async function roundTripToRef(hf: string, what: string): Promise<string> {
+  const meg = `${hf}.meg`;
+  await convertHfToMegatron(hf, meg, {});
+  const back = `${hf}.back`;
+  await convertMegatronToHf(meg, back, {});
+  assert.ok((await readFile(join(`${hf}.ref`, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), what);
+  const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as Record<string, unknown>;
+  assert.equal(cfg.quantization_config, undefined);
+  return back;
+}
+
+/** The whole of `t`'s bytes. */
+async function readAll(t: { byteLength: number; shape: readonly number[]; read(box: { start: number[]; size: number[] }, out: Uint8Array): Promise<void> }): Promise<Buffer> {
+  const out = new Uint8Array(t.byteLength);
+  await t.read({ start: t.shape.map(() => 0), size: [...t.shape] }, out);
+  return Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+}
+
 interface Load {
   max_abs_diff: number;
   mtp_loaded: boolean;
@@ -83,13 +105,7 @@ test("shardshift's legacy rank files at EP=2 (MTP experts local to each rank) lo
 test('FP8 block-scaled checkpoint → Megatron (bf16) → HF equals the reference dequantisation byte for byte, config without quantization_config', async () => {
   const hf = join(tmp, 'fp8');
   await runOracle('deepseek_oracle.py', ['make', hf, 'v3_fp8']);
-  const meg = `${hf}.meg`;
-  await convertHfToMegatron(hf, meg, {});
-  const back = `${hf}.back`;
-  await convertMegatronToHf(meg, back, {});
-  assert.ok((await readFile(join(`${hf}.ref`, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'not the reference bf16 bytes');
-  const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as Record<string, unknown>;
-  assert.equal(cfg.quantization_config, undefined);
+  const back = await roundTripToRef(hf, 'not the reference bf16 bytes');
   const r = JSON.parse(await runOracle('deepseek_oracle.py', ['compare', back, `${hf}.ref`])) as { max_abs_diff: number; missing_a: string[]; unexpected_a: string[] };
   assert.deepEqual([r.missing_a, r.unexpected_a, r.max_abs_diff], [[], [], 0]);
 });
@@ -108,11 +124,7 @@ test('--quantize fp8 writes the hub FP8 layout back exactly as the reference blo
   for (const [n, x] of a.tensors) {
     const y = b.tensors.get(n)!;
     assert.deepEqual([x.dtype, x.shape], [y.dtype, y.shape], n);
-    const bx = new Uint8Array(x.byteLength);
-    const by = new Uint8Array(y.byteLength);
-    await x.read({ start: x.shape.map(() => 0), size: [...x.shape] }, bx);
-    await y.read({ start: y.shape.map(() => 0), size: [...y.shape] }, by);
-    assert.ok(Buffer.from(bx).equals(Buffer.from(by)), `${n}: differs from the reference quantizer`);
+    assert.ok((await readAll(x)).equals(await readAll(y)), `${n}: differs from the reference quantizer`);
   }
   await a.close();
   await b.close();
@@ -132,13 +144,7 @@ test('the exhaustive FP8 table derived from torch on this run: every byte value 
   const view = withFp8Dequantized(await openCheckpoint(join(dir, 'fp8.safetensors')), { blockRows: 128, blockCols: 128 });
   const ref = await openCheckpoint(join(dir, 'ref.safetensors'));
   for (const n of ['w', 'v']) {
-    const a = view.tensors.get(n)!;
-    const b = ref.tensors.get(n)!;
-    const x = new Uint8Array(a.byteLength);
-    const y = new Uint8Array(b.byteLength);
-    await a.read({ start: [0, 0], size: [...a.shape] }, x);
-    await b.read({ start: [0, 0], size: [...b.shape] }, y);
-    assert.ok(Buffer.from(x).equals(Buffer.from(y)), `${n}: differs from torch's dequantisation`);
+    assert.ok((await readAll(view.tensors.get(n)!)).equals(await readAll(ref.tensors.get(n)!)), `${n}: differs from torch's dequantisation`);
   }
   await view.close();
   await ref.close();
@@ -173,11 +179,7 @@ test('compressed-tensors INT4 (pack-quantized, group 32): the table derived from
   for (const [n, b] of ref.tensors) {
     const a = view.tensors.get(n)!;
     assert.equal(a.dtype, b.dtype, n);
-    const x = new Uint8Array(a.byteLength);
-    const y = new Uint8Array(b.byteLength);
-    await a.read({ start: [0, 0], size: [...a.shape] }, x);
-    await b.read({ start: [0, 0], size: [...b.shape] }, y);
-    assert.ok(Buffer.from(x).equals(Buffer.from(y)), `${n}: differs from compressed-tensors' decompression`);
+    assert.ok((await readAll(a)).equals(await readAll(b)), `${n}: differs from compressed-tensors' decompression`);
   }
   await view.close();
   await ref.close();
@@ -187,11 +189,5 @@ test('a Kimi K2-Thinking-layout checkpoint (INT4 routed experts) → Megatron �
   const hf = join(tmp, 'k2-thinking');
   const made = JSON.parse(await runOracle('int4_oracle.py', ['make', hf])) as { int4_weights: number };
   assert.ok(made.int4_weights > 0);
-  const meg = `${hf}.meg`;
-  await convertHfToMegatron(hf, meg, {});
-  const back = `${hf}.back`;
-  await convertMegatronToHf(meg, back, {});
-  assert.ok((await readFile(join(`${hf}.ref`, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'not the decompressed bf16 bytes');
-  const cfg = JSON.parse(await readFile(join(back, 'config.json'), 'utf8')) as Record<string, unknown>;
-  assert.equal(cfg.quantization_config, undefined);
+  await roundTripToRef(hf, 'not the decompressed bf16 bytes');
 });
