@@ -5,6 +5,7 @@ import { dtypeFromTorch } from '../tensor/dtype.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { partialNote, reporter } from './report.js';
+import { partLine } from './partition.js';
 import { resolveModel } from '../hub/download.js';
 import type { CkptFormat } from '../megatron/run-dir.js';
 import { modelSourceKind } from '../plan/sources.js';
@@ -42,6 +43,7 @@ interface Flags {
   json?: boolean;
   quiet?: boolean;
   verbose?: boolean;
+  part?: string;
 }
 
 /** `TransformerEngine extra state (FP8 metadata) ×8 (decoder.layers.…)` per reason. */
@@ -163,6 +165,11 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   // Information, not a warning: what was left out and why. Model data the output lacks is always
   // listed; state a consumer regenerates or never needs only with --verbose.
   for (const s of skippedSummary(r.plan, f.verbose ? 'all' : 'data')) process.stderr.write(`note: skipped ${s}\n`);
+  const pl = partLine(r);
+  if (pl) {
+    process.stdout.write(pl);
+    return;
+  }
   const rate = r.seconds > 0 ? r.bytesWritten / r.seconds : 0;
   process.stdout.write(
     `wrote ${r.plan.target.path}: ${r.plan.files.length} file${r.plan.files.length === 1 ? '' : 's'}, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s (${formatBytes(rate)}/s)\n`,

@@ -4,6 +4,7 @@ import { dtypeFromTorch } from '../tensor/dtype.js';
 import { parseSize, formatBytes } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { partialNote, reporter } from './report.js';
+import { partLine } from './partition.js';
 import { describePlan } from './convert.js';
 
 interface Flags {
@@ -41,5 +42,6 @@ export async function runDcpToHf(f: Flags): Promise<void> {
     const note = partialNote(r.plan.target.path);
     process.stdout.write(describePlan(r.plan) + `\n${note ? `${note}\n` : ''}(dry run: nothing written)\n`);
   }
+  else if (partLine(r)) process.stdout.write(partLine(r)!);
   else process.stdout.write(`Saved HF checkpoint to: ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
 }

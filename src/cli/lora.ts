@@ -7,6 +7,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { describePlan } from './convert.js';
 import { reporter } from './report.js';
+import { partLine, partOption, partitionable } from './partition.js';
 import type { ConvertResult } from '../plan/convert.js';
 
 interface MergeFlags {
@@ -20,6 +21,7 @@ interface MergeFlags {
   safeMerge?: boolean;
   maxMemory: string;
   shardSize: string;
+  part?: string;
   overwrite?: boolean;
   dryRun?: boolean;
   json?: boolean;
@@ -33,6 +35,11 @@ function report(r: ConvertResult, f: { json?: boolean; dryRun?: boolean }): void
   }
   if (f.dryRun) {
     process.stdout.write(describePlan(r.plan) + '\n(dry run: nothing written)\n');
+    return;
+  }
+  const pl = partLine(r);
+  if (pl) {
+    process.stdout.write(pl);
     return;
   }
   if (r.outcome === 'reused') {
@@ -53,6 +60,7 @@ async function runMergeLora(out: string, f: MergeFlags): Promise<void> {
     dtype = dtypeFromTorch(f.dtype);
     if (!dtype) throw usage(`--dtype: unknown dtype ${f.dtype}`);
   }
+  if (f.part && f.exportHf) throw usage('--part splits one output, and --export-hf writes a second: run the merge with --part, then the export (lora-to-hf) on its own');
   const progress = reporter(f);
   if (f.backend === 'megatron-bridge') {
     if (f.safeMerge || f.forceBase) throw usage('--safe-merge and --force-base apply to --backend peft only');
@@ -109,7 +117,8 @@ export function registerLoraCommands(p: Command): void {
       'after',
       '\nExamples:\n  $ shardshift merge-lora --adapter ./my-lora --base ./Llama-3.2-1B ./Llama-3.2-1B-merged\n  $ shardshift merge-lora --adapter ./my-lora --base ./base --dry-run ./merged\n  $ shardshift merge-lora --backend megatron-bridge --adapter ./lora_ckpt --base ./base_megatron --hf-model ./Llama-3.2-1B ./merged_megatron --export-hf ./merged_hf',
     )
-    .action(runMergeLora);
+    .addOption(partOption())
+    .action(partitionable(runMergeLora));
 
   p.command('lora-to-hf')
     .description("A Megatron-Bridge LoRA checkpoint to Hugging Face (NeMo RL convert_lora_to_hf.py): merged into the base as an HF checkpoint, or --adapter-only as a PEFT adapter that PeftModel.from_pretrained and vLLM load.")
@@ -129,7 +138,8 @@ export function registerLoraCommands(p: Command): void {
       'after',
       '\nExamples:\n  $ shardshift lora-to-hf --base-ckpt base/iter_0000000 --adapter-ckpt lora/iter_0000100 --hf-model-name ./Qwen2.5-7B --hf-ckpt-path ./merged\n  $ shardshift lora-to-hf --adapter-only --adapter-ckpt lora/iter_0000100 --hf-model-name ./Qwen2.5-7B --hf-ckpt-path ./adapter',
     )
-    .action(runLoraToHf);
+    .addOption(partOption())
+    .action(partitionable(runLoraToHf));
 
   p.command('export-adapter')
     .description('Export a Megatron-Bridge LoRA adapter as a Hugging Face PEFT adapter (adapter_config.json + adapter_model.safetensors), without merging — what lora-to-hf --adapter-only does.')
@@ -142,9 +152,10 @@ export function registerLoraCommands(p: Command): void {
     .option('--json', 'print the plan/result as JSON')
     .option('-q, --quiet', 'no progress display')
     .addHelpText('after', '\nExample:\n  $ shardshift export-adapter --adapter lora/iter_0000100 --hf-model ./Qwen2.5-7B ./qwen-lora-peft\n  $ python -c "from peft import PeftModel; ..."   # loads with PeftModel.from_pretrained(base, \'./qwen-lora-peft\')')
-    .action(async (out: string, f: { adapter: string; hfModel: string; maxMemory: string; overwrite?: boolean; dryRun?: boolean; json?: boolean; quiet?: boolean }) =>
+    .addOption(partOption())
+    .action(partitionable(async (out: string, f: { adapter: string; hfModel: string; maxMemory: string; overwrite?: boolean; dryRun?: boolean; json?: boolean; quiet?: boolean }) =>
       runLoraToHf({ adapterCkpt: f.adapter, hfModelName: f.hfModel, hfCkptPath: out, adapterOnly: true, maxMemory: f.maxMemory, shardSize: '50GB', overwrite: f.overwrite, dryRun: f.dryRun, json: f.json, quiet: f.quiet }),
-    );
+    ));
 }
 
 interface LoraToHfFlags {

@@ -19,6 +19,7 @@ import { registerNxdCommands } from './nxd.js';
 import { CKPT_FORMATS } from '../megatron/run-dir.js';
 import { onInterrupt } from './report.js';
 import tab from '@bomb.sh/tab/commander';
+import { partOption, partitionable, registerPartCommands, setCommandLine } from './partition.js';
 
 
 function program(): Command {
@@ -77,7 +78,8 @@ function program(): Command {
       'after',
       '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B\n  $ shardshift convert --to nxd ./Llama-3.2-1B ./nxd-tag --tp 2 --pp 2 --qkv-linear --kv-size-multiplier 2 --xser\n  $ shardshift convert --to hf ./nxd-tag ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B   # NxD source detected',
     )
-    .action(runConvert);
+    .addOption(partOption())
+    .action(partitionable(runConvert));
   p.command('dcp-to-hf')
     .description('NeMo RL policy checkpoint (DCP, DTensor v1 or v2, or Megatron-backend torch_dist) → Hugging Face; the flags of NeMo RL\'s convert_dcp_to_hf.py.')
     .option('--config <yaml>', 'the run\'s config.yaml (policy.model_name gives the HF model for config.json)')
@@ -91,7 +93,8 @@ function program(): Command {
     .option('--json', 'JSON progress events on stderr, result on stdout')
     .option('-q, --quiet', 'no progress display')
     .addHelpText('after', '\nExample (NeMo RL\'s own):\n  $ shardshift dcp-to-hf --config=$CKPT_DIR/config.yaml --dcp-ckpt-path=$CKPT_DIR/policy/weights --hf-ckpt-path=${CKPT_DIR}-hf')
-    .action(runDcpToHf);
+    .addOption(partOption())
+    .action(partitionable(runDcpToHf));
 
   const steps = p.command('steps').description('The Nemotron-steps-style interface: named steps with YAML configs and key=value overrides.');
   steps.command('list').description('List the steps.').action(runStepsList);
@@ -109,7 +112,8 @@ function program(): Command {
       'after',
       '\nExamples:\n  $ shardshift steps run convert/hf_to_megatron -c default hf_model_id=meta-llama/Llama-3.2-1B megatron_path=./out/llama-megatron parallel.tp=2\n  $ shardshift steps run convert/megatron_to_hf -c default megatron_path=./out/llama-megatron/iter_0000000 hf_model_id=meta-llama/Llama-3.2-1B -d',
     )
-    .action(runStepsRun);
+    .addOption(partOption())
+    .action(partitionable(runStepsRun));
 
   p.command('verify')
     .description('Check an output: its manifest checksums, its tensors against the declared model config, NaN/Inf, and with --against, that every tensor equals its mapping of the source.')
@@ -129,6 +133,7 @@ function program(): Command {
     .action(runDiff);
   registerLoraCommands(p);
   registerNxdCommands(p);
+  registerPartCommands(p, main);
   // `shardshift completion bash|zsh|fish|powershell` prints the script; the shell then asks the
   // hidden `shardshift complete -- <words>` (commands, options and their choices, from this tree).
   tab(p, { completionCommandName: 'completion' });
@@ -149,7 +154,10 @@ See '${path.join(' ')} --help'.`);
 
 export async function main(argv: string[]): Promise<number> {
   // Ctrl-C: say what was kept and how to resume (finished files are fsynced and recorded).
+  // `scancel` sends SIGTERM first: the same clean stop as Ctrl-C.
   process.once('SIGINT', onInterrupt);
+  process.once('SIGTERM', onInterrupt);
+  setCommandLine(argv);
   const p = program();
   try {
     await p.parseAsync(argv, { from: 'user' });

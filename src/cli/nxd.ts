@@ -7,6 +7,7 @@ import { nxdStep } from '../steps/nxd.js';
 import { resolveParams } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
 import { reporter } from './report.js';
+import { partLine, partOption, partitionable } from './partition.js';
 import { describePlan } from './convert.js';
 import { formatBytes } from '../util/size.js';
 
@@ -19,13 +20,14 @@ export function registerNxdCommands(p: Command): void {
     .description('NxD Training checkpoints ↔ full state with the flags of NxDT\'s checkpoint_converter.py (step convert/nxd).');
   for (const f of VALUE_FLAGS) c.option(`--${f} <value>`, nxdStep.params[f]!.description);
   for (const f of SWITCHES) c.option(`--${f}`, nxdStep.params[f]!.description);
+  c.addOption(partOption());
   c.option('--dry-run', 'print the plan and write nothing')
     .option('-q, --quiet', 'no progress display')
     .addHelpText(
       'after',
       '\nExamples (NxDT\'s, with the command name replaced):\n  $ shardshift nxd-convert --model_style hf --hw_backend trn1 --input_dir ./llama3/pytorch_model.bin --output_dir ./nxdt_tp8pp4 --save_xser True --config ./llama3/config.json --tp_size 8 --pp_size 4 --n_layers 32 --kv_size_multiplier 1 --qkv_linear True --convert_from_full_state\n  $ shardshift nxd-convert --model_style hf --hw_backend trn1 --input_dir ./ckpt/model --output_dir ./hf_out --load_xser True --config ./llama3/config.json --tp_size 8 --pp_size 4 --kv_size_multiplier 1 --qkv_linear True --convert_to_full_state',
     )
-    .action(async (f: Record<string, string | boolean | undefined>) => {
+    .action(partitionable(async (f: Record<string, string | boolean | undefined>) => {
       const overrides: string[] = [];
       for (const k of VALUE_FLAGS) if (f[k] !== undefined) overrides.push(`${k}=${String(f[k])}`);
       for (const k of SWITCHES) if (f[k]) overrides.push(`${k}=true`);
@@ -44,6 +46,6 @@ export function registerNxdCommands(p: Command): void {
         process.stdout.write(`${describePlan(r.plan)}\n(dry run: nothing written)\n`);
         return;
       }
-      process.stdout.write(`wrote ${r.plan.target.path} (${r.plan.target.format}): ${r.plan.files.length} files, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s\n`);
-    });
+      process.stdout.write(partLine(r) ?? `wrote ${r.plan.target.path} (${r.plan.target.format}): ${r.plan.files.length} files, ${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s\n`);
+    }));
 }

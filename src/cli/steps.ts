@@ -2,6 +2,7 @@ import { listSteps, getStep, defaultOutputBase } from '../steps/registry.js';
 import { resolveParams, stepConfigDir } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
 import { partialNote, reporter } from './report.js';
+import { partLine } from './partition.js';
 import { describePlan } from './convert.js';
 import { formatBytes } from '../util/size.js';
 import { readdir } from 'node:fs/promises';
@@ -43,6 +44,11 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   if (f.dryRun) {
     const note = partialNote(r.plan.target.path);
     process.stdout.write(`${name} (dry run: nothing written)\n${describePlan(r.plan)}\n${note ? `${note}\n` : ''}`);
+    return;
+  }
+  const pl = partLine(r);
+  if (pl) {
+    process.stdout.write(`${name}: ${pl}`);
     return;
   }
   process.stdout.write(`${name}: wrote ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);

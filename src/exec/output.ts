@@ -4,87 +4,18 @@
  * looks done. The destination must not exist (unless overwriting), and may be neither the source,
  * inside it, nor contain it.
  */
-import { lstat, mkdir, open, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
-import { copyExclusive, createExclusive } from '../io/create.js';
+import { lstat, mkdir, readdir, rm } from 'node:fs/promises';
+import { createExclusive } from '../io/create.js';
 import { lockOutput } from '../io/lock.js';
-import { createReadStream } from 'node:fs';
-import { createHash } from 'node:crypto';
-import { basename, dirname, join, resolve, sep } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { badInput, usage } from '../util/errors.js';
 import type { OutputFile } from '../lazy/types.js';
 import { Executor, DEFAULT_MAX_MEMORY, type ProgressEvent } from './executor.js';
-import { MANIFEST_NAME, PROGRESS_NAME, planHash, identifyFile, identifySource, type FileRecord, type Manifest, type Progress } from './manifest.js';
-import { VERSION } from '../util/version.js';
+import { MANIFEST_NAME, PROGRESS_NAME, planHash, type FileRecord, type Progress } from './manifest.js';
 import { readTextFile } from '../io/file.js';
-
-async function exists(p: string): Promise<boolean> {
-  return stat(p).then(
-    () => true,
-    () => false,
-  );
-}
-
-/** The absolute, symlink-resolved form of a path that may not exist yet. */
-async function canonical(p: string): Promise<string> {
-  const abs = resolve(p);
-  try {
-    return await realpath(abs);
-  } catch {
-    return join(await canonical(dirname(abs)), basename(abs));
-  }
-}
-
-function within(child: string, parent: string): boolean {
-  return child === parent || child.startsWith(parent.endsWith(sep) ? parent : parent + sep);
-}
-
-interface OutputTarget {
-  /** Final path. */
-  readonly path: string;
-  /** Where it was written before the rename. */
-  readonly temp: string;
-  readonly kind: 'dir' | 'file';
-}
-
-export async function fsyncPath(p: string): Promise<void> {
-  const fh = await open(p, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** fsyncs the temp output and renames it into place (replacing an existing output when asked). */
-async function commitOutput(t: OutputTarget): Promise<void> {
-  if (t.kind === 'dir') await fsyncPath(t.temp);
-  if (await exists(t.path)) {
-    const old = `${t.temp}.old`;
-    await rename(t.path, old);
-    await rename(t.temp, t.path);
-    await rm(old, { recursive: true, force: true });
-  } else {
-    await rename(t.temp, t.path);
-  }
-  await fsyncPath(dirname(t.path));
-}
-
-/**
- * Copies side files (config.json, tokenizer ...) into the output, fsyncing each. A copy already in
- * a resumed `.partial` is made again: a kill in the middle of a copy leaves a truncated file, and
- * its source may have changed since.
- */
-export async function copySideFiles(copies: ReadonlyArray<{ from: string; to: string }>, toDir: string): Promise<void> {
-  const seen = new Set<string>();
-  for (const c of copies) {
-    if (seen.has(c.to)) continue; // the first source named for a path wins
-    seen.add(c.to);
-    const dst = join(toDir, c.to);
-    await mkdir(dirname(dst), { recursive: true });
-    await copyExclusive(c.from, dst);
-    await fsyncPath(dst);
-  }
-}
+import { claimPartitionedOutput, currentPartition } from './parts.js';
+import { finalizeParts, writePart } from './part-output.js';
+import { canonical, commitOutput, copySideFiles, exists, fileStamp, foreignDir, fsyncPath, notFinishedOutput, sha256File, within, writeJsonAtomic, writeManifest, type ManifestInfo } from './output-files.js';
 
 export interface WriteOutputOptions {
   overwrite?: boolean;
@@ -93,16 +24,8 @@ export interface WriteOutputOptions {
   maxMemory?: number;
   onProgress?: (e: ProgressEvent) => void;
   /** What the finished directory's manifest records about the run and its source. */
-  manifest?: {
-    readonly command: string;
-    readonly sourceFormat: string;
-    readonly targetFormat: string;
-    /** Directory the source's data files are relative to, and the files. */
-    readonly sourceDir: string;
-    readonly sourceFiles: readonly string[];
-    /** Hash whole source files (default: first and last MiB plus size). */
-    readonly fullSourceHash?: boolean;
-  };
+  manifest?: ManifestInfo;
+
   /**
    * Keep an `out` that already holds this very output — finished by shardshift for the same plan
    * from the same, unchanged source, every file still holding its recorded SHA-256 — instead of
@@ -130,8 +53,11 @@ export function activeOutputs(): readonly ActiveOutput[] {
   return [...active];
 }
 
-/** What writeOutput did: wrote the output, or kept an identical finished one (`reuseComplete`). */
-export type OutputOutcome = 'written' | 'reused';
+/**
+ * What writeOutput did: wrote the output, kept an identical finished one (`reuseComplete`), or
+ * (a part of a partitioned run) wrote its part while other parts are still to finish.
+ */
+export type OutputOutcome = 'written' | 'reused' | 'part-written';
 
 async function readProgress(path: string): Promise<Progress | undefined> {
   try {
@@ -140,37 +66,6 @@ async function readProgress(path: string): Promise<Progress | undefined> {
   } catch {
     return undefined;
   }
-}
-
-/** Writes JSON atomically: a temp file, fsynced, renamed over the target. */
-async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
-  const tmp = `${path}.tmp`;
-  const fh = await createExclusive(tmp, { replace: true });
-  try {
-    await fh.writeFile(JSON.stringify(value, null, 2) + '\n');
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-}
-
-async function sha256File(path: string): Promise<FileRecord> {
-  const h = createHash('sha256');
-  let size = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 22 })) {
-    h.update(chunk as Buffer);
-    size += (chunk as Buffer).length;
-  }
-  return { size, sha256: h.digest('hex') };
-}
-
-/** Size, mtime (ns) and inode of a file: what changes when it is rewritten or replaced. */
-async function fileStamp(p: string): Promise<string> {
-  return stat(p, { bigint: true }).then(
-    (st) => `size ${st.size}, mtime ${st.mtimeNs}, inode ${st.ino}`,
-    () => 'missing',
-  );
 }
 
 /** Outputs this process has committed (for the after-commit kill point). */
@@ -188,71 +83,6 @@ function killPoint(kind: 'after-mkdir' | 'after-files' | 'mid-file' | 'before-co
     }[kind]
   ];
   return v !== undefined && Number(v) === n;
-}
-
-/**
- * Why `dir` is not a finished output of this plan from this unchanged source, or undefined if it
- * is. Used for a finished `.partial` stranded before its rename and for an `out` kept by
- * `reuseComplete`. It is, only if: its manifest was written by shardshift for this plan hash; the
- * manifest lists exactly the files this plan writes (at their planned sizes) and its side files —
- * never a file dropped from both, never a path of its own; the source files it records still have
- * the recorded identity; each side file still has the content of the file it is copied from; and
- * every file is present with its recorded SHA-256.
- */
-async function notFinishedOutput(
-  dir: string,
-  hash: string,
-  files: readonly OutputFile[],
-  sideCopies: ReadonlyArray<{ from: string; to: string }>,
-  m: WriteOutputOptions['manifest'],
-): Promise<string | undefined> {
-  let man: Manifest;
-  try {
-    man = JSON.parse(await readTextFile(join(dir, MANIFEST_NAME))) as Manifest;
-  } catch {
-    return `no readable ${MANIFEST_NAME}`;
-  }
-  if (man === null || man.tool !== 'shardshift' || typeof man.files !== 'object' || man.files === null || !Array.isArray(man.source?.files)) return `${MANIFEST_NAME} is not shardshift's`;
-  if (man.planHash !== hash) return 'it was made by a different plan';
-  const planned = new Map<string, number | undefined>(files.map((f) => [f.relPath, f.size]));
-  for (const c of sideCopies) if (!planned.has(c.to)) planned.set(c.to, undefined);
-  const listed = Object.keys(man.files);
-  if (listed.length !== planned.size || listed.some((k) => !planned.has(k))) return `its manifest lists other files than this run writes`;
-  for (const [rel, size] of planned) {
-    const rec = man.files[rel]!;
-    if (typeof rec?.sha256 !== 'string' || typeof rec.size !== 'number' || (size !== undefined && rec.size !== size)) return `${rel} is not the size this run writes`;
-  }
-  if (m) {
-    const recorded = man.source.files;
-    if (recorded.length !== m.sourceFiles.length) return 'it was made from other source files';
-    for (const [i, rel] of m.sourceFiles.entries()) {
-      const r = recorded[i]!;
-      const now = await identifyFile(join(m.sourceDir, rel), r.hashKind === 'sha256').catch(() => undefined);
-      if (!now || now.size !== r.size || now.mtimeMs !== r.mtimeMs || now.hash !== r.hash) return `${join(m.sourceDir, rel)} changed since it was made`;
-    }
-  }
-  for (const c of sideCopies) {
-    const now = await sha256File(c.from).catch(() => undefined);
-    if (now?.sha256 !== man.files[c.to]!.sha256) return `its ${c.to} is not a copy of ${c.from}`;
-  }
-  for (const [rel, rec] of Object.entries(man.files)) {
-    const p = join(dir, rel);
-    if (!(await lstat(p).then((st) => st.isFile() && st.size === rec.size, () => false)) || (await sha256File(p)).sha256 !== rec.sha256) return `${rel} in it no longer matches its recorded SHA-256`;
-  }
-  return undefined;
-}
-
-/**
- * A `.partial` (or `out`) another user could have planted or can still write into is never
- * reused: it must be ours, and not writable by everyone. (A group-writable one is accepted: a
- * umask of 002 is common on shared clusters, and the group is trusted with the output anyway.)
- */
-async function foreignDir(p: string): Promise<string | undefined> {
-  const st = await lstat(p);
-  const uid = process.getuid?.();
-  if (uid !== undefined && st.uid !== uid) return `${p} belongs to another user (uid ${st.uid})`;
-  if (st.mode & 0o002) return `${p} is writable by every user`;
-  return undefined;
 }
 
 /**
@@ -292,6 +122,14 @@ export async function writeOutput(
   await mkdir(dirname(o), { recursive: true });
   const sourceFiles = opts.manifest ? opts.manifest.sourceFiles.map((r) => join(opts.manifest!.sourceDir, r)) : [];
   const before = await Promise.all(sourceFiles.map(fileStamp));
+  const partition = currentPartition();
+  if (partition) {
+    claimPartitionedOutput(out);
+    if (kind === 'file') throw usage(`--part splits a directory output into whole files; ${out} is one file — convert it in one run`);
+    if (reuse) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
+    const w = { source: s, out: o, partial, files, sideCopies, sourceFiles, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: opts.manifest, hashSource: opts.hashSource };
+    return partition.kind === 'part' ? writePart(w, partition.part, partition.argv, partition.cwd, before) : finalizeParts(w);
+  }
   const lock = await lockOutput(o);
   const me: ActiveOutput = { out: o, partial, kind, lock: `${o}.lock`, filesTotal: files.length, filesDone: 0 };
   try {
@@ -445,23 +283,7 @@ async function writeLocked(
   ex.finishing();
   const records: Record<string, FileRecord> = {};
   for (const f of files) records[f.relPath] = progress.files[f.relPath]!;
-  for (const c of sideCopies) records[c.to] = await sha256File(join(partial, c.to));
-  const m = opts.manifest;
-  const manifest: Manifest = {
-    tool: 'shardshift',
-    version: VERSION,
-    created: new Date().toISOString(),
-    command: m?.command ?? 'convert',
-    source: {
-      path: s,
-      format: m?.sourceFormat ?? 'unknown',
-      files: m ? await identifySource(m.sourceDir, m.sourceFiles, opts.hashSource ?? m.fullSourceHash ?? false) : [],
-    },
-    target: { format: m?.targetFormat ?? 'unknown' },
-    planHash: hash,
-    files: records,
-  };
-  await writeJsonAtomic(join(partial, MANIFEST_NAME), manifest);
+  await writeManifest(partial, s, hash, records, sideCopies, opts.manifest, opts.hashSource);
   await rm(progressPath, { force: true });
   if (killPoint('before-commit', 1)) process.kill(process.pid, 'SIGKILL');
   await beforeCommit();

@@ -9,7 +9,7 @@
 import type { CheckpointSource } from './types.js';
 import type { SourceTensor } from '../lazy/types.js';
 import { badInput, unsupported } from '../util/errors.js';
-import { byteLength, numelOf } from '../tensor/dtype.js';
+import { byteLength } from '../tensor/dtype.js';
 import type { Box } from '../tensor/layout.js';
 import { castBytes } from '../tensor/cast.js';
 import { dequantInt4Rows, type ScaleDtype } from '../tensor/int4-pack.js';

@@ -13,6 +13,7 @@ import { usage } from '../util/errors.js';
 import { castTo } from '../lazy/expr.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { writeOutput, type OutputOutcome } from '../exec/output.js';
+import { partResult } from '../exec/parts.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
@@ -159,6 +160,9 @@ export function checkComplete(targets: readonly TargetTensor[], files: readonly 
 export async function finish(plan: ConvertPlan, t0: number, dryRun: boolean | undefined, write: () => Promise<OutputOutcome | void>): Promise<ConvertResult> {
   if (dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0, outcome: 'dry-run' };
   const outcome = (await write()) ?? 'written';
-  return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: outcome === 'reused' ? 0 : plan.totalBytes, outcome };
+  // A part of a partitioned run wrote its own files only.
+  const part = partResult();
+  const bytesWritten = outcome === 'reused' ? 0 : part ? part.bytes : plan.totalBytes;
+  return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten, outcome };
 }
 
