@@ -20,7 +20,7 @@ const FLOORS = [
   ['nxd'],
   ['lora'],
   ['plan'],
-  ['steps'],
+  ['steps', 'cluster'],
   ['cli'],
 ];
 

@@ -16,9 +16,10 @@
 //   options: --model 1b|3b|8b|tiny|mixtral-tiny|mixtral-1b|mixtral-8x7b   shape for the cases that take one (reshard defaults to 8b)
 //            --runs N (3) --max-memory 1GiB --no-peer --no-cp --json FILE
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
+import { dirBytes, median, syncTree } from './measure.mjs';
 import { benchRoot, cacheRoot, hfCheckpoint, loraAdapter, MODELS } from './generate.mjs';
 
 const root = join(benchRoot, '..');
@@ -84,24 +85,6 @@ const dcpSource = (model) => derived('dcp', model, (hf, out) => shardshift(['con
 // ---------------------------------------------------------------------------------------------
 // Measuring.
 
-function dirBytes(p) {
-  const st = statSync(p);
-  if (!st.isDirectory()) return st.size;
-  return readdirSync(p).reduce((s, n) => s + dirBytes(join(p, n)), 0);
-}
-
-/** fsyncs every file and directory under `p` (what a tool left in the page cache goes to disk). */
-function syncTree(p) {
-  const st = statSync(p);
-  if (st.isDirectory()) for (const n of readdirSync(p)) syncTree(join(p, n));
-  const fd = openSync(p, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
-
 const hasTimeV = existsSync('/usr/bin/time');
 /** Runs a command and fsyncs its output; returns wall seconds (both) and the child's peak RSS in bytes. */
 function timed(cmd, args, out) {
@@ -118,10 +101,6 @@ function timed(cmd, args, out) {
   return { s, rss: m ? Number(m[1]) * 1024 : undefined };
 }
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 const work = () => join(cacheRoot, 'work');
 
 /**

@@ -7,7 +7,8 @@ import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 execFileSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(root, 'tsconfig.json')], { stdio: 'inherit' });
-// `published` (full-size round trips of the published checkpoints) and `mxfp4` (GPT-OSS MXFP4
-// dequantisation against cp) have their own runners.
+// `published` (full-size round trips of the published checkpoints), `mxfp4` (GPT-OSS MXFP4
+// dequantisation against cp) and `slurm` (a conversion as a Slurm job array against one
+// process) have their own runners.
 const args = process.argv.slice(2);
-await import(args.includes('published') ? '../bench/published.mjs' : args.includes('mxfp4') ? '../bench/mxfp4.mjs' : '../bench/run.mjs');
+await import(args.includes('published') ? '../bench/published.mjs' : args.includes('mxfp4') ? '../bench/mxfp4.mjs' : args.includes('slurm') ? '../bench/slurm.mjs' : '../bench/run.mjs');

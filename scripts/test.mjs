@@ -6,6 +6,7 @@ import { readdirSync, statSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { oracleVenv } from './oracle-venv.mjs';
+import { startSlurm } from './slurm.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 process.chdir(root);
@@ -41,5 +42,24 @@ function testFiles(dir) {
 let files = dirs.flatMap((d) => testFiles(join(root, d))).sort();
 if (only.length) files = files.filter((f) => only.some((o) => f.includes(o)));
 
-const r = spawnSync(process.execPath, ['--test', '--test-reporter=spec', '--test-concurrency=2', ...files], { stdio: 'inherit', env });
+// The cluster tests submit to a real Slurm: a private one (own munge key, ports and state dir),
+// installed when missing (root + apt-get), started here and stopped when the tests end.
+let slurm;
+if (process.env.SHARDSHIFT_NO_SLURM === '1') {
+  process.stderr.write('SHARDSHIFT_NO_SLURM=1: the Slurm tests (test/unit/slurm.test.ts) are skipped\n');
+} else if (files.some((f) => f.endsWith('slurm.test.js'))) {
+  try {
+    slurm = await startSlurm();
+  } catch (e) {
+    process.stderr.write(`slurm: ${e.message}\n(set SHARDSHIFT_NO_SLURM=1 to run without the Slurm tests)\n`);
+    process.exit(1);
+  }
+  Object.assign(env, slurm.env);
+}
+let r;
+try {
+  r = spawnSync(process.execPath, ['--test', '--test-reporter=spec', '--test-concurrency=2', ...files], { stdio: 'inherit', env });
+} finally {
+  slurm?.stop();
+}
 process.exit(r.status ?? 1);

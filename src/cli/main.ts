@@ -19,7 +19,7 @@ import { registerNxdCommands } from './nxd.js';
 import { CKPT_FORMATS } from '../megatron/run-dir.js';
 import { onInterrupt } from './report.js';
 import tab from '@bomb.sh/tab/commander';
-import { partOption, partitionable, registerPartCommands, setCommandLine } from './partition.js';
+import { clusterOptions, partOption, partitionable, registerPartCommands, setCommandLine } from './partition.js';
 
 
 function program(): Command {
@@ -78,8 +78,8 @@ function program(): Command {
       'after',
       '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B\n  $ shardshift convert --to nxd ./Llama-3.2-1B ./nxd-tag --tp 2 --pp 2 --qkv-linear --kv-size-multiplier 2 --xser\n  $ shardshift convert --to hf ./nxd-tag ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B   # NxD source detected',
     )
-    .addOption(partOption())
-    .action(partitionable(runConvert));
+    .addOption(partOption());
+  clusterOptions(p.commands.at(-1)!).action(partitionable(runConvert));
   p.command('dcp-to-hf')
     .description('NeMo RL policy checkpoint (DCP, DTensor v1 or v2, or Megatron-backend torch_dist) → Hugging Face; the flags of NeMo RL\'s convert_dcp_to_hf.py.')
     .option('--config <yaml>', 'the run\'s config.yaml (policy.model_name gives the HF model for config.json)')
@@ -110,10 +110,10 @@ function program(): Command {
     .option('-q, --quiet', 'no progress display')
     .addHelpText(
       'after',
-      '\nExamples:\n  $ shardshift steps run convert/hf_to_megatron -c default hf_model_id=meta-llama/Llama-3.2-1B megatron_path=./out/llama-megatron parallel.tp=2\n  $ shardshift steps run convert/megatron_to_hf -c default megatron_path=./out/llama-megatron/iter_0000000 hf_model_id=meta-llama/Llama-3.2-1B -d',
+      '\nExamples:\n  $ shardshift steps run convert/hf_to_megatron -c default hf_model_id=meta-llama/Llama-3.2-1B megatron_path=./out/llama-megatron parallel.tp=2\n  $ shardshift steps run convert/megatron_to_hf -c default megatron_path=./out/llama-megatron/iter_0000000 hf_model_id=meta-llama/Llama-3.2-1B -d\n  $ shardshift steps run convert/megatron_to_hf -c default --batch slurm_convert_model megatron_path=/lustre/run/iter_0000100 hf_model_id=meta-llama/Llama-3.2-1B hf_path=/lustre/out/run-hf\n  $ shardshift steps run convert/megatron_to_hf -c default megatron_path=/lustre/run iterations=every:1000 hf_path=/lustre/out/run-hf',
     )
-    .addOption(partOption())
-    .action(partitionable(runStepsRun));
+    .addOption(partOption());
+  clusterOptions(steps.commands.at(-1)!).action(partitionable(runStepsRun));
 
   p.command('verify')
     .description('Check an output: its manifest checksums, its tensors against the declared model config, NaN/Inf, and with --against, that every tensor equals its mapping of the source.')

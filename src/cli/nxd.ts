@@ -4,6 +4,7 @@
  */
 import type { Command } from 'commander';
 import { nxdStep } from '../steps/nxd.js';
+import { single } from '../steps/registry.js';
 import { resolveParams } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
 import { reporter } from './report.js';
@@ -35,12 +36,14 @@ export function registerNxdCommands(p: Command): void {
       const rep = reporter({ quiet: !!f.quiet, dryRun: !!f.dryRun });
       rep.status('nxd-convert: opening …');
       const r = await rep.watch(
-        nxdStep.run(params, {
-          dryRun: !!f.dryRun,
-          env: process.env,
-          onProgress: rep.onProgress,
-          resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet ? undefined : (m) => process.stderr.write(`${m}\n`) }),
-        }),
+        nxdStep
+          .run(params, {
+            dryRun: !!f.dryRun,
+            env: process.env,
+            onProgress: rep.onProgress,
+            resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet ? undefined : (m) => process.stderr.write(`${m}\n`) }),
+          })
+          .then(single),
       );
       if (f.dryRun) {
         process.stdout.write(`${describePlan(r.plan)}\n(dry run: nothing written)\n`);

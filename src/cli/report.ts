@@ -22,6 +22,8 @@ export interface Reporter {
    * resumed; on failure clears the display (the error follows on its own line).
    */
   watch(run: Promise<ConvertResult>): Promise<ConvertResult>;
+  /** Awaits a run that may not be one conversion (a batch): clears the display, nothing more. */
+  settle<T>(run: Promise<T>): Promise<T>;
 }
 
 export function reporter(f: { quiet?: boolean; json?: boolean; dryRun?: boolean }): Reporter {
@@ -37,6 +39,13 @@ export function reporter(f: { quiet?: boolean; json?: boolean; dryRun?: boolean 
     status: (text) => {
       events?.status(text);
       display?.status(text);
+    },
+    settle: async (run) => {
+      try {
+        return await run;
+      } finally {
+        display?.done();
+      }
     },
     watch: async (run) => {
       let r: ConvertResult;
@@ -83,6 +92,8 @@ export function onInterrupt(): void {
     if (a.kind === 'file') {
       rmSync(a.partial, { force: true });
       process.stderr.write(`shardshift: interrupted; ${a.out} was not written (a single file is not resumable) and nothing is left behind\n`);
+    } else if (a.part) {
+      process.stderr.write(`shardshift: interrupted; part ${a.part.index}/${a.part.count} kept ${a.filesDone} of its ${a.filesTotal} finished files in ${a.partial} — re-run the same part (--part ${a.part.index}/${a.part.count}) to resume\n`);
     } else {
       process.stderr.write(`shardshift: interrupted; kept ${a.partial} (${a.filesDone} of ${a.filesTotal} files finished) — re-run the same command to resume\n`);
     }

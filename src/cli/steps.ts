@@ -1,4 +1,4 @@
-import { listSteps, getStep, defaultOutputBase } from '../steps/registry.js';
+import { listSteps, getStep, defaultOutputBase, BatchRun, type BatchItem } from '../steps/registry.js';
 import { resolveParams, stepConfigDir } from '../steps/config.js';
 import { resolveModel } from '../hub/download.js';
 import { partialNote, reporter } from './report.js';
@@ -29,7 +29,7 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   const params = await resolveParams(step, f.config, overrides);
   const rep = reporter(f);
   rep.status(`${name}: opening …`);
-  const r = await rep.watch(
+  const r = await rep.settle(
     step.run(params, {
       dryRun: !!f.dryRun,
       env: process.env,
@@ -37,6 +37,9 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
       resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`) }),
     }),
   );
+  if (r instanceof BatchRun) return batchSummary(name, r, f);
+  // One conversion: end the JSON events and say whether it resumed.
+  await rep.watch(Promise.resolve(r));
   if (f.json) {
     process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
     return;
@@ -52,4 +55,27 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
     return;
   }
   process.stdout.write(`${name}: wrote ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
+}
+
+/** The table at the end of a batch conversion (`iterations=`): one row per checkpoint; exit 1 (2 if every failure was usage) when any failed. */
+function batchSummary(name: string, b: BatchRun, f: { dryRun?: boolean; json?: boolean }): void {
+  const failed = b.items.filter((i) => !i.result.ok);
+  if (f.json) {
+    const rows = b.items.map((i) => (i.result.ok ? { checkpoint: i.name, source: i.source, out: i.out, outcome: i.result.convert.outcome, bytesWritten: i.result.convert.bytesWritten, seconds: i.result.convert.seconds } : { checkpoint: i.name, source: i.source, out: i.out, outcome: 'failed', error: i.result.error }));
+    process.stdout.write(JSON.stringify({ step: name, batch: rows }, null, 2) + '\n');
+  } else {
+    const label = (i: BatchItem): string => (i.result.ok ? ({ written: 'converted', reused: 'skipped (finished)', 'dry-run': 'planned', 'part-written': 'part written' } as const)[i.result.convert.outcome] : 'FAILED');
+    const size = (i: BatchItem): string => (i.result.ok ? (i.result.convert.outcome === 'written' ? formatBytes(i.result.convert.bytesWritten) : '-') : '-');
+    const secs = (i: BatchItem): string => (i.result.ok && i.result.convert.outcome === 'written' ? `${i.result.convert.seconds.toFixed(1)} s` : '-');
+    const head = ['checkpoint', 'result', 'written', 'time', 'output'];
+    const rows = b.items.map((i) => [i.name, label(i), size(i), secs(i), i.out]);
+    const w = head.map((h, c) => Math.max(h.length, ...rows.map((r) => r[c]!.length)));
+    const line = (r: readonly string[]): string => r.map((x, c) => (c === r.length - 1 ? x : x.padEnd(w[c]!))).join('  ');
+    const n = (k: string): number => b.items.filter((i) => label(i) === k).length;
+    const lines = [`${name}${f.dryRun ? ' (dry run: nothing written)' : ''}: ${b.items.length} checkpoint${b.items.length === 1 ? '' : 's'}`, line(head), ...rows.map(line)];
+    lines.push(f.dryRun ? `${n('planned')} planned, ${failed.length} failed` : `${n('converted')} converted, ${n('skipped (finished)')} skipped (already finished), ${failed.length} failed`);
+    process.stdout.write(lines.join('\n') + '\n');
+    for (const i of failed) if (!i.result.ok) process.stderr.write(`shardshift: error: ${i.name}: ${i.result.error}\n`);
+  }
+  if (failed.length) process.exitCode = failed.every((i) => !i.result.ok && i.result.exitCode === 2) ? 2 : 1;
 }

@@ -221,3 +221,31 @@ export async function writeManifest(
   };
   await writeJsonAtomic(join(dir, MANIFEST_NAME), manifest);
 }
+
+/** An output being written by this process: what an interrupt (Ctrl-C) reports and cleans up. */
+export interface ActiveOutput {
+  readonly out: string;
+  readonly partial: string;
+  readonly kind: 'dir' | 'file';
+  readonly lock: string;
+  readonly filesTotal: number;
+  /** Files finished (written, or kept from an interrupted run) so far. */
+  filesDone: number;
+  /** Set when this process writes one part of a partitioned run (`--part i/n`). */
+  readonly part?: { readonly index: number; readonly count: number };
+}
+
+const active = new Set<ActiveOutput>();
+
+/** The outputs this process is writing right now (for the CLI's interrupt message). */
+export function activeOutputs(): readonly ActiveOutput[] {
+  return [...active];
+}
+
+export function trackActive(a: ActiveOutput): void {
+  active.add(a);
+}
+
+export function untrackActive(a: ActiveOutput): void {
+  active.delete(a);
+}

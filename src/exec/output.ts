@@ -15,7 +15,7 @@ import { MANIFEST_NAME, PROGRESS_NAME, planHash, type FileRecord, type Progress 
 import { readTextFile } from '../io/file.js';
 import { claimPartitionedOutput, currentPartition } from './parts.js';
 import { finalizeParts, writePart } from './part-output.js';
-import { canonical, commitOutput, copySideFiles, exists, fileStamp, foreignDir, fsyncPath, notFinishedOutput, sha256File, within, writeJsonAtomic, writeManifest, type ManifestInfo } from './output-files.js';
+import { canonical, commitOutput, copySideFiles, exists, fileStamp, foreignDir, fsyncPath, notFinishedOutput, sha256File, within, writeJsonAtomic, writeManifest, type ManifestInfo, type ActiveOutput, trackActive, untrackActive } from './output-files.js';
 
 export interface WriteOutputOptions {
   overwrite?: boolean;
@@ -35,23 +35,7 @@ export interface WriteOutputOptions {
   reuseComplete?: boolean;
 }
 
-/** An output being written by this process: what an interrupt (Ctrl-C) reports and cleans up. */
-export interface ActiveOutput {
-  readonly out: string;
-  readonly partial: string;
-  readonly kind: 'dir' | 'file';
-  readonly lock: string;
-  readonly filesTotal: number;
-  /** Files finished (written, or kept from an interrupted run) so far. */
-  filesDone: number;
-}
-
-const active = new Set<ActiveOutput>();
-
-/** The outputs this process is writing right now (for the CLI's interrupt message). */
-export function activeOutputs(): readonly ActiveOutput[] {
-  return [...active];
-}
+export { activeOutputs, type ActiveOutput } from './output-files.js';
 
 /**
  * What writeOutput did: wrote the output, kept an identical finished one (`reuseComplete`), or
@@ -123,6 +107,7 @@ export async function writeOutput(
   const sourceFiles = opts.manifest ? opts.manifest.sourceFiles.map((r) => join(opts.manifest!.sourceDir, r)) : [];
   const before = await Promise.all(sourceFiles.map(fileStamp));
   const partition = currentPartition();
+  if (partition?.kind === 'probe') throw new Error('internal: a planning probe tried to write');
   if (partition) {
     claimPartitionedOutput(out);
     if (kind === 'file') throw usage(`--part splits a directory output into whole files; ${out} is one file — convert it in one run`);
@@ -140,7 +125,7 @@ export async function writeOutput(
     }
     // Finished by another run between the check above and taking the lock.
     if (!opts.overwrite && (await exists(o))) throw usage(`output ${out} already exists; remove it or pass --overwrite`);
-    active.add(me);
+    trackActive(me);
     await writeLocked(s, o, partial, kind, files, sideCopies, opts, me, async () => {
       // Test hook: a window in which a test changes the source.
       const pause = Number(process.env.SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS ?? 0);
@@ -156,7 +141,7 @@ export async function writeOutput(
     // Test hook: the n-th commit of this process (a command writing two outputs dies between them).
     if (killPoint('after-commit', ++commits)) process.kill(process.pid, 'SIGKILL');
   } finally {
-    active.delete(me);
+    untrackActive(me);
     await lock.release();
   }
   return 'written';

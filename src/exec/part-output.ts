@@ -23,7 +23,7 @@ import type { OutputFile } from '../lazy/types.js';
 import { badInput, usage } from '../util/errors.js';
 import { Executor, DEFAULT_MAX_MEMORY } from './executor.js';
 import { MANIFEST_NAME, PROGRESS_NAME, planHash, type FileRecord } from './manifest.js';
-import { commitOutput, copySideFiles, exists, fileStamp, foreignDir, sha256File, writeJsonAtomic, writeManifest, type ManifestInfo } from './output-files.js';
+import { commitOutput, copySideFiles, exists, fileStamp, foreignDir, sha256File, trackActive, untrackActive, writeJsonAtomic, writeManifest, type ActiveOutput, type ManifestInfo } from './output-files.js';
 import { assignParts, recordPartResult, type PartSpec } from './parts.js';
 import type { ProgressEvent } from './executor.js';
 
@@ -170,6 +170,8 @@ export async function writePart(w: PartitionedWrite, part: PartSpec, argv: reado
   const lock = await lockOutput(partLockBase(w.partial, part.index));
   let reused = 0;
   let written = 0;
+  const me: ActiveOutput = { out: w.out, partial: w.partial, kind: 'dir', lock: `${partLockBase(w.partial, part.index)}.lock`, filesTotal: mine.length, filesDone: 0, part: { index: part.index, count: part.count } };
+  trackActive(me);
   try {
     const prev = await readPartRecord(w.partial, part.index);
     const now = new Date().toISOString();
@@ -212,15 +214,19 @@ export async function writePart(w: PartitionedWrite, part: PartSpec, argv: reado
         if (done && (await lstat(path).then((st) => st.isFile() && st.size === done.size, () => false)) && (await sha256File(path)).sha256 === done.sha256) {
           ex.skipFile(f);
           reused++;
+          me.filesDone++;
           continue;
         }
         delete rec.files[f.relPath];
         const sha256 = await ex.writeFile(path, f, { replace: true });
         rec.files[f.relPath] = { size: f.size, sha256 };
+        me.filesDone++;
         rec.updated = new Date().toISOString();
         await writeJsonAtomic(recordPath, rec);
         // Test hook: die like `scancel --signal=KILL` after this many files of the part.
         if (Number(process.env.SHARDSHIFT_TEST_KILL_AFTER_FILES ?? -1) === ++written) process.kill(process.pid, 'SIGKILL');
+        // Test hook: part i stops after its first file until a signal ends it (`scancel` mid-run).
+        if (written === 1 && process.env.SHARDSHIFT_TEST_HANG_PART === String(part.index)) await new Promise(() => setInterval(() => undefined, 1 << 30));
       }
       const after = await Promise.all(w.sourceFiles.map(fileStamp));
       const changed = w.sourceFiles.findIndex((_, i) => after[i] !== sourceStamps[i]);
@@ -238,6 +244,7 @@ export async function writePart(w: PartitionedWrite, part: PartSpec, argv: reado
     rec.updated = new Date().toISOString();
     await writeJsonAtomic(recordPath, rec);
   } finally {
+    untrackActive(me);
     await lock.release();
   }
   // The last part to finish completes the output; with parts finishing at once, one finalizes

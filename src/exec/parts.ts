@@ -25,7 +25,18 @@ export type Partition =
   /** Write part `index` of `count` into the shared partial; the last part to finish finalizes. */
   | { readonly kind: 'part'; readonly part: PartSpec; readonly argv: readonly string[]; readonly cwd: string }
   /** Check every part and write what depends on all of them (`shardshift finalize`). */
-  | { readonly kind: 'finalize' };
+  | { readonly kind: 'finalize' }
+  /** Plan only (a dry run), to learn the output before submitting parts to a cluster. */
+  | { readonly kind: 'probe' };
+
+/** What a probe learnt: the output the command writes and its files. */
+export interface PlannedOutput {
+  /** What it converts (the plan's source path). */
+  readonly source: string;
+  readonly path: string;
+  readonly kind: 'dir' | 'file';
+  readonly files: number;
+}
 
 /** What a part run did, for the CLI's summary line. */
 export interface PartResult {
@@ -47,13 +58,15 @@ interface RunContext {
   /** Outputs this run has written: a partitioned run splits exactly one. */
   outputs: number;
   result?: PartResult;
+  /** Outputs planned (a command converting many checkpoints plans one per checkpoint). */
+  planned: PlannedOutput[];
 }
 
 const context = new AsyncLocalStorage<RunContext>();
 
 /** Runs `fn` (a whole command) as the given partition of its output. */
 export function runPartitioned<T>(partition: Partition, fn: () => Promise<T>): Promise<T> {
-  return context.run({ partition, outputs: 0 }, fn);
+  return context.run({ partition, outputs: 0, planned: [] }, fn);
 }
 
 /** The partition of the running command, if it is partitioned. */
@@ -71,6 +84,16 @@ export function claimPartitionedOutput(out: string): void {
 export function recordPartResult(r: PartResult): void {
   const c = context.getStore();
   if (c) c.result = r;
+}
+
+export function recordPlanned(p: PlannedOutput): void {
+  const c = context.getStore();
+  if (c) c.planned.push(p);
+}
+
+/** Every output the command planned, in order. */
+export function plannedOutputs(): readonly PlannedOutput[] {
+  return context.getStore()?.planned ?? [];
 }
 
 /** What the part run in this context did (undefined when it was not a part run). */

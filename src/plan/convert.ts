@@ -13,7 +13,7 @@ import { usage } from '../util/errors.js';
 import { castTo } from '../lazy/expr.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { writeOutput, type OutputOutcome } from '../exec/output.js';
-import { partResult } from '../exec/parts.js';
+import { partResult, recordPlanned } from '../exec/parts.js';
 import type { PyValue } from '../pickle/values.js';
 
 export interface ConvertOptions {
@@ -158,7 +158,10 @@ export function checkComplete(targets: readonly TargetTensor[], files: readonly 
  * the use case's `try` so its sources stay open until the output is complete.
  */
 export async function finish(plan: ConvertPlan, t0: number, dryRun: boolean | undefined, write: () => Promise<OutputOutcome | void>): Promise<ConvertResult> {
-  if (dryRun) return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0, outcome: 'dry-run' };
+  if (dryRun) {
+    recordPlanned({ source: plan.source.path, path: plan.target.path, kind: plan.target.kind, files: plan.files.length });
+    return { plan, seconds: (performance.now() - t0) / 1000, bytesWritten: 0, outcome: 'dry-run' };
+  }
   const outcome = (await write()) ?? 'written';
   // A part of a partitioned run wrote its own files only.
   const part = partResult();

@@ -66,6 +66,8 @@ export interface ModelConvertOptions {
   maxShardSize?: number;
   dcpFiles?: number;
   overwrite?: boolean;
+  /** Keep an output that already is this finished conversion (batch conversions re-run over a run directory). */
+  reuseComplete?: boolean;
   /** Hash whole source files into the output manifest. */
   hashSource?: boolean;
   dryRun?: boolean;

@@ -10,7 +10,9 @@ import type { ProgressEvent } from '../exec/executor.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
 import { join } from 'node:path';
-import { usage } from '../util/errors.js';
+import { ShardshiftError, badInput, ioError, isErrno, usage } from '../util/errors.js';
+import { UnpicklingError } from '../pickle/index.js';
+import { selectIterations, parseIterations } from '../plan/iterations.js';
 import { parseSize } from '../util/size.js';
 import { CKPT_FORMATS, type CkptFormat } from '../megatron/run-dir.js';
 
@@ -36,11 +38,31 @@ export interface StepContext {
   readonly resolveModel: (idOrPath: string, what: 'config' | 'all') => Promise<string>;
 }
 
+/** One checkpoint of a batch conversion (`iterations=`) and what happened to it. */
+export interface BatchItem {
+  readonly name: string;
+  readonly source: string;
+  readonly out: string;
+  /** The conversion (written, reused = already this finished output: skipped, or dry-run), or why it failed. */
+  readonly result: { readonly ok: true; readonly convert: ConvertResult } | { readonly ok: false; readonly error: string; readonly exitCode: number };
+}
+
+/** What a step run over many checkpoints (one output each) returns instead of one ConvertResult. */
+export class BatchRun {
+  constructor(readonly items: readonly BatchItem[]) {}
+}
+
+/** The result of a step that converts one checkpoint (every step but a batch run). */
+export function single(r: ConvertResult | BatchRun): ConvertResult {
+  if (r instanceof BatchRun) throw new Error('internal: a one-checkpoint step returned a batch');
+  return r;
+}
+
 export interface Step {
   readonly name: string;
   readonly description: string;
   readonly params: Readonly<Record<string, ParamSpec>>;
-  run(p: StepParams, ctx: StepContext): Promise<ConvertResult>;
+  run(p: StepParams, ctx: StepContext): Promise<ConvertResult | BatchRun>;
 }
 
 /** The documented default output base: CONVERT_OUTPUT_DIR, then NEMO_RUN_DIR/convert, then ./output/convert. */
@@ -128,6 +150,7 @@ const megatronToHf: Step = {
   description: 'Export a Megatron-Core torch_dist checkpoint (run directory or iter_* directory) to a Hugging Face checkpoint.',
   params: {
     megatron_path: { type: 'string', description: 'Megatron checkpoint: an iter_* directory, or a run directory resolved through latest_checkpointed_iteration.txt', required: true },
+    iterations: { type: 'string', description: 'convert many saves of the run directory megatron_path, one output each (hf_path/<iter_*>, or <output base>/<run>-<iter_*>-hf): all, latest, every:N (iterations divisible by N), or a list such as 1000,2000; finished outputs are kept, partial ones resumed', default: null },
     hf_model_id: { type: 'string', description: 'original HF model id or directory: config, generation config and tokenizer to carry (default: the ones recorded in the checkpoint)', default: null },
     hf_path: { type: 'string', description: 'output HF directory (default: <output base>/<checkpoint>-hf)', default: null },
     dtype: { ...DTYPE, default: null, description: 'weight dtype of the output (default: the HF config\'s torch_dtype, else bfloat16)' },
@@ -136,9 +159,9 @@ const megatronToHf: Step = {
   },
   async run(p, ctx) {
     const ref = p.hf_model_id ? await ctx.resolveModel(String(p.hf_model_id), 'config') : undefined;
-    const out = (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(String(p.megatron_path))}-hf`);
-    return convertMegatronToHf(String(p.megatron_path), out, {
+    const one = (src: string, out: string, reuseComplete: boolean): Promise<ConvertResult> => convertMegatronToHf(src, out, {
       hfModel: ref,
+      reuseComplete,
       dtype: p.dtype ? dtypeOf(p) : undefined,
       quantize: (p.quantize as 'mxfp4' | 'fp8' | null) ?? undefined,
       allowUnmapped: p.allow_unmapped as boolean,
@@ -147,6 +170,23 @@ const megatronToHf: Step = {
       dryRun: ctx.dryRun,
       onProgress: ctx.onProgress,
     });
+    const run = String(p.megatron_path);
+    if (p.iterations === null) return one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false);
+    // Many saves of one run, one output each (hf_path/<iter_*>, or <base>/<run>-<iter_*>-hf): a
+    // finished output of the same conversion is kept (verified, not redone), a partial one resumed.
+    const items: BatchItem[] = [];
+    for (const it of await selectIterations(run, parseIterations(String(p.iterations)))) {
+      const out = p.hf_path ? join(String(p.hf_path), it.name) : join(defaultOutputBase(ctx.env), `${outputStem(it.dir)}-hf`);
+      try {
+        items.push({ name: it.name, source: it.dir, out, result: { ok: true, convert: await one(it.dir, out, true) } });
+      } catch (e) {
+        // One bad checkpoint is one failed row; the others still convert. A bug still stops it.
+        const err = e instanceof ShardshiftError ? e : isErrno(e) ? ioError(e, it.dir) : e instanceof UnpicklingError ? badInput(e.message, it.dir) : undefined;
+        if (!err) throw e;
+        items.push({ name: it.name, source: it.dir, out, result: { ok: false, error: err.message, exitCode: err.code === 'USAGE' ? 2 : 1 } });
+      }
+    }
+    return new BatchRun(items);
   },
 };
 
