@@ -24,3 +24,18 @@ for i in range(2):
 save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
 json.dump(cfg, open(os.path.join(d, "config.json"), "w"), indent=2)
 json.dump({"bos_token_id": 1, "eos_token_id": 2}, open(os.path.join(d, "generation_config.json"), "w"), indent=2)
+
+# examples/tiny-llama-lora: a PEFT LoRA adapter for it (r=2 on q_proj and v_proj, bf16), as peft
+# saves one (`base_model.model.` prefix, lora_A / lora_B without the adapter name).
+a = os.path.join(os.path.dirname(__file__), "tiny-llama-lora")
+os.makedirs(a, exist_ok=True)
+ad = {}
+for i in range(2):
+    p = f"base_model.model.model.layers.{i}.self_attn."
+    ad.update({p + "q_proj.lora_A.weight": r(2, H), p + "q_proj.lora_B.weight": r(H, 2),
+               p + "v_proj.lora_A.weight": r(2, H), p + "v_proj.lora_B.weight": r(KV, 2)})
+save_file(ad, os.path.join(a, "adapter_model.safetensors"), metadata={"format": "pt"})
+json.dump(dict(peft_type="LORA", task_type="CAUSAL_LM", r=2, lora_alpha=4, lora_dropout=0.0, bias="none",
+               target_modules=["q_proj", "v_proj"], base_model_name_or_path="tiny-llama", fan_in_fan_out=False,
+               use_rslora=False, use_dora=False, init_lora_weights=True),
+          open(os.path.join(a, "adapter_config.json"), "w"), indent=2)

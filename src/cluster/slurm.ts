@@ -91,10 +91,11 @@ const expandPerTask = (line: string): string => line.replace(/'([^'\uE000]*)\uE0
 
 /** The arguments of task `$index` (a shell variable): its part, or its checkpoint of a batch. */
 function taskArgs(s: ArraySubmission, index: string): { args: string[]; setup: string[] } {
-  if (!s.batch) return { args: [...s.argv, '-q', '--part', perTask('', index, `/${s.parts}`)], setup: [] };
+  const quiet = s.argv.includes('-q') || s.argv.includes('--quiet') ? [] : ['-q'];
+  if (!s.batch) return { args: [...s.argv, ...quiet, '--part', perTask('', index, `/${s.parts}`)], setup: [] };
   const { key, values } = s.batch;
   const args = s.argv.map((a) => (a.startsWith(`${key}=`) ? perTask(`${key}=`, `ITEMS[${index}]`) : a));
-  return { args: [...args, '-q'], setup: [`ITEMS=(${values.map(q).join(' ')})`] };
+  return { args: [...args, ...quiet], setup: [`ITEMS=(${values.map(q).join(' ')})`] };
 }
 
 /** The array script and the one that runs after it (shown by a dry run, submitted by `submitArray`). */
@@ -187,7 +188,7 @@ export async function runAttached(p: Profile, s: ArraySubmission, onTick: () => 
   const logDir = s.logDir ?? `${s.out}.slurm`;
   await mkdir(logDir, { recursive: true });
   const tasks = s.only ? 1 : s.batch ? s.batch.values.length : s.parts;
-  const task = s.only ? { args: [...s.argv, '-q', '--part', `${s.only[0]}/${s.parts}`], setup: [] } : taskArgs(s, 'SLURM_PROCID');
+  const task = s.only ? { args: [...s.argv.filter((a) => a !== '-q'), '-q', '--part', `${s.only[0]}/${s.parts}`], setup: [] } : taskArgs(s, 'SLURM_PROCID');
   const script = ['set -euo pipefail', ...exports, ...startup, ...task.setup, `exec ${expandPerTask(cmd(task.args))}`].join('\n');
   const inAllocation = !!env.SLURM_JOB_ID;
   const args = ['--job-name=shardshift-parts', `--ntasks=${tasks}`, `--cpus-per-task=${cpus}`, `--mem-per-cpu=${Math.ceil(slurmMiB(mem) / cpus)}M`, `--chdir=${s.cwd}`, `--output=${join(logDir, s.only ? `part-${s.only[0]}.log` : s.batch ? 'task-%t.log' : 'part-%t.log')}`, '--kill-on-bad-exit=0'];

@@ -37,7 +37,7 @@ import { dtypeInfo, itemSize, numelOf } from '../tensor/dtype.js';
 import { castBytes } from '../tensor/cast.js';
 import type { Box } from '../tensor/layout.js';
 import type { CastTensor, OutputFile, TargetTensor, TensorSlot } from '../lazy/types.js';
-import { ioError, isErrno, unsupported } from '../util/errors.js';
+import { aborted, ioError, isErrno, unsupported } from '../util/errors.js';
 import { castOnPool, workerTuning } from '../tensor/pool.js';
 import { HashStream } from './hash.js';
 import { produceBox } from '../lazy/expr.js';
@@ -49,6 +49,8 @@ export interface ExecuteOptions {
   /** What the plan occupies of the budget (default: the live heap, measured after a full collection). */
   planBytes?: number;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run between chunks: the file being written is dropped, finished files are kept. */
+  signal?: AbortSignal;
 }
 
 export interface ProgressEvent {
@@ -416,7 +418,14 @@ export class Executor {
     }
   }
 
+  /** Throws when the caller's AbortSignal has fired. */
+  private checkAborted(file: string): void {
+    const sig = this.opts.signal;
+    if (sig?.aborted) throw aborted(`aborted while writing ${file}`, sig.reason);
+  }
+
   private async writeFileIn(path: string, f: OutputFile, opts: { replace?: boolean }): Promise<string> {
+    this.checkAborted(f.relPath);
     await mkdir(dirname(path), { recursive: true });
     this.arena ??= new Arena(this.arenaBytes);
     const large = f.size >= workerTuning.hashWorkerMinBytes;
@@ -490,6 +499,7 @@ export class Executor {
           const boxes = chunkBoxes(t, chunk);
           let sum = 0;
           for (const [i, box] of boxes.entries()) {
+            this.checkAborted(f.relPath);
             const outLen = boxBytes(t, box);
             const inLen = cast ? boxBytes(cast.inner, box) : 0;
             sum += outLen;

@@ -23,6 +23,8 @@ export interface WriteOutputOptions {
   hashSource?: boolean;
   maxMemory?: number;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run (a library caller's cancel): finished files of a directory output are kept for a resume, as after Ctrl-C. */
+  signal?: AbortSignal;
   /** What the finished directory's manifest records about the run and its source. */
   manifest?: ManifestInfo;
 
@@ -179,7 +181,7 @@ async function writeLocked(
   me: ActiveOutput,
   beforeCommit: () => Promise<void>,
 ): Promise<void> {
-  const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress });
+  const ex = new Executor({ maxMemory: opts.maxMemory ?? DEFAULT_MAX_MEMORY, onProgress: opts.onProgress, signal: opts.signal });
   ex.setTotal(files.reduce((n, f) => n + f.size, 0));
 
   if (kind === 'file') {

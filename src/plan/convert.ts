@@ -30,6 +30,8 @@ export interface ConvertOptions {
   hashSource?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 export interface ConvertPlan {

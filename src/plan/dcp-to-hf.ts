@@ -35,14 +35,15 @@ import { configFromHfDir } from '../bridge/megatron-config.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { readTextFile } from '../io/file.js';
+import { resolveModel } from '../hub/download.js';
 
 export interface DcpToHfOptions {
   /** NeMo RL's config.yaml (for policy.model_name). */
   config?: string;
   /** Overrides the model name from config.yaml. */
   hfModelName?: string;
-  /** Resolves a model id or directory to a local directory (config and tokenizer). */
-  resolveModel: (idOrPath: string) => Promise<string>;
+  /** Resolves a model id or directory to a local directory (config and tokenizer); default: the hub client's (a local directory as is, a hub id downloaded into the cache). */
+  resolveModel?: (idOrPath: string) => Promise<string>;
   dtype?: DType;
   /** Skip weights the model map has no place for (listed) instead of failing. */
   allowUnmapped?: boolean;
@@ -51,6 +52,8 @@ export interface DcpToHfOptions {
   overwrite?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 const exists = (p: string): Promise<boolean> =>
@@ -74,14 +77,14 @@ async function modelNameFromConfig(path: string): Promise<string> {
 
 const OPTIMIZER = /^(optim|optimizer)(\.|$)/;
 
-export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHfOptions): Promise<ConvertResult> {
+export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHfOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   if (!(await exists(dcpPath))) throw usage(`${dcpPath}: no such directory`);
   const stepDir = basename(dcpPath) === 'weights' ? dirname(dirname(dcpPath)) : dirname(dcpPath);
   const configPath = opts.config ?? ((await exists(join(stepDir, 'config.yaml'))) ? join(stepDir, 'config.yaml') : undefined);
   const modelName = opts.hfModelName ?? (configPath ? await modelNameFromConfig(configPath) : undefined);
   if (!modelName) throw usage(`${dcpPath}: no model name: pass --config <run's config.yaml> or --hf-model-name`);
-  const modelDir = await opts.resolveModel(modelName);
+  const modelDir = await (opts.resolveModel ?? ((id: string) => resolveModel(id, 'config')))(modelName);
   const tokenizerDir = (await exists(join(dcpPath, '..', 'tokenizer'))) ? join(dcpPath, '..', 'tokenizer') : undefined;
 
   // Megatron-backend runs: policy/weights/iter_0000000 (torch_dist).

@@ -41,6 +41,8 @@ export interface MergeLoraOptions {
   overwrite?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 /** transformers models whose projections are GPT-2 `Conv1D` (weight stored [in, out]). */
@@ -372,6 +374,7 @@ export async function mergeLora(baseDir: string, adapterPath: string, out: strin
           overwrite: opts.overwrite,
           maxMemory: opts.maxMemory,
           onProgress: opts.onProgress,
+          signal: opts.signal,
           manifest: loraManifest('merge-lora', plan.source.format, plan.target.format, base, adapter.source),
         }),
       );

@@ -56,6 +56,8 @@ export interface MbLoraOptions {
   reuseComplete?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 async function isDir(p: string): Promise<boolean> {
@@ -130,7 +132,7 @@ function baseNotes(a: MbAdapter, c: ModelConfig): string[] {
 }
 
 /** Megatron-Bridge adapter → Hugging Face PEFT adapter directory. */
-export async function exportMbAdapterToPeft(adapterPath: string, out: string, opts: MbLoraOptions): Promise<ConvertResult> {
+export async function exportMbAdapterToPeft(adapterPath: string, out: string, opts: MbLoraOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   const a = await openMbAdapter(adapterPath);
   try {
@@ -174,7 +176,7 @@ export async function exportMbAdapterToPeft(adapterPath: string, out: string, op
       ],
     };
     return await finish(plan, t0, opts.dryRun, () =>
-      writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('export-adapter', plan.source.format, plan.target.format, a.checkpoint.source) }),
+      writeOutput(a.checkpoint.resolved.iterDir, out, 'dir', files, [], { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, signal: opts.signal, manifest: loraManifest('export-adapter', plan.source.format, plan.target.format, a.checkpoint.source) }),
     );
   } finally {
     await a.close();
@@ -187,7 +189,7 @@ function hfDtype(cfg: Readonly<Record<string, unknown>> | undefined): DType {
 }
 
 /** Base Megatron checkpoint + Megatron-Bridge adapter → merged HF checkpoint. */
-export async function mergeMbToHf(basePath: string, adapterPath: string, out: string, opts: MbLoraOptions): Promise<ConvertResult> {
+export async function mergeMbToHf(basePath: string, adapterPath: string, out: string, opts: MbLoraOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   const a = await openMbAdapter(adapterPath);
   try {
@@ -229,7 +231,7 @@ export async function mergeMbToHf(basePath: string, adapterPath: string, out: st
         ],
       };
       return await finish(plan, t0, opts.dryRun, () =>
-        writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('lora-to-hf', plan.source.format, plan.target.format, meg.source, a.checkpoint.source) }),
+        writeOutput(meg.resolved.iterDir, out, 'dir', report.files, side.map((s) => ({ from: join(hfDir, s), to: s })), { overwrite: opts.overwrite, maxMemory: opts.maxMemory, onProgress: opts.onProgress, signal: opts.signal, manifest: loraManifest('lora-to-hf', plan.source.format, plan.target.format, meg.source, a.checkpoint.source) }),
       );
     } finally {
       await meg.source.close();
@@ -245,7 +247,7 @@ function withLeadingOne(t: TargetTensor): TargetTensor {
 }
 
 /** Base Megatron checkpoint + Megatron-Bridge adapter → merged Megatron torch_dist checkpoint. */
-export async function mergeMbToMegatron(basePath: string, adapterPath: string, out: string, opts: MbLoraOptions & { iteration?: number }): Promise<ConvertResult> {
+export async function mergeMbToMegatron(basePath: string, adapterPath: string, out: string, opts: MbLoraOptions & { iteration?: number } = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   const a = await openMbAdapter(adapterPath);
   try {
@@ -322,7 +324,7 @@ export async function mergeMbToMegatron(basePath: string, adapterPath: string, o
         notes: [...baseNotes(a, c), `merged into the fused tensors in fp32, rounded once to each tensor's dtype; common.pt args carried from the base; HF config and tokenizer kept under ${iterDir}/hf/`],
       };
       return await finish(plan, t0, opts.dryRun, () =>
-        writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, reuseComplete: opts.reuseComplete, maxMemory: opts.maxMemory, onProgress: opts.onProgress, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) }),
+        writeOutput(meg.resolved.iterDir, out, 'dir', files, side.map((s) => ({ from: join(hfDir, s), to: `${iterDir}/hf/${s}` })), { overwrite: opts.overwrite, reuseComplete: opts.reuseComplete, maxMemory: opts.maxMemory, onProgress: opts.onProgress, signal: opts.signal, manifest: loraManifest('merge-lora --backend megatron-bridge', plan.source.format, plan.target.format, src, a.checkpoint.source) }),
       );
     } finally {
       await meg.source.close();

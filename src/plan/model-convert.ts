@@ -72,6 +72,8 @@ export interface ModelConvertOptions {
   hashSource?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 /** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
@@ -86,7 +88,7 @@ function hfDtype(cfg: Record<string, unknown> | undefined): DType {
  * it lazily, so nothing is read twice and memory stays bounded. `ckptFormat: 'torch'` writes
  * legacy per-rank files for the requested TP×PP.
  */
-export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+export async function convertHfToMegatron(srcPath: string, out: string, opts: ModelConvertOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   const kind = await modelSourceKind(srcPath);
   if (kind === 'missing') throw usage(`${srcPath}: no such file or directory`);
@@ -393,7 +395,7 @@ function fp8Export(cfg: ModelConfig, tensors: readonly TargetTensor[], hq: NonNu
   return out;
 }
 
-export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions): Promise<ConvertResult> {
+export async function convertMegatronToHf(megPath: string, out: string, opts: ModelConvertOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   const meg = await openMegatron(megPath);
   const src = meg.source;

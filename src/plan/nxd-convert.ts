@@ -57,6 +57,8 @@ export interface NxdConvertOptions {
   hashSource?: boolean;
   dryRun?: boolean;
   onProgress?: (e: ProgressEvent) => void;
+  /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
+  signal?: AbortSignal;
 }
 
 async function configPathFor(src: string, given: string | undefined): Promise<string> {
@@ -76,7 +78,7 @@ async function fullStatePath(src: string): Promise<string> {
 }
 
 /** HF full state (a directory, one file such as pytorch_model.bin, or the converter's checkpoint.pt) → NxD shards. */
-export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
+export async function convertHfToNxd(srcPath: string, out: string, opts: NxdConvertOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   // A Megatron source is read through its HF names (lazily); its hf/ (or --hf-model) gives the config.
   const meg = (await modelSourceKind(srcPath)) === 'megatron' ? await openMegatronAsHf(srcPath, { hfModel: opts.hfModel }) : undefined;
@@ -156,7 +158,7 @@ export async function openNxdAsHf(srcPath: string, opts: NxdConvertOptions): Pro
 }
 
 /** NxD shards (a tag directory or its model/) → HF safetensors directory, or the converter's checkpoint.pt. */
-export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConvertOptions): Promise<ConvertResult> {
+export async function convertNxdToHf(srcPath: string, out: string, opts: NxdConvertOptions = {}): Promise<ConvertResult> {
   const t0 = performance.now();
   if (!opts.config) throw usage(`${srcPath}: an NxD checkpoint does not record its model config; give config.json (--config, or --hf-model <dir>)`);
   const { heads, roles } = await nxdModel(opts.config);

@@ -7,7 +7,8 @@ export type ErrorCode =
   | 'BAD_INPUT' // the checkpoint is malformed, truncated, inconsistent or unsafe
   | 'UNSUPPORTED' // well-formed, but something shardshift does not handle (named)
   | 'USAGE' // flags or paths that cannot work
-  | 'IO'; // the filesystem said no
+  | 'IO' // the filesystem said no
+  | 'ABORTED'; // the caller's AbortSignal stopped the run (a directory output stays resumable)
 
 export class ShardshiftError extends Error {
   constructor(
@@ -28,6 +29,11 @@ export function badInput(message: string, file?: string, tensor?: string, cause?
 
 export function unsupported(message: string, file?: string, tensor?: string): ShardshiftError {
   return new ShardshiftError('UNSUPPORTED', message, file, tensor);
+}
+
+/** The run was stopped through its AbortSignal; `reason` is the signal's. */
+export function aborted(message: string, reason?: unknown): ShardshiftError {
+  return new ShardshiftError('ABORTED', message, undefined, undefined, { cause: reason });
 }
 
 export function usage(message: string): ShardshiftError {

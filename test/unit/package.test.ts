@@ -3,7 +3,8 @@
  * one the test command made; `--ignore-scripts` so this test never rebuilds dist/ under the other
  * tests), installed into an empty project, then `npx shardshift --help`, an inspect and a convert
  * of the bundled example run from that project. Also what the tarball holds: LICENSE, CHANGELOG,
- * README, no tests, no install scripts, and every source map's sources inside the package.
+ * README, no tests, no install scripts, and every source map's sources inside the package; then
+ * every example of docs/library.md, run as written from the consumer project.
  * Dependencies come from npm's cache when they are there (`--prefer-offline`).
  */
 import { test, before, after } from 'node:test';
@@ -69,4 +70,17 @@ test('npm pack → install into an empty project → npx shardshift --help, insp
   assert.equal(lib.code, 0, lib.stderr);
   assert.equal(lib.stdout.trim(), '21');
   assert.ok((await readdir(join(project, 'node_modules'))).includes('commander'));
+
+  // Every example of docs/library.md, as written, from the consumer project.
+  const doc = await readFile(join(repoRoot, 'docs', 'library.md'), 'utf8');
+  const examples = [...doc.matchAll(/```js\n\/\/ example: (\S+)\n([\s\S]*?)```/g)].map((m) => ({ name: m[1]!, code: m[2]! }));
+  assert.ok(examples.length >= 9, `docs/library.md has its examples (${examples.map((e) => e.name).join(', ')})`);
+  for (const ex of examples) {
+    await writeFile(join(project, `${ex.name}.mjs`), ex.code);
+    const r = await sh(process.execPath, [`${ex.name}.mjs`], project);
+    assert.equal(r.code, 0, `docs/library.md example ${ex.name}:\n${r.stderr}`);
+    assert.ok(r.stdout.trim().length > 0, `example ${ex.name} printed its result`);
+    assert.doesNotMatch(r.stdout + r.stderr, /\bundefined\b/, `example ${ex.name}`);
+  }
+  assert.ok(existsSync(join(project, 'out', 'run-hf', 'iter_0000200', 'shardshift-manifest.json')));
 });
