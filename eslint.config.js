@@ -3,7 +3,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['dist/', 'node_modules/', 'bench/.cache/', '**/*.py'] },
+  { ignores: ['dist/', 'node_modules/', 'bench/.cache/', 'docs/api/', '**/*.py'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
