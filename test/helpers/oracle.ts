@@ -24,14 +24,17 @@ export function pythonPath(): string {
 }
 
 /**
- * Scripts that start processes or process groups (torch.multiprocessing ranks, gloo groups):
- * they run in a fresh interpreter per call, as `__main__` of their own process.
+ * Scripts that start processes (torch.multiprocessing ranks: their children import the script
+ * as `__main__` of their own) or that patch what they import (the vendored NxD converter's
+ * loaders) run in a fresh interpreter per call. A request that leaves a process group or
+ * megatron-core's parallel state behind ends its server (serve.py's `dirty`).
  */
+const STATEFUL = new Set(['nxd_oracle.py']);
 const freshCache = new Map<string, boolean>();
-function needsFreshProcess(script: string): boolean {
+export function needsFreshProcess(script: string): boolean {
   let v = freshCache.get(script);
   if (v === undefined) {
-    v = /\b(multiprocessing|init_process_group|mp\.spawn)\b/.test(readFileSync(join(repoRoot, 'test', 'oracle', script), 'utf8'));
+    v = STATEFUL.has(script) || /\b(multiprocessing|mp\.spawn)\b/.test(readFileSync(join(repoRoot, 'test', 'oracle', script), 'utf8'));
     freshCache.set(script, v);
   }
   return v;
@@ -99,7 +102,9 @@ class OracleServer {
       if (!c) continue;
       this.current = undefined;
       clearTimeout(c.timer);
-      const r = JSON.parse(line) as { ok: boolean; stdout: string; stderr?: string; code?: number };
+      const r = JSON.parse(line) as { ok: boolean; stdout: string; stderr?: string; code?: number; exiting?: boolean };
+      // The server exits after this reply (it left process-wide state behind): never reuse it.
+      if (r.exiting) this.dead = true;
       if (r.ok) c.resolve(r.stdout);
       else c.reject(new Error(`oracle ${c.script} ${c.args.join(' ')} failed (exit ${r.code}): ${r.stderr || r.stdout}`));
       this.idle(true);

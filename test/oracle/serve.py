@@ -6,8 +6,10 @@ Protocol: one JSON request per line on stdin, {"script": "models_oracle.py", "ar
 one JSON reply per line on file descriptor 3, {"ok": true, "stdout": "..."} or
 {"ok": false, "stderr": "...", "code": N}. A script runs as `__main__` (runpy), with sys.argv
 set and Python-level stdout/stderr captured; it gets fresh globals each time, and the modules
-it imports stay loaded. Scripts that start processes or process groups are not sent here
-(test/helpers/oracle.ts runs those in a fresh interpreter).
+it imports stay loaded. Scripts that start processes (torch.multiprocessing ranks) or patch what
+they import are not sent here (test/helpers/oracle.ts runs those in a fresh interpreter); a
+request that leaves a process group or megatron-core's parallel state behind ends this server
+after its reply (`dirty`).
 """
 import io
 import json
@@ -47,8 +49,30 @@ def run(script, args):
     return {"ok": True, "stdout": stdout} if code == 0 else {"ok": False, "code": code, "stderr": stderr, "stdout": stdout}
 
 
+def dirty():
+    """Whether the last request left process-wide state a later one would trip on: a
+    torch.distributed process group, or megatron-core's parallel state (a second
+    initialize_model_parallel asserts). Such a server answers, then exits; the next request
+    gets a fresh interpreter."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return True
+    except Exception:  # noqa: BLE001
+        return True
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None and getattr(ps, "_DATA_PARALLEL_GROUP", None) is not None:
+        return True
+    return False
+
+
 for line in sys.stdin:
     if not line.strip():
         continue
     req = json.loads(line)
-    reply.write(json.dumps(run(req["script"], req["args"])) + "\n")
+    res = run(req["script"], req["args"])
+    res["exiting"] = dirty()
+    reply.write(json.dumps(res) + "\n")
+    if res["exiting"]:
+        reply.flush()
+        os._exit(0)
