@@ -11,7 +11,7 @@
  * - the reference docs' `steps run convert/megatron_to_hf -c default --batch slurm_convert_model …`
  *   verbatim;
  * - `iterations=all` over a run with three saves: one array task per checkpoint, a summary job,
- *   and a second invocation that skips all three.
+ *   and a second invocation that skips all three; the same attached (`-r`), one srun task each.
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -202,4 +202,11 @@ test('iterations=all over a run with three saves: one array task per checkpoint,
   assert.equal(second.code, 0, second.stderr);
   assert.match(second.stdout, /iter_0000100 +skipped \(finished\)/);
   assert.match(second.stdout, /0 converted, 3 skipped \(already finished\), 0 failed/);
+
+  // Attached (-r): one srun task per checkpoint (two, on this two-core node), then the table here.
+  const hf2 = join(tmp, 'run-hf-attached');
+  const att = await runCli(['steps', 'run', 'convert/megatron_to_hf', '-c', 'default', `megatron_path=${run}`, 'iterations=100,300', `hf_model_id=${example}`, `hf_path=${hf2}`, '-r', 'slurm_convert_model', '--env', env]);
+  assert.equal(att.code, 0, att.stderr);
+  assert.match(att.stdout, /iter_0000300 +skipped \(finished\)/);
+  assert.deepEqual(await outputDigest(join(hf2, 'iter_0000300')), await outputDigest(join(hf, 'iter_0000300')));
 });
