@@ -156,8 +156,11 @@ test('a source rewritten in place during the run fails clearly and commits nothi
   await cp(example, src, { recursive: true });
   const out = join(tmp, 'changing-out');
   const running = run(ARGS(out).map((a) => (a === example ? src : a)), { SHARDSHIFT_TEST_PAUSE_BEFORE_COMMIT_MS: '3000' });
-  // The run has stamped its source once its lock exists; change the source after that.
-  for (let i = 0; i < 200 && !existsSync(`${out}.lock`); i++) await new Promise((r) => setTimeout(r, 25));
+  // Change the source in the pause before the commit: every file (and the manifest) is written,
+  // so the run has read all of its source. (Waiting only for the lock raced the run's reads on a
+  // loaded machine: the rewrite's truncation was read as a truncated file, another clear error.)
+  for (let i = 0; i < 400 && !existsSync(join(`${out}.partial`, 'shardshift-manifest.json')); i++) await new Promise((r) => setTimeout(r, 25));
+  assert.ok(existsSync(`${out}.lock`), 'the run is still in its pause before the commit');
   const f = join(src, 'model.safetensors');
   const bytes = await readFile(f);
   bytes[bytes.length - 1] = bytes.at(-1)! ^ 1;
