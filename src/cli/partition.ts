@@ -4,23 +4,19 @@
  * `status` (every part's state, from the shared directory alone).
  */
 import { Option, type Command } from 'commander';
-import { resolve } from 'node:path';
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { formatBytes } from '../util/size.js';
-import { usage } from '../util/errors.js';
-import { parsePart, partResult, runPartitioned } from '../exec/parts.js';
+import { badInput, usage } from '../util/errors.js';
+import { parsePart, partResult, plannedOutputs, runPartitioned, type PlannedOutput } from '../exec/parts.js';
 import { PARTS_NAME, partStates, readPartsRecord, partCommand, type PartStatus } from '../exec/part-output.js';
 import { MANIFEST_NAME } from '../exec/manifest.js';
-import { existsSync } from 'node:fs';
 import type { ConvertResult } from '../plan/convert.js';
-import { plannedOutputs, type PlannedOutput } from '../exec/parts.js';
-import { loadProfile } from '../cluster/profiles.js';
+import { loadProfile, type Profile } from '../cluster/profiles.js';
 import { renderSlurm, runAttached, submitArray, type ArraySubmission } from '../cluster/slurm.js';
-import type { Profile } from '../cluster/profiles.js';
-import { renderK8s } from '../cluster/k8s.js';
-import { badInput } from '../util/errors.js';
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { basename, delimiter, dirname, join } from 'node:path';
+import { applyParts, renderK8s } from '../cluster/k8s.js';
 
 /** The command line being run (main sets it; `finalize` re-runs a recorded one). */
 let commandLine: readonly string[] = [];
@@ -164,7 +160,7 @@ async function submit<A extends unknown[]>(action: (...args: A) => Promise<void>
     return;
   }
   if (f.run) return attached(profile, spec, what);
-  const r = await submitArray(profile, spec);
+  const r = await submitArray(profile, spec, jobs);
   if (spec.batch) {
     process.stdout.write(`submitted ${what}: array job ${r.partsJob} (one task per checkpoint, 0-${spec.batch.values.length - 1}), summary job ${r.finalizeJob} (after all succeed: checks every output and prints the table to ${join(r.jobs.logDir, 'summary.log')}); logs in ${r.jobs.logDir}\n`);
     return;
@@ -179,19 +175,13 @@ function cliPath(): string {
 
 /** Prints the manifest; with kubectl on PATH (and not a dry run), applies it too. */
 async function applyK8s(manifest: string, dry: boolean, what: string): Promise<void> {
-  const kubectl = (process.env.PATH ?? '').split(delimiter).some((d) => d && existsSync(join(d, 'kubectl')));
-  if (dry || !kubectl) {
+  const r = dry ? undefined : await applyParts(manifest);
+  if (!r) {
     process.stdout.write(manifest);
     if (!dry) process.stderr.write('note: kubectl is not on PATH: the manifest is printed, not applied (kubectl apply -f <it>; kubectl wait --for=condition=complete on the parts Job; then apply the finalize Job)\n');
     return;
   }
-  // Both Jobs at once would race: the parts Job first; the finalize Job is printed for after it.
-  const [parts, finalize] = manifest.split('\n---\n');
-  const applied = await new Promise<string>((res, rej) => {
-    const c = execFile('kubectl', ['apply', '-f', '-'], { encoding: 'utf8' }, (err, stdout, stderr) => (err ? rej(badInput(`kubectl apply failed: ${(stderr || err.message).trim()}`)) : res(stdout.trim())));
-    c.stdin?.end(parts);
-  });
-  process.stdout.write(`submitted ${what}: ${applied}\nwhen it completes (kubectl wait --for=condition=complete), apply the finalize Job, or run \`shardshift finalize\` where the volume is mounted:\n---\n${finalize}`);
+  process.stdout.write(`submitted ${what}: ${r.applied}\nwhen it completes (kubectl wait --for=condition=complete), apply the finalize Job, or run \`shardshift finalize\` where the volume is mounted:\n---\n${r.finalize}`);
 }
 
 /** One combined line of every part's state, from the shared directory. */
@@ -216,6 +206,7 @@ async function progressLine(out: string, parts: number, only?: readonly number[]
 
 /** Attached mode: the parts under srun, one combined progress line, then the finalize if the last part did not do it. */
 async function attached(profile: Profile, spec: ArraySubmission, what: string): Promise<void> {
+  if (spec.batch) return attachedBatch(profile, spec, what);
   const tty = process.stderr.isTTY;
   let last = '';
   const tick = async (): Promise<void> => {
@@ -223,7 +214,6 @@ async function attached(profile: Profile, spec: ArraySubmission, what: string): 
     if (line !== last) process.stderr.write(tty ? `\r\x1b[K${line}` : `${line}\n`);
     last = line;
   };
-  if (spec.batch) return attachedBatch(profile, spec, what);
   const r = await runAttached(profile, spec, tick);
   if (tty) process.stderr.write('\n');
   const { failed } = await progressLine(spec.out, spec.parts, spec.only);

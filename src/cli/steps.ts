@@ -1,6 +1,6 @@
 import { listSteps, getStep, defaultOutputBase, BatchRun, type BatchItem } from '../steps/registry.js';
-import { resolveParams, stepConfigDir } from '../steps/config.js';
-import { resolveModel } from '../hub/download.js';
+import { runStep } from '../steps/run.js';
+import { stepConfigDir } from '../steps/config.js';
 import { partialNote, reporter } from './report.js';
 import { partLine } from './partition.js';
 import { describePlan } from './convert.js';
@@ -25,16 +25,14 @@ export async function runStepsShow(name: string): Promise<void> {
 }
 
 export async function runStepsRun(name: string, overrides: string[], f: { config?: string; dryRun?: boolean; json?: boolean; quiet?: boolean }): Promise<void> {
-  const step = getStep(name);
-  const params = await resolveParams(step, f.config, overrides);
   const rep = reporter(f);
   rep.status(`${name}: opening …`);
-  const r = await rep.settle(
-    step.run(params, {
+  const { params, result: r } = await rep.settle(
+    runStep(name, overrides, {
+      config: f.config,
       dryRun: !!f.dryRun,
-      env: process.env,
       onProgress: rep.onProgress,
-      resolveModel: (id, what) => resolveModel(id, what, { log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`) }),
+      log: f.quiet || f.json ? undefined : (m) => process.stderr.write(`${m}\n`),
     }),
   );
   if (r instanceof BatchRun) return batchSummary(name, r, f);

@@ -9,7 +9,9 @@
 import { stringify } from 'yaml';
 import { usage } from '../util/errors.js';
 import type { Profile } from './profiles.js';
-import type { ArraySubmission } from './slurm.js';
+import { execFile } from 'node:child_process';
+import { badInput } from '../util/errors.js';
+import { onPath, type ArraySubmission } from './slurm.js';
 
 export function renderK8s(p: Profile, s: ArraySubmission): string {
   const v = p.values as Record<string, unknown>;
@@ -64,4 +66,19 @@ export function renderK8s(p: Profile, s: ArraySubmission): string {
     '---',
     stringify(finalize),
   ].join('\n');
+}
+
+/**
+ * With kubectl on PATH, applies the parts Job of a rendered manifest (`kubectl apply -f -`) and
+ * returns what kubectl said plus the finalize Job, to apply once the parts complete (applying
+ * both at once would race). Undefined when kubectl is not there.
+ */
+export async function applyParts(manifest: string, env: NodeJS.ProcessEnv = process.env): Promise<{ applied: string; finalize: string } | undefined> {
+  if (!onPath('kubectl', env)) return undefined;
+  const [parts, finalize] = manifest.split('\n---\n') as [string, string];
+  const applied = await new Promise<string>((res, rej) => {
+    const c = execFile('kubectl', ['apply', '-f', '-'], { encoding: 'utf8', env }, (err, stdout, stderr) => (err ? rej(badInput(`kubectl apply failed: ${(stderr || err.message).trim()}`)) : res(stdout.trim())));
+    c.stdin?.end(parts);
+  });
+  return { applied, finalize };
 }

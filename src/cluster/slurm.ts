@@ -135,7 +135,8 @@ export function renderSlurm(p: Profile, s: ArraySubmission): RenderedJobs {
   return { partsScript, finalizeScript, logDir, notes };
 }
 
-function which(cmd: string, env: NodeJS.ProcessEnv): string | undefined {
+/** Where `cmd` is on the PATH of `env` (sbatch, srun, kubectl), if anywhere. */
+export function onPath(cmd: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
   for (const d of (env.PATH ?? '').split(delimiter)) if (d && existsSync(join(d, cmd))) return join(d, cmd);
   return undefined;
 }
@@ -151,9 +152,8 @@ function sbatch(script: string, extra: readonly string[]): Promise<string> {
 }
 
 /** Submits the parts and the finalize; returns their job ids. Refused before anything is written when sbatch is missing. */
-export async function submitArray(p: Profile, s: ArraySubmission, env: NodeJS.ProcessEnv = process.env): Promise<{ partsJob: string; finalizeJob: string; jobs: RenderedJobs }> {
-  if (!which('sbatch', env)) throw usage(`profile ${p.name} runs on Slurm, but sbatch is not on PATH: run shardshift on a login node of the cluster (where sbatch works), or use --part i/n in jobs of your own`);
-  const jobs = renderSlurm(p, s);
+export async function submitArray(p: Profile, s: ArraySubmission, jobs: RenderedJobs = renderSlurm(p, s), env: NodeJS.ProcessEnv = process.env): Promise<{ partsJob: string; finalizeJob: string; jobs: RenderedJobs }> {
+  if (!onPath('sbatch', env)) throw usage(`profile ${p.name} runs on Slurm, but sbatch is not on PATH: run shardshift on a login node of the cluster (where sbatch works), or use --part i/n in jobs of your own`);
   await mkdir(jobs.logDir, { recursive: true });
   const partsPath = join(jobs.logDir, s.batch ? 'batch.sbatch' : 'parts.sbatch');
   const finPath = join(jobs.logDir, s.batch ? 'summary.sbatch' : 'finalize.sbatch');
@@ -181,7 +181,7 @@ export function slurmMiB(mem: string): number {
  * Resolves with srun's exit code; `onTick` is called every second while it runs.
  */
 export async function runAttached(p: Profile, s: ArraySubmission, onTick: () => Promise<void>, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number; logDir: string; inAllocation: boolean }> {
-  if (!which('srun', env)) throw usage(`profile ${p.name} runs on Slurm, but srun is not on PATH: run shardshift on a login node of the cluster, or use --part i/n in jobs of your own`);
+  if (!onPath('srun', env)) throw usage(`profile ${p.name} runs on Slurm, but srun is not on PATH: run shardshift on a login node of the cluster, or use --part i/n in jobs of your own`);
   if (s.only && s.only.length !== 1) throw new Error('internal: attached mode runs all parts or one');
   const v = p.values as Record<string, unknown>;
   const { cpus, mem, env: exports, startup, image, mounts, cmd } = partLaunch(p, s);

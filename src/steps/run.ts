@@ -18,6 +18,8 @@ export interface RunStepOptions {
   readonly onProgress?: (e: ProgressEvent) => void;
   /** Where `$CONVERT_OUTPUT_DIR`, `$NEMO_RUN_DIR` and `$HF_TOKEN` are read (default process.env). */
   readonly env?: NodeJS.ProcessEnv;
+  /** Where hub downloads report what they fetch (the CLI prints it). */
+  readonly log?: (message: string) => void;
 }
 
 /** `overrides` as the CLI takes them (`['megatron_path=…', 'parallel.tp=2']`) or as an object. */
@@ -29,7 +31,7 @@ export async function runStep(name: string, overrides: readonly string[] | Reado
     dryRun: !!opts.dryRun,
     env: opts.env ?? process.env,
     onProgress: opts.onProgress,
-    resolveModel: (id, what) => resolveModel(id, what),
+    resolveModel: (id, what) => resolveModel(id, what, { log: opts.log }),
   });
   return { params, result };
 }

@@ -5,13 +5,14 @@
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile, mkdir, rename, readdir } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile, mkdir, readdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { runCli } from '../helpers/cli.js';
 import { outputDigest } from '../helpers/tree.js';
+import { makeRunDir } from '../helpers/run-dir.js';
 import { parseIterations, selectIterations } from '../../src/plan/iterations.js';
 
 const example = join(repoRoot, 'examples', 'tiny-llama');
@@ -20,14 +21,7 @@ let run: string;
 
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-iters-'));
-  run = join(tmp, 'run');
-  await mkdir(run);
-  for (const i of [100, 200, 300]) {
-    const m = join(tmp, `m${i}`);
-    assert.equal((await runCli(['convert', '--to', 'megatron', example, m, '--iteration', String(i), '-q'])).code, 0);
-    await rename(join(m, `iter_0000${i}`), join(run, `iter_0000${i}`));
-  }
-  await writeFile(join(run, 'latest_checkpointed_iteration.txt'), '200');
+  run = await makeRunDir(tmp, [100, 200, 300], 200);
   // Not checkpoints: an empty save and an unrelated folder.
   await mkdir(join(run, 'iter_0000400'));
   await mkdir(join(run, 'logs'));

@@ -16,13 +16,14 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile, mkdir, rename } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { runCli } from '../helpers/cli.js';
 import { outputDigest } from '../helpers/tree.js';
+import { makeRunDir } from '../helpers/run-dir.js';
 
 const example = join(repoRoot, 'examples', 'tiny-llama');
 const live = process.env.SHARDSHIFT_TEST_SLURM === '1' && !!process.env.SLURM_CONF;
@@ -172,14 +173,7 @@ test('the reference docs\' command, verbatim with shardshift\'s name: steps run 
 });
 
 test('iterations=all over a run with three saves: one array task per checkpoint, a summary job; a second invocation skips all three', { skip }, async () => {
-  const run = join(tmp, 'run');
-  await mkdir(run);
-  for (const i of [100, 200, 300]) {
-    const m = join(tmp, `m${i}`);
-    assert.equal((await runCli(['convert', '--to', 'megatron', example, m, '--iteration', String(i), '-q'])).code, 0);
-    await rename(join(m, `iter_0000${i}`), join(run, `iter_0000${i}`));
-  }
-  await writeFile(join(run, 'latest_checkpointed_iteration.txt'), '300');
+  const run = await makeRunDir(tmp, [100, 200, 300], 300);
   const hf = join(tmp, 'run-hf');
   const step = ['steps', 'run', 'convert/megatron_to_hf', '-c', 'default', `megatron_path=${run}`, 'iterations=all', `hf_model_id=${example}`, `hf_path=${hf}`];
   const r = await runCli([...step, '--batch', 'slurm_convert_model', '--env', env]);
