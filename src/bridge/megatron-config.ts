@@ -230,7 +230,7 @@ function configFromMegatron(f: MegatronFields, file: string): ModelConfig {
   const qkNorm = f.get('qk_layernorm') === true;
   const qkvBias = f.get('add_qkv_bias') === true;
   const moe = moeFromMegatron(f.get, file);
-  const family = f.recordedFamily ?? familyForMegatron({ target: f.target, moe: moe !== undefined, qkNorm, qkvBias }, file).id;
+  const family = f.recordedFamily ?? familyForMegatron({ target: f.target, moe: moe !== undefined, qkNorm, qkvBias, expertBias: moe?.routerBias === true }, file).id;
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const c: ModelConfig = {
@@ -246,6 +246,8 @@ function configFromMegatron(f: MegatronFields, file: string): ModelConfig {
     tieEmbeddings: f.tied,
     qkvBias,
     qkNorm,
+    // megatron-core's MTP block (MLM arg and Megatron-Bridge provider field alike).
+    ...(n('mtp_num_layers') ? { mtpLayers: n('mtp_num_layers')! } : {}),
   };
   validateConfig(c, file);
   return c;

@@ -46,6 +46,12 @@ export interface HfLayout {
   readonly experts?: ExpertLayout;
   /** MoE experts of the MTP layers (the Qwen3.5 hub checkpoints fuse the decoder's, not the MTP layer's). */
   readonly mtpExperts?: ExpertLayout;
+  /**
+   * `false` when the checkpoint's DeepSeek-style MTP layers do not carry their own copies of the
+   * embedding and head (`model.layers.<L+k>.embed_tokens` / `shared_head.head`): GLM-4.6 and 4.7
+   * dropped them, GLM-4.5 and DeepSeek-V3 have them (absent = they do).
+   */
+  readonly mtpCopies?: false;
   /** The text model's name prefix where a family has two (`model.` or `model.language_model.`: a Qwen3.5 causal LM re-saved from a VL checkpoint). */
   readonly textPrefix?: string;
 }

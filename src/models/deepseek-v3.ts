@@ -33,6 +33,7 @@ import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
 import { isMoeLayer, num, validateConfig, type ExpertLayout, type MlaConfig, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
+import { hubMtpBlock, hubMtpCopiesHeld, hubMtpLayerCount, hubMtpNames, mtpLayersOf, withHubMtpCopies } from './hub-mtp.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
 const L = 'model.layers.{i}';
@@ -101,41 +102,10 @@ function extraState(c: ModelConfig, moe: boolean): string[] {
   return moe ? [...out, ...moeExtraState(c)] : [...out, 'mlp.linear_fc1', 'mlp.linear_fc2'];
 }
 
-/** HF name prefix of MTP layer k: the layers after the decoder's. */
-const mtpPrefix = (c: ModelConfig, k: number): string => `model.layers.${c.numLayers + k}`;
-
 /** megatron-core's MTP block: the hub's layers `num_hidden_layers + k`, each an MoE layer like the decoder's last. */
 function mtpBlock(c: ModelConfig): Block {
-  const H = c.hiddenSize;
   const moe = isMoeLayer(c, c.numLayers - 1);
-  const norm = (megatron: string, hf: string): LayerParam => ({ megatron, hf: [hf], kind: 'copy', hfShapes: [[H]], shape: [H] });
-  const inLayer = (p: LayerParam): LayerParam => ({ ...p, megatron: `transformer_layer.${p.megatron}`, ...(p.aliases ? { aliases: p.aliases.map((a) => `transformer_layer.${a}`) } : {}) });
-  return {
-    prefix: 'mtp.layers.',
-    layers: c.mtpLayers ?? 0,
-    keying: 'per-layer',
-    params: (k) => {
-      const P = mtpPrefix(c, k);
-      return [
-        norm('enorm.weight', `${P}.enorm.weight`),
-        norm('hnorm.weight', `${P}.hnorm.weight`),
-        { megatron: 'eh_proj.weight', hf: [`${P}.eh_proj.weight`], kind: 'copy', hfShapes: [[H, 2 * H]], shape: [H, 2 * H] },
-        ...layerParams(c, P, moe, c.hfLayout?.mtpExperts ?? 'per-expert').map(inLayer),
-        norm('final_layernorm.weight', `${P}.shared_head.norm.weight`),
-      ];
-    },
-    extraStateModules: () => ['eh_proj', ...extraState(c, moe).map((m) => `transformer_layer.${m}`)],
-  };
-}
-
-/** The MTP layers' tensor names in an HF checkpoint: any `model.layers.<n>.` with n ≥ num_hidden_layers. */
-function mtpLayerIndices(c: ModelConfig, names: readonly string[]): number[] {
-  const ks = new Set<number>();
-  for (const n of names) {
-    const m = /^model\.layers\.(\d+)\./.exec(n);
-    if (m && Number(m[1]) >= c.numLayers) ks.add(Number(m[1]) - c.numLayers);
-  }
-  return [...ks].sort((a, b) => a - b);
+  return hubMtpBlock(c, (P) => layerParams(c, P, moe, c.hfLayout?.mtpExperts ?? 'per-expert'), extraState(c, moe));
 }
 
 /** MLA's local-spec module names (no `sharded_state_dict_keys_map`: they are its torch_dist keys too). */
@@ -217,8 +187,7 @@ export const deepseekV3: Family = {
     if (cfg.norm_topk_prob === false && topK > 1) throw unsupported(`${file}: norm_topk_prob=false; megatron-core's sigmoid router always renormalises the top-${topK} scores, so the converted model would route differently`, file);
     if (cfg.scoring_func !== undefined && cfg.scoring_func !== 'sigmoid') throw unsupported(`${file}: scoring_func ${JSON.stringify(cfg.scoring_func)}; DeepSeek-V3's router (and megatron-core's mapping of it) scores with a sigmoid`, file);
     if (cfg.topk_method !== undefined && cfg.topk_method !== 'noaux_tc') throw unsupported(`${file}: topk_method ${JSON.stringify(cfg.topk_method)}; DeepSeek-V3 selects experts by noaux_tc (group-limited top-k with the score-correction bias)`, file);
-    const mtp = cfg.num_nextn_predict_layers ?? 0;
-    if (typeof mtp !== 'number' || !Number.isInteger(mtp) || mtp < 0) throw badInput(`${file}: num_nextn_predict_layers is ${JSON.stringify(mtp)}, expected a whole number`, file);
+    const mtp = mtpLayersOf(cfg, file);
     const moeLayers = Array.from({ length: layers }, (_, i) => i >= dense);
     const c: ModelConfig = {
       family: 'deepseek_v3',
@@ -249,35 +218,18 @@ export const deepseekV3: Family = {
     return c;
   },
   fromHfNames(c, names, opts): ModelConfig {
-    const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout } = { ...c.hfLayout };
+    const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout; mtpCopies?: false } = { ...c.hfLayout };
+    if (!hubMtpCopiesHeld(c, names)) layout.mtpCopies = false;
     const fusedAt = names.map((n) => /^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
     if (fusedAt.some((i) => i < c.numLayers)) layout.experts = 'fused';
     if (fusedAt.some((i) => i >= c.numLayers)) layout.mtpExperts = 'fused';
-    const held = mtpLayerIndices(c, names);
-    const want = c.mtpLayers ?? 0;
-    // transformers builds no MTP layer, so a checkpoint it saved holds none whatever the config says.
-    let mtpLayers = want;
-    if (held.length === 0) mtpLayers = 0;
-    // Dropped anyway: the layers held are what --drop-mtp leaves out, whatever the config says.
-    else if (opts?.dropMtp) mtpLayers = held[held.length - 1]! + 1;
-    else if (held.length !== want || held[held.length - 1] !== want - 1) {
-      throw badInput(
-        `config.json: num_nextn_predict_layers is ${want}, but the checkpoint holds MTP layer tensors at model.layers.${held.map((k) => c.numLayers + k).join(', ')} (num_hidden_layers ${c.numLayers}); the two must agree`,
-        'config.json',
-      );
-    }
-    return { ...c, mtpLayers, ...(Object.keys(layout).length ? { hfLayout: layout } : {}) };
+    return { ...c, mtpLayers: hubMtpLayerCount(c, names, opts?.dropMtp), ...(Object.keys(layout).length ? { hfLayout: layout } : {}) };
   },
-  globalParams: (c): GlobalParam[] => {
-    const copies = (hf: string): string[] => Array.from({ length: c.mtpLayers ?? 0 }, (_, k) => `${mtpPrefix(c, k)}.${hf}`);
-    return denseGlobals(c).map((g) =>
-      g.megatron === 'embedding.word_embeddings.weight' ? { ...g, hfCopies: copies('embed_tokens.weight') } : g.megatron === 'output_layer.weight' ? { ...g, hfCopies: copies('shared_head.head.weight') } : g,
-    );
-  },
+  globalParams: (c): GlobalParam[] => withHubMtpCopies(c, denseGlobals(c)),
   layerParams: (c, i) => layerParams(c, L, isMoeLayer(c, i), c.hfLayout?.experts ?? 'per-expert'),
   extraStateModules: (c, i) => extraState(c, isMoeLayer(c, i)),
   blocks: (c) => (c.mtpLayers ? [mtpBlock(c)] : []),
-  mtpHfNames: (c) => new RegExp(`^model\\.layers\\.(${Array.from({ length: Math.max(1, c.mtpLayers ?? 0) }, (_, k) => c.numLayers + k).join('|')})\\.`),
+  mtpHfNames: hubMtpNames,
   localSpecName: (name) => LOCAL_NAMES.reduce((n, [re, to]) => n.replace(re, to), name),
   megatronArgs: (c) => {
     const m = mlaOf(c);

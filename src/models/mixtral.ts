@@ -16,7 +16,7 @@ export const mixtral: Family = {
   modelType: 'mixtral',
   description: 'Mixtral 8x7B, 8x22B',
   // The MoE fallback without q/k norms, unless the provider class is a Qwen one.
-  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('mixtral') ? 'provider' : !r.target.includes('qwen') && !r.qkNorm ? 'features' : undefined),
+  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('mixtral') ? 'provider' : !r.target.includes('qwen') && !r.qkNorm && !r.expertBias ? 'features' : undefined),
   keying: () => 'stacked',
   fromHf(cfg, file): ModelConfig {
     const base = fromHfConfig('mixtral', cfg, file, { qkvBias: false, qkNorm: false });

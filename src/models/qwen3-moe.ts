@@ -16,7 +16,7 @@ export const qwen3Moe: Family = {
   architectures: ['Qwen3MoeForCausalLM'],
   modelType: 'qwen3_moe',
   description: 'Qwen3-MoE (30B-A3B, 235B-A22B)',
-  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('qwen') && !r.target.includes('mixtral') ? 'provider' : r.qkNorm ? 'features' : undefined),
+  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('qwen') && !r.target.includes('mixtral') ? 'provider' : r.qkNorm && !r.expertBias ? 'features' : undefined),
   keying: (c) => (c.moe?.moeLayers?.some((x) => !x) ? 'per-layer' : 'stacked'),
   fromHf(cfg, file): ModelConfig {
     const base = fromHfConfig('qwen3_moe', cfg, file, { qkvBias: false, qkNorm: true });

@@ -134,6 +134,8 @@ export interface MegatronRecord {
   readonly moe: boolean;
   readonly qkNorm: boolean;
   readonly qkvBias: boolean;
+  /** The router has a score-correction bias (`moe_router_enable_expert_bias`: sigmoid-routed DeepSeek-style MoE). */
+  readonly expertBias: boolean;
 }
 
 export interface Family {

@@ -1,9 +1,10 @@
 /** Runs the built CLI (dist/src/cli/main.js) as a child process, as a user would. */
 import { execFile } from 'node:child_process';
-import { join } from 'node:path';
-import { repoRoot } from './oracle.js';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-export const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+/** The CLI built beside these tests (`<outDir>/src/cli/main.js`, whatever the build's output directory). */
+export const cli = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'cli', 'main.js');
 
 export interface CliRun {
   readonly code: number | null;

@@ -14,6 +14,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from './oracle.js';
+import { cli } from './cli.js';
 import { configJson, JsonFloat, parseConfigJson } from '../../src/formats/config-json.js';
 
 export const publishedDir = join(repoRoot, 'test', 'published');
@@ -31,6 +32,8 @@ export interface HubFacts {
   readonly bf16?: readonly string[];
   /** DeepSeek-V3's MTP layers (`model.layers.<L + k>`, with embedding and head copies). */
   readonly deepseekMtp?: number;
+  /** `false`: those MTP layers carry no embedding / head copies (GLM-4.6, 4.7). */
+  readonly mtpCopies?: false;
   /** DeepSeek-V3's FP8 weights (F8_E4M3 + `_scale_inv` F32 over [rows, cols] blocks). */
   readonly fp8Block?: readonly [number, number];
   /** The transformers model_type the config is read as (Kimi K2's `kimi_k2` is DeepseekV3). */
@@ -455,7 +458,6 @@ export interface CliRun {
   readonly rss?: number;
 }
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const TIME = '/usr/bin/time';
 
 export function runCli(args: readonly string[], opts: { timeoutMs?: number } = {}): Promise<CliRun> {

@@ -15,10 +15,11 @@ import { cp, mkdir, mkdtemp, readFile, rm, writeFile, unlink, readdir } from 'no
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot, runOracle } from '../helpers/oracle.js';
+import { runOracle } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
 import { exportMbAdapterToPeft, mergeMbToHf, mergeMbToMegatron } from '../../src/plan/lora-mb.js';
 import { mergeLora } from '../../src/plan/lora-convert.js';
+import { cli } from '../helpers/cli.js';
 
 interface Case {
   name: string;
@@ -35,7 +36,6 @@ const CASES: Case[] = [
 ];
 
 let root: string;
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const dir = (c: Case, what: string): string => join(root, c.name, what);
 
 before(async () => {

@@ -12,11 +12,12 @@ import { cp, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot, runOracle } from '../helpers/oracle.js';
+import { runOracle } from '../helpers/oracle.js';
 import { mergeLora } from '../../src/plan/lora-convert.js';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import type { DType } from '../../src/tensor/dtype.js';
+import { cli } from '../helpers/cli.js';
 
 interface Case {
   name: string;
@@ -70,7 +71,6 @@ const OTHERS: Case[] = [
 ];
 
 let root: string;
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), 'ss-lora-'));

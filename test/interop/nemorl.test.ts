@@ -11,9 +11,9 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot, runOracle } from '../helpers/oracle.js';
+import { runOracle } from '../helpers/oracle.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-nemorl-'));

@@ -31,7 +31,9 @@ For each job:
    - `deepseekMtp: n`: DeepSeek-V3's n MTP layers at `model.layers.<L + k>` (L =
      num_hidden_layers; transformers builds none): the last decoder layer's names plus `enorm`,
      `hnorm`, `eh_proj` [H, 2H], `shared_head.norm`, and the layer's own `embed_tokens` and
-     `shared_head.head` [V, H] — the layout DeepSeek's and vLLM's MTP loaders read;
+     `shared_head.head` [V, H] — the layout DeepSeek's and vLLM's MTP loaders read (GLM-4.5 too);
+   - `mtpCopies: false`: those MTP layers without the embedding / head copies (GLM-4.6 and 4.7
+     dropped them: vLLM #27597);
    - `fp8Block: [br, bc]`: DeepSeek-V3's FP8 layout — every linear weight of attention and MLP
      (not embeddings, head, norms, router, `eh_proj`) as F8_E4M3, each followed by its
      `<name>_scale_inv` F32 [ceil(R/br), ceil(C/bc)];
@@ -132,7 +134,7 @@ def mtp(tensors, raw, n):
     return out
 
 
-def deepseek_mtp(tensors, raw, n):
+def deepseek_mtp(tensors, raw, n, copies=True):
     """DeepSeek-V3's MTP layers model.layers.<L + k>: the last decoder layer's names and the MTP head tensors."""
     t = text_config(raw)
     H, L, V = t["hidden_size"], t["num_hidden_layers"], t["vocab_size"]
@@ -141,10 +143,11 @@ def deepseek_mtp(tensors, raw, n):
     out = []
     for k in range(n):
         p = f"model.layers.{L + k}"
-        out += [(f"{p}.embed_tokens.weight", [V, H], "BF16"), (f"{p}.enorm.weight", [H], "BF16"), (f"{p}.hnorm.weight", [H], "BF16"),
-                (f"{p}.eh_proj.weight", [H, 2 * H], "BF16")]
+        out += [(f"{p}.embed_tokens.weight", [V, H], "BF16")] if copies else []
+        out += [(f"{p}.enorm.weight", [H], "BF16"), (f"{p}.hnorm.weight", [H], "BF16"), (f"{p}.eh_proj.weight", [H, 2 * H], "BF16")]
         out += [(f"{p}.{rest}", shape, dt) for rest, shape, dt in layer]
-        out += [(f"{p}.shared_head.norm.weight", [H], "BF16"), (f"{p}.shared_head.head.weight", [V, H], "BF16")]
+        out += [(f"{p}.shared_head.norm.weight", [H], "BF16")]
+        out += [(f"{p}.shared_head.head.weight", [V, H], "BF16")] if copies else []
     return out
 
 
@@ -175,7 +178,7 @@ def names(job):
         per_expert = saved_names(cls, cfg, False) if hub.get("fusedExperts") else tensors
         tensors = tensors + mtp(per_expert, raw, hub["mtp"])
     if hub.get("deepseekMtp"):
-        tensors = tensors + deepseek_mtp(tensors, raw, hub["deepseekMtp"])
+        tensors = tensors + deepseek_mtp(tensors, raw, hub["deepseekMtp"], hub.get("mtpCopies", True))
     if hub.get("mxfp4"):
         tensors = mxfp4(tensors)
     for rx in hub.get("f32", []):

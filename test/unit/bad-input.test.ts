@@ -14,8 +14,8 @@ import { zipParts } from '../../src/formats/zip-write.js';
 import { pickle } from '../../src/pickle/index.js';
 import { PyDict, StorageRef, TensorRef } from '../../src/pickle/values.js';
 import { encodeHeader } from '../../src/formats/safetensors.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const golden = join(repoRoot, 'test', 'fixtures', 'golden');
 let tmp: string;
 

@@ -8,8 +8,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { VERSION } from '../../src/util/version.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 const golden = join(repoRoot, 'test', 'fixtures', 'golden');
 let tmp: string;

@@ -18,8 +18,8 @@ import { basename, join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { outputDigest as digest } from '../helpers/tree.js';
 import { writeF32Safetensors, type SyntheticTensor } from '../helpers/synthetic.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
 /** Sources built once, each a directory a case can copy whole (the mid-run change rewrites a copy). */

@@ -9,15 +9,14 @@ import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../helpers/oracle.js';
 import { writeF32Safetensors, type SyntheticTensor } from '../helpers/synthetic.js';
 import { digestPath, sortKeys } from '../helpers/describe.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
 import { openMegatron } from '../../src/megatron/checkpoint.js';
 import { openSafetensors } from '../../src/formats/safetensors.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const [LAYERS, H, HEADS, KV, HD, E, F, V] = [2, 16, 4, 2, 4, 3, 8, 20];
 let tmp: string;
 

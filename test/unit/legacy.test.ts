@@ -10,8 +10,8 @@ import { repoRoot } from '../helpers/oracle.js';
 import { writeTorch } from '../../src/formats/torch.js';
 import { PyDict, PyGlobal, PyObject } from '../../src/pickle/values.js';
 import { writeOutput } from '../../src/exec/output.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
 before(async () => {

@@ -10,7 +10,6 @@ import { mkdtemp, mkdir, readdir, readFile, rm, writeFile, cp } from 'node:fs/pr
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../helpers/oracle.js';
 import { encodeHeader } from '../../src/formats/safetensors.js';
 import { dotChain, fma32, loraDot, setMklPath } from '../../src/tensor/fp32.js';
 import { moduleScaling, patternValue, targetStatus } from '../../src/lora/match.js';
@@ -20,6 +19,7 @@ import { mergeLora } from '../../src/plan/lora-convert.js';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import { produceBox } from '../../src/lazy/expr.js';
+import { cli } from '../helpers/cli.js';
 
 // ---------------------------------------------------------------------------------------------
 // Exact float32 FMA
@@ -297,7 +297,6 @@ test('a hand-checkable merge: W + (B @ A) × alpha/r, rounded as fp32, everythin
   }
 });
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 function run(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((res) => {
     execFile(process.execPath, [cli, ...args], (err, stdout, stderr) => {

@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
 import { zipParts } from '../../src/formats/zip-write.js';
+import { cli } from '../helpers/cli.js';
 
 interface Payload {
   readonly name: string;
@@ -23,7 +24,6 @@ interface Payload {
   readonly pickle: string;
 }
 const corpus = (JSON.parse(await readFile(join(repoRoot, 'test', 'fixtures', 'malicious.json'), 'utf8')) as { pickles: Payload[] }).pickles;
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
 let cwd: string;
 before(async () => {

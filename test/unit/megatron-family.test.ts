@@ -32,10 +32,19 @@ test('familyForMegatron decides as the old string matching did, for every provid
   let n = 0;
   for (const target of TARGETS) {
     for (const moe of [false, true]) for (const qkNorm of [false, true]) for (const qkvBias of [false, true]) {
-      const got = familyForMegatron({ target, moe, qkNorm, qkvBias }, 'run_config.yaml').id;
+      const got = familyForMegatron({ target, moe, qkNorm, qkvBias, expertBias: false }, 'run_config.yaml').id;
       assert.equal(got, before(target, moe, qkNorm, qkvBias), `${target || '(args)'} moe=${moe} qkNorm=${qkNorm} qkvBias=${qkvBias}`);
       n++;
     }
   }
   assert.equal(n, TARGETS.length * 8);
+});
+
+test('a GQA MoE whose router has an expert bias is GLM-4.5-shaped unless a provider class names its family', () => {
+  const glm = 'megatron.bridge.models.gpt_provider.gptmodelprovider';
+  for (const qkNorm of [false, true]) for (const qkvBias of [false, true]) {
+    assert.equal(familyForMegatron({ target: glm, moe: true, qkNorm, qkvBias, expertBias: true }, 'run_config.yaml').id, 'glm4_moe');
+    assert.equal(familyForMegatron({ target: '', moe: true, qkNorm, qkvBias, expertBias: true }, 'common.pt').id, 'glm4_moe');
+    assert.equal(familyForMegatron({ target: 'megatron.bridge.models.mixtral.mixtral_provider.mixtralmodelprovider', moe: true, qkNorm, qkvBias, expertBias: true }, 'run_config.yaml').id, 'mixtral');
+  }
 });

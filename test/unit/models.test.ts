@@ -16,8 +16,8 @@ import { openMegatron } from '../../src/megatron/checkpoint.js';
 import { openCheckpoint } from '../../src/checkpoints/registry.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import { FAMILIES } from '../../src/models/registry.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
 before(async () => {

@@ -18,8 +18,8 @@ import { canonicalMegatron } from '../../src/bridge/megatron-keys.js';
 import type { ModelConfig } from '../../src/models/config.js';
 import type { CheckpointSource } from '../../src/formats/types.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-moe-unit-'));

@@ -9,15 +9,14 @@ import { execFile } from 'node:child_process';
 import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../helpers/oracle.js';
 import { dequantRows } from '../../src/tensor/mxfp4.js';
 import { mxfp4Tensor, withMxfp4Dequantized } from '../../src/formats/mxfp4.js';
 import type { CheckpointSource } from '../../src/formats/types.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
 import { castBytes } from '../../src/tensor/cast.js';
 import { workerTuning } from '../../src/tensor/pool.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-mxfp4-'));

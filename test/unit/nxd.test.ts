@@ -19,8 +19,8 @@ import { convertHfToNxd, convertNxdToHf, type NxdConvertOptions } from '../../sr
 import { ppRankOfLayer } from '../../src/nxd/layout.js';
 import { wholeBox } from '../../src/tensor/layout.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const example = join(repoRoot, 'examples', 'tiny-llama');
 const config = join(example, 'config.json');
 let tmp: string;

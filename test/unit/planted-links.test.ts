@@ -13,8 +13,8 @@ import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../helpers/oracle.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const golden = join(repoRoot, 'test', 'fixtures', 'golden');
 let tmp: string;
 before(async () => {

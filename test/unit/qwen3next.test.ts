@@ -13,7 +13,6 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../helpers/oracle.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
 import { openMegatron } from '../../src/megatron/checkpoint.js';
 import { writeSafetensors } from '../../src/formats/safetensors.js';
@@ -21,8 +20,8 @@ import { writeOutput } from '../../src/exec/output.js';
 import { copyOf } from '../../src/lazy/expr.js';
 import { wholeBox, type Box } from '../../src/tensor/layout.js';
 import type { SourceTensor } from '../../src/lazy/types.js';
+import { cli } from '../helpers/cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 let tmp: string;
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-qnext-unit-'));
