@@ -1,0 +1,51 @@
+/**
+ * OLMoE's bad inputs on the published OLMoE-1B-7B-0125 layout (test/published, truncated and
+ * written sparse): each refused by name before anything is written.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { layerCount, publishedConfig, publishedModels, publishedTensors, truncateConfig, truncatedLayers, truncateTensors, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
+import { runCli } from '../helpers/cli.js';
+
+let tmp: string;
+let config: Record<string, unknown>;
+let tensors: TensorSpec[];
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-olmoe-'));
+  const m = (await publishedModels()).find((x) => x.id === 'olmoe-1b-7b-0125')!;
+  const published = await publishedConfig(m);
+  const layers = truncatedLayers(published);
+  config = truncateConfig(published, layers);
+  tensors = truncateTensors(await publishedTensors(m), layers, layerCount(published));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+let n = 0;
+async function convert(cfg: Record<string, unknown>, list: readonly TensorSpec[]): Promise<{ code: number | null; stderr: string; out: string }> {
+  const dir = join(tmp, `case-${++n}`);
+  await writeSparseCheckpoint(dir, cfg, list, { data: 'holes' });
+  const out = join(tmp, `out-${n}`);
+  return { ...(await runCli(['convert', '--to', 'megatron', dir, out, '--dry-run'])), out };
+}
+
+test('OLMoE with clip_qkv, or with grouped KV heads, is refused by name: megatron-core cannot compute either the same way', async () => {
+  const a = await convert({ ...config, clip_qkv: 8 }, tensors);
+  assert.equal(a.code, 1, a.stderr);
+  assert.match(a.stderr, /clip_qkv=8; megatron-core's attention does not clamp q\/k\/v/);
+  const b = await convert({ ...config, num_key_value_heads: 4 }, tensors);
+  assert.equal(b.code, 1, b.stderr);
+  assert.match(b.stderr, /num_key_value_heads \(4\) differs from num_attention_heads \(16\); Megatron-Bridge's OLMoE attention sizes its full-width k norm by the query heads/);
+  for (const r of [a, b]) assert.ok(await stat(r.out).then(() => false, () => true));
+});
+
+test('a q_norm of one head (Qwen3-style) in an OLMoE checkpoint is a shape error naming the tensor', async () => {
+  const r = await convert(config, tensors.map((t): TensorSpec => (t[0] === 'model.layers.0.self_attn.q_norm.weight' ? [t[0], t[1], [128]] : t)));
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /model\.layers\.0\.self_attn\.q_norm\.weight/);
+  assert.match(r.stderr, /2048/);
+});
