@@ -31,7 +31,8 @@ export function fp8SchemeOf(cfg: Readonly<Record<string, unknown>>, file: string
   const q = cfg.quantization_config as Record<string, unknown> | undefined;
   if (!q || typeof q !== 'object' || q.quant_method !== 'fp8') return undefined;
   const fmt = q.fmt ?? 'e4m3';
-  if (fmt !== 'e4m3') throw unsupported(`${file}: quantization_config fmt ${JSON.stringify(fmt)}; FP8 weights are read as e4m3 (float8_e4m3fn) only`, file);
+  // DeepSeek's configs say "e4m3", MiniMax-M2's the torch dtype name "float8_e4m3fn": one format.
+  if (fmt !== 'e4m3' && fmt !== 'float8_e4m3fn') throw unsupported(`${file}: quantization_config fmt ${JSON.stringify(fmt)}; FP8 weights are read as e4m3 (float8_e4m3fn) only`, file);
   const act = q.activation_scheme ?? 'dynamic';
   if (act !== 'dynamic') throw unsupported(`${file}: quantization_config activation_scheme ${JSON.stringify(act)}: static activation scales are not carried`, file);
   const b = q.weight_block_size;

@@ -20,7 +20,7 @@ import { MEGATRON_GLOBALS, resolveIteration, type ResolvedIteration } from './ru
 import { PyDict, PyFloat, PyObject, TensorRef, asNumber, describe, type PyValue } from '../pickle/values.js';
 import { itemSize, numelOf } from '../tensor/dtype.js';
 import { isContiguous, type Piece } from '../tensor/layout.js';
-import { expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from './parallel.js';
+import { SHARDED_NORMS_ARG, expertOf, rankDirName, stageLayers, tpSplitOf, ungroupedExpertName } from './parallel.js';
 import type { CheckpointSource, SourceObject } from '../formats/types.js';
 import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { targetView, sliceTarget, concatRows } from '../lazy/view.js';
@@ -159,6 +159,8 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
   const argsV = rank0.get('args');
   const args = argsV instanceof PyObject && argsV.state instanceof PyDict ? argsV.state : undefined;
   const gated = args?.get('swiglu') !== false;
+  const sharded = args?.get(SHARDED_NORMS_ARG);
+  const shardedNorms = Array.isArray(sharded) ? sharded.filter((x): x is string => typeof x === 'string') : [];
   const etp = asNumber(args?.get('expert_tensor_parallel_size')) ?? tp;
   if (etp !== tp && etp !== 1) throw unsupported(`${path}: expert_tensor_parallel_size ${etp} with TP ${tp}: only etp = tp or 1 are read from legacy rank files`, path);
   const version = asNumber(rank0.get('checkpoint_version'));
@@ -205,7 +207,7 @@ function assemble(path: string, resolved: ResolvedIteration, files: RankFile[], 
   }
   const tensors = new Map<string, SourceTensor>();
   for (const [name, shards] of groups) {
-    const split = expertOf(name) && etp === 1 ? 'replicated' : tpSplitOf(name, gated);
+    const split = expertOf(name) && etp === 1 ? 'replicated' : tpSplitOf(name, gated, shardedNorms);
     const first = shards[0]!;
     for (const s of shards) {
       if (s.ref.dtype !== first.ref.dtype || s.ref.shape.length !== first.ref.shape.length || s.ref.shape.some((d, i) => d !== first.ref.shape[i])) {
@@ -293,6 +295,8 @@ export interface LegacyWriteOptions {
   readonly iteration: number;
   /** Whether a tensor is SwiGLU's `[gate; up]` (each half split over TP): from the family table. */
   readonly gateUp: (name: string) => boolean;
+  /** Norms split over TP like their heads (`Family.tpShardedNorms`); recorded in args.shardshift_tp_sharded_norms. */
+  readonly shardedNorms?: readonly string[];
   readonly args: Record<string, PyValue>;
   /** Modules whose `_extra_state` entry (None) the live model expects, per layer. */
   readonly extraStateModules: (layer: number) => readonly string[];
@@ -352,7 +356,7 @@ export function writeMegatronLegacy(globals: ReadonlyMap<string, TargetTensor>, 
             local = `${ex.before}${ex.expert - e * perRank}${ex.after}`;
           }
         }
-        const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gateUp(name));
+        const split = ex && etp === 1 ? 'replicated' : tpSplitOf(name, opts.gateUp(name), opts.shardedNorms);
         const renamed = targetView(g, { name: local });
         const along = split === 'row' ? g.shape[1]! : split === 'gated' ? g.shape[0]! / 2 : g.shape[0]!;
         if (split !== 'replicated' && along % tp !== 0) {

@@ -11,12 +11,18 @@
  *   heads per rank), the down projections `linear_q_down_proj` / `linear_kv_down_proj` duplicated;
  * - MTP: `eh_proj` column-parallel;
  * - row-parallel (split along dim 1): `linear_proj` and `linear_fc2` weights;
- * - replicated: norms, q/k layernorms, row-parallel biases.
+ * - replicated: norms, q/k layernorms, row-parallel biases — except the norms a model normalises
+ *   over all heads and shards with them (`shardedNorms`: MiniMax-M2's full-width q/k norms), which
+ *   are column-parallel (their rank's heads' rows).
  */
 export type TpSplit = 'column' | 'gated' | 'row' | 'replicated';
 
+/** The args field of shardshift's legacy rank files naming the norms split over TP (layer-relative names). */
+export const SHARDED_NORMS_ARG = 'shardshift_tp_sharded_norms';
+
 /** The split of a parameter given its name (per-layer or global, TE or local-spec names). */
-export function tpSplitOf(name: string, gated: boolean): TpSplit {
+export function tpSplitOf(name: string, gated: boolean, shardedNorms: readonly string[] = []): TpSplit {
+  if (shardedNorms.some((n) => name.endsWith(`.${n}`))) return 'column';
   if (/(^|\.)linear_qkv\.(weight|bias)$/.test(name)) return 'column';
   // MLA: the up projections (and a plain q_proj) split heads; TE's down projections are duplicated
   // (TELinear parallel_mode='duplicated'), their fused norms replicated like every norm.

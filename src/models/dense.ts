@@ -60,11 +60,14 @@ export function routerPrecision(n: { routerFp32?: boolean }): PrecisionRule {
  * megatron-core stores it as a float32 buffer (re-cast to float32 before every save, "to avoid
  * routing errors"); cast to bf16, distinct biases collapse and top-k routing changes.
  */
-export function expertBiasPrecision(n: { routerFp32?: boolean }): PrecisionRule {
+export function expertBiasPrecision(n: { routerFp32?: boolean; routerBiasFp32?: boolean }): PrecisionRule {
+  const hf32 = n.routerFp32 === true || n.routerBiasFp32 === true;
   return {
-    hf: n.routerFp32 ? 'fp32' : 'keep-fp32',
+    hf: hf32 ? 'fp32' : 'keep-fp32',
     megatron: 'fp32',
-    why: 'router expert bias: megatron-core stores router.expert_bias in float32' + (n.routerFp32 ? ', transformers keeps e_score_correction_bias in float32' : ''),
+    why:
+      'router expert bias: megatron-core stores router.expert_bias in float32' +
+      (n.routerFp32 ? ', transformers keeps e_score_correction_bias in float32' : n.routerBiasFp32 ? ', and the hub checkpoint holds e_score_correction_bias in float32' : ''),
   };
 }
 
@@ -79,6 +82,8 @@ export interface MoeNames {
   readonly routerBias?: string;
   /** transformers keeps the router (weight and score-correction bias) in float32 (`_keep_in_fp32_modules_strict`). */
   readonly routerFp32?: boolean;
+  /** The score-correction bias alone is float32 on the HF side (the hub stores it so; the router weight follows the source). */
+  readonly routerBiasFp32?: boolean;
   /**
    * The experts fused per layer (transformers 5's in-memory layout, saved so by models loaded from
    * fused checkpoints): `gateUp` [E, 2F, H] = [gate; up] per expert, `down` [E, H, F]. Used in

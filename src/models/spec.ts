@@ -170,6 +170,13 @@ export interface Family {
    * does not hold: MLA layers have no keys map, so their local names are their module names.
    */
   localSpecName?(canonical: string): string;
+  /**
+   * Norms (canonical names after the layer prefix) that tensor parallelism splits like the heads
+   * they normalise, where megatron-core replicates every norm: MiniMax-M2's full-width q/k norms
+   * (Megatron-Bridge's `FullDimQNorm` / `FullDimKNorm` hold the rows of their rank's heads).
+   * torch_dist stores them whole; legacy rank files split them and say so in their args.
+   */
+  readonly tpShardedNorms?: readonly string[];
   /** Layer stacks beyond the decoder (MTP, vision tower), in the order their tensors are listed. */
   blocks?(c: ModelConfig): readonly Block[];
   /**

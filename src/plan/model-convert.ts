@@ -16,6 +16,7 @@ import { writeSafetensors } from '../formats/safetensors.js';
 import { openMegatron, writeMegatron } from '../megatron/checkpoint.js';
 import { iterDirName, type CkptFormat } from '../megatron/run-dir.js';
 import { writeMegatronLegacy } from '../megatron/legacy.js';
+import { SHARDED_NORMS_ARG } from '../megatron/parallel.js';
 import { writeMegatronFsdp } from '../megatron/fsdp.js';
 import { listSideFiles } from '../formats/side-files.js';
 import { configJson, parseConfigJson, withoutTopLevelKey } from '../formats/config-json.js';
@@ -163,6 +164,9 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const legacy = opts.ckptFormat === 'torch';
     // megatron-core's local spec builds MLA's down projections column-parallel, TE's duplicated: rank files differ.
     if (legacy && cfg.mla && tp > 1 && opts.megatronSpec === 'local') throw unsupported(`--ckpt-format torch --megatron-spec local at --tp ${tp}: the local spec splits MLA's down projections over TP where TE duplicates them, and that split is not written yet; use the TE spec (the default) or torch_dist`);
+    // Megatron-Bridge's FullDimKNorm replicates the k norm's rows when TP exceeds the KV heads (a
+    // shard per KV head, held by several ranks): that layout is not written.
+    if (legacy && familyOf(cfg).tpShardedNorms && tp > cfg.numQueryGroups) throw unsupported(`--ckpt-format torch --tp ${tp}: ${familyOf(cfg).description} splits its full-width k norm by KV head, and with more TP ranks than its ${cfg.numQueryGroups} KV heads the ranks would share shards, which is not written; use --tp ${cfg.numQueryGroups} or less, or torch_dist`, srcPath);
     // Legacy rank files carry one `swiglu` flag, and their reader splits every fc1 over TP by it.
     if (legacy && fc1Gating(familyOf(cfg), cfg) === 'mixed') throw unsupported(`--ckpt-format torch: ${familyOf(cfg).description} has both gated ([gate; up]) and plain linear_fc1 tensors, and legacy rank files record one swiglu flag for the whole model; use --ckpt-format torch_dist`, srcPath);
     const fsdp = opts.ckptFormat === 'fsdp_dtensor';
@@ -177,7 +181,8 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
           numLayers: cfg.numLayers,
           iteration,
           gateUp: gateUpTest(cfg),
-          args: { ...args, ckpt_format: 'torch' },
+          ...(familyOf(cfg).tpShardedNorms ? { shardedNorms: familyOf(cfg).tpShardedNorms } : {}),
+          args: { ...args, ckpt_format: 'torch', ...(familyOf(cfg).tpShardedNorms ? { [SHARDED_NORMS_ARG]: [...familyOf(cfg).tpShardedNorms!] } : {}) },
           extraStateModules: (i) => familyOf(cfg).extraStateModules(cfg, i),
           blockExtraState: (familyOf(cfg).blocks?.(cfg) ?? []).flatMap((b) => Array.from({ length: b.layers }, (_, i) => b.extraStateModules(i).map((m) => `${b.prefix}${i}.${m}`)).flat()),
         })

@@ -36,6 +36,8 @@ export interface HubFacts {
   readonly mtpCopies?: false;
   /** DeepSeek-V3's FP8 weights (F8_E4M3 + `_scale_inv` F32 over [rows, cols] blocks). */
   readonly fp8Block?: readonly [number, number];
+  /** The regex of the FP8 weights where DeepSeek-V3's list does not apply (MiniMax-M2). */
+  readonly fp8Tensors?: string;
   /** The transformers model_type the config is read as (Kimi K2's `kimi_k2` is DeepseekV3). */
   readonly modelType?: string;
 }

@@ -37,6 +37,8 @@ For each job:
    - `fp8Block: [br, bc]`: DeepSeek-V3's FP8 layout — every linear weight of attention and MLP
      (not embeddings, head, norms, router, `eh_proj`) as F8_E4M3, each followed by its
      `<name>_scale_inv` F32 [ceil(R/br), ceil(C/bc)];
+   - `fp8Tensors`: the regex of the weights stored FP8 where DeepSeek-V3's list does not apply
+     (MiniMax-M2: attention q/k/v/o and the experts' w1/w2/w3);
    - `modelType`: the transformers model_type to read the config as (Kimi K2's config says
      `kimi_k2`, remote code over DeepseekV3's architecture).
 
@@ -156,11 +158,12 @@ FP8_LINEAR = re.compile(
     r"|mlp\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj|down_proj))\.weight$")
 
 
-def fp8_block(tensors, block):
+def fp8_block(tensors, block, pattern=None):
     br, bc = block
+    linear = re.compile(pattern) if pattern else FP8_LINEAR
     out = []
     for name, shape, dt in tensors:
-        if FP8_LINEAR.search(name) and len(shape) == 2:
+        if linear.search(name) and len(shape) == 2:
             out.append((name, shape, "F8_E4M3"))
             out.append((name + "_scale_inv", [-(-shape[0] // br), -(-shape[1] // bc)], "F32"))
         else:
@@ -188,7 +191,7 @@ def names(job):
         r = re.compile(rx)
         tensors = [(n, s, "BF16" if r.search(n) else d) for n, s, d in tensors]
     if hub.get("fp8Block"):
-        tensors = fp8_block(tensors, hub["fp8Block"])
+        tensors = fp8_block(tensors, hub["fp8Block"], hub.get("fp8Tensors"))
     return {"transformers": transformers.__version__, "architecture": raw["architectures"][0], "tensors": [[n, d, s] for n, s, d in tensors]}
 
 
