@@ -15,7 +15,7 @@ import type { OutputFile, SourceTensor, TargetTensor } from '../lazy/types.js';
 import { PyFloat, PyGlobal, asNumber, type PyValue } from '../pickle/values.js';
 import { badInput, isErrno, usage } from '../util/errors.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
-import { paddedVocab, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
+import { paddedVocab, textConfig, validateConfig, type HfLayout, type ModelConfig, type MoeConfig } from '../models/config.js';
 import { parse as parseYaml } from 'yaml';
 import { familyById, familyForHfConfig, familyForMegatron } from '../models/registry.js';
 import { buildExport, fc1Gating, mainDtype } from './map.js';
@@ -106,7 +106,8 @@ function ropeTheta(hf: Readonly<Record<string, unknown>>): number {
 
 /** The training-args fields MLM reads back with --use-checkpoint-args. */
 export function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: number; dtype: DType; iteration: number }): Record<string, PyValue> {
-  const hf = c.hf ?? {};
+  // A VL wrapper's text fields (rope, norms, positions) live in its text_config.
+  const hf = textConfig(c.hf ?? {});
   const f = (x: unknown, d: number): PyFloat => new PyFloat(typeof x === 'number' ? x : d);
   return {
     num_layers: c.numLayers,

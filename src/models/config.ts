@@ -168,3 +168,9 @@ export function fromHfConfig(family: string, cfg: Record<string, unknown>, file:
   validateConfig(c, file);
   return c;
 }
+
+/** The text section of an HF config (`text_config` of a VL wrapper; the config itself otherwise). */
+export function textConfig(cfg: Readonly<Record<string, unknown>>): Record<string, unknown> {
+  const t = cfg.text_config;
+  return t && typeof t === 'object' && !Array.isArray(t) ? (t as Record<string, unknown>) : (cfg as Record<string, unknown>);
+}

@@ -27,7 +27,7 @@
  *   on-disk name of megatron-core ≥ 0.17's `mtp_model_layer`).
  */
 import { badInput, unsupported } from '../util/errors.js';
-import { fromHfConfig, isMoeLayer, num, type ExpertLayout, type ModelConfig } from './config.js';
+import { fromHfConfig, isMoeLayer, num, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
 import type { Block, CustomKind, Family, GlobalParam, LayerParam, PrecisionRule, SourcePart } from './spec.js';
 import type { TargetTensor } from '../lazy/types.js';
@@ -337,11 +337,7 @@ export interface HybridSpec {
   readonly vision?: VisionTower;
 }
 
-/** The text section of an HF config (`text_config` of a VL wrapper). */
-export function textConfig(cfg: Readonly<Record<string, unknown>>): Record<string, unknown> {
-  const t = cfg.text_config;
-  return t && typeof t === 'object' && !Array.isArray(t) ? (t as Record<string, unknown>) : (cfg as Record<string, unknown>);
-}
+
 
 /** MTP layers the config records (`mtp_num_hidden_layers`, or DeepSeek-style `num_nextn_predict_layers`); undefined when it says nothing. */
 function configMtpLayers(t: Record<string, unknown>, file: string): number | undefined {

@@ -1,0 +1,57 @@
+/**
+ * Qwen3-VL (`Qwen3VLForConditionalGeneration`: a Qwen3 text decoder under `model.language_model.`,
+ * a vision tower with deepstack mergers under `model.visual.`) against transformers 5.24 and
+ * megatron-core 0.16.1 on CPU (test/oracle/qwen3vl_oracle.py), tied and untied:
+ *
+ * - HF → Megatron: megatron-core's GPTModel loads the `language_model.*` keys strictly (nothing
+ *   missing or unexpected but the vision tower) with transformers' logits; the vision tower's
+ *   torch_dist tensors equal Megatron-Bridge's Qwen3-VL mapping (deepstack mergers included), and
+ *   no vision key is left unmatched;
+ * - HF → Megatron (TE keys, local names) → HF is byte-identical, and the export loads cleanly with
+ *   the original's logits; legacy rank files are refused by name (one swiglu flag for a gated text
+ *   MLP and a plain vision MLP).
+ *
+ * Not exercised: the vision tower's forward (megatron-core has no Qwen3-VL vision model; its
+ * weights are checked value for value).
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runOracle } from '../helpers/oracle.js';
+import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
+
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-qwen3vl-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+for (const tied of [false, true]) {
+  test(`Qwen3-VL${tied ? ' (tied embeddings)' : ''}: megatron-core strictly loads the language model with transformers' logits, the vision tower and deepstack mergers equal Megatron-Bridge's mapping; HF → Megatron → HF is byte-identical`, async () => {
+    const hf = join(tmp, `q3vl${tied ? '-tied' : ''}`);
+    const made = JSON.parse(await runOracle('qwen3vl_oracle.py', ['make', hf, ...(tied ? ['--tied'] : [])])) as { deepstack: number; lm_head: boolean };
+    assert.equal(made.deepstack, 2 * 6);
+    assert.equal(made.lm_head, !tied);
+    const local = join(tmp, `${hf}.local`);
+    await convertHfToMegatron(hf, local, { dtype: 'F32', megatronSpec: 'local' });
+    const r = JSON.parse(await runOracle('qwen3vl_oracle.py', ['load', join(local, 'iter_0000000'), hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number; vision_checked: number; vision_wrong: string[]; vision_unmatched: string[] };
+    assert.deepEqual([r.missing, r.unexpected, r.vision_wrong, r.vision_unmatched], [[], [], [], []]);
+    assert.equal(r.vision_checked, 9 + 12 + 2 * 6, 'patch embed, pos embed, merger; 12 stacked block tensors; two deepstack mergers');
+    assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+    const te = `${hf}.te`;
+    await convertHfToMegatron(hf, te, { dtype: 'F32' });
+    // Legacy rank files record one swiglu flag; the text MLP is gated, the vision MLP is not.
+    await assert.rejects(convertHfToMegatron(hf, `${hf}.legacy`, { dtype: 'F32', ckptFormat: 'torch', tp: 2 }), /has both gated \(\[gate; up\]\) and plain linear_fc1 tensors/);
+    for (const [meg, what] of [[te, 'te'], [local, 'local']] as const) {
+      const back = `${meg}.back`;
+      await convertMegatronToHf(meg, back, {});
+      assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${what}: round trip is not byte-identical`);
+    }
+    const c = JSON.parse(await runOracle('qwen3vl_oracle.py', ['check_hf', `${te}.back`, hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number };
+    assert.deepEqual([c.missing, c.unexpected, c.max_abs_diff], [[], [], 0]);
+  });
+}
