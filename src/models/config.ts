@@ -34,8 +34,12 @@ export interface ModelConfig {
   readonly hf?: Readonly<Record<string, unknown>>;
 }
 
-/** How an HF checkpoint stores MoE experts: one tensor per expert and projection, or fused per layer (transformers 5). */
-export type ExpertLayout = 'per-expert' | 'fused';
+/**
+ * How an HF checkpoint stores MoE experts: one tensor per expert and projection; fused per layer
+ * output-major as transformers 5 holds them (`gate_up_proj` [E, 2F, H], `down_proj` [E, H, F]); or
+ * fused input-major (`fused-input-major`: [E, H, 2F] / [E, F, H], Qwen3-VL-MoE's hub files).
+ */
+export type ExpertLayout = 'per-expert' | 'fused' | 'fused-input-major';
 
 /**
  * Facts of an HF checkpoint's naming that its config does not record, found from its tensor names

@@ -264,7 +264,7 @@ function gdnParams(c: ModelConfig, L: string, separate: boolean): LayerParam[] {
 }
 
 /** The MoE block of a layer at HF prefix `L` (`{i}` = layer), experts per expert or fused per layer. */
-function moeBlockParams(c: ModelConfig, L: string, experts: 'per-expert' | 'fused'): LayerParam[] {
+function moeBlockParams(c: ModelConfig, L: string, experts: ExpertLayout): LayerParam[] {
   const M = `${L}.mlp`;
   return moeParams(c, {
     norm: `${L}.post_attention_layernorm.weight`,
@@ -279,7 +279,7 @@ function moeBlockParams(c: ModelConfig, L: string, experts: 'per-expert' | 'fuse
 }
 
 /** The parameters of a decoder layer of kind `kind` whose HF names start with `L` (`{i}` = layer). */
-function hybridLayerParams(c: ModelConfig, spec: HybridSpec, L: string, kind: LayerType, moe: boolean, experts: 'per-expert' | 'fused'): LayerParam[] {
+function hybridLayerParams(c: ModelConfig, spec: HybridSpec, L: string, kind: LayerType, moe: boolean, experts: ExpertLayout): LayerParam[] {
   return [
     ...(kind === 'full_attention' ? fullAttentionParams(c, L) : gdnParams(c, L, spec.separateInProj)),
     ...(moe ? moeBlockParams(c, L, experts) : denseMlpParams(c, `${L}.mlp`, `${L}.post_attention_layernorm.weight`)),

@@ -161,7 +161,7 @@ export interface Family {
    * The config refined with what only an HF checkpoint's tensor names tell (`hfLayout`: fused
    * experts, a name prefix; MTP layers a config does not record — Qwen3-Next's has no field).
    */
-  fromHfNames?(c: ModelConfig, names: readonly string[], opts?: { readonly dropMtp?: boolean }): ModelConfig;
+  fromHfNames?(c: ModelConfig, names: readonly string[], opts?: { readonly dropMtp?: boolean; readonly shapeOf?: (name: string) => readonly number[] | undefined }): ModelConfig;
   /** The HF names of the MTP layers' tensors (what `--drop-mtp` leaves out; default `mtp.*`). */
   mtpHfNames?(c: ModelConfig): RegExp;
   /**

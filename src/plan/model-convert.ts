@@ -123,10 +123,11 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     } else {
       cfg = await configFromHfDir(srcPath);
       // Quantized hub weights (GPT-OSS's MXFP4 experts, DeepSeek-V3's block-scaled FP8) read as the bf16 tensors their references dequantise them to.
-      src = await dequantizedSource(await openCheckpoint(srcPath), cfg);
-      sideDir = src.root;
+      const hfSrc = await dequantizedSource(await openCheckpoint(srcPath), cfg);
+      src = hfSrc;
+      sideDir = hfSrc.root;
       const recorded = cfg.mtpLayers ?? 0;
-      cfg = familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()], { dropMtp: opts.dropMtp }) ?? cfg;
+      cfg = familyOf(cfg).fromHfNames?.(cfg, [...hfSrc.tensors.keys()], { dropMtp: opts.dropMtp, shapeOf: (n) => hfSrc.tensors.get(n)?.shape }) ?? cfg;
       if (recorded > 0 && !cfg.mtpLayers) notes.push(`MTP: the config records ${recorded} layer(s), the checkpoint holds none (transformers saves none): converted without`);
     }
     const mtp = mtpChoice(cfg, opts, familyOf(cfg).mtpHfNames?.(cfg) ?? /^mtp\./);

@@ -38,6 +38,8 @@ export interface HubFacts {
   readonly fp8Block?: readonly [number, number];
   /** The regex of the FP8 weights where DeepSeek-V3's list does not apply (MiniMax-M2). */
   readonly fp8Tensors?: string;
+  /** Fused experts stored input-major ([E, H, 2F] / [E, F, H]: Qwen3-VL-MoE's hub files). */
+  readonly expertsInputMajor?: boolean;
   /** The transformers model_type the config is read as (Kimi K2's `kimi_k2` is DeepseekV3). */
   readonly modelType?: string;
 }

@@ -55,3 +55,35 @@ for (const tied of [false, true]) {
     assert.deepEqual([c.missing, c.unexpected, c.max_abs_diff], [[], [], 0]);
   });
 }
+
+for (const hub of [true, false]) {
+  test(`Qwen3-VL-MoE, experts fused ${hub ? "input-major as the hub stores them (gate_up_proj [E, H, 2F], down_proj [E, F, H])" : "output-major as transformers 5 saves a model it built ([E, 2F, H], [E, H, F])"}: megatron-core's MoE language model loads them with transformers' logits; HF → Megatron (TE, local, EP2) → HF is byte-identical${hub ? '; without the recorded layout (as a megatron-core save) the export writes the hub\'s' : ''}`, async () => {
+    const hf = join(tmp, `q3vlmoe-${hub ? 'hub' : 'tf5'}`);
+    const made = JSON.parse(await runOracle('qwen3vl_oracle.py', ['make', hf, '--moe', ...(hub ? ['--hub-layout'] : [])])) as { experts: Record<string, number[]> };
+    const [H, F] = [64, 48];
+    assert.deepEqual(made.experts, { 'model.language_model.layers.0.mlp.experts.gate_up_proj': hub ? [8, H, 2 * F] : [8, 2 * F, H], 'model.language_model.layers.0.mlp.experts.down_proj': hub ? [8, F, H] : [8, H, F] });
+    const c = JSON.parse(await runOracle('qwen3vl_oracle.py', ['check_hf', hf, hf])) as { missing: string[]; unexpected: string[] };
+    assert.deepEqual([c.missing, c.unexpected], [[], []], 'transformers loads the test checkpoint itself');
+    const local = `${hf}.local`;
+    await convertHfToMegatron(hf, local, { dtype: 'F32', megatronSpec: 'local' });
+    const r = JSON.parse(await runOracle('qwen3vl_oracle.py', ['load', join(local, 'iter_0000000'), hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number; vision_wrong: string[]; vision_unmatched: string[] };
+    assert.deepEqual([r.missing, r.unexpected, r.vision_wrong, r.vision_unmatched], [[], [], [], []]);
+    assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+    const te = `${hf}.te`;
+    await convertHfToMegatron(hf, te, { dtype: 'F32', ep: 2 });
+    for (const [meg, what] of [[te, 'te, EP2'], [local, 'local']] as const) {
+      const back = `${meg}.back`;
+      await convertMegatronToHf(meg, back, {});
+      assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${what}: round trip is not byte-identical`);
+    }
+    if (hub) {
+      // Without the recorded layout (as a megatron-core save has none), the export writes the hub's.
+      await rm(join(local, 'iter_0000000', 'hf'), { recursive: true, force: true });
+      await runOracle('qwen3vl_oracle.py', ['strip_layout', join(local, 'iter_0000000')]);
+      const bare = `${local}.bare`;
+      await convertMegatronToHf(local, bare, { hfModel: hf });
+      const x = JSON.parse(await runOracle('qwen3vl_oracle.py', ['check_hf', bare, hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number };
+      assert.deepEqual([x.missing, x.unexpected, x.max_abs_diff], [[], [], 0]);
+    }
+  });
+}

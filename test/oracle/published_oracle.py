@@ -39,6 +39,8 @@ For each job:
      `<name>_scale_inv` F32 [ceil(R/br), ceil(C/bc)];
    - `fp8Tensors`: the regex of the weights stored FP8 where DeepSeek-V3's list does not apply
      (MiniMax-M2: attention q/k/v/o and the experts' w1/w2/w3);
+   - `expertsInputMajor`: the fused experts stored input-major, `experts.gate_up_proj` [E, H, 2F] and
+     `experts.down_proj` [E, F, H] (Qwen3-VL-MoE's hub files; transformers 5 transposes them on load);
    - `modelType`: the transformers model_type to read the config as (Kimi K2's config says
      `kimi_k2`, remote code over DeepseekV3's architecture).
 
@@ -182,6 +184,8 @@ def names(job):
         tensors = tensors + mtp(per_expert, raw, hub["mtp"])
     if hub.get("deepseekMtp"):
         tensors = tensors + deepseek_mtp(tensors, raw, hub["deepseekMtp"], hub.get("mtpCopies", True))
+    if hub.get("expertsInputMajor"):
+        tensors = [(n, (s[:-2] + [s[-1], s[-2]]) if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) else s, d) for n, s, d in tensors]
     if hub.get("mxfp4"):
         tensors = mxfp4(tensors)
     for rx in hub.get("f32", []):
