@@ -57,6 +57,11 @@ export interface PublishedModel {
    * kind another model round-trips; the full tier runs it).
    */
   readonly ci?: { readonly legacy?: boolean; readonly roundTrip?: boolean };
+  /**
+   * `--dtype` of the round trip's HF → Megatron leg, for a model published in float32 (gemma-2-9b):
+   * Megatron's default bf16 would round every weight, and the test wants its bytes back.
+   */
+  readonly roundTripDtype?: string;
 }
 
 /** [name, dtype, shape] in save order. */

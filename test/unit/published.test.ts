@@ -126,7 +126,7 @@ for (const m of models) {
       const meg = join(tmp, `${m.id}-cut-meg-${layouts.indexOf(extra)}`);
       const back = `${meg}-hf`;
       outputs.push(meg, back);
-      const a = await runCli(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', '256MiB', ...extra]);
+      const a = await runCli(['convert', '--to', 'megatron', dir, meg, '-q', '--max-memory', '256MiB', ...(m.roundTripDtype ? ['--dtype', m.roundTripDtype] : []), ...extra]);
       assert.equal(a.code, 0, `${label}: ${a.stderr}`);
       const b = await runCli(['convert', '--to', 'hf', meg, back, '-q', '--max-memory', '256MiB']);
       assert.equal(b.code, 0, `${label} → hf: ${b.stderr}`);

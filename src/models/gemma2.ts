@@ -1,0 +1,106 @@
+/**
+ * Gemma 2 (`Gemma2ForCausalLM`: gemma-2-2b, 9b, 27b) as Megatron-Bridge's Gemma 2 bridge
+ * (`models/gemma/gemma2_bridge.py`, `gemma2_provider.py`) maps it onto megatron-core's GPTModel
+ * with its Gemma 2 layer spec:
+ *
+ * - norms are zero-centred on both sides: transformers' Gemma2RMSNorm computes `x̂ · (1 + w)` and
+ *   Megatron-Bridge sets `layernorm_zero_centered_gamma` (TENorm computes the same), so every norm
+ *   weight is carried as it is — never shifted by one;
+ * - the sandwich norms: `input_layernorm` → `linear_qkv.layer_norm_weight`,
+ *   `post_attention_layernorm` (on the attention *output*) → `linear_proj.post_layernorm.weight`,
+ *   `pre_feedforward_layernorm` → `linear_fc1.layer_norm_weight`, `post_feedforward_layernorm` →
+ *   `linear_fc2.post_layernorm.weight` (its `TERowParallelLinearLayerNorm`);
+ * - GeGLU MLP (`gelu_pytorch_tanh`, megatron-core's fast_gelu) as `linear_fc1` = [gate; up];
+ *   tied embeddings (no `lm_head`);
+ * - what only the config holds is recorded in the Megatron args: `query_pre_attn_scalar`, the
+ *   attention and final logit soft-capping, the sliding window (`window_size` = (w − 1, 0)) on the
+ *   alternating layers `layer_types` names, and the √hidden embedding scale Gemma applies.
+ */
+import { badInput, unsupported } from '../util/errors.js';
+import { PyFloat, PyTuple, type PyValue } from '../pickle/values.js';
+import { fromHfConfig, type ModelConfig } from './config.js';
+import { attentionParams, denseGlobals, denseMlpParams } from './dense.js';
+import type { Family, LayerParam } from './spec.js';
+
+const L = 'model.layers.{i}';
+
+/** The sandwich norms: each applied to a sub-block's output, before the residual add. */
+function postNorms(c: ModelConfig): LayerParam[] {
+  const H = c.hiddenSize;
+  return [
+    { megatron: 'self_attention.linear_proj.post_layernorm.weight', hf: [`${L}.post_attention_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H] },
+    { megatron: 'mlp.linear_fc2.post_layernorm.weight', hf: [`${L}.post_feedforward_layernorm.weight`], kind: 'copy', hfShapes: [[H]], shape: [H] },
+  ];
+}
+
+const float = (x: unknown, what: string, file: string): number | null => {
+  if (x === null || x === undefined) return null;
+  if (typeof x !== 'number' || !(x > 0)) throw badInput(`${file}: ${what} is ${JSON.stringify(x)}, expected a positive number or null`, file);
+  return x;
+};
+
+export const gemma2: Family = {
+  id: 'gemma2',
+  architectures: ['Gemma2ForCausalLM'],
+  modelType: 'gemma2',
+  description: 'Gemma 2 (2B, 9B, 27B; zero-centred sandwich norms, GeGLU, soft-capping, sliding window)',
+  megatronClaim: (r) => (!r.moe && r.target.includes('gemma2') ? 'provider' : undefined),
+  keying: () => 'stacked',
+  fromHf(cfg, file): ModelConfig {
+    const act = cfg.hidden_activation ?? cfg.hidden_act ?? 'gelu_pytorch_tanh';
+    if (act !== 'gelu_pytorch_tanh') throw unsupported(`${file}: hidden_activation ${JSON.stringify(act)}; Gemma 2's map carries the tanh-approximated GeGLU (megatron-core fast_gelu)`, file);
+    // transformers' Gemma2Config ties the embeddings unless told otherwise; so does every published Gemma 2.
+    const base = fromHfConfig('gemma2', { ...cfg, tie_word_embeddings: cfg.tie_word_embeddings ?? true }, file, { qkvBias: false, qkNorm: false });
+    float(cfg.query_pre_attn_scalar, 'query_pre_attn_scalar', file);
+    float(cfg.attn_logit_softcapping, 'attn_logit_softcapping', file);
+    float(cfg.final_logit_softcapping, 'final_logit_softcapping', file);
+    const lt = cfg.layer_types;
+    if (Array.isArray(lt) && (lt.length !== base.numLayers || lt.some((t) => t !== 'sliding_attention' && t !== 'full_attention'))) {
+      throw badInput(`${file}: layer_types must name sliding_attention or full_attention for each of the ${base.numLayers} layers`, file);
+    }
+    // Megatron-Bridge's Gemma 2 attention slides on odd megatron layer numbers (HF layers 0, 2, …): another pattern has no Megatron form.
+    if (Array.isArray(lt) && lt.some((t, i) => (t === 'sliding_attention') !== (i % 2 === 0))) {
+      throw unsupported(`${file}: layer_types ${JSON.stringify(lt)}; Megatron-Bridge's Gemma 2 attention slides on every other layer from layer 0, and no other pattern`, file);
+    }
+    return base;
+  },
+  globalParams: (c) => denseGlobals(c),
+  layerParams: (c) => [
+    ...attentionParams(c),
+    ...denseMlpParams(c, `${L}.mlp`, `${L}.pre_feedforward_layernorm.weight`),
+    ...postNorms(c),
+  ],
+  extraStateModules: () => ['self_attention.linear_qkv', 'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2'],
+  hfConfig: (c, field) => {
+    const n = (k: string): number | null => {
+      const v = field(k);
+      return typeof v === 'number' ? v : v instanceof PyFloat ? v.value : null;
+    };
+    const w = field('window_size');
+    const win = w instanceof PyTuple && typeof w.items[0] === 'number' ? (w.items[0] as number) + 1 : null;
+    return {
+      hidden_activation: 'gelu_pytorch_tanh',
+      query_pre_attn_scalar: n('query_pre_attn_scalar') ?? c.kvChannels,
+      attn_logit_softcapping: n('attn_logit_softcapping'),
+      final_logit_softcapping: n('final_logit_softcapping'),
+      ...(win !== null ? { sliding_window: win } : {}),
+      layer_types: Array.from({ length: c.numLayers }, (_, i) => (i % 2 === 0 ? 'sliding_attention' : 'full_attention')),
+    };
+  },
+  megatronArgs: (c): Record<string, PyValue> => {
+    const hf = c.hf ?? {};
+    const f = (x: unknown): PyValue => (typeof x === 'number' ? new PyFloat(x) : null);
+    return {
+      // Megatron-Bridge provider fields (GeGLU: gated fc1 with the tanh GELU; `swiglu` stays the
+      // gated-fc1 flag legacy rank files are split by).
+      gated_linear_unit: true,
+      activation_func: 'fast_gelu',
+      layernorm_zero_centered_gamma: true,
+      apply_embedding_scaling: true,
+      query_pre_attn_scalar: typeof hf.query_pre_attn_scalar === 'number' ? hf.query_pre_attn_scalar : c.kvChannels,
+      attn_logit_softcapping: f(hf.attn_logit_softcapping),
+      final_logit_softcapping: f(hf.final_logit_softcapping),
+      ...(typeof hf.sliding_window === 'number' ? { window_size: new PyTuple([hf.sliding_window - 1, 0]) } : {}),
+    };
+  },
+};

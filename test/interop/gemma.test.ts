@@ -1,0 +1,60 @@
+/**
+ * Gemma 2 (`Gemma2ForCausalLM`: zero-centred sandwich norms, GeGLU, attention and final logit
+ * soft-capping, sliding window on alternating layers, tied embeddings, √hidden embedding scale)
+ * against transformers 5.24 and megatron-core 0.16.1 on CPU, the model built as Megatron-Bridge's
+ * Gemma 2 provider builds it (test/oracle/gemma_oracle.py: its attention, post-norm linears,
+ * output soft-capping and embedding scale on megatron-core's local parts):
+ *
+ * - HF → Megatron loads strictly under the TE names, logits equal transformers' (which tests the
+ *   norms are carried zero-centred, not shifted, and the post-norms land on the sub-block outputs);
+ * - HF → Megatron (TE keys, local names, legacy TP2 / PP3) → HF is byte-identical;
+ * - a checkpoint megatron-core saves at TP=2 exports to HF that loads cleanly with its logits.
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runOracle } from '../helpers/oracle.js';
+import { convertHfToMegatron, convertMegatronToHf } from '../../src/plan/model-convert.js';
+
+let tmp: string;
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), 'ss-gemma-'));
+});
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+test("Gemma 2: megatron-core built as Megatron-Bridge's Gemma 2 model strictly loads the checkpoint (TE names) with transformers' logits; HF → Megatron (TE, local, legacy) → HF is byte-identical", async () => {
+  const hf = join(tmp, 'g2');
+  await runOracle('gemma_oracle.py', ['make', hf]);
+  const te = join(tmp, 'g2.te');
+  await convertHfToMegatron(hf, te, { dtype: 'F32' });
+  const r = JSON.parse(await runOracle('gemma_oracle.py', ['load', join(te, 'iter_0000000'), hf])) as { max_abs_diff: number; max_abs: number; post_layernorm_keys: string[] };
+  assert.deepEqual(r.post_layernorm_keys, ['decoder.layers.mlp.linear_fc2.post_layernorm.weight', 'decoder.layers.self_attention.linear_proj.post_layernorm.weight']);
+  assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff} (of ${r.max_abs})`);
+  const local = join(tmp, 'g2.local');
+  await convertHfToMegatron(hf, local, { dtype: 'F32', megatronSpec: 'local' });
+  const legacies: Array<[string, string]> = [];
+  for (const layout of [{ tp: 2 }, { pp: 3 }]) {
+    const leg = join(tmp, `g2.legacy-${Object.entries(layout).flat().join('')}`);
+    await convertHfToMegatron(hf, leg, { dtype: 'F32', ckptFormat: 'torch', ...layout });
+    legacies.push([leg, JSON.stringify(layout)]);
+  }
+  for (const [meg, what] of [[te, 'te'], [local, 'local'], ...legacies] as const) {
+    const back = `${meg}.back`;
+    await convertMegatronToHf(meg, back, {});
+    assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), `${what}: round trip is not byte-identical`);
+  }
+});
+
+test("megatron-core Gemma 2 saved at TP=2 → HF: clean load, megatron-core's logits", async () => {
+  const run = join(tmp, 'saved-tp2');
+  await runOracle('gemma_oracle.py', ['save', run, '--tp', '2'], { timeoutMs: 240_000 });
+  const hf = `${run}.hf`;
+  await convertMegatronToHf(run, hf, { hfModel: join(run, 'hf_ref'), dtype: 'F32' });
+  const r = JSON.parse(await runOracle('gemma_oracle.py', ['check_hf', hf, run])) as { max_abs_diff: number; max_abs: number; missing: string[]; unexpected: string[] };
+  assert.deepEqual([r.missing, r.unexpected], [[], []]);
+  assert.ok(r.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${r.max_abs_diff} (of ${r.max_abs})`);
+});

@@ -1,0 +1,322 @@
+"""transformers 5.24 and megatron-core 0.16.1 (CPU, gloo) as oracles for Gemma 2 (Gemma2ForCausalLM).
+
+  make <hf_dir>
+      a tiny random Gemma2ForCausalLM (eager attention: the soft-capping path) saved with
+      save_pretrained: random zero-centred norms (all four per layer), soft-capping small enough to
+      bite (attention 5, final 3), a 4-token sliding window on layers 0 and 2, query_pre_attn_scalar 24
+  load <iter_dir> <hf_dir>
+      megatron-core's GPTModel built as Megatron-Bridge's Gemma 2 provider builds it (gemma2_layer_spec,
+      below) loads the torch_dist checkpoint strictly under the TE names (the layer's sharded-state
+      keys map, as megatron-core's own local spec maps its norms); logits vs transformers' (JSON)
+  save <run_dir> [--tp N]
+      megatron-core saves that model under TP=N, with its logits and an equivalent HF config (hf_ref/)
+  check_hf <hf_dir> <run_dir>
+      from_pretrained(hf_dir) loads with no missing / unexpected keys; logits vs megatron-core's (JSON)
+
+Megatron-Bridge's Gemma 2 modules need TransformerEngine for their linears and norms; on CPU the
+oracle builds the same module tree from megatron-core's local parts: Gemma2DotProductAttention
+(Megatron-Bridge's gemma2_provider.py at NVIDIA-NeMo/Megatron-Bridge 067f987d, copied — the
+unfused path, its SWA mask made on the CPU), a RowParallelLinear with the `post_layernorm` of
+TERowParallelLinearLayerNorm (common/te_layers.py), Gemma2OutputLayer's final soft-capping and
+EmbeddingScalingMixin's √hidden (gemma/modules.py), and — in place of TENorm with
+layernorm_zero_centered_gamma — an RMSNorm computing x̂ · (1 + w) in float32 (TENorm's formula).
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from megatron_oracle import TOKENS, forward, init  # noqa: E402
+
+V = 100
+KW = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+          head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+          final_logit_softcapping=3.0, sliding_window=4, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+COMMON = {"args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "content_metadata"}
+
+
+def hf_config():
+    from transformers import AutoConfig
+    return AutoConfig.for_model(model_type="gemma2", architectures=["Gemma2ForCausalLM"], dtype="float32",
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **KW)
+
+
+def cmd_make(hf_dir):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(7)
+    m = AutoModelForCausalLM.from_config(hf_config(), dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn_like(p) * 0.5)  # zero-centred: the effective scale is 1 + w
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * 2)
+    m.save_pretrained(hf_dir)
+    return {"ok": True}
+
+
+def hf_logits(hf_dir):
+    from transformers import AutoModelForCausalLM
+    m, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
+    with torch.no_grad():
+        return m.eval()(TOKENS).logits, info
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron-Bridge's Gemma 2 model on megatron-core's local parts (see the module docstring)
+
+
+class ZeroCenteredRMSNorm(torch.nn.Module):
+    """TENorm(RMSNorm, zero_centered_gamma=True): x̂ · (1 + w), in float32."""
+
+    def __init__(self, config, hidden_size, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def row_linear_layernorm():
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class RowParallelLinearLayerNorm(RowParallelLinear):
+        """TERowParallelLinearLayerNorm: a row-parallel linear with a post-norm on its output."""
+
+        def __init__(self, input_size, output_size, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.post_layernorm = ZeroCenteredRMSNorm(config, output_size, config.layernorm_epsilon)
+
+        def forward(self, x):
+            out, bias = super().forward(x)
+            assert bias is None
+            return self.post_layernorm(out), bias
+
+    return RowParallelLinearLayerNorm
+
+
+def logit_softcapping(logits, scale):
+    if not scale:
+        return logits
+    return scale * torch.tanh(logits / scale)
+
+
+def get_swa(seq_q, seq_kv, window_size):
+    m = torch.ones(seq_q, seq_kv, dtype=torch.bool)  # Megatron-Bridge makes it on CUDA
+    mu = torch.triu(m, diagonal=seq_kv - seq_q - window_size[0])
+    ml = torch.tril(mu, diagonal=seq_kv - seq_q + window_size[1])
+    return ~ml
+
+
+def gemma2_core_attention():
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import attention_mask_func
+    from megatron.core.utils import divide
+
+    class Gemma2DotProductAttention(MegatronModule):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None, **kwargs):
+            super().__init__(config=config)
+            self.config = config
+            self.layer_number = max(1, layer_number)
+            self.window_size = config.window_size if self.layer_number % 2 == 1 else None
+            self.attn_mask_type = AttnMaskType.arbitrary if self.window_size is not None else attn_mask_type
+            projection_size = config.kv_channels * config.num_attention_heads
+            world_size = config.tensor_model_parallel_size
+            self.hidden_size_per_partition = divide(projection_size, world_size)
+            self.hidden_size_per_attention_head = divide(projection_size, config.num_attention_heads)
+            self.num_attention_heads_per_partition = divide(config.num_attention_heads, world_size)
+            self.num_query_groups_per_partition = divide(config.num_query_groups, world_size)
+            self.norm_factor = math.sqrt(config.query_pre_attn_scalar)
+            self.scale_mask_softmax = FusedScaleMaskSoftmax(
+                input_in_fp16=config.fp16, input_in_bf16=config.bf16, attn_mask_type=self.attn_mask_type,
+                scaled_masked_softmax_fusion=False, mask_func=attention_mask_func,
+                softmax_in_fp32=config.attention_softmax_in_fp32, scale=None,
+            )
+            self.attention_dropout = torch.nn.Dropout(config.attention_dropout if attention_dropout is None else attention_dropout)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kwargs):
+            if self.num_attention_heads_per_partition // self.num_query_groups_per_partition > 1:
+                rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+                key = key.repeat_interleave(rep, dim=2)
+                value = value.repeat_interleave(rep, dim=2)
+            output_size = (query.size(1), query.size(2), query.size(0), key.size(0))
+            query = query.reshape(output_size[2], output_size[0] * output_size[1], -1)
+            key = key.view(output_size[3], output_size[0] * output_size[1], -1)
+            buf = parallel_state.get_global_memory_buffer().get_tensor((output_size[0] * output_size[1], output_size[2], output_size[3]), query.dtype, "mpu")
+            scores = torch.baddbmm(buf, query.transpose(0, 1), key.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=(1.0 / self.norm_factor))
+            scores = logit_softcapping(scores, self.config.attn_logit_softcapping)
+            attention_scores = scores.view(*output_size)
+            if self.window_size is not None:
+                swa = get_swa(query.size(0), key.size(0), self.window_size)
+                attention_mask = swa.unsqueeze(0).unsqueeze(0) if attention_mask is None else swa | attention_mask
+            probs = self.scale_mask_softmax(attention_scores, attention_mask)
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = self.attention_dropout(probs)
+            output_size = (value.size(1), value.size(2), query.size(0), value.size(3))
+            value = value.view(value.size(0), output_size[0] * output_size[1], -1)
+            probs = probs.view(output_size[0] * output_size[1], output_size[2], -1)
+            context = torch.bmm(probs, value.transpose(0, 1)).view(*output_size)
+            context = context.permute(2, 0, 1, 3).contiguous()
+            return context.view(*context.size()[:-2], self.hidden_size_per_partition)
+
+    return Gemma2DotProductAttention
+
+
+def gemma2_layer_spec():
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer import ModuleSpec, TransformerLayer, TransformerLayerSubmodules
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+    row_ln = row_linear_layernorm()
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=ZeroCenteredRMSNorm,
+            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                      submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=gemma2_core_attention(), linear_proj=row_ln)),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=ZeroCenteredRMSNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=row_ln)),
+            mlp_bda=get_bias_dropout_add,
+            # TE fuses these two norms into the linears that follow them: the checkpoint's names.
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+
+
+def build(h, padded_vocab):
+    from megatron.core import parallel_state as ps
+    from megatron.core.activations import fast_gelu
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    cfg = TransformerConfig(
+        num_layers=h.num_hidden_layers, hidden_size=h.hidden_size, num_attention_heads=h.num_attention_heads,
+        num_query_groups=h.num_key_value_heads, ffn_hidden_size=h.intermediate_size, kv_channels=h.head_dim,
+        gated_linear_unit=True, activation_func=fast_gelu, normalization="RMSNorm", layernorm_epsilon=h.rms_norm_eps,
+        layernorm_zero_centered_gamma=True, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=torch.float32, masked_softmax_fusion=False,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(), pipeline_dtype=torch.float32,
+        window_size=(h.sliding_window - 1, 0),
+    )
+    # Gemma2ModelProvider's own fields (TransformerConfig has none of them)
+    cfg.query_pre_attn_scalar = h.query_pre_attn_scalar
+    cfg.attn_logit_softcapping = h.attn_logit_softcapping
+    cfg.final_logit_softcapping = h.final_logit_softcapping
+    layer = gemma2_layer_spec()
+    block = TransformerBlockSubmodules(layer_specs=[layer] * h.num_hidden_layers, layer_norm=ZeroCenteredRMSNorm)
+    model = GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=padded_vocab, max_sequence_length=h.max_position_embeddings,
+                     pre_process=True, post_process=True, parallel_output=False, share_embeddings_and_output_weights=True,
+                     position_embedding_type="rope", rotary_base=(h.rope_parameters or {}).get("rope_theta", 10000.0))
+    hidden = h.hidden_size
+
+    class EmbeddingScalingMixin(torch.nn.Module):
+        def forward(self, **kwargs):
+            embeddings = super().forward(**kwargs)
+            return embeddings * torch.tensor(hidden**0.5, dtype=embeddings.dtype)
+
+    class Gemma2OutputLayer(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            output, bias = super().forward(*args, **kwargs)
+            return logit_softcapping(output, cfg.final_logit_softcapping), bias
+
+    for obj, mixin in ((model.embedding, EmbeddingScalingMixin), (model.output_layer, Gemma2OutputLayer)):
+        base = obj.__class__
+        obj.__class__ = type(base.__name__, (mixin, base), {})
+    return model.eval()
+
+
+def cmd_load(iter_dir, hf_dir):
+    from transformers import AutoConfig
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    h = AutoConfig.from_pretrained(hf_dir)
+    init(0, 1, 1, tempfile.mktemp())
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    model = build(h, meta["embedding.word_embeddings.weight"].global_shape[0])
+    sd = dist_checkpointing.load(model.sharded_state_dict(), iter_dir, strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict({k: v for k, v in sd.items() if k not in COMMON}, strict=True)
+    logits = forward(model)[..., :V]
+    ref, _ = hf_logits(hf_dir)
+    post = sorted(k for k in meta if "post_layernorm" in k)
+    return {"max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item(), "post_layernorm_keys": post}
+
+
+def save_worker(rank, world, init_file, run_dir, tp):
+    from megatron.core import dist_checkpointing
+
+    init(rank, world, tp, init_file)
+    h = hf_config()
+    model = build(h, 128 * tp)
+    shared = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn(p.shape, generator=shared) * 0.5)
+            else:
+                p.mul_(20.0)
+    iter_dir = os.path.join(run_dir, "iter_0000002")
+    if rank == 0:
+        os.makedirs(iter_dir, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
+    logits = forward(model)
+    if rank == 0:
+        torch.save(logits[..., :V], os.path.join(run_dir, "logits.pt"))
+        with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("2")
+        h.save_pretrained(os.path.join(run_dir, "hf_ref"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def cmd_save(run_dir, tp):
+    import torch.multiprocessing as mp
+    os.makedirs(run_dir, exist_ok=True)
+    mp.spawn(save_worker, args=(tp, tempfile.mktemp(), run_dir, tp), nprocs=tp, join=True)
+    return {"ok": True}
+
+
+def cmd_check_hf(hf_dir, run_dir):
+    ref = torch.load(os.path.join(run_dir, "logits.pt"))
+    logits, info = hf_logits(hf_dir)
+    return {"max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item(),
+            "missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"])}
+
+
+def main():
+    a = sys.argv[1:]
+    opt = lambda k, d: int(a[a.index(k) + 1]) if k in a else d  # noqa: E731
+    if a[0] == "make":
+        r = cmd_make(a[1])
+    elif a[0] == "load":
+        r = cmd_load(a[1], a[2])
+    elif a[0] == "save":
+        r = cmd_save(a[1], opt("--tp", 1))
+    elif a[0] == "check_hf":
+        r = cmd_check_hf(a[1], a[2])
+    else:
+        raise SystemExit(f"unknown command {a[0]}")
+    print(json.dumps(r))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
