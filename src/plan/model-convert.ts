@@ -165,6 +165,9 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     const legacy = opts.ckptFormat === 'torch';
     // megatron-core's local spec builds MLA's down projections column-parallel, TE's duplicated: rank files differ.
     if (legacy && cfg.mla && tp > 1 && opts.megatronSpec === 'local') throw unsupported(`--ckpt-format torch --megatron-spec local at --tp ${tp}: the local spec splits MLA's down projections over TP where TE duplicates them, and that split is not written yet; use the TE spec (the default) or torch_dist`);
+    // A VL wrapper's Megatron model keeps its language model under a prefix (language_model.) and its
+    // vision tower on the first pipeline stage; legacy rank files key and split neither so.
+    if (legacy && familyOf(cfg).megatronPrefix?.(cfg)) throw unsupported(`--ckpt-format torch: ${familyOf(cfg).description} is a vision-language wrapper (Megatron-Bridge's model holds its language model under ${familyOf(cfg).megatronPrefix!(cfg)!.prefix} and the vision tower beside it), which legacy rank files are not written for; use --ckpt-format torch_dist`, srcPath);
     // Megatron-Bridge's FullDimKNorm replicates the k norm's rows when TP exceeds the KV heads (a
     // shard per KV head, held by several ranks): that layout is not written.
     if (legacy && familyOf(cfg).tpShardedNorms && tp > cfg.numQueryGroups) throw unsupported(`--ckpt-format torch --tp ${tp}: ${familyOf(cfg).description} splits its full-width k norm by KV head, and with more TP ranks than its ${cfg.numQueryGroups} KV heads the ranks would share shards, which is not written; use --tp ${cfg.numQueryGroups} or less, or torch_dist`, srcPath);
