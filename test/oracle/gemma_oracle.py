@@ -1,14 +1,17 @@
-"""transformers 5.24 and megatron-core 0.16.1 (CPU, gloo) as oracles for Gemma 2 (Gemma2ForCausalLM).
+"""transformers 5.24 and megatron-core 0.16.1 (CPU, gloo) as oracles for Gemma 2 (Gemma2ForCausalLM)
+and Gemma 3 text (Gemma3ForCausalLM).
 
-  make <hf_dir>
+  make <hf_dir> [--gemma3]
       a tiny random Gemma2ForCausalLM (eager attention: the soft-capping path) saved with
       save_pretrained: random zero-centred norms (all four per layer), soft-capping small enough to
-      bite (attention 5, final 3), a 4-token sliding window on layers 0 and 2, query_pre_attn_scalar 24
+      bite (attention 5, final 3), a 4-token sliding window on layers 0 and 2, query_pre_attn_scalar 24;
+      --gemma3: a Gemma3ForCausalLM of 6 layers (5 sliding + 1 global), random zero-centred q/k
+      norms, local RoPE base 10000 and global 1e6 with linear scaling 8 on the global layer
   load <iter_dir> <hf_dir>
       megatron-core's GPTModel built as Megatron-Bridge's Gemma 2 provider builds it (gemma2_layer_spec,
       below) loads the torch_dist checkpoint strictly under the TE names (the layer's sharded-state
       keys map, as megatron-core's own local spec maps its norms); logits vs transformers' (JSON)
-  save <run_dir> [--tp N]
+  save <run_dir> [--tp N] [--gemma3]
       megatron-core saves that model under TP=N, with its logits and an equivalent HF config (hf_ref/)
   check_hf <hf_dir> <run_dir>
       from_pretrained(hf_dir) loads with no missing / unexpected keys; logits vs megatron-core's (JSON)
@@ -20,6 +23,9 @@ unfused path, its SWA mask made on the CPU), a RowParallelLinear with the `post_
 TERowParallelLinearLayerNorm (common/te_layers.py), Gemma2OutputLayer's final soft-capping and
 EmbeddingScalingMixin's √hidden (gemma/modules.py), and — in place of TENorm with
 layernorm_zero_centered_gamma — an RMSNorm computing x̂ · (1 + w) in float32 (TENorm's formula).
+Gemma 3 adds Gemma3SelfAttention (the local / global RoPE switch) and Gemma3RotaryEmbedding
+(gemma3_provider.py, copied) and uses the same core attention with Gemma3TEDotProductAttention's
+window rule (5 : 1) and no soft-capping.
 """
 import json
 import math
@@ -41,16 +47,29 @@ KW = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=
 COMMON = {"args", "checkpoint_version", "iteration", "num_floating_point_operations_so_far", "content_metadata"}
 
 
-def hf_config():
+KW3 = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6, query_pre_attn_scalar=24, sliding_window=4,
+           hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, attn_logit_softcapping=None, final_logit_softcapping=None)
+
+
+def hf_config(gemma3=False):
     from transformers import AutoConfig
+    if gemma3:
+        return AutoConfig.for_model(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], dtype="float32",
+                                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}, **KW3)
     return AutoConfig.for_model(model_type="gemma2", architectures=["Gemma2ForCausalLM"], dtype="float32",
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **KW)
 
 
-def cmd_make(hf_dir):
+def is_gemma3(h):
+    return h.model_type == "gemma3_text"
+
+
+def cmd_make(hf_dir, gemma3=False):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(7)
-    m = AutoModelForCausalLM.from_config(hf_config(), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_config(hf_config(gemma3), dtype=torch.float32)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n:
@@ -117,6 +136,48 @@ def get_swa(seq_q, seq_kv, window_size):
     return ~ml
 
 
+def _is_local_attn_layer(layer_number, layer_pattern):
+    """Megatron-Bridge gemma3_provider.py: layer_number (1-based) is local unless it ends a (local, global) period."""
+    pattern_size = sum(layer_pattern)
+    return layer_number % pattern_size != 0
+
+
+def gemma3_self_attention():
+    from megatron.core.transformer.attention import SelfAttention
+
+    class Gemma3SelfAttention(SelfAttention):
+        """Megatron-Bridge's: the local rope for local layers, the global one for global layers."""
+
+        def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None, rotary_pos_emb=None,
+                    rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
+                    sequence_len_offset=None, *, inference_params=None):
+            assert isinstance(rotary_pos_emb, torch.Tensor) and rotary_pos_emb.size(0) == 2
+            emb = rotary_pos_emb[0] if _is_local_attn_layer(self.layer_number, self.config.interleaved_attn_pattern) else rotary_pos_emb[1]
+            return super().forward(hidden_states=hidden_states, attention_mask=attention_mask, key_value_states=key_value_states,
+                                   inference_context=inference_context, rotary_pos_emb=emb, rotary_pos_cos=rotary_pos_cos,
+                                   rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                                   sequence_len_offset=sequence_len_offset, inference_params=inference_params)
+
+    return Gemma3SelfAttention
+
+
+def gemma3_rotary(kv_channels, rotary_base, rotary_base_local, factor):
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    class Gemma3RotaryEmbedding(RotaryEmbedding):
+        """Megatron-Bridge's: the global rope with linear scaling (inv_freq / factor) and a local one."""
+
+        def __init__(self):
+            super().__init__(kv_channels=kv_channels, rotary_percent=1.0, rotary_base=rotary_base, rope_scaling=False)
+            self.inv_freq /= factor
+            self.rope_local = RotaryEmbedding(kv_channels=kv_channels, rotary_percent=1.0, rotary_base=rotary_base_local, rope_scaling=False)
+
+        def forward(self, max_seq_len, offset=0, packed_seq=False, cp_group=None):
+            return torch.stack([self.rope_local.forward(max_seq_len, offset, packed_seq), super().forward(max_seq_len, offset, packed_seq)], dim=0)
+
+    return Gemma3RotaryEmbedding()
+
+
 def gemma2_core_attention():
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
@@ -130,7 +191,10 @@ def gemma2_core_attention():
             super().__init__(config=config)
             self.config = config
             self.layer_number = max(1, layer_number)
-            self.window_size = config.window_size if self.layer_number % 2 == 1 else None
+            if getattr(config, "interleaved_attn_pattern", None):  # Gemma 3: Gemma3TEDotProductAttention's rule
+                self.window_size = (config.gemma3_window - 1, 0) if _is_local_attn_layer(self.layer_number, config.interleaved_attn_pattern) else None
+            else:
+                self.window_size = config.window_size if self.layer_number % 2 == 1 else None
             self.attn_mask_type = AttnMaskType.arbitrary if self.window_size is not None else attn_mask_type
             projection_size = config.kv_channels * config.num_attention_heads
             world_size = config.tensor_model_parallel_size
@@ -174,7 +238,7 @@ def gemma2_core_attention():
     return Gemma2DotProductAttention
 
 
-def gemma2_layer_spec():
+def gemma2_layer_spec(gemma3=False):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer import ModuleSpec, TransformerLayer, TransformerLayerSubmodules
@@ -187,8 +251,9 @@ def gemma2_layer_spec():
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=ZeroCenteredRMSNorm,
-            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-                                      submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=gemma2_core_attention(), linear_proj=row_ln)),
+            self_attention=ModuleSpec(module=gemma3_self_attention() if gemma3 else SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                      submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=gemma2_core_attention(), linear_proj=row_ln,
+                                                                         **(dict(q_layernorm=ZeroCenteredRMSNorm, k_layernorm=ZeroCenteredRMSNorm) if gemma3 else {}))),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=ZeroCenteredRMSNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=row_ln)),
@@ -206,25 +271,33 @@ def build(h, padded_vocab):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    g3 = is_gemma3(h)
     cfg = TransformerConfig(
-        num_layers=h.num_hidden_layers, hidden_size=h.hidden_size, num_attention_heads=h.num_attention_heads,
+        num_layers=h.num_hidden_layers, hidden_size=h.hidden_size, num_attention_heads=h.num_attention_heads, qk_layernorm=g3,
         num_query_groups=h.num_key_value_heads, ffn_hidden_size=h.intermediate_size, kv_channels=h.head_dim,
         gated_linear_unit=True, activation_func=fast_gelu, normalization="RMSNorm", layernorm_epsilon=h.rms_norm_eps,
         layernorm_zero_centered_gamma=True, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, params_dtype=torch.float32, masked_softmax_fusion=False,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(), pipeline_dtype=torch.float32,
-        window_size=(h.sliding_window - 1, 0),
+        window_size=None if g3 else (h.sliding_window - 1, 0),
     )
     # Gemma2ModelProvider's own fields (TransformerConfig has none of them)
     cfg.query_pre_attn_scalar = h.query_pre_attn_scalar
     cfg.attn_logit_softcapping = h.attn_logit_softcapping
     cfg.final_logit_softcapping = h.final_logit_softcapping
-    layer = gemma2_layer_spec()
+    if g3:  # Gemma3ModelProvider's fields
+        cfg.interleaved_attn_pattern = (5, 1)
+        cfg.gemma3_window = h.sliding_window
+    layer = gemma2_layer_spec(g3)
     block = TransformerBlockSubmodules(layer_specs=[layer] * h.num_hidden_layers, layer_norm=ZeroCenteredRMSNorm)
     model = GPTModel(config=cfg, transformer_layer_spec=block, vocab_size=padded_vocab, max_sequence_length=h.max_position_embeddings,
                      pre_process=True, post_process=True, parallel_output=False, share_embeddings_and_output_weights=True,
                      position_embedding_type="rope", rotary_base=(h.rope_parameters or {}).get("rope_theta", 10000.0))
     hidden = h.hidden_size
+    if g3:
+        rp = h.rope_parameters
+        model.rotary_pos_emb = gemma3_rotary(h.head_dim, rp["full_attention"]["rope_theta"], rp["sliding_attention"]["rope_theta"],
+                                             rp["full_attention"].get("factor", 1.0) if rp["full_attention"].get("rope_type") == "linear" else 1.0)
 
     class EmbeddingScalingMixin(torch.nn.Module):
         def forward(self, **kwargs):
@@ -259,11 +332,11 @@ def cmd_load(iter_dir, hf_dir):
     return {"max_abs_diff": (logits - ref).abs().max().item(), "max_abs": ref.abs().max().item(), "post_layernorm_keys": post}
 
 
-def save_worker(rank, world, init_file, run_dir, tp):
+def save_worker(rank, world, init_file, run_dir, tp, gemma3):
     from megatron.core import dist_checkpointing
 
     init(rank, world, tp, init_file)
-    h = hf_config()
+    h = hf_config(gemma3)
     model = build(h, 128 * tp)
     shared = torch.Generator().manual_seed(99)
     with torch.no_grad():
@@ -287,10 +360,10 @@ def save_worker(rank, world, init_file, run_dir, tp):
     torch.distributed.destroy_process_group()
 
 
-def cmd_save(run_dir, tp):
+def cmd_save(run_dir, tp, gemma3):
     import torch.multiprocessing as mp
     os.makedirs(run_dir, exist_ok=True)
-    mp.spawn(save_worker, args=(tp, tempfile.mktemp(), run_dir, tp), nprocs=tp, join=True)
+    mp.spawn(save_worker, args=(tp, tempfile.mktemp(), run_dir, tp, gemma3), nprocs=tp, join=True)
     return {"ok": True}
 
 
@@ -305,11 +378,11 @@ def main():
     a = sys.argv[1:]
     opt = lambda k, d: int(a[a.index(k) + 1]) if k in a else d  # noqa: E731
     if a[0] == "make":
-        r = cmd_make(a[1])
+        r = cmd_make(a[1], "--gemma3" in a)
     elif a[0] == "load":
         r = cmd_load(a[1], a[2])
     elif a[0] == "save":
-        r = cmd_save(a[1], opt("--tp", 1))
+        r = cmd_save(a[1], opt("--tp", 1), "--gemma3" in a)
     elif a[0] == "check_hf":
         r = cmd_check_hf(a[1], a[2])
     else:

@@ -1,4 +1,6 @@
 /**
+ * Gemma 2 and Gemma 3 text models.
+ *
  * Gemma 2 (`Gemma2ForCausalLM`: gemma-2-2b, 9b, 27b) as Megatron-Bridge's Gemma 2 bridge
  * (`models/gemma/gemma2_bridge.py`, `gemma2_provider.py`) maps it onto megatron-core's GPTModel
  * with its Gemma 2 layer spec:
@@ -15,10 +17,19 @@
  * - what only the config holds is recorded in the Megatron args: `query_pre_attn_scalar`, the
  *   attention and final logit soft-capping, the sliding window (`window_size` = (w − 1, 0)) on the
  *   alternating layers `layer_types` names, and the √hidden embedding scale Gemma applies.
+ *
+ * Gemma 3 (`Gemma3ForCausalLM`: gemma-3-1b, and the text model of the larger wrappers) as its
+ * Gemma 3 bridge (`gemma3_bridge.py`, `gemma3_provider.py`) maps it: Gemma 2's layout plus per-head
+ * q/k RMSNorms (`q_norm` / `k_norm` → `q_layernorm` / `k_layernorm`, zero-centred as every Gemma
+ * norm), no soft-capping, sliding-window layers interleaved 5 : 1 with global ones
+ * (`interleaved_attn_pattern`), each kind with its own RoPE base (`rope_local_base_freq` /
+ * `rope_theta`, recorded as `rotary_base` = (local, global)) and linear RoPE scaling on the global
+ * layers only (`rope_scaling_factor`).
  */
 import { badInput, unsupported } from '../util/errors.js';
+import { JsonFloat } from '../formats/config-json.js';
 import { PyFloat, PyTuple, type PyValue } from '../pickle/values.js';
-import { fromHfConfig, type ModelConfig } from './config.js';
+import { fromHfConfig, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, denseMlpParams } from './dense.js';
 import type { Family, LayerParam } from './spec.js';
 
@@ -101,6 +112,89 @@ export const gemma2: Family = {
       attn_logit_softcapping: f(hf.attn_logit_softcapping),
       final_logit_softcapping: f(hf.final_logit_softcapping),
       ...(typeof hf.sliding_window === 'number' ? { window_size: new PyTuple([hf.sliding_window - 1, 0]) } : {}),
+    };
+  },
+};
+
+/** Gemma 3's RoPE: (local base, global base, linear factor on the global layers), from a transformers 4 or 5 config. */
+function gemma3Rope(cfg: Readonly<Record<string, unknown>>, file: string): { local: number; global: number; factor: number } {
+  const rp = cfg.rope_parameters as Record<string, Record<string, unknown> | undefined> | undefined;
+  const full = rp?.full_attention ?? (cfg.rope_scaling as Record<string, unknown> | null | undefined) ?? undefined;
+  const slide = rp?.sliding_attention;
+  const type = full?.rope_type ?? full?.type ?? 'default';
+  if (type !== 'default' && type !== 'linear') throw unsupported(`${file}: global-layer rope type ${JSON.stringify(type)}; Megatron-Bridge's Gemma 3 scales RoPE linearly (rope_scaling_factor) or not at all`, file);
+  const n = (x: unknown, d: number): number => (typeof x === 'number' ? x : d);
+  return {
+    local: n(slide?.rope_theta ?? cfg.rope_local_base_freq, 10000),
+    global: n(full?.rope_theta ?? cfg.rope_theta, 1000000),
+    factor: type === 'linear' ? n(full?.factor, 1) : 1,
+  };
+}
+
+export const gemma3: Family = {
+  id: 'gemma3',
+  architectures: ['Gemma3ForCausalLM'],
+  modelType: 'gemma3_text',
+  description: 'Gemma 3 text (1B …; q/k norms, 5 : 1 local / global attention, dual RoPE)',
+  megatronClaim: (r) => (!r.moe && r.target.includes('gemma3') ? 'provider' : undefined),
+  keying: () => 'stacked',
+  fromHf(cfg, file): ModelConfig {
+    const act = cfg.hidden_activation ?? cfg.hidden_act ?? 'gelu_pytorch_tanh';
+    if (act !== 'gelu_pytorch_tanh') throw unsupported(`${file}: hidden_activation ${JSON.stringify(act)}; Gemma 3's map carries the tanh-approximated GeGLU (megatron-core fast_gelu)`, file);
+    for (const k of ['attn_logit_softcapping', 'final_logit_softcapping']) {
+      if (cfg[k] !== undefined && cfg[k] !== null) throw unsupported(`${file}: ${k} ${JSON.stringify(cfg[k])}; Megatron-Bridge's Gemma 3 model has no soft-capping, so the converted model would compute differently`, file);
+    }
+    const base = fromHfConfig('gemma3', { ...cfg, tie_word_embeddings: cfg.tie_word_embeddings ?? true }, file, { qkvBias: false, qkNorm: true });
+    float(cfg.query_pre_attn_scalar, 'query_pre_attn_scalar', file);
+    num(cfg, 'sliding_window', file);
+    // Megatron-Bridge's Gemma 3 attention: layer i (0-based) is global iff (i + 1) % 6 == 0.
+    const lt = cfg.layer_types;
+    if (Array.isArray(lt) && (lt.length !== base.numLayers || lt.some((t, i) => t !== ((i + 1) % 6 === 0 ? 'full_attention' : 'sliding_attention')))) {
+      throw unsupported(`${file}: layer_types ${JSON.stringify(lt)}; Megatron-Bridge's Gemma 3 attention interleaves 5 sliding-window layers with 1 global one (interleaved_attn_pattern (5, 1)), and no other pattern`, file);
+    }
+    gemma3Rope(cfg, file);
+    return base;
+  },
+  globalParams: (c) => denseGlobals(c),
+  layerParams: (c) => [
+    ...attentionParams(c),
+    ...denseMlpParams(c, `${L}.mlp`, `${L}.pre_feedforward_layernorm.weight`),
+    ...postNorms(c),
+  ],
+  extraStateModules: () => ['self_attention.linear_qkv', 'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2'],
+  hfConfig: (c, field) => {
+    const n = (v: unknown): number | undefined => (typeof v === 'number' ? v : v instanceof PyFloat ? v.value : undefined);
+    const rb = field('rotary_base');
+    const [local, global] = rb instanceof PyTuple ? rb.items.map(n) : [undefined, n(rb)];
+    const factor = n(field('rope_scaling_factor')) ?? 1;
+    const scale = n(field('softmax_scale'));
+    const w = n(field('window_size'));
+    return {
+      hidden_activation: 'gelu_pytorch_tanh',
+      query_pre_attn_scalar: scale ? Math.round(1 / (scale * scale)) : c.kvChannels,
+      ...(w !== undefined ? { sliding_window: w } : {}),
+      layer_types: Array.from({ length: c.numLayers }, (_, i) => ((i + 1) % 6 === 0 ? 'full_attention' : 'sliding_attention')),
+      rope_parameters: {
+        full_attention: factor !== 1 ? { rope_type: 'linear', factor: new JsonFloat(factor), rope_theta: new JsonFloat(global ?? 1000000) } : { rope_type: 'default', rope_theta: new JsonFloat(global ?? 1000000) },
+        sliding_attention: { rope_type: 'default', rope_theta: new JsonFloat(local ?? 10000) },
+      },
+      attn_logit_softcapping: null,
+      final_logit_softcapping: null,
+    };
+  },
+  megatronArgs: (c): Record<string, PyValue> => {
+    const hf = c.hf ?? {};
+    const rope = gemma3Rope(hf, 'config.json');
+    return {
+      gated_linear_unit: true,
+      activation_func: 'fast_gelu',
+      layernorm_zero_centered_gamma: true,
+      apply_embedding_scaling: true,
+      rotary_base: new PyTuple([new PyFloat(rope.local), new PyFloat(rope.global)]),
+      rope_scaling_factor: new PyFloat(rope.factor),
+      interleaved_attn_pattern: new PyTuple([5, 1]),
+      softmax_scale: new PyFloat(1 / Math.sqrt(typeof hf.query_pre_attn_scalar === 'number' ? hf.query_pre_attn_scalar : c.kvChannels)),
+      window_size: typeof hf.sliding_window === 'number' ? hf.sliding_window : null,
     };
   },
 };
