@@ -16,6 +16,7 @@ import { familyOf } from '../models/registry.js';
 import type { Family, LayerParam, Precision, PrecisionRule, SourcePart } from '../models/spec.js';
 import { canonicalMegatron, torchDistEntries } from './megatron-keys.js';
 import { targetView } from '../lazy/view.js';
+import { TRANSPOSE } from '../models/transposed.js';
 
 export interface Skipped {
   readonly name: string;
@@ -184,6 +185,11 @@ export function buildImport(c: ModelConfig, hf: CheckpointSource, opts: ImportOp
   const copied: Skipped[] = [];
   const Vp = paddedVocab(c.vocabSize, opts.makeVocabSizeDivisibleBy, opts.tp);
   for (const g of fam.globalParams(c)) {
+    if (g.kind === 'transpose') {
+      const src = get(g.hf, [g.shape[1]!, g.shape[0]!]);
+      if (src) targets.set(g.megatron, toStored(TRANSPOSE.toMegatron(g.megatron, [src], g.shape), opts.dtype, g.precision, 'megatron', dtypes));
+      continue;
+    }
     const src = get(g.hf, g.shape);
     if (!src) continue;
     const pad = g.kind === 'vocab' && Vp > c.vocabSize;
@@ -283,6 +289,9 @@ export function buildExport(c: ModelConfig, meg: CheckpointSource, opts: ExportO
       }
       // Megatron pads the vocabulary; HF has exactly vocab_size rows.
       out.push(toStored(rowConcat(g.hf, s.dtype, [c.hiddenSize], [rows(s, 0, c.vocabSize)], `${s.name}[:${c.vocabSize}]`), opts.dtype, g.precision, 'hf', dtypes));
+    } else if (g.kind === 'transpose') {
+      expect(src, g.shape);
+      out.push(toStored(TRANSPOSE.toHf([g.hf], src, [[g.shape[1]!, g.shape[0]!]])[0]!, opts.dtype, g.precision, 'hf', dtypes));
     } else {
       expect(src, g.shape);
       out.push(toStored(rowConcat(g.hf, src.src.dtype, g.shape.slice(1), [partRows(src, 0, g.shape[0] ?? 1)], src.src.name), opts.dtype, g.precision, 'hf', dtypes));

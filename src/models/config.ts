@@ -56,6 +56,8 @@ export interface HfLayout {
    * dropped them, GLM-4.5 and DeepSeek-V3 have them (absent = they do).
    */
   readonly mtpCopies?: false;
+  /** The vision tower's name prefix where checkpoints differ (Gemma 3: `vision_tower.vision_model.` on the hub, `vision_tower.` in transformers 5 saves). */
+  readonly visionPrefix?: string;
   /** The text model's name prefix where a family has two (`model.` or `model.language_model.`: a Qwen3.5 causal LM re-saved from a VL checkpoint). */
   readonly textPrefix?: string;
 }

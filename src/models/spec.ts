@@ -81,8 +81,12 @@ export interface LayerParam {
 export interface GlobalParam {
   readonly megatron: string;
   readonly hf: string;
-  /** `vocab`: padded to the Megatron vocabulary on import, cut back on export. */
-  readonly kind: 'copy' | 'vocab';
+  /**
+   * `vocab`: padded to the Megatron vocabulary on import, cut back on export; `transpose`: a 2-D
+   * weight HF stores input-major (`shape` is Megatron's [out, in], HF holds [in, out]: Gemma 3's
+   * `mm_input_projection_weight`).
+   */
+  readonly kind: 'copy' | 'vocab' | 'transpose';
   readonly shape: readonly number[];
   readonly precision?: PrecisionRule;
   /**

@@ -38,6 +38,8 @@ export interface HubFacts {
   readonly fp8Block?: readonly [number, number];
   /** The regex of the FP8 weights where DeepSeek-V3's list does not apply (MiniMax-M2). */
   readonly fp8Tensors?: string;
+  /** Renames [regex, replacement] for hub names transformers 5 saves differently (Gemma 3's vision_tower.vision_model.*). */
+  readonly rename?: ReadonlyArray<readonly [string, string]>;
   /** Fused experts stored input-major ([E, H, 2F] / [E, F, H]: Qwen3-VL-MoE's hub files). */
   readonly expertsInputMajor?: boolean;
   /** The transformers model_type the config is read as (Kimi K2's `kimi_k2` is DeepseekV3). */
@@ -188,7 +190,7 @@ export function truncateTensorExperts(tensors: readonly TensorSpec[], from: numb
   return out;
 }
 
-const DECODER_LAYER = /^(?:model\.language_model|model|backbone)\.layers\.(\d+)\./;
+const DECODER_LAYER = /^(?:model\.language_model|language_model\.model|model|backbone)\.layers\.(\d+)\./;
 
 /**
  * The tensor list of the truncated model: decoder layers below `layers`, everything else kept.

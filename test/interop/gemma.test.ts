@@ -83,3 +83,22 @@ test("Gemma 3: megatron-core built as Megatron-Bridge's Gemma 3 model (q/k norms
   assert.deepEqual([c.missing, c.unexpected], [[], []]);
   assert.ok(c.max_abs_diff < 1e-5, `HF logits differ from megatron-core's by ${c.max_abs_diff} (of ${c.max_abs})`);
 });
+
+for (const native of [false, true]) {
+  test(`Gemma 3 VL under ${native ? "transformers 5's in-memory names" : "the hub's names (language_model.model.*, vision_tower.vision_model.*)"}: megatron-core's Gemma 3 text model strictly loads language_model.* with transformers' logits; the SigLIP tower and projector equal Megatron-Bridge's mapping (projector transposed, norm renamed); HF → Megatron → HF is byte-identical`, async () => {
+    const hf = join(tmp, `g3vl${native ? '-native' : ''}`);
+    const made = JSON.parse(await runOracle('gemma_oracle.py', ['make_vl', hf, ...(native ? ['--native-names'] : [])])) as { prefixes: string[] };
+    assert.deepEqual(made.prefixes, native ? ['model.language_model', 'model.multi_modal_projector', 'model.vision_tower'] : ['language_model.model', 'multi_modal_projector.mm_input_projection_weight', 'multi_modal_projector.mm_soft_emb_norm', 'vision_tower.vision_model']);
+    const te = `${hf}.te`;
+    await convertHfToMegatron(hf, te, { dtype: 'F32' });
+    const r = JSON.parse(await runOracle('gemma_oracle.py', ['load_vl', join(te, 'iter_0000000'), hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number; vision_checked: number; vision_wrong: string[]; vision_unmatched: string[] };
+    assert.deepEqual([r.missing, r.unexpected, r.vision_wrong, r.vision_unmatched], [[], [], [], []]);
+    assert.equal(r.vision_checked, 5 + 2 * 16 + 2, 'embeddings and post-norm, 16 tensors per encoder layer, the projector');
+    assert.ok(r.max_abs_diff < 1e-5, `megatron-core logits differ from transformers' by ${r.max_abs_diff}`);
+    const back = `${te}.back`;
+    await convertMegatronToHf(te, back, {});
+    assert.ok((await readFile(join(hf, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))), 'round trip is not byte-identical');
+    const c = JSON.parse(await runOracle('gemma_oracle.py', ['compare_vl', back, hf])) as { missing: string[]; unexpected: string[]; max_abs_diff: number };
+    assert.deepEqual([c.missing, c.unexpected, c.max_abs_diff], [[], [], 0]);
+  });
+}

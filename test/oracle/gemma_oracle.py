@@ -15,6 +15,19 @@ and Gemma 3 text (Gemma3ForCausalLM).
       megatron-core saves that model under TP=N, with its logits and an equivalent HF config (hf_ref/)
   check_hf <hf_dir> <run_dir>
       from_pretrained(hf_dir) loads with no missing / unexpected keys; logits vs megatron-core's (JSON)
+  make_vl <hf_dir> [--native-names]
+      a tiny random Gemma3ForConditionalGeneration (the Gemma 3 text model above, a SigLIP tower of 2
+      layers without pooling head, the projector) saved with save_pretrained (which writes the
+      language model as `language_model.model.*`, the tower flattened as `vision_tower.*`); the hub's
+      `vision_tower.vision_model.*` by default, --native-names for transformers 5's in-memory names
+      (`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`)
+  load_vl <iter_dir> <hf_dir>
+      the Gemma 3 text model loads the checkpoint's `language_model.*` keys strictly (nothing else
+      missing or unexpected); logits vs transformers' on text tokens; the tower's and projector's
+      torch_dist tensors vs Megatron-Bridge's Gemma 3 VL mapping (`vision_tower.**` replicated,
+      `mm_soft_emb_norm` → `mm_soft_embed_norm`, `mm_input_projection_weight` transposed → `proj`) (JSON)
+  compare_vl <hf_a> <hf_b>
+      both load cleanly in transformers with the same logits (JSON)
 
 Megatron-Bridge's Gemma 2 modules need TransformerEngine for their linears and norms; on CPU the
 oracle builds the same module tree from megatron-core's local parts: Gemma2DotProductAttention
@@ -374,6 +387,109 @@ def cmd_check_hf(hf_dir, run_dir):
             "missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"])}
 
 
+VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4, vision_use_head=False)
+
+
+def vl_config():
+    from transformers import AutoConfig
+    text = dict(KW3, vocab_size=300, rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    text.pop("tie_word_embeddings")
+    return AutoConfig.for_model(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], text_config=text, vision_config=VISION,
+                                mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298, dtype="float32")
+
+
+def read_all(d):
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+def cmd_make_vl(hf_dir, native):
+    import transformers
+    from safetensors.torch import save_file
+    torch.manual_seed(7)
+    m = transformers.Gemma3ForConditionalGeneration._from_config(vl_config(), dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n and "vision" not in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif n.endswith(".bias") or "layer_norm" in n or "post_layernorm" in n:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if n.endswith("weight") else 0.0))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 * 2)
+    m.save_pretrained(hf_dir)
+    sd = read_all(hf_dir)
+
+    def rename(k):
+        if native:
+            for a, b in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+                if k.startswith(a):
+                    return b + k[len(a):]
+            return k
+        return "vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k
+    sd = {rename(k): v for k, v in sd.items()}
+    for f in os.listdir(hf_dir):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(hf_dir, f))
+    save_file(sd, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    return {"tensors": len(sd), "prefixes": sorted({".".join(k.split(".")[:2]) for k in sd})}
+
+
+def vl_logits(d):
+    import transformers
+    m, info = transformers.Gemma3ForConditionalGeneration.from_pretrained(d, dtype=torch.float32, output_loading_info=True, attn_implementation="eager")
+    with torch.no_grad():
+        return m.eval()(input_ids=TOKENS).logits, info
+
+
+def cmd_compare_vl(a, b):
+    la, ia = vl_logits(a)
+    lb, ib = vl_logits(b)
+    return {"max_abs_diff": (la - lb).abs().max().item(), "missing": sorted(ia["missing_keys"]) + sorted(ib["missing_keys"]),
+            "unexpected": sorted(ia["unexpected_keys"]) + sorted(ib["unexpected_keys"])}
+
+
+def cmd_load_vl(iter_dir, hf_dir):
+    from transformers import AutoConfig
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    whole = AutoConfig.from_pretrained(hf_dir)
+    h = whole.text_config
+    init(0, 1, 1, tempfile.mktemp())
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    model = build(h, meta["language_model.embedding.word_embeddings.weight"].global_shape[0])
+    prefix = "language_model."
+    sd, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), iter_dir, strict=StrictHandling.RETURN_ALL)
+    r = {"missing": sorted(k for k in missing if not k.startswith(("vision_tower.", "multi_modal_projector."))), "unexpected": sorted(unexpected)}
+    model.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k not in COMMON and k.startswith(prefix)}, strict=True)
+    logits = forward(model)[..., : h.vocab_size]
+    ref, _ = vl_logits(hf_dir)
+    r["max_abs_diff"] = (logits - ref).abs().max().item()
+    hf = read_all(hf_dir)
+    exp = {}
+    for k, v in hf.items():
+        for vp in ("model.vision_tower.", "vision_tower.vision_model.", "vision_tower."):
+            if k.startswith(vp):
+                exp["vision_tower." + k[len(vp):]] = v
+                break
+        else:
+            if k.endswith("mm_soft_emb_norm.weight"):
+                exp["multi_modal_projector.mm_soft_embed_norm.weight"] = v
+            elif k.endswith("mm_input_projection_weight"):
+                exp["multi_modal_projector.proj.weight"] = v.t().contiguous()
+    import qwen35vl_oracle as q35
+    got, md = q35.raw_dcp(iter_dir, list(exp))
+    r["vision_checked"] = len(exp)
+    r["vision_wrong"] = sorted(k for k, x in exp.items() if k not in got or got[k].shape != x.shape or not torch.equal(got[k], x))
+    r["vision_unmatched"] = sorted(k for k in md.state_dict_metadata if k.startswith(("vision_tower.", "multi_modal_projector.")) and "/" not in k and k not in exp)
+    return r
+
+
 def main():
     a = sys.argv[1:]
     opt = lambda k, d: int(a[a.index(k) + 1]) if k in a else d  # noqa: E731
@@ -385,6 +501,12 @@ def main():
         r = cmd_save(a[1], opt("--tp", 1), "--gemma3" in a)
     elif a[0] == "check_hf":
         r = cmd_check_hf(a[1], a[2])
+    elif a[0] == "make_vl":
+        r = cmd_make_vl(a[1], "--native-names" in a)
+    elif a[0] == "load_vl":
+        r = cmd_load_vl(a[1], a[2])
+    elif a[0] == "compare_vl":
+        r = cmd_compare_vl(a[1], a[2])
     else:
         raise SystemExit(f"unknown command {a[0]}")
     print(json.dumps(r))

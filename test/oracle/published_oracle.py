@@ -41,6 +41,8 @@ For each job:
      (MiniMax-M2: attention q/k/v/o and the experts' w1/w2/w3);
    - `expertsInputMajor`: the fused experts stored input-major, `experts.gate_up_proj` [E, H, 2F] and
      `experts.down_proj` [E, F, H] (Qwen3-VL-MoE's hub files; transformers 5 transposes them on load);
+   - `rename`: [[regex, replacement], …] applied to the names, for hub layouts transformers 5 no longer
+     saves (Gemma 3's `vision_tower.vision_model.*`, which transformers 5 writes flattened);
    - `modelType`: the transformers model_type to read the config as (Kimi K2's config says
      `kimi_k2`, remote code over DeepseekV3's architecture).
 
@@ -184,6 +186,9 @@ def names(job):
         tensors = tensors + mtp(per_expert, raw, hub["mtp"])
     if hub.get("deepseekMtp"):
         tensors = tensors + deepseek_mtp(tensors, raw, hub["deepseekMtp"], hub.get("mtpCopies", True))
+    for rx, to in hub.get("rename", []):
+        r = re.compile(rx)
+        tensors = [(r.sub(to, n), s, d) for n, s, d in tensors]
     if hub.get("expertsInputMajor"):
         tensors = [(n, (s[:-2] + [s[-1], s[-2]]) if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) else s, d) for n, s, d in tensors]
     if hub.get("mxfp4"):
