@@ -97,6 +97,9 @@ function rowSlice(t: TargetTensor, start: number, count: number): TargetTensor {
  * keeps `pre_mlp_layernorm` for MoE layers (it cannot fuse it into grouped experts).
  */
 function localSpecKey(name: string): string {
+  // Only megatron-core's own layers have the keys map: a wrapper's carried HF module (Llama 4's
+  // vision_model.model.layers.<j>.input_layernorm) keeps its names.
+  if (!/^(decoder|mtp|vision_model\.decoder)\.layers\./.test(name)) return name;
   return name.replace(/(^|\.)pre_mlp_layernorm\.weight$/, '$1mlp.linear_fc1.layer_norm_weight').replace(/(^|\.)input_layernorm\.weight$/, '$1self_attention.linear_qkv.layer_norm_weight');
 }
 

@@ -16,11 +16,12 @@ import { minimaxM2 } from './minimax-m2.js';
 import { qwen3Vl, qwen3VlMoe } from './qwen3-vl.js';
 import { gemma2, gemma3, gemma3Vl } from './gemma.js';
 import { qwen25Vl } from './qwen25-vl.js';
+import { llama4, llama4Vl } from './llama4.js';
 import { qwen3Next } from './qwen3-next.js';
 import { qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl } from './qwen35.js';
 import { unsupported } from '../util/errors.js';
 
-export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, nemotronH, qwen3Next, qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl, gptOss, deepseekV3, glm4Moe, olmoe, minimaxM2, qwen3Vl, qwen3VlMoe, gemma2, gemma3, gemma3Vl, qwen25Vl];
+export const FAMILIES: readonly Family[] = [llama, mistral, qwen2, qwen3, mixtral, qwen3Moe, nemotronH, qwen3Next, qwen35, qwen35Moe, qwen35Vl, qwen35MoeVl, gptOss, deepseekV3, glm4Moe, olmoe, minimaxM2, qwen3Vl, qwen3VlMoe, gemma2, gemma3, gemma3Vl, qwen25Vl, llama4, llama4Vl];
 
 export function familyById(id: string): Family | undefined {
   return FAMILIES.find((f) => f.id === id);
