@@ -48,6 +48,15 @@ export async function configFromHfDir(dir: string): Promise<ModelConfig> {
   return familyForHfConfig(cfg, file).fromHf(cfg, file);
 }
 
+/**
+ * The config refined by what an HF checkpoint's tensor names and shapes tell (`Family.fromHfNames`:
+ * fused or input-major experts, name prefixes, MTP layers and copies) — for every reader of HF
+ * tensors, not only the import (verify, dcp-to-hf check them through the same map).
+ */
+export function withHfLayout(cfg: ModelConfig, src: CheckpointSource, opts: { readonly dropMtp?: boolean } = {}): ModelConfig {
+  return familyOf(cfg).fromHfNames?.(cfg, [...src.tensors.keys()], { ...opts, shapeOf: (n) => src.tensors.get(n)?.shape }) ?? cfg;
+}
+
 /** The dtype of a Megatron checkpoint's weights (what most of its bytes are in). */
 export function storedDtype(src: CheckpointSource): DType {
   return mainDtype(src);
@@ -231,7 +240,7 @@ function configFromMegatron(f: MegatronFields, file: string): ModelConfig {
   const qkNorm = f.get('qk_layernorm') === true;
   const qkvBias = f.get('add_qkv_bias') === true;
   const moe = moeFromMegatron(f.get, file);
-  const family = f.recordedFamily ?? familyForMegatron({ target: f.target, moe: moe !== undefined, qkNorm, qkvBias, expertBias: moe?.routerBias === true }, file).id;
+  const family = f.recordedFamily ?? familyForMegatron({ target: f.target, moe: moe !== undefined, qkNorm, qkvBias, expertBias: moe?.routerBias === true, ...(typeof f.get('moe_router_score_function') === 'string' ? { scoreFunction: f.get('moe_router_score_function') as string } : {}) }, file).id;
   const heads = need('num_attention_heads');
   const hidden = need('hidden_size');
   const c: ModelConfig = {

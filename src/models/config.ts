@@ -180,3 +180,16 @@ export function textConfig(cfg: Readonly<Record<string, unknown>>): Record<strin
   const t = cfg.text_config;
   return t && typeof t === 'object' && !Array.isArray(t) ? (t as Record<string, unknown>) : (cfg as Record<string, unknown>);
 }
+
+/** The MoE section of a config a family's map needs (a Megatron record without `num_experts` has none). */
+export function moeOf(c: ModelConfig): MoeConfig {
+  if (!c.moe) throw badInput(`a ${c.family} checkpoint records no MoE section (num_experts / num_moe_experts); give --hf-model <reference HF dir>`);
+  return c.moe;
+}
+
+/** `partial_rotary_factor`, at the top level (hub configs) or in transformers 5's `rope_parameters`; 1 when absent. */
+export function partialRotaryFactor(h: Readonly<Record<string, unknown>>): number {
+  const rp = h.rope_parameters as Record<string, unknown> | undefined;
+  const v = h.partial_rotary_factor ?? rp?.partial_rotary_factor;
+  return typeof v === 'number' ? v : 1;
+}

@@ -33,7 +33,7 @@ import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
 import { isMoeLayer, num, validateConfig, type ExpertLayout, type MlaConfig, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
-import { hubMtpBlock, hubMtpCopiesHeld, hubMtpLayerCount, hubMtpNames, mtpLayersOf, withHubMtpCopies } from './hub-mtp.js';
+import { hubMtpBlock, hubMtpLayerCount, hubMtpLayout, hubMtpNames, mtpLayersOf, withHubMtpCopies } from './hub-mtp.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
 const L = 'model.layers.{i}';
@@ -218,11 +218,7 @@ export const deepseekV3: Family = {
     return c;
   },
   fromHfNames(c, names, opts): ModelConfig {
-    const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout; mtpCopies?: false } = { ...c.hfLayout };
-    if (!hubMtpCopiesHeld(c, names)) layout.mtpCopies = false;
-    const fusedAt = names.map((n) => /^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
-    if (fusedAt.some((i) => i < c.numLayers)) layout.experts = 'fused';
-    if (fusedAt.some((i) => i >= c.numLayers)) layout.mtpExperts = 'fused';
+    const layout = hubMtpLayout(c, names);
     return { ...c, mtpLayers: hubMtpLayerCount(c, names, opts?.dropMtp), ...(Object.keys(layout).length ? { hfLayout: layout } : {}) };
   },
   globalParams: (c): GlobalParam[] => withHubMtpCopies(c, denseGlobals(c)),

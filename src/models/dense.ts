@@ -33,6 +33,19 @@ export function attentionParams(c: ModelConfig, hfPrefix = `${L}.self_attn`, nor
   return p;
 }
 
+/**
+ * q/k RMSNorms over the whole projection (one weight over all heads, in head order: OLMoE,
+ * MiniMax-M2) under megatron-core's `q_layernorm` / `k_layernorm` names.
+ */
+export function fullWidthQkNorms(c: ModelConfig, hfPrefix = `${L}.self_attn`): LayerParam[] {
+  const q = c.numAttentionHeads * c.kvChannels;
+  const k = c.numQueryGroups * c.kvChannels;
+  return [
+    { megatron: 'self_attention.q_layernorm.weight', hf: [`${hfPrefix}.q_norm.weight`], kind: 'copy', hfShapes: [[q]], shape: [q] },
+    { megatron: 'self_attention.k_layernorm.weight', hf: [`${hfPrefix}.k_norm.weight`], kind: 'copy', hfShapes: [[k]], shape: [k] },
+  ];
+}
+
 export function denseMlpParams(c: ModelConfig, hfPrefix = `${L}.mlp`, normName = `${L}.post_attention_layernorm.weight`): LayerParam[] {
   const H = c.hiddenSize;
   const F = c.ffnHiddenSize;

@@ -92,6 +92,7 @@ export const gemma2: Family = {
     const win = w instanceof PyTuple && typeof w.items[0] === 'number' ? (w.items[0] as number) + 1 : null;
     return {
       hidden_activation: 'gelu_pytorch_tanh',
+      hidden_act: 'gelu_pytorch_tanh',
       query_pre_attn_scalar: n('query_pre_attn_scalar') ?? c.kvChannels,
       attn_logit_softcapping: n('attn_logit_softcapping'),
       final_logit_softcapping: n('final_logit_softcapping'),
@@ -202,6 +203,11 @@ function gemma3HfConfig(c: ModelConfig, field: (k: string) => unknown): Record<s
   const w = n(field('window_size'));
   return {
     hidden_activation: 'gelu_pytorch_tanh',
+    hidden_act: 'gelu_pytorch_tanh',
+    // transformers 4 reads these flat fields, 5 the rope_parameters below: both say the same.
+    rope_theta: new JsonFloat(global ?? 1000000),
+    rope_local_base_freq: new JsonFloat(local ?? 10000),
+    rope_scaling: factor !== 1 ? { rope_type: 'linear', factor: new JsonFloat(factor) } : null,
     query_pre_attn_scalar: scale ? Math.round(1 / (scale * scale)) : c.kvChannels,
     ...(w !== undefined ? { sliding_window: w } : {}),
     layer_types: Array.from({ length: c.numLayers }, (_, i) => ((i + 1) % 6 === 0 ? 'full_attention' : 'sliding_attention')),

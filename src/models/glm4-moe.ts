@@ -20,19 +20,13 @@
 import { badInput, unsupported } from '../util/errors.js';
 import { JsonFloat } from '../formats/config-json.js';
 import { PyFloat, asNumber, type PyValue } from '../pickle/values.js';
-import { fromHfConfig, isMoeLayer, num, type ExpertLayout, type ModelConfig } from './config.js';
+import { fromHfConfig, isMoeLayer, moeOf, num, partialRotaryFactor, type ExpertLayout, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
-import { hubMtpBlock, hubMtpCopiesHeld, hubMtpLayerCount, hubMtpNames, mtpLayersOf, withHubMtpCopies } from './hub-mtp.js';
+import { hubMtpBlock, hubMtpLayerCount, hubMtpLayout, hubMtpNames, mtpLayersOf, withHubMtpCopies } from './hub-mtp.js';
 import type { Family, LayerParam } from './spec.js';
 
 const L = 'model.layers.{i}';
 
-/** `partial_rotary_factor`, top level (hub configs) or in transformers 5's `rope_parameters`. */
-function partialRotary(h: Readonly<Record<string, unknown>>): number {
-  const rp = h.rope_parameters as Record<string, unknown> | undefined;
-  const v = h.partial_rotary_factor ?? rp?.partial_rotary_factor;
-  return typeof v === 'number' ? v : 1;
-}
 
 /** The layer at HF prefix P: GQA attention, then a dense MLP or the MoE block with its shared experts. */
 function layerParams(c: ModelConfig, P: string, moe: boolean, experts: ExpertLayout): LayerParam[] {
@@ -64,7 +58,8 @@ export const glm4Moe: Family = {
   description: 'GLM-4.5, 4.5-Air, 4.6, 4.7 (sigmoid-routed MoE with shared expert, partial RoPE, MTP)',
   // Megatron-Bridge's GLM bridge configures a plain GPTModelProvider, so its run_config names no GLM
   // class: a GQA MoE with a sigmoid router's expert bias is GLM's shape (DeepSeek's MLA is refused before).
-  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('glm') ? 'provider' : r.expertBias ? 'features' : undefined),
+  // (A softmax router with an expert bias is not GLM's: only a recorded sigmoid one is taken for it.)
+  megatronClaim: (r) => (!r.moe ? undefined : r.target.includes('glm') ? 'provider' : r.expertBias && r.scoreFunction === 'sigmoid' ? 'features' : undefined),
   keying: (c) => (c.moe?.moeLayers?.some((x) => !x) ? 'per-layer' : 'stacked'),
   fromHf(cfg, file): ModelConfig {
     const base = fromHfConfig('glm4_moe', cfg, file, { qkvBias: cfg.attention_bias === true, qkNorm: cfg.use_qk_norm === true });
@@ -84,7 +79,7 @@ export const glm4Moe: Family = {
     // megatron-core's sigmoid router always renormalises the top-k scores (topk > 1): a model that
     // does not would convert into one that routes with different weights.
     if (cfg.norm_topk_prob === false && topK > 1) throw unsupported(`${file}: norm_topk_prob=false; megatron-core's sigmoid router always renormalises the top-${topK} scores, so the converted model would weigh its experts differently`, file);
-    const rotary = partialRotary(cfg);
+    const rotary = partialRotaryFactor(cfg);
     if (!(rotary > 0 && rotary <= 1) || !Number.isInteger(rotary * base.kvChannels) || (rotary * base.kvChannels) % 2 !== 0) {
       throw badInput(`${file}: partial_rotary_factor ${rotary} does not give an even number of rotary dims of the ${base.kvChannels}-dim heads`, file);
     }
@@ -98,11 +93,7 @@ export const glm4Moe: Family = {
     };
   },
   fromHfNames(c, names, opts): ModelConfig {
-    const layout: { experts?: ExpertLayout; mtpExperts?: ExpertLayout; mtpCopies?: false } = { ...c.hfLayout };
-    if (!hubMtpCopiesHeld(c, names)) layout.mtpCopies = false;
-    const fusedAt = names.map((n) => /^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
-    if (fusedAt.some((i) => i < c.numLayers)) layout.experts = 'fused';
-    if (fusedAt.some((i) => i >= c.numLayers)) layout.mtpExperts = 'fused';
+    const layout = hubMtpLayout(c, names);
     return { ...c, mtpLayers: hubMtpLayerCount(c, names, opts?.dropMtp), ...(Object.keys(layout).length ? { hfLayout: layout } : {}) };
   },
   globalParams: (c) => withHubMtpCopies(c, denseGlobals(c)),
@@ -119,7 +110,7 @@ export const glm4Moe: Family = {
     const hf = c.hf ?? {};
     return {
       ...moeArgs(c),
-      rotary_percent: new PyFloat(partialRotary(hf)),
+      rotary_percent: new PyFloat(partialRotaryFactor(hf)),
       ...(c.moe?.moeLayers ? { moe_layer_freq: c.moe.moeLayers.map((x) => (x ? 1 : 0)) } : {}),
       moe_router_score_function: 'sigmoid',
       moe_router_enable_expert_bias: true,
@@ -137,13 +128,17 @@ export const glm4Moe: Family = {
       const v = field(k);
       return typeof v === 'number' ? v : (asNumber(v as PyValue) ?? d);
     };
-    const m = c.moe!;
+    const m = moeOf(c);
+    const dense = m.moeLayers?.filter((x) => !x).length ?? 0;
+    if (m.moeLayers?.some((x, i) => x !== i >= dense)) {
+      throw badInput(`moe_layer_freq ${JSON.stringify(m.moeLayers.map((x) => (x ? 1 : 0)))}: GLM-4.5's config.json can only say a dense prefix (first_k_dense_replace), not this pattern`);
+    }
     return {
       n_routed_experts: m.numExperts,
       num_experts_per_tok: m.topK,
       moe_intermediate_size: m.ffnHiddenSize,
       n_shared_experts: m.sharedExpertFfn ? m.sharedExpertFfn / m.ffnHiddenSize : 0,
-      first_k_dense_replace: m.moeLayers?.filter((x) => !x).length ?? 0,
+      first_k_dense_replace: dense,
       norm_topk_prob: true,
       n_group: n('moe_router_num_groups', 1),
       topk_group: n('moe_router_group_topk', 1),

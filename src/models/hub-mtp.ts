@@ -12,7 +12,7 @@
  * family's own.
  */
 import { badInput } from '../util/errors.js';
-import type { ModelConfig } from './config.js';
+import type { HfLayout, ModelConfig } from './config.js';
 import type { Block, GlobalParam, LayerParam } from './spec.js';
 
 /** HF name prefix of MTP layer k: the layers after the decoder's. */
@@ -53,6 +53,19 @@ export function withHubMtpCopies(c: ModelConfig, globals: readonly GlobalParam[]
   return globals.map((g) =>
     g.megatron === 'embedding.word_embeddings.weight' ? { ...g, hfCopies: copies('embed_tokens.weight') } : g.megatron === 'output_layer.weight' ? { ...g, hfCopies: copies('shared_head.head.weight') } : g,
   );
+}
+
+/**
+ * The HF layout facts of a checkpoint in this layout: fused experts (`mlp.experts.gate_up_proj`) in
+ * the decoder and in the MTP layers, and whether the MTP layers carry the embedding / head copies.
+ */
+export function hubMtpLayout(c: ModelConfig, names: readonly string[]): HfLayout {
+  const layout: { -readonly [K in keyof HfLayout]: HfLayout[K] } = { ...c.hfLayout };
+  const fusedAt = names.map((n) => /^model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$/.exec(n)?.[1]).filter((x): x is string => x !== undefined).map(Number);
+  if (fusedAt.some((i) => i < c.numLayers)) layout.experts = 'fused';
+  if (fusedAt.some((i) => i >= c.numLayers)) layout.mtpExperts = 'fused';
+  if (!hubMtpCopiesHeld(c, names)) layout.mtpCopies = false;
+  return layout;
 }
 
 /** The MTP layers an HF checkpoint holds: any `model.layers.<n>.` with n ≥ num_hidden_layers. */

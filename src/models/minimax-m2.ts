@@ -23,9 +23,9 @@
  */
 import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat } from '../pickle/values.js';
-import { fromHfConfig, num, type ModelConfig } from './config.js';
-import { attentionParams, denseGlobals, linearExtraState, moeArgs, moeParams } from './dense.js';
-import type { Family, LayerParam } from './spec.js';
+import { fromHfConfig, moeOf, num, partialRotaryFactor, type ModelConfig } from './config.js';
+import { attentionParams, denseGlobals, fullWidthQkNorms, linearExtraState, moeArgs, moeParams } from './dense.js';
+import type { Family } from './spec.js';
 
 const L = 'model.layers.{i}';
 const B = `${L}.block_sparse_moe`;
@@ -34,21 +34,9 @@ const MTP_NAMES = /(^|\.)mtp(_[a-z]+)?\./;
 
 /** rotary_percent: `rotary_dim / head_dim` (hub configs), or transformers 5's `rope_parameters.partial_rotary_factor`. */
 function rotaryPercent(h: Readonly<Record<string, unknown>>, headDim: number): number {
-  if (typeof h.rotary_dim === 'number') return h.rotary_dim / headDim;
-  const rp = h.rope_parameters as Record<string, unknown> | undefined;
-  const v = h.partial_rotary_factor ?? rp?.partial_rotary_factor;
-  return typeof v === 'number' ? v : 1;
+  return typeof h.rotary_dim === 'number' ? h.rotary_dim / headDim : partialRotaryFactor(h);
 }
 
-/** The full-width q/k norms (one weight over all heads of the projection). */
-function fullWidthNorms(c: ModelConfig): LayerParam[] {
-  const q = c.numAttentionHeads * c.kvChannels;
-  const k = c.numQueryGroups * c.kvChannels;
-  return [
-    { megatron: 'self_attention.q_layernorm.weight', hf: [`${L}.self_attn.q_norm.weight`], kind: 'copy', hfShapes: [[q]], shape: [q] },
-    { megatron: 'self_attention.k_layernorm.weight', hf: [`${L}.self_attn.k_norm.weight`], kind: 'copy', hfShapes: [[k]], shape: [k] },
-  ];
-}
 
 export const minimaxM2: Family = {
   id: 'minimax_m2',
@@ -100,7 +88,7 @@ export const minimaxM2: Family = {
   layerParams: (c) => [
     // attentionParams without its per-head norms: MiniMax-M2's span the projection.
     ...attentionParams({ ...c, qkNorm: false }),
-    ...fullWidthNorms(c),
+    ...fullWidthQkNorms(c),
     ...moeParams(c, {
       norm: `${L}.post_attention_layernorm.weight`,
       router: `${B}.gate.weight`,
@@ -116,10 +104,11 @@ export const minimaxM2: Family = {
   hfConfig: (c, field) => {
     const pct = field('rotary_percent');
     const p = typeof pct === 'number' ? pct : pct instanceof PyFloat ? pct.value : 1;
+    const m = moeOf(c);
     return {
-      num_local_experts: c.moe!.numExperts,
-      num_experts_per_tok: c.moe!.topK,
-      intermediate_size: c.moe!.ffnHiddenSize,
+      num_local_experts: m.numExperts,
+      num_experts_per_tok: m.topK,
+      intermediate_size: m.ffnHiddenSize,
       rotary_dim: Math.round(p * c.kvChannels),
       use_qk_norm: true,
       qk_norm_type: 'per_layer',

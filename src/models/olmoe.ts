@@ -16,21 +16,12 @@
  *   `norm_topk_prob=false` (the published configs) is megatron-core's `moe_router_pre_softmax`.
  */
 import { unsupported, badInput } from '../util/errors.js';
-import { fromHfConfig, num, type ModelConfig } from './config.js';
-import { attentionParams, denseGlobals, linearExtraState, moeArgs, moeParams } from './dense.js';
-import type { Family, LayerParam } from './spec.js';
+import { fromHfConfig, moeOf, num, type ModelConfig } from './config.js';
+import { attentionParams, denseGlobals, fullWidthQkNorms, linearExtraState, moeArgs, moeParams } from './dense.js';
+import type { Family } from './spec.js';
 
 const L = 'model.layers.{i}';
 
-/** Full-width q/k norms (one weight over all heads of the projection). */
-function fullWidthNorms(c: ModelConfig): LayerParam[] {
-  const q = c.numAttentionHeads * c.kvChannels;
-  const k = c.numQueryGroups * c.kvChannels;
-  return [
-    { megatron: 'self_attention.q_layernorm.weight', hf: [`${L}.self_attn.q_norm.weight`], kind: 'copy', hfShapes: [[q]], shape: [q] },
-    { megatron: 'self_attention.k_layernorm.weight', hf: [`${L}.self_attn.k_norm.weight`], kind: 'copy', hfShapes: [[k]], shape: [k] },
-  ];
-}
 
 export const olmoe: Family = {
   id: 'olmoe',
@@ -39,6 +30,7 @@ export const olmoe: Family = {
   description: 'OLMoE (1B-7B; full-width q/k norms, softmax-routed MoE)',
   megatronClaim: (r) => (r.moe && r.target.includes('olmoe') ? 'provider' : undefined),
   keying: () => 'stacked',
+  legacyTpRefusal: "Megatron-Bridge's OLMoE attention normalises q and k over all heads, which a tensor-parallel shard does not hold, so rank files split over TP could not run",
   fromHf(cfg, file): ModelConfig {
     const base = fromHfConfig('olmoe', cfg, file, { qkvBias: false, qkNorm: true });
     if (cfg.clip_qkv !== undefined && cfg.clip_qkv !== null) {
@@ -60,7 +52,7 @@ export const olmoe: Family = {
   layerParams: (c) => [
     // attentionParams without its per-head norms; OLMoE's span the projection.
     ...attentionParams({ ...c, qkNorm: false }),
-    ...fullWidthNorms(c),
+    ...fullWidthQkNorms(c),
     ...moeParams(c, {
       norm: `${L}.post_attention_layernorm.weight`,
       router: `${L}.mlp.gate.weight`,
@@ -71,9 +63,9 @@ export const olmoe: Family = {
   ],
   extraStateModules: (c, i) => linearExtraState(c, i),
   hfConfig: (c, field) => ({
-    num_experts: c.moe!.numExperts,
-    num_experts_per_tok: c.moe!.topK,
-    intermediate_size: c.moe!.ffnHiddenSize,
+    num_experts: moeOf(c).numExperts,
+    num_experts_per_tok: moeOf(c).topK,
+    intermediate_size: moeOf(c).ffnHiddenSize,
     norm_topk_prob: field('moe_router_pre_softmax') !== true,
     clip_qkv: null,
   }),

@@ -27,7 +27,7 @@
  *   on-disk name of megatron-core ≥ 0.17's `mtp_model_layer`).
  */
 import { badInput, unsupported } from '../util/errors.js';
-import { fromHfConfig, isMoeLayer, num, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
+import { fromHfConfig, isMoeLayer, num, partialRotaryFactor, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
 import { denseGlobals, denseMlpParams, moeArgs, moeExtraState, moeParams } from './dense.js';
 import type { Block, CustomKind, Family, GlobalParam, LayerParam, PrecisionRule, SourcePart } from './spec.js';
 import type { TargetTensor } from '../lazy/types.js';
@@ -79,13 +79,6 @@ function readGdn(c: ModelConfig): Gdn {
     kernel: num(h as Record<string, unknown>, 'linear_conv_kernel_dim', 'config.json', 4),
   };
   return g;
-}
-
-/** HF `partial_rotary_factor` (transformers 5 keeps it in `rope_parameters`). */
-function partialRotary(h: Readonly<Record<string, unknown>>): number {
-  const rp = h.rope_parameters as Record<string, unknown> | undefined;
-  const v = h.partial_rotary_factor ?? rp?.partial_rotary_factor;
-  return typeof v === 'number' ? v : 1;
 }
 
 /** The HF config the GDN shapes and the layer pattern come from (Megatron args alone do not carry them). */
@@ -338,7 +331,6 @@ export interface HybridSpec {
 }
 
 
-
 /** MTP layers the config records (`mtp_num_hidden_layers`, or DeepSeek-style `num_nextn_predict_layers`); undefined when it says nothing. */
 function configMtpLayers(t: Record<string, unknown>, file: string): number | undefined {
   const v = t.mtp_num_hidden_layers ?? t.num_nextn_predict_layers;
@@ -443,7 +435,7 @@ export function hybridFamily(spec: HybridSpec): Family {
         linear_num_value_heads: g.nv,
         attention_output_gate: true,
         layernorm_zero_centered_gamma: true,
-        rotary_percent: new PyFloat(partialRotary(hfOf(c))),
+        rotary_percent: new PyFloat(partialRotaryFactor(hfOf(c))),
         ...(c.mtpLayers ? { mtp_num_layers: c.mtpLayers } : {}),
       };
     },

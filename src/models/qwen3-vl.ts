@@ -21,7 +21,7 @@
  * per-expert checkpoints (`experts.<e>.{gate,up,down}_proj`) are read too, and the export writes
  * the layout the source had.
  */
-import { badInput, unsupported } from '../util/errors.js';
+import { badInput } from '../util/errors.js';
 import { fromHfConfig, isMoeLayer, num, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
 import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
 import { TRANSPOSE } from './transposed.js';
@@ -114,14 +114,16 @@ export const qwen3VlMoe: Family = {
       const perExpert = names.some((n) => /^model\.language_model\.layers\.\d+\.mlp\.experts\.\d+\.down_proj\.weight$/.test(n));
       return perExpert ? { ...c, hfLayout: { ...c.hfLayout, experts: 'per-expert' } } : c;
     }
-    // Which way round: down_proj is [E, F, H] input-major (the hub's) or [E, H, F] output-major
-    // (transformers 5's in-memory layout, which it saves for a model it did not load from the hub).
-    const shape = opts?.shapeOf?.(fused[0]!);
+    // Which way round: input-major (the hub's: gate_up_proj [E, H, 2F], down_proj [E, F, H]) or
+    // output-major (transformers 5's in-memory layout, which it saves for a model it did not load
+    // from the hub). The two shapes together tell, unless H = 2F and F = H at once (impossible).
     const H = c.hiddenSize;
     const F = c.moe!.ffnHiddenSize;
-    if (!shape || shape.length !== 3) return { ...c, hfLayout: { ...c.hfLayout, experts: 'fused-input-major' } };
-    if (F === H) throw unsupported(`${fused[0]}: moe_intermediate_size equals hidden_size (${H}), so the fused experts' orientation ([E, F, H] as the hub stores them, or [E, H, F]) cannot be told from their shape`, undefined, fused[0]);
-    const layout: ExpertLayout = shape[1] === F && shape[2] === H ? 'fused-input-major' : 'fused';
+    const down = opts?.shapeOf?.(fused[0]!);
+    const gateUp = opts?.shapeOf?.(fused[0]!.replace(/down_proj$/, 'gate_up_proj'));
+    let layout: ExpertLayout = 'fused-input-major';
+    if (down?.length === 3 && F !== H) layout = down[1] === F && down[2] === H ? 'fused-input-major' : 'fused';
+    else if (gateUp?.length === 3 && 2 * F !== H) layout = gateUp[1] === H && gateUp[2] === 2 * F ? 'fused-input-major' : 'fused';
     return { ...c, hfLayout: { ...c.hfLayout, experts: layout } };
   },
   globalParams: (c) => [...denseGlobals(c, { embed: `${T}.embed_tokens.weight`, norm: `${T}.norm.weight`, head: 'lm_head.weight' }), ...vision.globals(c)],

@@ -39,6 +39,9 @@ export function familyOf(c: ModelConfig): Family {
  * features (`Family.megatronClaim`): a family the provider names, else one whose features fit.
  */
 export function familyForMegatron(r: MegatronRecord, file: string): Family {
+  // Megatron-Bridge's VL providers (qwen_vl, gemma_vl, glm_vl …) name a text family too; their
+  // checkpoints keep the language model under a prefix and a vision tower no text family maps.
+  if (/(^|[._])(\w+_)?vl([._]|$)|_vl_/.test(r.target)) throw unsupported(`${file}: a vision-language model (${r.target}) records no HF config here; give --hf-model <reference HF dir>`, file);
   const f = FAMILIES.find((x) => x.megatronClaim?.(r) === 'provider') ?? FAMILIES.find((x) => x.megatronClaim?.(r) === 'features');
   if (!f) throw unsupported(`${file}: no family matches the recorded model (${r.target || 'training args'}${r.moe ? ', MoE' : ''}${r.qkNorm ? ', q/k norms' : ''}${r.qkvBias ? ', QKV bias' : ''}); give --hf-model <reference HF dir>`, file);
   return f;

@@ -140,6 +140,8 @@ export interface MegatronRecord {
   readonly qkvBias: boolean;
   /** The router has a score-correction bias (`moe_router_enable_expert_bias`: sigmoid-routed DeepSeek-style MoE). */
   readonly expertBias: boolean;
+  /** `moe_router_score_function` as recorded (`softmax`, `sigmoid`), when recorded. */
+  readonly scoreFunction?: string;
 }
 
 export interface Family {
@@ -181,6 +183,8 @@ export interface Family {
    * torch_dist stores them whole; legacy rank files split them and say so in their args.
    */
   readonly tpShardedNorms?: readonly string[];
+  /** Why legacy rank files at TP > 1 are refused, where the family's Megatron model cannot run a TP shard (OLMoE). */
+  readonly legacyTpRefusal?: string;
   /** Layer stacks beyond the decoder (MTP, vision tower), in the order their tensors are listed. */
   blocks?(c: ModelConfig): readonly Block[];
   /**

@@ -31,7 +31,7 @@ import { buildImport } from '../bridge/map.js';
 import { castTo, copyOf } from '../lazy/expr.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { convertMegatronToHf } from './model-convert.js';
-import { configFromHfDir } from '../bridge/megatron-config.js';
+import { configFromHfDir, withHfLayout } from '../bridge/megatron-config.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { readTextFile } from '../io/file.js';
@@ -119,7 +119,7 @@ export async function convertDcpToHf(dcpPath: string, out: string, opts: DcpToHf
       view.set(key, { name: key, dtype: t.dtype, shape: t.shape, byteLength: t.byteLength, where: t.where, read: (b, o) => t.read(b, o) });
     }
     const hfView: CheckpointSource = { ...src, tensors: view };
-    const { skipped } = buildImport(cfg, hfView, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: 'BF16', allowUnmapped: opts.allowUnmapped });
+    const { skipped } = buildImport(withHfLayout(cfg, hfView), hfView, { tp: 1, makeVocabSizeDivisibleBy: 1, dtype: 'BF16', allowUnmapped: opts.allowUnmapped });
     const targets: TargetTensor[] = [...view.values()].filter((t) => !skipped.some((s) => s.name === t.name)).map((t) => (opts.dtype ? castTo(copyOf(t.name, t), opts.dtype) : copyOf(t.name, t)));
     const report = writeSafetensors(targets, { maxShardSize: opts.maxShardSize });
     checkComplete(targets, report.files);

@@ -35,7 +35,7 @@ import { familyOf } from '../models/registry.js';
 import { checkComplete, filePlan, type ConvertPlan, type ConvertResult, finish } from './convert.js';
 import { writeOutput } from '../exec/output.js';
 import type { ProgressEvent } from '../exec/executor.js';
-import { configFromHfDir, localSpecNames, megatronArgs, megatronConfig, sourceFromTargets, storedDtype } from '../bridge/megatron-config.js';
+import { configFromHfDir, localSpecNames, withHfLayout, megatronArgs, megatronConfig, sourceFromTargets, storedDtype } from '../bridge/megatron-config.js';
 import { modelSourceKind } from './sources.js';
 import { readTextFile } from '../io/file.js';
 
@@ -127,7 +127,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
       src = hfSrc;
       sideDir = hfSrc.root;
       const recorded = cfg.mtpLayers ?? 0;
-      cfg = familyOf(cfg).fromHfNames?.(cfg, [...hfSrc.tensors.keys()], { dropMtp: opts.dropMtp, shapeOf: (n) => hfSrc.tensors.get(n)?.shape }) ?? cfg;
+      cfg = withHfLayout(cfg, hfSrc, { dropMtp: opts.dropMtp });
       if (recorded > 0 && !cfg.mtpLayers) notes.push(`MTP: the config records ${recorded} layer(s), the checkpoint holds none (transformers saves none): converted without`);
     }
     const mtp = mtpChoice(cfg, opts, familyOf(cfg).mtpHfNames?.(cfg) ?? /^mtp\./);
@@ -168,6 +168,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     // A VL wrapper's Megatron model keeps its language model under a prefix (language_model.) and its
     // vision tower on the first pipeline stage; legacy rank files key and split neither so.
     if (legacy && familyOf(cfg).megatronPrefix?.(cfg)) throw unsupported(`--ckpt-format torch: ${familyOf(cfg).description} is a vision-language wrapper (Megatron-Bridge's model holds its language model under ${familyOf(cfg).megatronPrefix!(cfg)!.prefix} and the vision tower beside it), which legacy rank files are not written for; use --ckpt-format torch_dist`, srcPath);
+    if (legacy && tp > 1 && familyOf(cfg).legacyTpRefusal) throw unsupported(`--ckpt-format torch --tp ${tp}: ${familyOf(cfg).legacyTpRefusal}; write --tp 1 or torch_dist`, srcPath);
     // Megatron-Bridge's FullDimKNorm replicates the k norm's rows when TP exceeds the KV heads (a
     // shard per KV head, held by several ranks): that layout is not written.
     if (legacy && familyOf(cfg).tpShardedNorms && tp > cfg.numQueryGroups) throw unsupported(`--ckpt-format torch --tp ${tp}: ${familyOf(cfg).description} splits its full-width k norm by KV head, and with more TP ranks than its ${cfg.numQueryGroups} KV heads the ranks would share shards, which is not written; use --tp ${cfg.numQueryGroups} or less, or torch_dist`, srcPath);

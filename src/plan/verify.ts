@@ -22,7 +22,7 @@ import type { Box } from '../tensor/layout.js';
 import { chunkBoxes } from '../exec/executor.js';
 import { MANIFEST_NAME, type Manifest } from '../exec/manifest.js';
 import { buildExport, buildImport, mainDtype } from '../bridge/map.js';
-import { configFromHfDir } from '../bridge/megatron-config.js';
+import { configFromHfDir, withHfLayout } from '../bridge/megatron-config.js';
 import { produceBox } from '../lazy/expr.js';
 import { readTextFile } from '../io/file.js';
 
@@ -186,7 +186,7 @@ async function expectedHfShapes(dir: string, out: CheckpointSource): Promise<Map
   if (!(await stat(join(dir, 'config.json')).then(() => true, () => false))) return undefined;
   let cfg;
   try {
-    cfg = await configFromHfDir(dir);
+    cfg = withHfLayout(await configFromHfDir(dir), out);
   } catch {
     return undefined; // not a model family we map: no config check
   }
@@ -302,7 +302,7 @@ async function openAgainst(srcPath: string, out: CheckpointSource): Promise<Map<
   if (out.format === 'megatron' && !srcIsMegatron) {
     // HF source → Megatron output: compare global tensors with the import plan's.
     const src = await openCheckpoint(srcPath);
-    const cfg = await configFromHfDir(src.root);
+    const cfg = withHfLayout(await configFromHfDir(src.root), src);
     const emb = out.tensors.get('embedding.word_embeddings.weight');
     const Vp = emb?.shape[0] ?? cfg.vocabSize;
     // Pad to the output's row count (a divisor equal to it reproduces the same padding).

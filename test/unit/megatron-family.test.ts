@@ -40,11 +40,19 @@ test('familyForMegatron decides as the old string matching did, for every provid
   assert.equal(n, TARGETS.length * 8);
 });
 
-test('a GQA MoE whose router has an expert bias is GLM-4.5-shaped unless a provider class names its family', () => {
+test('a GQA MoE whose sigmoid router has an expert bias is GLM-4.5-shaped unless a provider class names its family', () => {
   const glm = 'megatron.bridge.models.gpt_provider.gptmodelprovider';
   for (const qkNorm of [false, true]) for (const qkvBias of [false, true]) {
-    assert.equal(familyForMegatron({ target: glm, moe: true, qkNorm, qkvBias, expertBias: true }, 'run_config.yaml').id, 'glm4_moe');
-    assert.equal(familyForMegatron({ target: '', moe: true, qkNorm, qkvBias, expertBias: true }, 'common.pt').id, 'glm4_moe');
+    assert.equal(familyForMegatron({ target: glm, moe: true, qkNorm, qkvBias, expertBias: true, scoreFunction: 'sigmoid' }, 'run_config.yaml').id, 'glm4_moe');
+    assert.equal(familyForMegatron({ target: '', moe: true, qkNorm, qkvBias, expertBias: true, scoreFunction: 'sigmoid' }, 'common.pt').id, 'glm4_moe');
+    // A softmax router with an expert bias is no family's shape: refused, never taken for GLM.
+    assert.throws(() => familyForMegatron({ target: glm, moe: true, qkNorm, qkvBias, expertBias: true, scoreFunction: 'softmax' }, 'run_config.yaml'), /no family matches the recorded model/);
     assert.equal(familyForMegatron({ target: 'megatron.bridge.models.mixtral.mixtral_provider.mixtralmodelprovider', moe: true, qkNorm, qkvBias, expertBias: true }, 'run_config.yaml').id, 'mixtral');
+  }
+});
+
+test("a Megatron-Bridge VL provider's run_config is refused by name (its text family's map would miss the prefix and the tower)", () => {
+  for (const target of ['megatron.bridge.models.qwen_vl.qwen3_vl_provider.qwen3vlmodelprovider', 'megatron.bridge.models.gemma_vl.gemma3_vl_provider.gemma3vlmodelprovider']) {
+    assert.throws(() => familyForMegatron({ target, moe: false, qkNorm: true, qkvBias: false, expertBias: false }, 'run_config.yaml'), /a vision-language model .* give --hf-model/);
   }
 });

@@ -49,3 +49,13 @@ test('a q_norm of one head (Qwen3-style) in an OLMoE checkpoint is a shape error
   assert.match(r.stderr, /model\.layers\.0\.self_attn\.q_norm\.weight/);
   assert.match(r.stderr, /2048/);
 });
+
+test('legacy rank files at TP > 1 are refused (the OLMoE attention cannot run a TP shard); TP 1 plans', async () => {
+  const dir = join(tmp, 'tp');
+  await writeSparseCheckpoint(dir, config, tensors, { data: 'holes' });
+  const r = await runCli(['convert', '--to', 'megatron', dir, join(tmp, 'tp-out'), '--dry-run', '--ckpt-format', 'torch', '--tp', '2']);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /--ckpt-format torch --tp 2: Megatron-Bridge's OLMoE attention normalises q and k over all heads/);
+  const ok = await runCli(['convert', '--to', 'megatron', dir, join(tmp, 'tp-out'), '--dry-run', '--ckpt-format', 'torch', '--ep', '8']);
+  assert.equal(ok.code, 0, ok.stderr);
+});
