@@ -494,3 +494,23 @@ export function runCli(args: readonly string[], opts: { timeoutMs?: number } = {
     });
   });
 }
+
+/**
+ * A published model as the unit tests write it: its config and tensor list cut to the shortest
+ * layer prefix holding every layer kind and, for MoE models, to `truncatedExperts` experts.
+ */
+export async function truncatedPublished(id: string): Promise<{ config: Record<string, unknown>; tensors: TensorSpec[]; layers: number }> {
+  const m = (await publishedModels()).find((x) => x.id === id);
+  if (!m) throw new Error(`no published model ${id} in models.json`);
+  const published = await publishedConfig(m);
+  const layers = truncatedLayers(published);
+  let config = truncateConfig(published, layers);
+  let tensors = truncateTensors(await publishedTensors(m), layers, layerCount(published));
+  const E = expertCount(published);
+  const keep = truncatedExperts(published);
+  if (E !== undefined && keep !== undefined && keep < E) {
+    config = truncateConfigExperts(config, keep);
+    tensors = truncateTensorExperts(tensors, E, keep);
+  }
+  return { config, tensors, layers };
+}

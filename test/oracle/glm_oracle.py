@@ -41,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from megatron_oracle import forward  # noqa: E402
 from moe_oracle import init  # noqa: E402
+import moe_oracle  # noqa: E402
 import deepseek_oracle as ds  # noqa: E402
 
 V = 100
@@ -224,31 +225,9 @@ def save_worker(rank, world, init_file, run_dir, case, tp, ep, mtp):
     torch.distributed.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
     logits, mtp_logits = ds.forward_mtp(model) if mtp else (forward(model), [])
-    ep_rank = ps.get_expert_model_parallel_rank()
-    prints = {}
-    for n, p in model.named_parameters():
-        if "local_experts" in n and n.endswith("linear_fc2.weight"):
-            layer = c["layers"] + int(n.split("mtp.layers.")[1].split(".")[0]) if n.startswith("mtp.") else int(n.split("decoder.layers.")[1].split(".")[0])
-            g = ep_rank * (c["experts"] // ep) + int(n.split("local_experts.")[1].split(".")[0])
-            full = p.detach().clone()
-            if ps.get_expert_tensor_parallel_world_size() > 1:
-                parts = [torch.empty_like(full) for _ in range(ps.get_expert_tensor_parallel_world_size())]
-                torch.distributed.all_gather(parts, full, group=ps.get_expert_tensor_parallel_group())
-                full = torch.cat(parts, dim=1)
-            prints[f"{layer}.{g}"] = full.double().sum().item()
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, prints)
+    prints = moe_oracle.expert_fingerprints(model, c["layers"], c["experts"], ep)
     if rank == 0:
-        merged = {}
-        for g in gathered:
-            merged.update(g)
-        json.dump(merged, open(os.path.join(run_dir, "experts.json"), "w"))
-        torch.save(logits[..., :V], os.path.join(run_dir, "logits.pt"))
-        if mtp:
-            torch.save([x[..., :V] for x in mtp_logits], os.path.join(run_dir, "mtp_logits.pt"))
-        with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("2")
-        h.save_pretrained(os.path.join(run_dir, "hf_ref"))
+        moe_oracle.write_saved_run(run_dir, prints, logits, V, h, mtp_logits)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

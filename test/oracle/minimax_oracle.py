@@ -300,29 +300,9 @@ def save_worker(rank, world, init_file, run_dir, tp, ep):
     torch.distributed.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), iter_dir)
     logits = forward(model)
-    ep_rank = ps.get_expert_model_parallel_rank()
-    prints = {}
-    for n, p in model.named_parameters():
-        if "local_experts" in n and n.endswith("linear_fc2.weight"):
-            layer = int(n.split("decoder.layers.")[1].split(".")[0])
-            g = ep_rank * (c["experts"] // ep) + int(n.split("local_experts.")[1].split(".")[0])
-            full = p.detach().clone()
-            if ps.get_expert_tensor_parallel_world_size() > 1:
-                parts = [torch.empty_like(full) for _ in range(ps.get_expert_tensor_parallel_world_size())]
-                torch.distributed.all_gather(parts, full, group=ps.get_expert_tensor_parallel_group())
-                full = torch.cat(parts, dim=1)
-            prints[f"{layer}.{g}"] = full.double().sum().item()
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, prints)
+    prints = moe_oracle.expert_fingerprints(model, c["layers"], c["experts"], ep)
     if rank == 0:
-        merged = {}
-        for g in gathered:
-            merged.update(g)
-        json.dump(merged, open(os.path.join(run_dir, "experts.json"), "w"))
-        torch.save(logits[..., :V], os.path.join(run_dir, "logits.pt"))
-        with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
-            f.write("2")
-        h.save_pretrained(os.path.join(run_dir, "hf_ref"))
+        moe_oracle.write_saved_run(run_dir, prints, logits, V, h)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

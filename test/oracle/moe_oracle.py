@@ -253,6 +253,43 @@ def cmd_load_legacy(run_dir, hf_dir, tp, ep):
     return json.load(open(out))
 
 
+def expert_fingerprints(model, num_layers, num_experts, ep):
+    """Every global expert's fingerprint (its fc2 weight sum, gathered over expert-TP), keyed
+    "<HF layer>.<global expert>" — the MTP block's layer k as HF layer num_layers + k — merged over
+    all ranks. Called on every rank (collectives)."""
+    from megatron.core import parallel_state as ps
+    ep_rank = ps.get_expert_model_parallel_rank()
+    prints = {}
+    for n, p in model.named_parameters():
+        if "local_experts" in n and n.endswith("linear_fc2.weight"):
+            layer = num_layers + int(n.split("mtp.layers.")[1].split(".")[0]) if n.startswith("mtp.") else int(n.split("decoder.layers.")[1].split(".")[0])
+            g = ep_rank * (num_experts // ep) + int(n.split("local_experts.")[1].split(".")[0])
+            full = p.detach().clone()
+            if ps.get_expert_tensor_parallel_world_size() > 1:
+                parts = [torch.empty_like(full) for _ in range(ps.get_expert_tensor_parallel_world_size())]
+                torch.distributed.all_gather(parts, full, group=ps.get_expert_tensor_parallel_group())
+                full = torch.cat(parts, dim=1)
+            prints[f"{layer}.{g}"] = full.double().sum().item()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, prints)
+    merged = {}
+    for g in gathered:
+        merged.update(g)
+    return merged
+
+
+def write_saved_run(run_dir, prints, logits, vocab, hf_config, mtp_logits=None):
+    """Rank 0's record of a megatron-core save: expert fingerprints, logits (and MTP logits), the
+    tracker file for iteration 2 and the equivalent HF config (hf_ref/) check_hf compares against."""
+    json.dump(prints, open(os.path.join(run_dir, "experts.json"), "w"))
+    torch.save(logits[..., :vocab], os.path.join(run_dir, "logits.pt"))
+    if mtp_logits:
+        torch.save([x[..., :vocab] for x in mtp_logits], os.path.join(run_dir, "mtp_logits.pt"))
+    with open(os.path.join(run_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("2")
+    hf_config.save_pretrained(os.path.join(run_dir, "hf_ref"))
+
+
 def cmd_check_hf(hf_dir, run_dir):
     ref = torch.load(os.path.join(run_dir, "logits.pt"))
     logits, info, m = hf_logits(hf_dir)

@@ -10,21 +10,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  layerCount,
-  publishedConfig,
-  publishedModels,
-  publishedTensors,
-  truncateConfig,
-  truncateConfigExperts,
-  truncatedExperts,
-  truncatedLayers,
-  truncateTensorExperts,
-  truncateTensors,
-  writeSparseCheckpoint,
-  expertCount,
-  type TensorSpec,
-} from '../helpers/published.js';
+import { truncatedPublished, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
 import { runCli } from '../helpers/cli.js';
 
 let tmp: string;
@@ -32,13 +18,7 @@ let config: Record<string, unknown>;
 let tensors: TensorSpec[];
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-deepseek-'));
-  const m = (await publishedModels()).find((x) => x.id === 'deepseek-v3')!;
-  const published = await publishedConfig(m);
-  const layers = truncatedLayers(published);
-  const E = expertCount(published)!;
-  const keep = truncatedExperts(published)!;
-  config = truncateConfigExperts(truncateConfig(published, layers), keep);
-  tensors = truncateTensorExperts(truncateTensors(await publishedTensors(m), layers, layerCount(published)), E, keep);
+  ({ config, tensors } = await truncatedPublished('deepseek-v3'));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });

@@ -7,41 +7,14 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  expertCount,
-  layerCount,
-  publishedConfig,
-  publishedModels,
-  publishedTensors,
-  truncateConfig,
-  truncateConfigExperts,
-  truncatedExperts,
-  truncatedLayers,
-  truncateTensorExperts,
-  truncateTensors,
-  writeSparseCheckpoint,
-  type TensorSpec,
-} from '../helpers/published.js';
+import { truncatedPublished, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
 import { runCli } from '../helpers/cli.js';
 
 let tmp: string;
 const models = new Map<string, { config: Record<string, unknown>; tensors: TensorSpec[] }>();
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-gemma-vl-'));
-  for (const id of ['gemma-2-9b', 'gemma-3-1b', 'gemma-3-27b', 'qwen3-vl-30b-a3b', 'qwen2.5-vl-7b']) {
-    const m = (await publishedModels()).find((x) => x.id === id)!;
-    const published = await publishedConfig(m);
-    const layers = truncatedLayers(published);
-    let config = truncateConfig(published, layers);
-    let tensors = truncateTensors(await publishedTensors(m), layers, layerCount(published));
-    const E = expertCount(published);
-    const keep = truncatedExperts(published);
-    if (E !== undefined && keep !== undefined && keep < E) {
-      config = truncateConfigExperts(config, keep);
-      tensors = truncateTensorExperts(tensors, E, keep);
-    }
-    models.set(id, { config, tensors });
-  }
+  for (const id of ['gemma-2-9b', 'gemma-3-1b', 'gemma-3-27b', 'qwen3-vl-30b-a3b', 'qwen2.5-vl-7b']) models.set(id, await truncatedPublished(id));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });

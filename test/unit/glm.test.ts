@@ -11,40 +11,14 @@ import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  compareSafetensorsDirs,
-  expertCount,
-  layerCount,
-  publishedConfig,
-  publishedModels,
-  publishedTensors,
-  truncateConfig,
-  truncateConfigExperts,
-  truncatedExperts,
-  truncatedLayers,
-  truncateTensorExperts,
-  truncateTensors,
-  writeSparseCheckpoint,
-  type TensorSpec,
-} from '../helpers/published.js';
+import { compareSafetensorsDirs, truncatedPublished, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
 import { runCli } from '../helpers/cli.js';
 
 let tmp: string;
 const models = new Map<string, { config: Record<string, unknown>; tensors: TensorSpec[]; layers: number }>();
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-glm-'));
-  for (const id of ['glm-4.5-air', 'glm-4.6']) {
-    const m = (await publishedModels()).find((x) => x.id === id)!;
-    const published = await publishedConfig(m);
-    const layers = truncatedLayers(published);
-    const E = expertCount(published)!;
-    const keep = truncatedExperts(published)!;
-    models.set(id, {
-      config: truncateConfigExperts(truncateConfig(published, layers), keep),
-      tensors: truncateTensorExperts(truncateTensors(await publishedTensors(m), layers, layerCount(published)), E, keep),
-      layers,
-    });
-  }
+  for (const id of ['glm-4.5-air', 'glm-4.6']) models.set(id, await truncatedPublished(id));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });

@@ -8,21 +8,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  expertCount,
-  layerCount,
-  publishedConfig,
-  publishedModels,
-  publishedTensors,
-  truncateConfig,
-  truncateConfigExperts,
-  truncatedExperts,
-  truncatedLayers,
-  truncateTensorExperts,
-  truncateTensors,
-  writeSparseCheckpoint,
-  type TensorSpec,
-} from '../helpers/published.js';
+import { truncatedPublished, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
 import { runCli } from '../helpers/cli.js';
 
 let tmp: string;
@@ -30,13 +16,7 @@ let config: Record<string, unknown>;
 let tensors: TensorSpec[];
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-minimax-'));
-  const m = (await publishedModels()).find((x) => x.id === 'minimax-m2.7')!;
-  const published = await publishedConfig(m);
-  const layers = truncatedLayers(published);
-  const E = expertCount(published)!;
-  const keep = truncatedExperts(published)!;
-  config = truncateConfigExperts(truncateConfig(published, layers), keep);
-  tensors = truncateTensorExperts(truncateTensors(await publishedTensors(m), layers, layerCount(published)), E, keep);
+  ({ config, tensors } = await truncatedPublished('minimax-m2.7'));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });

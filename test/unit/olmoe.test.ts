@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { layerCount, publishedConfig, publishedModels, publishedTensors, truncateConfig, truncatedLayers, truncateTensors, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
+import { truncatedPublished, writeSparseCheckpoint, type TensorSpec } from '../helpers/published.js';
 import { runCli } from '../helpers/cli.js';
 
 let tmp: string;
@@ -15,11 +15,7 @@ let config: Record<string, unknown>;
 let tensors: TensorSpec[];
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-olmoe-'));
-  const m = (await publishedModels()).find((x) => x.id === 'olmoe-1b-7b-0125')!;
-  const published = await publishedConfig(m);
-  const layers = truncatedLayers(published);
-  config = truncateConfig(published, layers);
-  tensors = truncateTensors(await publishedTensors(m), layers, layerCount(published));
+  ({ config, tensors } = await truncatedPublished('olmoe-1b-7b-0125'));
 });
 after(async () => {
   await rm(tmp, { recursive: true, force: true });
