@@ -193,3 +193,20 @@ export function partialRotaryFactor(h: Readonly<Record<string, unknown>>): numbe
   const v = h.partial_rotary_factor ?? rp?.partial_rotary_factor;
   return typeof v === 'number' ? v : 1;
 }
+
+/**
+ * A VL wrapper's `vision_config` as a reader of positive-integer fields (`d`: transformers'
+ * default when the field is absent); a missing section or a bad field is named.
+ */
+export function visionConfigReader(c: ModelConfig, architecture: string): { readonly raw: Readonly<Record<string, unknown>>; readonly int: (k: string, d?: number) => number } {
+  const v = c.hf?.vision_config as Record<string, unknown> | undefined;
+  if (!v || typeof v !== 'object') throw badInput(`config.json: a ${architecture} config needs its vision_config`);
+  return {
+    raw: v,
+    int: (k, d) => {
+      const x = v[k] ?? d;
+      if (typeof x !== 'number' || !Number.isInteger(x) || x <= 0) throw badInput(`config.json: vision_config.${k} is ${JSON.stringify(v[k])}, expected a positive integer`);
+      return x;
+    },
+  };
+}

@@ -29,7 +29,7 @@
 import { badInput, unsupported } from '../util/errors.js';
 import { JsonFloat } from '../formats/config-json.js';
 import { PyFloat, PyTuple, type PyValue } from '../pickle/values.js';
-import { fromHfConfig, num, textConfig, type ModelConfig } from './config.js';
+import { fromHfConfig, num, textConfig, visionConfigReader, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, denseMlpParams } from './dense.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
@@ -266,13 +266,7 @@ interface Siglip {
 }
 
 function siglipOf(c: ModelConfig): Siglip {
-  const v = c.hf?.vision_config as Record<string, unknown> | undefined;
-  if (!v || typeof v !== 'object') throw badInput('config.json: a Gemma3ForConditionalGeneration config needs its vision_config');
-  const n = (k: string, d?: number): number => {
-    const x = v[k] ?? d;
-    if (typeof x !== 'number' || !Number.isInteger(x) || x <= 0) throw badInput(`config.json: vision_config.${k} is ${JSON.stringify(v[k])}, expected a positive integer`);
-    return x;
-  };
+  const { raw: v, int: n } = visionConfigReader(c, 'Gemma3ForConditionalGeneration');
   const image = n('image_size', 224);
   const patch = n('patch_size', 16);
   return { hidden: n('hidden_size', 768), inter: n('intermediate_size', 3072), layers: n('num_hidden_layers', 12), channels: n('num_channels', 3), patch, positions: (image / patch) ** 2, head: v.vision_use_head === true };

@@ -24,7 +24,7 @@
  */
 import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
-import { fromHfConfig, isMoeLayer, num, textConfig, type ModelConfig } from './config.js';
+import { fromHfConfig, isMoeLayer, num, textConfig, visionConfigReader, type ModelConfig } from './config.js';
 import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
 import { TRANSPOSE } from './transposed.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
@@ -144,13 +144,7 @@ interface Vision {
 }
 
 function visionOf(c: ModelConfig): Vision {
-  const v = c.hf?.vision_config as Record<string, unknown> | undefined;
-  if (!v || typeof v !== 'object') throw badInput('config.json: a Llama4ForConditionalGeneration config needs its vision_config');
-  const n = (k: string, d?: number): number => {
-    const x = v[k] ?? d;
-    if (typeof x !== 'number' || !Number.isInteger(x) || x <= 0) throw badInput(`config.json: vision_config.${k} is ${JSON.stringify(v[k])}, expected a positive integer`);
-    return x;
-  };
+  const { int: n } = visionConfigReader(c, 'Llama4ForConditionalGeneration');
   const patch = n('patch_size', 14);
   const image = n('image_size', 448);
   return {

@@ -14,7 +14,7 @@
  */
 import { badInput, unsupported } from '../util/errors.js';
 import { rowConcat, rows, type RowSegment } from '../lazy/expr.js';
-import type { ModelConfig } from './config.js';
+import { visionConfigReader, type ModelConfig } from './config.js';
 import type { VisionTower } from './qwen3-next.js';
 import type { CustomKind, GlobalParam, LayerParam, SourcePart } from './spec.js';
 
@@ -34,13 +34,7 @@ interface Vision {
 }
 
 function visionOf(c: ModelConfig, allowDeepstack: boolean): Vision {
-  const v = c.hf?.vision_config as Record<string, unknown> | undefined;
-  if (!v || typeof v !== 'object') throw badInput(`config.json: a ${c.family} (vision-language) config needs its vision_config`);
-  const n = (k: string, d?: number): number => {
-    const x = v[k] ?? d;
-    if (typeof x !== 'number' || !Number.isInteger(x) || x <= 0) throw badInput(`config.json: vision_config.${k} is ${JSON.stringify(v[k])}, expected a positive integer`);
-    return x;
-  };
+  const { raw: v, int: n } = visionConfigReader(c, `${c.family} (vision-language)`);
   const ds = v.deepstack_visual_indexes ?? [];
   if (!Array.isArray(ds) || !ds.every((x) => typeof x === 'number' && Number.isInteger(x) && x >= 0)) throw badInput(`config.json: vision_config.deepstack_visual_indexes is ${JSON.stringify(ds)}, expected block indices`);
   if (ds.length > 0 && !allowDeepstack) {

@@ -13,7 +13,7 @@
  */
 import { badInput } from '../util/errors.js';
 import type { PyValue } from '../pickle/values.js';
-import { fromHfConfig, textConfig, type ModelConfig } from './config.js';
+import { fromHfConfig, textConfig, visionConfigReader, type ModelConfig } from './config.js';
 import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams } from './dense.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
@@ -34,13 +34,7 @@ interface Vision {
 }
 
 function visionOf(c: ModelConfig): Vision {
-  const v = c.hf?.vision_config as Record<string, unknown> | undefined;
-  if (!v || typeof v !== 'object') throw badInput('config.json: a Qwen2.5-VL config needs its vision_config');
-  const n = (k: string, d?: number): number => {
-    const x = v[k] ?? d;
-    if (typeof x !== 'number' || !Number.isInteger(x) || x <= 0) throw badInput(`config.json: vision_config.${k} is ${JSON.stringify(v[k])}, expected a positive integer`);
-    return x;
-  };
+  const { int: n } = visionConfigReader(c, 'Qwen2_5_VLForConditionalGeneration');
   return { depth: n('depth'), hidden: n('hidden_size'), inter: n('intermediate_size'), out: n('out_hidden_size'), merge: n('spatial_merge_size', 2), patch: n('patch_size', 14), temporal: n('temporal_patch_size', 2), channels: n('in_channels', 3) };
 }
 
