@@ -210,3 +210,14 @@ export function visionConfigReader(c: ModelConfig, architecture: string): { read
     },
   };
 }
+
+/**
+ * The Megatron args of a Qwen-VL text config's multimodal RoPE (`mrope_section` in transformers 5's
+ * `rope_parameters` or 4's `rope_scaling`): a position-id matter with no weight of its own; none
+ * when the config has plain 1-D RoPE.
+ */
+export function mropeArgs(text: Readonly<Record<string, unknown>>): { position_embedding_type: string; mrope_section: number[] } | Record<string, never> {
+  const rp = (text.rope_parameters ?? text.rope_scaling) as Record<string, unknown> | null | undefined;
+  const s = rp?.mrope_section;
+  return Array.isArray(s) && s.every((x) => typeof x === 'number') ? { position_embedding_type: 'mrope', mrope_section: s as number[] } : {};
+}

@@ -12,6 +12,7 @@
 import type { PyValue } from '../pickle/values.js';
 import { fromHfConfig, isMoeLayer, type ModelConfig } from './config.js';
 import type { Family, GlobalParam, LayerParam, PrecisionRule } from './spec.js';
+import { TRANSPOSE } from './transposed.js';
 
 const L = 'model.layers.{i}';
 
@@ -105,6 +106,21 @@ export interface MoeNames {
   readonly fused?: { readonly gateUp: string; readonly down: string };
   /** Shared expert: gate (absent: not gated)/up/down and its output gate. */
   readonly shared?: { readonly gate?: string; readonly up: string; readonly down: string; readonly outputGate?: string };
+}
+
+/**
+ * Experts fused per layer input-major, as Qwen3-VL-MoE's and Llama 4's checkpoints store them
+ * (`<M>.experts.gate_up_proj` [E, H, 2F] with columns [gate | up], `<M>.experts.down_proj` [E, F, H]):
+ * each expert's `linear_fc1` = [gate; up] and `linear_fc2` are the transposes.
+ */
+export function inputMajorFusedExperts(c: ModelConfig, M: string): LayerParam[] {
+  const H = c.hiddenSize;
+  const F = c.moe!.ffnHiddenSize;
+  const E = c.moe!.numExperts;
+  return [
+    { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [`${M}.experts.gate_up_proj`], kind: TRANSPOSE, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E, gateUp: true },
+    { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [`${M}.experts.down_proj`], kind: TRANSPOSE, hfShapes: [[F, H]], shape: [H, F], experts: E },
+  ];
 }
 
 /** `linear_fc1` of F rows: [gate; up] (2F rows) when there is a gate name, else up_proj as is. */

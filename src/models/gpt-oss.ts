@@ -26,7 +26,7 @@ import { PyFloat, PyTuple } from '../pickle/values.js';
 import { fromHfConfig, num, type ModelConfig } from './config.js';
 import { attentionParams, denseGlobals, linearExtraState, moeArgs, routerPrecision } from './dense.js';
 import type { CustomKind, Family, LayerParam, PrecisionRule, SourcePart } from './spec.js';
-import { copyItem, swapped } from './transposed.js';
+import { copyItem, partName, swapped, TRANSPOSE } from './transposed.js';
 import { Mxfp4Tensor } from '../formats/mxfp4.js';
 
 const L = 'model.layers.{i}';
@@ -74,9 +74,7 @@ function packedRows(name: string, src: Mxfp4Tensor, at: readonly number[], shape
   };
 }
 
-function at(p: SourcePart): string {
-  return `${p.src.name}${p.prefix.length ? `[${p.prefix.join(', ')}]` : ''}`;
-}
+const at = partName;
 
 /** Megatron row r of [gate; up] (2F rows) ← HF interleaved column: gate f at 2f, up f at 2f + 1. */
 const interleavedCol = (F: number) => (r: number): number => (r < F ? 2 * r : 2 * (r - F) + 1);
@@ -107,10 +105,10 @@ const GATE_UP_BIAS: CustomKind = {
 
 /** `down_proj[e]` [F, H] ↔ `linear_fc2.weight` [H, F]. */
 const TRANSPOSED: CustomKind = {
-  id: 'transpose',
-  toMegatron: (name, [p], shape) =>
-    p!.src instanceof Mxfp4Tensor ? packedRows(name, p!.src, p!.prefix, [shape[0]!, shape[1]!], id, `rows of ${at(p!)}`) : swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${at(p!)})`),
-  toHf: ([name], src, [shape]) => [swapped(name!, src, [shape![0]!, shape![1]!], id, id, `transpose(${at(src)})`)],
+  id: 'gpt-oss-transpose',
+  // An MXFP4 source's packed rows are already the transposed layout; a bf16 one is transposed.
+  toMegatron: (name, [p], shape) => (p!.src instanceof Mxfp4Tensor ? packedRows(name, p!.src, p!.prefix, [shape[0]!, shape[1]!], id, `rows of ${at(p!)}`) : TRANSPOSE.toMegatron(name, [p!], shape)),
+  toHf: TRANSPOSE.toHf,
 };
 
 const LAYER_TYPES = ['sliding_attention', 'full_attention'];

@@ -25,8 +25,7 @@
 import { badInput, unsupported } from '../util/errors.js';
 import { PyFloat, type PyValue } from '../pickle/values.js';
 import { fromHfConfig, isMoeLayer, num, textConfig, visionConfigReader, type ModelConfig } from './config.js';
-import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
-import { TRANSPOSE } from './transposed.js';
+import { attentionParams, denseGlobals, denseMlpParams, inputMajorFusedExperts, linearExtraState, moeArgs, moeParams } from './dense.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
 /** Which layers use RoPE (HF `no_rope_layers`: 1 = RoPE), from the config or its interval. */
@@ -85,9 +84,6 @@ function llama4Family(s: Spec): Family {
     layerParams: (c, i): LayerParam[] => {
       const attn = attentionParams(c, `${L}.self_attn`, `${L}.input_layernorm.weight`);
       if (!isMoeLayer(c, i)) return [...attn, ...denseMlpParams(c, F, `${L}.post_attention_layernorm.weight`)];
-      const H = c.hiddenSize;
-      const Fe = c.moe!.ffnHiddenSize;
-      const E = c.moe!.numExperts;
       const block = moeParams(c, {
         norm: `${L}.post_attention_layernorm.weight`,
         router: `${F}.router.weight`,
@@ -96,15 +92,9 @@ function llama4Family(s: Spec): Family {
         down: `${F}.experts.{e}.down_proj.weight`,
         shared: { gate: `${F}.shared_expert.gate_proj.weight`, up: `${F}.shared_expert.up_proj.weight`, down: `${F}.shared_expert.down_proj.weight` },
       });
-      return [
-        ...attn,
-        ...block.filter((p) => !p.megatron.startsWith('mlp.experts.')),
-        // Input-major fused experts: each expert's weights are the transposes.
-        { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [`${F}.experts.gate_up_proj`], kind: TRANSPOSE, hfShapes: [[H, 2 * Fe]], shape: [2 * Fe, H], experts: E, gateUp: true },
-        { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [`${F}.experts.down_proj`], kind: TRANSPOSE, hfShapes: [[Fe, H]], shape: [H, Fe], experts: E },
-      ];
+      return [...attn, ...block.filter((p) => !p.megatron.startsWith('mlp.experts.')), ...inputMajorFusedExperts(c, F)];
     },
-    extraStateModules: (c, i) => (isMoeLayer(c, i) ? linearExtraState(c, i) : DENSE_EXTRA_STATE_MODULES),
+    extraStateModules: (c, i) => linearExtraState(c, i),
     ...(s.wrapper ? { blocks: (c: ModelConfig) => [visionBlock(c)], megatronPrefix: () => ({ prefix: 'language_model.', except: ['vision_model.', 'multi_modal_projector.'] }) } : {}),
     megatronArgs: (c): Record<string, PyValue> => {
       const text = textConfig(c.hf ?? {});

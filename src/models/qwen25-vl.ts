@@ -9,11 +9,10 @@
  * - the vision tower is transformers' own module inside Megatron-Bridge's model
  *   (`ReplicatedMapping("visual.**", "visual.**")`): every `visual.*` tensor (or `model.visual.*`)
  *   is carried under its own name, replicated on every TP rank, values unchanged;
- * - interleaved-free mRoPE (`mrope_section`) is recorded in the args.
+ * - mRoPE (`mrope_section`) is recorded in the args.
  */
 import { badInput } from '../util/errors.js';
-import type { PyValue } from '../pickle/values.js';
-import { fromHfConfig, textConfig, visionConfigReader, type ModelConfig } from './config.js';
+import { fromHfConfig, mropeArgs, textConfig, visionConfigReader, type ModelConfig } from './config.js';
 import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams } from './dense.js';
 import type { Block, Family, GlobalParam, LayerParam } from './spec.js';
 
@@ -103,10 +102,5 @@ export const qwen25Vl: Family = {
   extraStateModules: () => DENSE_EXTRA_STATE_MODULES,
   blocks: (c) => [visionBlock(c)],
   megatronPrefix: () => ({ prefix: 'language_model.', except: ['visual.'] }),
-  megatronArgs: (c): Record<string, PyValue> => {
-    const text = textConfig(c.hf ?? {});
-    const rp = (text.rope_parameters ?? text.rope_scaling) as Record<string, unknown> | null | undefined;
-    const s = rp?.mrope_section;
-    return Array.isArray(s) && s.every((x) => typeof x === 'number') ? { position_embedding_type: 'mrope', mrope_section: s as number[] } : {};
-  },
+  megatronArgs: (c) => mropeArgs(textConfig(c.hf ?? {})),
 };

@@ -22,9 +22,8 @@
  * the layout the source had.
  */
 import { badInput } from '../util/errors.js';
-import { fromHfConfig, isMoeLayer, num, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
-import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams, linearExtraState, moeArgs, moeParams } from './dense.js';
-import { TRANSPOSE } from './transposed.js';
+import { fromHfConfig, isMoeLayer, mropeArgs, num, textConfig, type ExpertLayout, type ModelConfig } from './config.js';
+import { attentionParams, DENSE_EXTRA_STATE_MODULES, denseGlobals, denseMlpParams, inputMajorFusedExperts, linearExtraState, moeArgs, moeParams } from './dense.js';
 import type { PyValue } from '../pickle/values.js';
 import { qwenVisionTower } from './qwen-vision.js';
 import type { Family, LayerParam } from './spec.js';
@@ -32,12 +31,6 @@ import type { Family, LayerParam } from './spec.js';
 const T = 'model.language_model';
 const vision = qwenVisionTower({ deepstack: true });
 
-/** `mrope_section` from transformers 5's `rope_parameters` or 4's `rope_scaling` (absent: plain 1-D RoPE). */
-function mropeSection(text: Readonly<Record<string, unknown>>): number[] | undefined {
-  const rp = (text.rope_parameters ?? text.rope_scaling) as Record<string, unknown> | null | undefined;
-  const s = rp?.mrope_section;
-  return Array.isArray(s) && s.every((x) => typeof x === 'number') ? (s as number[]) : undefined;
-}
 
 export const qwen3Vl: Family = {
   id: 'qwen3_vl',
@@ -61,32 +54,23 @@ export const qwen3Vl: Family = {
   blocks: (c) => [vision.block(c)],
   megatronPrefix: () => ({ prefix: 'language_model.', except: ['vision_model.'] }),
   megatronArgs: (c): Record<string, PyValue> => {
-    const s = mropeSection(textConfig(c.hf ?? {}));
-    return s ? { position_embedding_type: 'mrope', mrope_section: s } : {};
+    return mropeArgs(textConfig(c.hf ?? {}));
   },
 };
 
-/** A Qwen3-VL-MoE text layer's MoE block at HF prefix P, its experts per expert or fused input-major. */
+/** A Qwen3-VL-MoE text layer's MoE block at HF prefix P: experts per expert, fused output-major (transformers 5's) or fused input-major (the hub's). */
 function moeBlock(c: ModelConfig, P: string, experts: ExpertLayout): LayerParam[] {
   const M = `${P}.mlp`;
-  const block = moeParams(c, { norm: `${P}.post_attention_layernorm.weight`, router: `${M}.gate.weight`, gate: `${M}.experts.{e}.gate_proj.weight`, up: `${M}.experts.{e}.up_proj.weight`, down: `${M}.experts.{e}.down_proj.weight` });
-  if (experts === 'per-expert') return block;
-  const H = c.hiddenSize;
-  const F = c.moe!.ffnHiddenSize;
-  const E = c.moe!.numExperts;
-  if (experts === 'fused') {
-    // Output-major, as transformers 5 holds them: plain copies ([gate; up] rows already).
-    return [
-      ...block.filter((p) => !p.megatron.startsWith('mlp.experts.')),
-      { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [`${M}.experts.gate_up_proj`], kind: 'copy', hfShapes: [[2 * F, H]], shape: [2 * F, H], experts: E, gateUp: true },
-      { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [`${M}.experts.down_proj`], kind: 'copy', hfShapes: [[H, F]], shape: [H, F], experts: E },
-    ];
-  }
-  return [
-    ...block.filter((p) => !p.megatron.startsWith('mlp.experts.')),
-    { megatron: 'mlp.experts.local_experts.{e}.linear_fc1.weight', hf: [`${M}.experts.gate_up_proj`], kind: TRANSPOSE, hfShapes: [[H, 2 * F]], shape: [2 * F, H], experts: E, gateUp: true },
-    { megatron: 'mlp.experts.local_experts.{e}.linear_fc2.weight', hf: [`${M}.experts.down_proj`], kind: TRANSPOSE, hfShapes: [[F, H]], shape: [H, F], experts: E },
-  ];
+  const block = moeParams(c, {
+    norm: `${P}.post_attention_layernorm.weight`,
+    router: `${M}.gate.weight`,
+    gate: `${M}.experts.{e}.gate_proj.weight`,
+    up: `${M}.experts.{e}.up_proj.weight`,
+    down: `${M}.experts.{e}.down_proj.weight`,
+    ...(experts === 'fused' ? { fused: { gateUp: `${M}.experts.gate_up_proj`, down: `${M}.experts.down_proj` } } : {}),
+  });
+  if (experts !== 'fused-input-major') return block;
+  return [...block.filter((p) => !p.megatron.startsWith('mlp.experts.')), ...inputMajorFusedExperts(c, M)];
 }
 
 export const qwen3VlMoe: Family = {
@@ -138,13 +122,12 @@ export const qwen3VlMoe: Family = {
   megatronPrefix: () => ({ prefix: 'language_model.', except: ['vision_model.'] }),
   megatronArgs: (c): Record<string, PyValue> => {
     const text = textConfig(c.hf ?? {});
-    const s = mropeSection(text);
     return {
       ...moeArgs(c),
       moe_router_pre_softmax: text.norm_topk_prob === false,
       moe_router_load_balancing_type: 'aux_loss',
       ...(c.moe?.moeLayers ? { moe_layer_freq: c.moe.moeLayers.map((x) => (x ? 1 : 0)) } : {}),
-      ...(s ? { position_embedding_type: 'mrope', mrope_section: s } : {}),
+      ...mropeArgs(text),
     };
   },
 };

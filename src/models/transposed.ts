@@ -85,7 +85,8 @@ export function swapped(name: string, part: SourcePart, shape: readonly [number,
 }
 
 const id = (x: number): number => x;
-const at = (p: SourcePart): string => (p.prefix.length ? `${p.src.name}[${p.prefix.join(', ')}]` : p.src.name);
+/** A source part as plans describe it: `name`, or `name[e]` for expert e of a stacked tensor. */
+export const partName = (p: SourcePart): string => (p.prefix.length ? `${p.src.name}[${p.prefix.join(', ')}]` : p.src.name);
 
 /**
  * A plain transpose between a stacked HF expert slice and its Megatron weight: HF `[in, out]` ↔
@@ -94,6 +95,6 @@ const at = (p: SourcePart): string => (p.prefix.length ? `${p.src.name}[${p.pref
  */
 export const TRANSPOSE: CustomKind = {
   id: 'transpose',
-  toMegatron: (name, [p], shape) => swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${at(p!)})`),
-  toHf: ([name], src, [shape]) => [swapped(name!, src, [shape![0]!, shape![1]!], id, id, `transpose(${at(src)})`)],
+  toMegatron: (name, [p], shape) => swapped(name, p!, [shape[0]!, shape[1]!], id, id, `transpose(${partName(p!)})`),
+  toHf: ([name], src, [shape]) => [swapped(name!, src, [shape![0]!, shape![1]!], id, id, `transpose(${partName(src)})`)],
 };

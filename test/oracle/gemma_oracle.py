@@ -483,10 +483,7 @@ def cmd_load_vl(iter_dir, hf_dir):
             elif k.endswith("mm_input_projection_weight"):
                 exp["multi_modal_projector.proj.weight"] = v.t().contiguous()
     import qwen35vl_oracle as q35
-    got, md = q35.raw_dcp(iter_dir, list(exp))
-    r["vision_checked"] = len(exp)
-    r["vision_wrong"] = sorted(k for k, x in exp.items() if k not in got or got[k].shape != x.shape or not torch.equal(got[k], x))
-    r["vision_unmatched"] = sorted(k for k in md.state_dict_metadata if k.startswith(("vision_tower.", "multi_modal_projector.")) and "/" not in k and k not in exp)
+    r.update(q35.carried_report(iter_dir, exp, ("vision_tower.", "multi_modal_projector.")))
     return r
 
 

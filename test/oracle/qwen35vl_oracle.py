@@ -261,6 +261,26 @@ def raw_dcp(iter_dir, keys):
     return sd, md
 
 
+def compare_exports(logits_of, out_dir, hf_dir):
+    """An export against its source through `logits_of(dir) -> (logits, loading info)`: the export's
+    missing / unexpected keys and the largest logit difference (JSON)."""
+    got, info = logits_of(out_dir)
+    ref, _ = logits_of(hf_dir)
+    return {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]), "max_abs_diff": (got - ref).abs().max().item()}
+
+
+def carried_report(iter_dir, expected, prefixes):
+    """How a torch_dist checkpoint holds the tensors a wrapper carries beside its language model
+    (a vision tower, a projector): `expected` {torch_dist key: value} checked by value, and the keys
+    under `prefixes` nothing expected (JSON fields vision_checked / vision_wrong / vision_unmatched)."""
+    got, md = raw_dcp(iter_dir, list(expected))
+    return {
+        "vision_checked": len(expected),
+        "vision_wrong": sorted(k for k, x in expected.items() if k not in got or got[k].shape != x.shape or not torch.equal(got[k], x)),
+        "vision_unmatched": sorted(k for k in md.state_dict_metadata if k.startswith(tuple(prefixes)) and "/" not in k and not k.endswith("_extra_state") and k not in expected),
+    }
+
+
 def cmd_load(iter_dir, hf_dir, case):
     from transformers import AutoConfig
     from megatron.core import dist_checkpointing

@@ -91,9 +91,7 @@ def hf_logits(d):
 
 
 def cmd_check_hf(out_dir, hf_dir):
-    got, info = hf_logits(out_dir)
-    ref, _ = hf_logits(hf_dir)
-    return {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]), "max_abs_diff": (got - ref).abs().max().item()}
+    return q35.compare_exports(hf_logits, out_dir, hf_dir)
 
 
 def expected_vision(hf, v):
@@ -141,10 +139,7 @@ def cmd_load(iter_dir, hf_dir):
     r["max_abs_diff"] = (logits - ref).abs().max().item()
     hf = q35.read_all(hf_dir)
     exp = expected_vision(hf, whole.vision_config.to_dict())
-    got, md = q35.raw_dcp(iter_dir, list(exp))
-    r["vision_checked"] = len(exp)
-    r["vision_wrong"] = sorted(k for k, x in exp.items() if k not in got or got[k].shape != x.shape or not torch.equal(got[k], x))
-    r["vision_unmatched"] = sorted(k for k in md.state_dict_metadata if k.startswith("vision_model.") and "/" not in k and not k.endswith("_extra_state") and k not in exp)
+    r.update(q35.carried_report(iter_dir, exp, ("vision_model.",)))
     return r
 
 
