@@ -6,11 +6,16 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { usage } from '../util/errors.js';
 import { partialNote, reporter } from './report.js';
 import { partLine } from './partition.js';
+import { partResult } from '../exec/parts.js';
 import { resolveModel } from '../hub/download.js';
 import type { CkptFormat } from '../megatron/run-dir.js';
 import { modelSourceKind } from '../plan/sources.js';
 import { convertHfToNxd, convertNxdToHf } from '../plan/nxd-convert.js';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { looksLikeModelId } from '../hub/repo.js';
+import { openHubSource, type HubSource } from '../plan/hub-source.js';
+import type { PushResult } from '../hub/push.js';
+import { pushLine, pushOutput } from './push.js';
 
 interface Flags {
   to: (typeof FORMAT_NAMES)[number] | 'megatron' | 'hf' | 'nxd';
@@ -44,6 +49,10 @@ interface Flags {
   quiet?: boolean;
   verbose?: boolean;
   part?: string;
+  maxDisk?: string;
+  pushToHub?: string;
+  createRepo?: boolean;
+  private?: boolean;
 }
 
 /** `TransformerEngine extra state (FP8 metadata) ×8 (decoder.layers.…)` per reason. */
@@ -92,6 +101,16 @@ function positive(s: string, flag: string): number {
   return n;
 }
 
+/** What streaming from the hub did: downloads, the disk the shards took, re-downloads, cache reads. */
+function streamSummary(hub: HubSource, maxDisk: number | undefined): string {
+  const s = hub.stats();
+  const parts = [`${s.downloads} shard download${s.downloads === 1 ? '' : 's'} (${formatBytes(s.bytesFetched)} fetched)`];
+  if (maxDisk !== undefined) parts.push(`at most ${formatBytes(s.peakDisk)} of source on disk (--max-disk ${formatBytes(maxDisk)})`);
+  if (s.again) parts.push(`${s.again} shard${s.again === 1 ? '' : 's'} downloaded again after being deleted to make room`);
+  if (s.inPlace) parts.push(`${s.inPlace} read in place from the hub cache`);
+  return `streamed ${hub.listing.repo.id}@${hub.listing.commit.slice(0, 12)}: ${parts.join(', ')}`;
+}
+
 export async function runConvert(src: string, out: string, f: Flags): Promise<void> {
   const maxMemory = parseSize(f.maxMemory, '--max-memory');
   const maxShardSize = parseSize(f.shardSize, '--shard-size');
@@ -114,9 +133,21 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   };
   checkOutputName(out, f.to);
   const kind = await modelSourceKind(src);
+  const maxDisk = f.maxDisk === undefined ? undefined : parseSize(f.maxDisk, '--max-disk');
+  const streamed = kind === 'missing' && looksLikeModelId(src) && f.to === 'megatron';
+  if (maxDisk !== undefined && !streamed) throw usage(`--max-disk applies to a hub model streamed into --to megatron (a source given as org/name); ${src} is ${kind === 'missing' ? 'not a hub model id' : 'on local disk'}${kind === 'missing' || f.to === 'megatron' ? '' : ` and the target is ${f.to}`}`);
+  if ((f.createRepo || f.private) && !f.pushToHub) throw usage('--create-repo and --private go with --push-to-hub org/name');
   const ref = async (): Promise<string | undefined> => (f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined);
   // A source that is not a Megatron or NxD checkpoint (or a file) may be a hub model id.
   const model = async (): Promise<string> => (kind === 'megatron' || kind === 'nxd' || kind === 'file' ? src : await resolveModel(src, 'all', hubLog));
+  // HF → Megatron from the hub: planned from the shards' headers, each shard downloaded as the
+  // conversion reaches it (at most --max-disk of them on disk), instead of the whole model first.
+  let hub: HubSource | undefined;
+  const streamedModel = async (): Promise<string> => {
+    rep.status(`listing ${src} and reading its shards' headers …`);
+    hub = await openHubSource(src, { ...hubLog, maxDisk, spoolDir: `${resolve(out)}.source-spool`, onEvent: rep.source });
+    return hub.dir;
+  };
   // The route table: target × what the source is.
   const routes: Record<Flags['to'], () => Promise<ConvertResult>> = {
     hf: async () => {
@@ -131,8 +162,9 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
       return convertHfToNxd(await model(), out, { ...common, ...nxd, tp: positive(f.tp, '--tp'), pp: positive(f.pp, '--pp'), xser: f.xser, hfModel: r, config: r ? join(r, 'config.json') : undefined });
     },
     megatron: async () =>
-      convertHfToMegatron(await model(), out, {
+      convertHfToMegatron(streamed ? await streamedModel() : await model(), out, {
         ...common,
+        weights: hub?.source,
         nxd,
         allowUnmapped: f.allowUnmapped,
         dropMtp: f.dropMtp,
@@ -151,11 +183,27 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
     dcp: () => convert(src, out, { ...common, to: 'dcp', from: f.from }),
   };
   rep.status(`opening ${src} …`);
-  const r = await rep.watch(routes[f.to]());
+  let r: ConvertResult;
+  try {
+    r = await rep.watch(routes[f.to]());
+  } finally {
+    await hub?.source.close();
+  }
+  const streamedNote = hub ? streamSummary(hub, maxDisk) : undefined;
+  let pushed: PushResult | undefined;
+  const part = partResult();
+  if (f.pushToHub && !f.dryRun && (!part || part.finalized)) {
+    if (r.plan.target.kind !== 'dir') throw usage(`--push-to-hub uploads a directory output; ${r.plan.target.path} is one file`);
+    rep.status(`pushing ${r.plan.target.path} to ${f.pushToHub} …`);
+    pushed = await rep.settle(pushOutput(r.plan.target.path, f.pushToHub, { createRepo: f.createRepo, private: f.private }, hubLog.log));
+  }
   if (f.json) {
-    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
+    const hubStats = hub ? { repo: hub.listing.repo.id, commit: hub.listing.commit, maxDisk: maxDisk ?? null, ...hub.stats() } : undefined;
+    process.stdout.write(JSON.stringify({ plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome, ...(hubStats ? { hub: hubStats } : {}), ...(pushed ? { push: pushed } : {}) }, null, 2) + '\n');
     return;
   }
+  if (streamedNote && !f.dryRun && !f.quiet) process.stderr.write(`${streamedNote}\n`);
+  if (pushed) process.stderr.write(pushLine(pushed));
   for (const d of r.plan.dropped) process.stderr.write(`shardshift: warning: ${d.name} not carried: ${d.reason}\n`);
   if (f.dryRun) {
     const note = partialNote(r.plan.target.path);

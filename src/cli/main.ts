@@ -9,6 +9,7 @@ import { UnpicklingError } from '../pickle/index.js';
 import { FORMAT_NAMES, READ_FORMAT_NAMES } from '../checkpoints/registry.js';
 import { runInspect } from './inspect.js';
 import { runConvert } from './convert.js';
+import { runPush } from './push.js';
 import { registerLoraCommands } from './lora.js';
 import { VERSION } from '../util/version.js';
 import { EXIT } from './exit.js';
@@ -42,7 +43,7 @@ function program(): Command {
 
   p.command('convert')
     .description('Convert a checkpoint to another format, streaming tensor by tensor within a memory budget.')
-    .argument('<src>', 'source checkpoint (file or directory; never modified)')
+    .argument('<src>', 'source checkpoint (file or directory; never modified), or a hub model org/name[@revision]')
     .argument('<out>', 'output directory (or a .safetensors / .bin / .pt file); must not exist')
     .addOption(new Option('--to <format>', 'target: a file format, or megatron (torch_dist) / hf (safetensors model) through the model map').choices([...FORMAT_NAMES, 'megatron', 'hf', 'nxd']).makeOptionMandatory())
     .addOption(new Option('--from <format>', 'source format (default: detected)').choices([...READ_FORMAT_NAMES]))
@@ -74,9 +75,13 @@ function program(): Command {
     .option('--json', 'print the plan/result as JSON')
     .option('-q, --quiet', 'no progress display')
     .option('-v, --verbose', 'also list what was skipped that the output does not need (optimizer and RNG state, TransformerEngine extra state, tied copies)')
+    .option('--max-disk <size>', 'hub source → megatron: most bytes of source shards on disk at once (each is deleted once read); default: into the HF cache, kept')
+    .option('--push-to-hub <org/name[@branch]>', 'upload the finished output to the hub as one commit (files the branch already has are skipped)')
+    .option('--create-repo', 'with --push-to-hub: create the repository or branch when missing')
+    .option('--private', 'with --create-repo: make the new repository private')
     .addHelpText(
       'after',
-      '\nExamples:\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B\n  $ shardshift convert --to nxd ./Llama-3.2-1B ./nxd-tag --tp 2 --pp 2 --qkv-linear --kv-size-multiplier 2 --xser\n  $ shardshift convert --to hf ./nxd-tag ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B   # NxD source detected',
+      '\nExamples:\n  $ shardshift convert --to megatron meta-llama/Llama-3.1-70B ./llama-megatron --tp 8 --max-disk 40GB   # streamed from the hub\n  $ shardshift convert --to hf ./llama-megatron ./llama-hf --hf-model meta-llama/Llama-3.1-70B --push-to-hub me/llama-ft@iter-1000 --create-repo\n  $ shardshift convert --to safetensors pytorch_model.bin model.safetensors\n  $ shardshift convert --to dcp ./hf-model ./hf-model-dcp --dcp-files 4\n  $ shardshift convert --to torch ./dcp-ckpt ./consolidated.pt --max-memory 512MiB\n  $ shardshift convert --to megatron ./Llama-3.2-1B ./llama-megatron --tp 2\n  $ shardshift convert --to megatron ./llama-megatron ./llama-tp2pp2 --ckpt-format torch --tp 2 --pp 2   # reshard\n  $ shardshift convert --to hf ./llama-megatron ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B\n  $ shardshift convert --to nxd ./Llama-3.2-1B ./nxd-tag --tp 2 --pp 2 --qkv-linear --kv-size-multiplier 2 --xser\n  $ shardshift convert --to hf ./nxd-tag ./Llama-3.2-1B-back --hf-model ./Llama-3.2-1B   # NxD source detected',
     )
     .addOption(partOption());
   clusterOptions(p.commands.at(-1)!).action(partitionable(runConvert));
@@ -115,6 +120,17 @@ function program(): Command {
     .addOption(partOption());
   clusterOptions(steps.commands.at(-1)!).action(partitionable(runStepsRun));
 
+  p.command('push')
+    .description('Upload a finished output directory to the hub as one commit (files the branch already has are skipped).')
+    .argument('<dir>', 'a finished output (its manifest is checked first)')
+    .argument('<repo>', 'org/name or org/name@branch')
+    .option('--create-repo', 'create the repository or branch when missing')
+    .option('--private', 'with --create-repo: make the new repository private')
+    .option('-m, --message <text>', 'commit title')
+    .option('--json', 'print the result (commit, URL, files uploaded) as JSON')
+    .option('-q, --quiet', 'no messages but the result')
+    .addHelpText('after', '\nExamples:\n  $ HF_TOKEN=hf_… shardshift push ./llama-hf me/llama-ft@iter-1000 --create-repo --private')
+    .action(runPush);
   p.command('verify')
     .description('Check an output: its manifest checksums, its tensors against the declared model config, NaN/Inf, and with --against, that every tensor equals its mapping of the source.')
     .argument('<out>', 'a directory written by shardshift')
@@ -174,6 +190,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     if (e instanceof ShardshiftError) {
       process.stderr.write(`shardshift: error: ${e.message}\n`);
+      if (process.env.SHARDSHIFT_DEBUG) process.stderr.write(`${e.stack}\n${(e.cause as Error)?.stack ?? ""}\n`);
       return e.code === 'USAGE' ? EXIT.usage : EXIT.error;
     }
     if (isErrno(e)) {

@@ -7,6 +7,7 @@
 import { formatBytes } from '../util/size.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import type { CheckProgress } from '../plan/verify.js';
+import type { WindowEvent } from '../hub/window.js';
 
 /** Seconds as h:mm:ss (or m:ss under an hour). */
 export function clock(seconds: number): string {
@@ -54,6 +55,8 @@ export interface ProgressDisplay {
   /** Says what the run is doing before bytes move (opening, planning). */
   status(text: string): void;
   update(e: ProgressEvent): void;
+  /** A hub source's downloads, shown after the conversion's own progress. */
+  source(e: WindowEvent): void;
   done(): void;
 }
 
@@ -77,20 +80,36 @@ export function progressPrinter(stream: NodeJS.WriteStream, now: () => number = 
   if (!stream.isTTY) return undefined;
   const meter = new RateMeter();
   const status = statusLine(stream);
-  const line = status.show;
+  // The hub downloads in progress (streamed sources): appended to every frame.
+  let fetched = 0;
+  const downloading = new Set<string>();
+  const suffix = (): string => (downloading.size ? `  ↓ ${[...downloading].join(', ')} (${formatBytes(fetched)} fetched)` : '');
+  const line = (text: string): void => status.show(`${text}${suffix()}`);
+  let lastText = '';
   return {
-    status: (text) => line(text),
+    status: (text) => {
+      lastText = text;
+      line(text);
+    },
+    source: (e) => {
+      if (e.kind === 'bytes') fetched += e.n;
+      else if (e.kind === 'download') downloading.add(e.file);
+      else if (e.kind === 'downloaded') downloading.delete(e.file);
+      if (e.kind !== 'bytes') line(lastText);
+    },
     update: (e) => {
       const pct = e.bytesTotal ? ((100 * e.bytesDone) / e.bytesTotal).toFixed(1) : '100.0';
       if (e.phase === 'finishing') {
-        line(`100.0%  ${formatBytes(e.bytesTotal)}  finishing: fsync, manifest, rename into place …`);
+        lastText = `100.0%  ${formatBytes(e.bytesTotal)}  finishing: fsync, manifest, rename into place …`;
+        line(lastText);
         return;
       }
       const rate = meter.sample(now(), e.bytesDone - e.bytesReused);
       const left = e.bytesTotal - e.bytesDone;
       const eta = rate ? clock(left / rate) : '-:--';
       const reused = e.bytesReused ? `  (${formatBytes(e.bytesReused)} kept from the interrupted run)` : '';
-      line(`${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${eta}  ${e.file}${reused}`);
+      lastText = `${pct}%  ${formatBytes(e.bytesDone)} / ${formatBytes(e.bytesTotal)}  ${rate ? `${formatBytes(rate)}/s` : '…/s'}  ETA ${eta}  ${e.file}${reused}`;
+      line(lastText);
     },
     done: status.clear,
   };

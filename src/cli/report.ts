@@ -10,6 +10,7 @@ import { activeOutputs } from '../exec/output.js';
 import { PROGRESS_NAME } from '../exec/manifest.js';
 import { formatBytes } from '../util/size.js';
 import { progressPrinter } from './progress.js';
+import type { WindowEvent } from '../hub/window.js';
 import { jsonEvents } from './events.js';
 import type { ConvertResult } from '../plan/convert.js';
 
@@ -17,6 +18,8 @@ export interface Reporter {
   readonly onProgress: (e: ProgressEvent) => void;
   /** What the run is doing before bytes move. */
   status(text: string): void;
+  /** A hub source's shard downloads (streamed conversions). */
+  readonly source: (e: WindowEvent) => void;
   /**
    * Awaits the run: on success clears the display, ends the JSON events and says whether it
    * resumed; on failure clears the display (the error follows on its own line).
@@ -39,6 +42,10 @@ export function reporter(f: { quiet?: boolean; json?: boolean; dryRun?: boolean 
     status: (text) => {
       events?.status(text);
       display?.status(text);
+    },
+    source: (e) => {
+      events?.source(e);
+      display?.source(e);
     },
     settle: async (run) => {
       try {

@@ -35,6 +35,11 @@ export interface WriteOutputOptions {
    * a re-run after a kill between the two commits keeps the first and finishes the second.
    */
   reuseComplete?: boolean;
+  /**
+   * Runs once every byte is written, before the output is committed: a streamed source checks
+   * what it downloaded here, and a failure removes the partial output.
+   */
+  beforeCommit?: () => Promise<void>;
 }
 
 export { activeOutputs, type ActiveOutput } from './output-files.js';
@@ -138,6 +143,14 @@ export async function writeOutput(
       if (changed.length) {
         await rm(partial, { recursive: true, force: true });
         throw badInput(`${changed[0]} changed while it was being converted (${before[sourceFiles.indexOf(changed[0]!)]} → ${after[sourceFiles.indexOf(changed[0]!)]})${changed.length > 1 ? ` (and ${changed.length - 1} more source files)` : ''}; nothing was written — re-run once the source is stable`, changed[0]);
+      }
+      if (opts.beforeCommit) {
+        try {
+          await opts.beforeCommit();
+        } catch (e) {
+          await rm(partial, { recursive: true, force: true });
+          throw e;
+        }
       }
     });
     // Test hook: the n-th commit of this process (a command writing two outputs dies between them).

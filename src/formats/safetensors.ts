@@ -11,7 +11,7 @@
  */
 import { readdir, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { ReadOnlyFile } from '../io/file.js';
+import { ReadOnlyFile, type ByteSource } from '../io/file.js';
 import { badInput, unsupported, usage } from '../util/errors.js';
 import { byteLength, fillsWholeBytes, isDType, numelOf, dtypeInfo, type DType } from '../tensor/dtype.js';
 import { contiguousStrides, readBox, wholeBox, type Box, type Piece } from '../tensor/layout.js';
@@ -147,7 +147,7 @@ function checkOffsets(file: string, entries: HeaderEntry[], dataSize: number): v
   if (at < dataSize) throw badInput(`${file}: ${dataSize - at} bytes after the last tensor are not described by the header`, file);
 }
 
-export async function readHeader(f: ReadOnlyFile): Promise<ParsedHeader> {
+export async function readHeader(f: ByteSource): Promise<ParsedHeader> {
   if (f.size < 8) throw badInput(`${f.name}: not a safetensors file (${f.size} bytes, shorter than the 8-byte header length)`, f.name);
   const prefix = await f.read(0, 8);
   const n = new DataView(prefix.buffer, prefix.byteOffset, 8).getBigUint64(0, true);
@@ -163,7 +163,7 @@ class SafetensorsTensor implements SourceTensor {
     readonly name: string,
     readonly dtype: DType,
     readonly shape: number[],
-    file: ReadOnlyFile,
+    file: ByteSource,
     position: number,
     readonly where: string,
   ) {
@@ -207,10 +207,8 @@ export async function openSafetensors(path: string): Promise<CheckpointSource> {
     }
   }
   const opened: ReadOnlyFile[] = [];
-  const tensors = new Map<string, SourceTensor>();
-  const metadata = new Map<string, string>();
+  const shards: ShardBytes[] = [];
   try {
-    const byFile = new Map<string, Map<string, SafetensorsTensor>>();
     for (const rel of files) {
       const full = join(dir, rel);
       let f: ReadOnlyFile;
@@ -220,47 +218,77 @@ export async function openSafetensors(path: string): Promise<CheckpointSource> {
         throw badInput(`${full}: cannot open shard named by the index (${(e as Error).message})`, full);
       }
       opened.push(f);
-      const h = await readHeader(f);
-      for (const [k, v] of h.metadata) metadata.set(k, v);
-      const inFile = new Map<string, SafetensorsTensor>();
-      for (const e of h.entries) {
-        inFile.set(e.name, new SafetensorsTensor(e.name, e.dtype, e.shape, f, h.dataStart + e.begin, `${rel} @${h.dataStart + e.begin}`));
-      }
-      byFile.set(rel, inFile);
+      shards.push({ rel, source: f, header: await readHeader(f) });
     }
-    if (weightMap) {
-      for (const [name, rel] of weightMap) {
-        const t = byFile.get(rel)?.get(name);
-        if (!t) throw badInput(`${join(dir, rel)}: index.json places tensor ${name} in this file but its header has no such tensor`, join(dir, rel), name);
-        tensors.set(name, t);
-      }
-      for (const [rel, m] of byFile) {
-        for (const name of m.keys()) {
-          if (weightMap.get(name) !== rel) {
-            throw badInput(`${join(dir, rel)}: holds tensor ${name} that index.json ${weightMap.has(name) ? `places in ${weightMap.get(name)}` : 'does not list'}`, join(dir, rel), name);
-          }
-        }
-      }
-    } else {
-      for (const m of byFile.values()) for (const [n, t] of m) tensors.set(n, t);
-    }
+    const sideFiles = st.isFile() ? [] : await listSideFiles(dir, (n) => n.endsWith('.safetensors') || n.endsWith('.safetensors.index.json'));
+    return safetensorsSource(path, dir, shards, weightMap, sideFiles, async () => {
+      await Promise.all(opened.map((f) => f.close()));
+    });
   } catch (e) {
     await Promise.all(opened.map((f) => f.close()));
     throw e;
   }
-  const sideFiles = st.isFile() ? [] : await listSideFiles(dir, (n) => n.endsWith('.safetensors') || n.endsWith('.safetensors.index.json'));
+}
+
+/** One shard of a safetensors checkpoint: where its bytes are read from, and its parsed header. */
+export interface ShardBytes {
+  readonly rel: string;
+  readonly source: ByteSource;
+  readonly header: ParsedHeader;
+}
+
+/**
+ * A checkpoint from shards whose headers are read (local files, or a hub repository's shards
+ * read by range: hub streaming). `weightMap` is the index's, checked against the headers both
+ * ways; `root` is where `rel` paths and side files are.
+ */
+export function safetensorsSource(
+  path: string,
+  root: string,
+  shards: readonly ShardBytes[],
+  weightMap: ReadonlyMap<string, string> | undefined,
+  sideFiles: readonly string[],
+  close: () => Promise<void>,
+  settle?: () => Promise<void>,
+): CheckpointSource {
+  const tensors = new Map<string, SourceTensor>();
+  const metadata = new Map<string, string>();
+  const byFile = new Map<string, Map<string, SafetensorsTensor>>();
+  for (const { rel, source, header: h } of shards) {
+    for (const [k, v] of h.metadata) metadata.set(k, v);
+    const inFile = new Map<string, SafetensorsTensor>();
+    for (const e of h.entries) {
+      inFile.set(e.name, new SafetensorsTensor(e.name, e.dtype, e.shape, source, h.dataStart + e.begin, `${rel} @${h.dataStart + e.begin}`));
+    }
+    byFile.set(rel, inFile);
+  }
+  if (weightMap) {
+    for (const [name, rel] of weightMap) {
+      const t = byFile.get(rel)?.get(name);
+      if (!t) throw badInput(`${join(root, rel)}: index.json places tensor ${name} in this file but its header has no such tensor`, join(root, rel), name);
+      tensors.set(name, t);
+    }
+    for (const [rel, m] of byFile) {
+      for (const name of m.keys()) {
+        if (weightMap.get(name) !== rel) {
+          throw badInput(`${join(root, rel)}: holds tensor ${name} that index.json ${weightMap.has(name) ? `places in ${weightMap.get(name)}` : 'does not list'}`, join(root, rel), name);
+        }
+      }
+    }
+  } else {
+    for (const m of byFile.values()) for (const [n, t] of m) tensors.set(n, t);
+  }
   return {
     format: 'safetensors',
     path,
-    root: dir,
+    root,
     tensors,
     objects: new Map<string, SourceObject>(),
     metadata,
-    dataFiles: files,
+    dataFiles: shards.map((s) => s.rel),
     sideFiles,
-    close: async () => {
-      await Promise.all(opened.map((f) => f.close()));
-    },
+    close,
+    ...(settle ? { settle } : {}),
   };
 }
 

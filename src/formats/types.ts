@@ -47,6 +47,11 @@ export interface CheckpointSource {
   readonly dataFiles: readonly string[];
   /** Other files beside the weights (config.json, tokenizer files, args ...), relative paths. */
   readonly sideFiles: readonly string[];
+  /**
+   * Called once every read is done, before an output made from it is committed (a source
+   * streamed from the hub verifies the bytes it fetched by range here).
+   */
+  settle?(): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -50,3 +50,18 @@ async function isLink(p: string): Promise<boolean> {
     () => false,
   );
 }
+
+/**
+ * Opens an existing file of ours to continue writing it (an interrupted download's partial): a
+ * regular file with one link only, opened without following a link at `path` and without
+ * creating anything. A planted symlink or a hard link to another file is refused.
+ */
+export async function openForResume(path: string): Promise<FileHandle> {
+  const fh = await open(path, constants.O_WRONLY | O_NOFOLLOW);
+  const st = await fh.stat();
+  if (!st.isFile() || st.nlink !== 1) {
+    await fh.close();
+    throw usage(`${path} is ${st.isFile() ? 'hard-linked elsewhere' : 'not a regular file'}; shardshift never writes through such a path — remove it and re-run`);
+  }
+  return fh;
+}

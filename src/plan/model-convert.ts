@@ -75,6 +75,11 @@ export interface ModelConvertOptions {
   onProgress?: (e: ProgressEvent) => void;
   /** Stops the run; a directory output keeps its finished files for a resume (as after Ctrl-C). */
   signal?: AbortSignal;
+  /**
+   * The HF source's weights, already opened (a hub model streamed through `plan/hub-source.ts`);
+   * `srcPath` is then the directory of its config and side files. Closed with the run.
+   */
+  weights?: CheckpointSource;
 }
 
 /** HF's `torch_dtype` / `dtype` string → DType (default bf16). */
@@ -123,7 +128,7 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
     } else {
       cfg = await configFromHfDir(srcPath);
       // Quantized hub weights (GPT-OSS's MXFP4 experts, DeepSeek-V3's block-scaled FP8) read as the bf16 tensors their references dequantise them to.
-      const hfSrc = await dequantizedSource(await openCheckpoint(srcPath), cfg);
+      const hfSrc = await dequantizedSource(opts.weights ?? (await openCheckpoint(srcPath)), cfg);
       src = hfSrc;
       sideDir = hfSrc.root;
       const recorded = cfg.mtpLayers ?? 0;
@@ -229,8 +234,11 @@ export async function convertHfToMegatron(srcPath: string, out: string, opts: Mo
           sourceFormat: plan.source.format,
           targetFormat: plan.target.format,
           sourceDir: recorded.root,
-          sourceFiles: recorded.dataFiles,
+          // Streamed shards are not kept on disk to be stamped; the hub commit and each shard's
+          // verified sha256 pin them instead.
+          sourceFiles: opts.weights ? [] : recorded.dataFiles,
         },
+        beforeCommit: opts.weights?.settle ? () => opts.weights!.settle!() : undefined,
       }),
     );
   } finally {

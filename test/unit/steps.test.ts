@@ -6,46 +6,33 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { createServer, type Server } from 'node:http';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { AddressInfo } from 'node:net';
+import { HubDouble } from '../helpers/hub-double.js';
 import { repoRoot } from '../helpers/oracle.js';
 import { cli } from '../helpers/cli.js';
 
 const example = join(repoRoot, 'examples', 'tiny-llama');
 let tmp: string;
-let server: Server;
+let hub: HubDouble;
 let endpoint: string;
-const requests: string[] = [];
+let requests: HubDouble['requests'];
 
 before(async () => {
   tmp = await mkdtemp(join(tmpdir(), 'ss-steps-'));
-  const files = await readdir(example);
-  server = createServer((req, res) => {
-    requests.push(`${req.method} ${req.url}`);
-    if (req.headers.authorization !== 'Bearer secret') {
-      res.writeHead(401).end('{"error":"unauthorized"}');
-      return;
-    }
-    if (req.url === '/api/models/acme/tiny-llama/revision/main') {
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ id: 'acme/tiny-llama', sha: 'abc123', siblings: files.map((f) => ({ rfilename: f })) }));
-      return;
-    }
-    const m = /^\/acme\/tiny-llama\/resolve\/abc123\/(.+)$/.exec(req.url ?? '');
-    if (m && files.includes(decodeURIComponent(m[1]!))) {
-      readFile(join(example, decodeURIComponent(m[1]!))).then((b) => res.writeHead(200).end(b));
-      return;
-    }
-    res.writeHead(404).end();
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  // The loopback hub double (test/helpers/hub-double.ts); the model is private, so HF_TOKEN matters.
+  hub = await HubDouble.start(join(tmp, 'double'));
+  hub.tokens.set('hf_secret', { read: '*', write: [] });
+  await hub.addRepo('acme/tiny-llama', example, { private: true });
+  endpoint = hub.endpoint;
+  requests = hub.requests;
 });
+
 after(async () => {
-  server.close();
+  await hub.stop();
+  assert.deepEqual(hub.violations, []);
   await rm(tmp, { recursive: true, force: true });
 });
 
@@ -121,12 +108,12 @@ test('default output names carry the run: two runs\' iter_0000100 exports do not
 });
 
 test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
-  const env = { HF_ENDPOINT: endpoint, HF_TOKEN: 'secret', SHARDSHIFT_HUB_CACHE: join(tmp, 'hub') };
+  const env = { HF_ENDPOINT: endpoint, HF_TOKEN: 'hf_secret', HF_HUB_CACHE: join(tmp, 'hub') };
   const out = join(tmp, 'from-hub');
   const r = await run(['steps', 'run', 'convert/hf_to_megatron', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}`], env);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stderr, /downloaded acme\/tiny-llama\/model\.safetensors/);
-  assert.ok(requests.some((q) => q.startsWith('GET /api/models/acme/tiny-llama/revision/main')));
+  assert.ok(requests.some((q) => q.method === 'GET' && q.url.startsWith('/api/models/acme/tiny-llama/revision/main')));
   const back = join(tmp, 'from-hub-hf');
   assert.equal((await run(['convert', '-q', '--to', 'hf', out, back])).code, 0);
   assert.ok((await readFile(join(example, 'model.safetensors'))).equals(await readFile(join(back, 'model.safetensors'))));
@@ -134,11 +121,11 @@ test('hub model ids download with HF_TOKEN from HF_ENDPOINT', async () => {
   const before = requests.length;
   const r2 = await run(['steps', 'run', 'convert/hf_to_megatron', '-d', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}-2`], env);
   assert.equal(r2.code, 0, r2.stderr);
-  assert.ok(requests.slice(before).every((q) => q.includes('/api/models/')), 'only the listing is fetched again');
+  assert.ok(requests.slice(before).every((q) => q.url.includes('/api/models/')), 'only the listing is fetched again');
   // Without the token the hub refuses, and the message says what to do.
-  const r3 = await run(['steps', 'run', 'convert/hf_to_megatron', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}-3`], { HF_ENDPOINT: endpoint, SHARDSHIFT_HUB_CACHE: join(tmp, 'hub2') });
+  const r3 = await run(['steps', 'run', 'convert/hf_to_megatron', 'hf_model_id=acme/tiny-llama', `megatron_path=${out}-3`], { HF_ENDPOINT: endpoint, HF_TOKEN: '', HF_HUB_CACHE: join(tmp, 'hub2') });
   assert.equal(r3.code, 1);
-  assert.match(r3.stderr, /acme\/tiny-llama: the hub refused access \(HTTP 401\); set HF_TOKEN/);
+  assert.match(r3.stderr, /looking up acme\/tiny-llama: the hub refused access \(HTTP 401\); set HF_TOKEN/);
 });
 
 test('a local file given where an HF model directory is expected is said to be a file, never looked up on the hub', async () => {
