@@ -11,4 +11,4 @@ execFileSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 
 // dequantisation against cp) and `slurm` (a conversion as a Slurm job array against one
 // process) have their own runners.
 const args = process.argv.slice(2);
-await import(args.includes('published') ? '../bench/published.mjs' : args.includes('mxfp4') ? '../bench/mxfp4.mjs' : args.includes('slurm') ? '../bench/slurm.mjs' : '../bench/run.mjs');
+await import(args.includes('published') ? '../bench/published.mjs' : args.includes('mxfp4') ? '../bench/mxfp4.mjs' : args.includes('slurm') ? '../bench/slurm.mjs' : args.includes('hub') ? '../bench/hub.mjs' : '../bench/run.mjs');

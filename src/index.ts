@@ -20,6 +20,8 @@ export { parseIterations, selectIterations, type IterationChoice, type RunIterat
 export { runStep, type RunStepOptions } from './steps/run.js';
 export { listSteps, getStep, BatchRun, type BatchItem, type Step, type StepParams } from './steps/registry.js';
 export { resolveModel } from './hub/download.js';
+export { pushToHub, type PushOptions, type PushResult } from './hub/push.js';
+export { openHubSource, type HubSource, type HubSourceOptions } from './plan/hub-source.js';
 export { track, type Tracked } from './exec/progress-stream.js';
 export type { ProgressEvent } from './exec/executor.js';
 export type { OutputOutcome } from './exec/output.js';

@@ -134,8 +134,10 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   checkOutputName(out, f.to);
   const kind = await modelSourceKind(src);
   const maxDisk = f.maxDisk === undefined ? undefined : parseSize(f.maxDisk, '--max-disk');
-  const streamed = kind === 'missing' && looksLikeModelId(src) && f.to === 'megatron';
-  if (maxDisk !== undefined && !streamed) throw usage(`--max-disk applies to a hub model streamed into --to megatron (a source given as org/name); ${src} is ${kind === 'missing' ? 'not a hub model id' : 'on local disk'}${kind === 'missing' || f.to === 'megatron' ? '' : ` and the target is ${f.to}`}`);
+  // Offline, the cache's snapshot is the model (nothing to stream or bound).
+  const offline = process.env.HF_HUB_OFFLINE === '1' || process.env.HF_HUB_OFFLINE === 'true';
+  const streamed = kind === 'missing' && looksLikeModelId(src) && f.to === 'megatron' && !offline;
+  if (maxDisk !== undefined && !streamed && !offline) throw usage(`--max-disk applies to a hub model streamed into --to megatron (a source given as org/name); ${src} is ${kind === 'missing' ? 'not a hub model id' : 'on local disk'}${kind === 'missing' || f.to === 'megatron' ? '' : ` and the target is ${f.to}`}`);
   if ((f.createRepo || f.private) && !f.pushToHub) throw usage('--create-repo and --private go with --push-to-hub org/name');
   const ref = async (): Promise<string | undefined> => (f.hfModel ? await resolveModel(f.hfModel, 'config', hubLog) : undefined);
   // A source that is not a Megatron or NxD checkpoint (or a file) may be a hub model id.

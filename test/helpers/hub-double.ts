@@ -15,7 +15,8 @@
  */
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import type { AddressInfo } from 'node:net';
@@ -103,7 +104,7 @@ export class HubDouble {
         if (e.isDirectory()) await walk(p);
         else if (e.isFile()) {
           const rel = relative(dir, p).split('\\').join('/');
-          files.set(rel, await this.storeBlob(rel, await readFile(p)));
+          files.set(rel, await this.storeFile(rel, p));
         }
       }
     };
@@ -142,6 +143,27 @@ export class HubDouble {
 
   setIgnoreRange(on: boolean): void {
     this.ignoreRange = on;
+  }
+
+  /** `storeBlob` for a file on disk, streamed (bench models exceed what one Buffer holds). */
+  private async storeFile(path: string, file: string): Promise<Entry> {
+    const a = createHash('sha256');
+    const st = await stat(file);
+    const g = createHash('sha1').update(`blob ${st.size}\0`);
+    let head: Buffer | undefined;
+    for await (const c of createReadStream(file, { highWaterMark: 8 << 20 })) {
+      a.update(c as Buffer);
+      g.update(c as Buffer);
+      head ??= (c as Buffer).subarray(0, 512);
+    }
+    const sha256 = a.digest('hex');
+    const blob = join(this.store, 'blobs', sha256);
+    if (!(await stat(blob).catch(() => undefined))) {
+      await copyFile(file, `${blob}.tmp`);
+      await rename(`${blob}.tmp`, blob);
+    }
+    const lfs = LFS_NAME.test(path) || st.size > 10 << 20 || (head ?? Buffer.alloc(0)).includes(0);
+    return { path, size: st.size, gitSha1: g.digest('hex'), ...(lfs ? { sha256 } : {}), blob };
   }
 
   private async storeBlob(path: string, b: Uint8Array): Promise<Entry> {
@@ -275,7 +297,7 @@ export class HubDouble {
       }
       const common = { 'x-repo-commit': sha, etag: `"${f.sha256 ?? f.gitSha1}"`, 'accept-ranges': 'bytes' };
       if (f.sha256) {
-        res.writeHead(302, { ...common, location: `${this.endpoint}/cdn/${f.sha256}?path=${encodeURIComponent(`${id}/${rel}`)}`, 'x-linked-etag': `"${f.sha256}"`, 'x-linked-size': String(f.size), 'content-length': '0' }).end();
+        res.writeHead(302, { ...common, location: `${this.endpoint}/cdn/${f.sha256}?path=${encodeURIComponent(`${id}/${rel}`)}&commit=${sha}`, 'x-linked-etag': `"${f.sha256}"`, 'x-linked-size': String(f.size), 'content-length': '0' }).end();
         return;
       }
       await this.serveBytes(req, res, f, `${id}/${rel}`, common);
@@ -288,7 +310,10 @@ export class HubDouble {
         res.writeHead(404).end();
         return;
       }
-      await this.serveBytes(req, res, { path: '', size: st.size, gitSha1: '', sha256: m[1]!, blob }, url.searchParams.get('path') ?? m[1]!, { etag: `"${m[1]}"`, 'accept-ranges': 'bytes' });
+      // huggingface_hub 2.x follows the redirect of its metadata HEAD and reads the hub headers
+      // from the final answer, so the "CDN" repeats them (the real one sits behind the hub's proxy).
+      const hubHeaders = { 'x-repo-commit': url.searchParams.get('commit') ?? '', 'x-linked-etag': `"${m[1]}"`, 'x-linked-size': String(st.size) };
+      await this.serveBytes(req, res, { path: '', size: st.size, gitSha1: '', sha256: m[1]!, blob }, url.searchParams.get('path') ?? m[1]!, { etag: `"${m[1]}"`, 'accept-ranges': 'bytes', ...hubHeaders });
       return;
     }
     if (method === 'POST' && p === '/api/repos/create') {
