@@ -197,7 +197,7 @@ export async function runConvert(src: string, out: string, f: Flags): Promise<vo
   if (f.pushToHub && !f.dryRun && (!part || part.finalized)) {
     if (r.plan.target.kind !== 'dir') throw usage(`--push-to-hub uploads a directory output; ${r.plan.target.path} is one file`);
     rep.status(`pushing ${r.plan.target.path} to ${f.pushToHub} …`);
-    pushed = await rep.settle(pushOutput(r.plan.target.path, f.pushToHub, { createRepo: f.createRepo, private: f.private }, hubLog.log));
+    pushed = await rep.settle(pushOutput(r.plan.target.path, f.pushToHub, { createRepo: f.createRepo, private: f.private, log: hubLog.log }));
   }
   if (f.json) {
     const hubStats = hub ? { repo: hub.listing.repo.id, commit: hub.listing.commit, maxDisk: maxDisk ?? null, ...hub.stats() } : undefined;

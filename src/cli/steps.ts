@@ -3,6 +3,7 @@ import { runStep } from '../steps/run.js';
 import { stepConfigDir } from '../steps/config.js';
 import { partialNote, reporter } from './report.js';
 import { partLine } from './partition.js';
+import { pushLine } from './push.js';
 import { describePlan } from './convert.js';
 import { formatBytes } from '../util/size.js';
 import { readdir } from 'node:fs/promises';
@@ -39,7 +40,7 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   // One conversion: end the JSON events and say whether it resumed.
   await rep.watch(Promise.resolve(r));
   if (f.json) {
-    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome, ...(r.push ? { push: r.push } : {}) }, null, 2) + '\n');
     return;
   }
   if (f.dryRun) {
@@ -53,13 +54,14 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
     return;
   }
   process.stdout.write(`${name}: wrote ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
+  if (r.push) process.stdout.write(pushLine(r.push));
 }
 
 /** The table at the end of a batch conversion (`iterations=`): one row per checkpoint; exit 1 (2 if every failure was usage) when any failed. */
 function batchSummary(name: string, b: BatchRun, f: { dryRun?: boolean; json?: boolean }): void {
   const failed = b.items.filter((i) => !i.result.ok);
   if (f.json) {
-    const rows = b.items.map((i) => (i.result.ok ? { checkpoint: i.name, source: i.source, out: i.out, outcome: i.result.convert.outcome, bytesWritten: i.result.convert.bytesWritten, seconds: i.result.convert.seconds } : { checkpoint: i.name, source: i.source, out: i.out, outcome: 'failed', error: i.result.error }));
+    const rows = b.items.map((i) => (i.result.ok ? { checkpoint: i.name, source: i.source, out: i.out, outcome: i.result.convert.outcome, bytesWritten: i.result.convert.bytesWritten, seconds: i.result.convert.seconds, ...(i.result.convert.push ? { push: i.result.convert.push } : {}) } : { checkpoint: i.name, source: i.source, out: i.out, outcome: 'failed', error: i.result.error }));
     process.stdout.write(JSON.stringify({ step: name, batch: rows }, null, 2) + '\n');
   } else {
     const label = (i: BatchItem): string => (i.result.ok ? ({ written: 'converted', reused: 'skipped (finished)', 'dry-run': 'planned', 'part-written': 'part written' } as const)[i.result.convert.outcome] : 'FAILED');
@@ -73,6 +75,7 @@ function batchSummary(name: string, b: BatchRun, f: { dryRun?: boolean; json?: b
     const lines = [`${name}${f.dryRun ? ' (dry run: nothing written)' : ''}: ${b.items.length} checkpoint${b.items.length === 1 ? '' : 's'}`, line(head), ...rows.map(line)];
     lines.push(f.dryRun ? `${n('planned')} planned, ${failed.length} failed` : `${n('converted')} converted, ${n('skipped (finished)')} skipped (already finished), ${failed.length} failed`);
     process.stdout.write(lines.join('\n') + '\n');
+    for (const i of b.items) if (i.result.ok && i.result.convert.push) process.stdout.write(`${i.name}: ${pushLine(i.result.convert.push)}`);
     for (const i of failed) if (!i.result.ok) process.stderr.write(`shardshift: error: ${i.name}: ${i.result.error}\n`);
   }
   if (failed.length) process.exitCode = failed.every((i) => !i.result.ok && i.result.exitCode === 2) ? 2 : 1;

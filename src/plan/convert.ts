@@ -3,6 +3,7 @@
  * file, every entry that cannot be carried — built and checked before a byte is written, then run
  * through the bounded-memory executor into an atomic output.
  */
+import type { PushResult } from '../hub/push.js';
 import type { Skipped } from '../bridge/map.js';
 import { stat } from 'node:fs/promises';
 import { extname, basename, join } from 'node:path';
@@ -58,6 +59,8 @@ export interface ConvertResult {
   readonly bytesWritten: number;
   /** 'reused': the output already held this finished conversion and was kept (`reuseComplete`). */
   readonly outcome: 'dry-run' | OutputOutcome;
+  /** The hub commit, when the step pushed its output (`push_to_hub`). */
+  readonly push?: PushResult;
 }
 
 /** File extensions of single-file checkpoints, by the format they name. */

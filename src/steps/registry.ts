@@ -9,7 +9,11 @@ import type { ConvertResult } from '../plan/convert.js';
 import type { ProgressEvent } from '../exec/executor.js';
 import { convertHfToMegatron, convertMegatronToHf } from '../plan/model-convert.js';
 import { dtypeFromTorch, type DType } from '../tensor/dtype.js';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { stat } from 'node:fs/promises';
+import { openHubSource, type HubSource } from '../plan/hub-source.js';
+import { iterationTarget, pushOutput } from '../plan/push.js';
+import { looksLikeModelId } from '../hub/repo.js';
 import { ShardshiftError, badInput, ioError, isErrno, usage } from '../util/errors.js';
 import { UnpicklingError } from '../pickle/index.js';
 import { selectIterations, parseIterations } from '../plan/iterations.js';
@@ -36,6 +40,8 @@ export interface StepContext {
   readonly env: NodeJS.ProcessEnv;
   /** Turns an `hf_model_id` (local dir or hub id) into a local directory. */
   readonly resolveModel: (idOrPath: string, what: 'config' | 'all') => Promise<string>;
+  /** Where hub downloads report what they fetch. */
+  readonly log?: (message: string) => void;
 }
 
 /** One checkpoint of a batch conversion (`iterations=`) and what happened to it. */
@@ -104,6 +110,18 @@ const COMMON: Record<string, ParamSpec> = {
   overwrite: { type: 'bool', description: 'replace an existing output (never the source)', default: false },
 };
 
+/** The hub keys every converting step takes. */
+const PUSH: Record<string, ParamSpec> = {
+  push_to_hub: { type: 'string', description: 'upload the finished output to the hub as one commit: org/name[@branch] (with iterations=: each checkpoint to its own branch, [<branch>-]<iter_*>)', default: null },
+  create_repo: { type: 'bool', description: 'with push_to_hub: create the repository or branch when missing', default: false },
+};
+
+/** `r` with its output pushed when `push_to_hub` asks (a dry run or a part run pushes nothing). */
+async function pushed(r: ConvertResult, p: StepParams, ctx: StepContext, target = p.push_to_hub as string | null): Promise<ConvertResult> {
+  if (!target || r.outcome === 'dry-run' || r.outcome === 'part-written') return r;
+  return { ...r, push: await pushOutput(r.plan.target.path, target, { createRepo: p.create_repo as boolean, env: ctx.env }) };
+}
+
 function dtypeOf(p: StepParams): DType {
   return dtypeFromTorch(String(p.dtype))!;
 }
@@ -122,12 +140,23 @@ const hfToMegatron: Step = {
     make_vocab_size_divisible_by: { type: 'int', description: 'vocab padding divisor', default: 128 },
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
     ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: [...CKPT_FORMATS] },
+    max_disk: { type: 'size', description: 'a hub model id: most bytes of source on disk at once (tensor ranges fetched as read, deleted once read); default: shards into the HF cache, kept', default: null },
+    ...PUSH,
     ...COMMON,
   },
   async run(p, ctx) {
-    const src = await ctx.resolveModel(String(p.hf_model_id), 'all');
-    const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(String(p.hf_model_id))}-megatron`);
-    return convertHfToMegatron(src, out, {
+    const id = String(p.hf_model_id);
+    const out = (p.megatron_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(id)}-megatron`);
+    // A hub id streams (planned from the shards' headers) unless offline, where the cache is the model.
+    const offline = ctx.env.HF_HUB_OFFLINE === '1' || ctx.env.HF_HUB_OFFLINE === 'true';
+    const onDisk = await stat(id).then(() => true, () => false);
+    const maxDisk = (p.max_disk as number | null) ?? undefined;
+    if (maxDisk !== undefined && (onDisk || !looksLikeModelId(id))) throw usage(`max_disk applies to a hub model id streamed from the hub; ${id} is ${onDisk ? 'on local disk' : 'not a hub model id'}`);
+    let hub: HubSource | undefined;
+    try {
+      if (!onDisk && looksLikeModelId(id) && !offline) hub = await openHubSource(id, { env: ctx.env, maxDisk, spoolDir: `${resolve(out)}.source-spool`, log: ctx.log, onEvent: (e) => (e.kind === 'downloaded' ? ctx.log?.(`downloaded ${id}/${e.file}`) : undefined) });
+      const src = hub ? hub.dir : await ctx.resolveModel(id, 'all');
+      return await pushed(await convertHfToMegatron(src, out, { weights: hub?.source,
       dtype: dtypeOf(p),
       tp: p['parallel.tp'] as number,
       pp: p['parallel.pp'] as number,
@@ -141,7 +170,10 @@ const hfToMegatron: Step = {
       overwrite: p.overwrite as boolean,
       dryRun: ctx.dryRun,
       onProgress: ctx.onProgress,
-    });
+      }), p, ctx);
+    } finally {
+      await hub?.source.close();
+    }
   },
 };
 
@@ -155,6 +187,7 @@ const megatronToHf: Step = {
     hf_path: { type: 'string', description: 'output HF directory (default: <output base>/<checkpoint>-hf)', default: null },
     dtype: { ...DTYPE, default: null, description: 'weight dtype of the output (default: the HF config\'s torch_dtype, else bfloat16)' },
     quantize: { type: 'string', description: 'write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, as transformers\' quantize_to_mxfp4; fp8: DeepSeek-V3\'s block-scaled weights)', default: null, choices: ['mxfp4', 'fp8'] },
+    ...PUSH,
     ...COMMON,
   },
   async run(p, ctx) {
@@ -171,14 +204,15 @@ const megatronToHf: Step = {
       onProgress: ctx.onProgress,
     });
     const run = String(p.megatron_path);
-    if (p.iterations === null) return one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false);
+    if (p.iterations === null) return pushed(await one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false), p, ctx);
     // Many saves of one run, one output each (hf_path/<iter_*>, or <base>/<run>-<iter_*>-hf): a
     // finished output of the same conversion is kept (verified, not redone), a partial one resumed.
     const items: BatchItem[] = [];
     for (const it of await selectIterations(run, parseIterations(String(p.iterations)))) {
       const out = p.hf_path ? join(String(p.hf_path), it.name) : join(defaultOutputBase(ctx.env), `${outputStem(it.dir)}-hf`);
       try {
-        items.push({ name: it.name, source: it.dir, out, result: { ok: true, convert: await one(it.dir, out, true) } });
+        const target = p.push_to_hub ? iterationTarget(String(p.push_to_hub), it.name) : null;
+        items.push({ name: it.name, source: it.dir, out, result: { ok: true, convert: await pushed(await one(it.dir, out, true), p, ctx, target) } });
       } catch (e) {
         // One bad checkpoint is one failed row; the others still convert. A bug still stops it.
         const err = e instanceof ShardshiftError ? e : isErrno(e) ? ioError(e, it.dir) : e instanceof UnpicklingError ? badInput(e.message, it.dir) : undefined;

@@ -32,6 +32,7 @@ export async function runStep(name: string, overrides: readonly string[] | Reado
     env: opts.env ?? process.env,
     onProgress: opts.onProgress,
     resolveModel: (id, what) => resolveModel(id, what, { log: opts.log }),
+    log: opts.log,
   });
   return { params, result };
 }

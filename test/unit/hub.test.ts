@@ -302,3 +302,28 @@ test('push: one commit with the manifest; a second push uploads nothing; a branc
   assert.match(r.stderr, /config\.json: its SHA-256 is not the one the output's manifest records; nothing was pushed/);
   assert.deepEqual(hub.violations, []);
 });
+
+test('steps: hf_to_megatron streams a hub id with max_disk and pushes the output; megatron_to_hf iterations= push each checkpoint to its own branch', async () => {
+  const w = { ...env, HF_TOKEN: 'hf_writer', HF_HUB_CACHE: join(tmp, 'cache-steps') };
+  const out = join(tmp, 'steps-meg');
+  let r = await runCli(['steps', 'run', 'convert/hf_to_megatron', '--json', 'hf_model_id=acme/moe', `megatron_path=${out}`, 'max_disk=8MB', 'max_memory=48MiB', 'push_to_hub=acme/steps-meg', 'create_repo=true'], w);
+  assert.equal(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout);
+  assert.match(j.push.commitUrl, /\/acme\/steps-meg\/commit\/[0-9a-f]{40}$/);
+  assert.ok(!existsSync(`${out}.source-spool`));
+  assert.equal(await sameTree(join(tmp, 'kept-meg'), out) > 0, true, 'the streamed step equals the cached conversion');
+  assert.deepEqual([...hub.files('acme/steps-meg')!.keys()].sort(), (await walk(out)).map((p) => relative(out, p)).sort());
+  const hfOut = join(tmp, 'steps-hf');
+  r = await runCli(['steps', 'run', 'convert/megatron_to_hf', `megatron_path=${join(tmp, 'kept-meg')}`, 'iterations=all', `hf_path=${hfOut}`, `hf_model_id=${model}`, 'push_to_hub=acme/steps-hf@run1', 'create_repo=true'], w);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /iter_0000000: pushed \d+ files .* to acme\/steps-hf@run1-iter_0000000: /);
+  assert.ok(hub.files('acme/steps-hf', 'run1-iter_0000000')!.has('config.json') && [...hub.files('acme/steps-hf', 'run1-iter_0000000')!.values()].some((e) => e.path.endsWith('.safetensors') && e.sha256));
+  // Re-run: the finished output is kept and the branch already holds it: nothing uploaded.
+  r = await runCli(['steps', 'run', 'convert/megatron_to_hf', `megatron_path=${join(tmp, 'kept-meg')}`, 'iterations=all', `hf_path=${hfOut}`, `hf_model_id=${model}`, 'push_to_hub=acme/steps-hf@run1', 'create_repo=true'], w);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /already holds these \d+ files; nothing uploaded/);
+  r = await runCli(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${model}`, `megatron_path=${join(tmp, 'x')}`, 'max_disk=8MB'], w);
+  assert.equal(r.code, 2);
+  assert.match(r.stderr, /max_disk applies to a hub model id streamed from the hub; .* is on local disk/);
+  assert.deepEqual(hub.violations, []);
+});
