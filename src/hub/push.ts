@@ -139,8 +139,8 @@ export async function pushToHub(dir: string, target: string, opts: PushOptions =
       branch: r.revision,
       title: opts.message ?? `shardshift: ${changed.length} file${changed.length === 1 ? '' : 's'}`,
       operations: changed.map((f) => ({ operation: 'addOrUpdate' as const, path: f.rel, content: pathToFileURL(join(dir, f.rel)) })),
-      // The loopback double and self-hosted hubs speak LFS basic transfer; the hub itself
-      // answers the batch call with the transfer it supports.
+      // LFS basic/multipart transfer, which the hub still accepts: the client's Xet upload path
+      // is left off because nothing here can test it (the loopback double speaks LFS only).
       useXet: false,
       abortSignal: opts.signal,
     });
