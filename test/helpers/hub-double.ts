@@ -443,9 +443,14 @@ export class HubDouble {
           return;
         }
         if (!res.write(chunk)) {
-          await new Promise((r) => {
-            res.once('drain', r);
-            res.once('close', r);
+          await new Promise<void>((r) => {
+            const done = (): void => {
+              res.off('drain', done);
+              res.off('close', done);
+              r();
+            };
+            res.once('drain', done);
+            res.once('close', done);
           });
           if (res.destroyed) return;
         }
