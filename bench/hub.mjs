@@ -12,10 +12,10 @@
 // streaming (HTTP, spool writes, hashing), not a hub's download speed.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { dirBytes, median, syncTree } from './measure.mjs';
+import { dirBytes, median, runInterleaved } from './measure.mjs';
 import { benchRoot, cacheRoot, hfCheckpoint, MODELS } from './generate.mjs';
 
 const pexec = promisify(execFile);
@@ -53,20 +53,7 @@ try {
     shard('shardshift, streamed from the hub (into a fresh HF cache)', ['bench/model']),
     shard(`shardshift, streamed with --max-disk ${(maxDisk / 1e9).toFixed(2)} GB`, ['bench/model', '--max-disk', String(maxDisk)]),
   ];
-  for (let i = 0; i < runs; i++) {
-    for (const t of tools) {
-      rmSync(work, { recursive: true, force: true });
-      mkdirSync(work, { recursive: true });
-      const out = join(work, 'out');
-      const t0 = process.hrtime.bigint();
-      await t.go(out);
-      syncTree(out);
-      const s = Number(process.hrtime.bigint() - t0) / 1e9;
-      t.times.push(s);
-      log(`  ${t.label}: run ${i + 1}/${runs} ${s.toFixed(2)} s`);
-    }
-  }
-  rmSync(work, { recursive: true, force: true });
+  await runInterleaved(tools, { runs, work, log });
   const [cp, local] = tools;
   const rows = tools.map((t) => {
     const st = stats[t.label];

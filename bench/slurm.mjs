@@ -9,10 +9,10 @@
 // figure this reports is the overhead of cutting a conversion into parts. Spread over N nodes on
 // a shared file system, each part is an independent 1/N of the bytes (README, "Cluster").
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { dirBytes, median, syncTree } from './measure.mjs';
+import { median, runInterleaved } from './measure.mjs';
 import { benchRoot, cacheRoot, hfCheckpoint, MODELS } from './generate.mjs';
 import { startSlurm } from '../scripts/slurm.mjs';
 
@@ -62,21 +62,7 @@ try {
       },
     },
   ];
-  for (let i = 0; i < runs; i++) {
-    for (const t of tools) {
-      rmSync(work, { recursive: true, force: true });
-      mkdirSync(work, { recursive: true });
-      const out = join(work, 'out');
-      const t0 = process.hrtime.bigint();
-      t.go(out);
-      syncTree(out);
-      const s = Number(process.hrtime.bigint() - t0) / 1e9;
-      t.times.push(s);
-      t.written = dirBytes(out);
-      log(`  ${t.label}: run ${i + 1}/${runs} ${s.toFixed(2)} s`);
-    }
-  }
-  rmSync(work, { recursive: true, force: true });
+  await runInterleaved(tools, { runs, work, log });
   const [cp, one, array] = tools;
   const rows = tools.map((t) => `| ${t.label} | ${median(t.times).toFixed(2)} s (${Math.min(...t.times).toFixed(2)}–${Math.max(...t.times).toFixed(2)}) | ${(t.written / 1e9).toFixed(2)} GB | ${(t.written / median(t.times) / 1e9).toFixed(2)} GB/s | ${(median(t.times) / median(cp.times)).toFixed(2)}× cp | ${t === cp ? '—' : `${(median(t.times) / median(one.times)).toFixed(2)}× one process`} |`);
   console.log(`machine: ${cpus().length} × ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Node ${process.version}\n`);

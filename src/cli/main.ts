@@ -190,7 +190,6 @@ export async function main(argv: string[]): Promise<number> {
     }
     if (e instanceof ShardshiftError) {
       process.stderr.write(`shardshift: error: ${e.message}\n`);
-      if (process.env.SHARDSHIFT_DEBUG) process.stderr.write(`${e.stack}\n${(e.cause as Error)?.stack ?? ""}\n`);
       return e.code === 'USAGE' ? EXIT.usage : EXIT.error;
     }
     if (isErrno(e)) {
