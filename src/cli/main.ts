@@ -136,7 +136,16 @@ function program(): Command {
     .argument('<out>', 'a directory written by shardshift')
     .option('--against <src>', 'the source it was converted from')
     .option('--json', 'print the report as JSON')
-    .addHelpText('after', '\nExit code 3 when a check fails.\n\nExamples:\n  $ shardshift verify out/llama-megatron --against ./Llama-3.2-1B\n  $ shardshift verify out/llama-hf')
+    .option('--logits', 'with --against: run a reference forward pass of both (each by its own format\'s semantics) and compare the logits')
+    .option('--prompt <text>', '--logits: the prompt, tokenized with the checkpoint\'s tokenizer.json')
+    .option('--tokens <ids>', '--logits: comma-separated token ids (instead of a prompt)')
+    .option('--positions <n>', '--logits: positions compared (default 8; caps a longer prompt)')
+    .option('--generate <n>', '--logits: greedy-decode N tokens from both and print them side by side')
+    .option('--tolerance <x>', '--logits: largest |Δ| allowed, relative to the largest |logit| (default: by dtype, see README)')
+    .option('--min-cosine <x>', '--logits: smallest cosine similarity allowed at any position (default: by dtype)')
+    .option('--hf-model <dir>', '--logits: HF model directory describing a Megatron checkpoint saved without training args')
+    .option('--max-memory <size>', '--logits: byte budget for weight blocks', '1GiB')
+    .addHelpText('after', '\nExit code 3 when a check fails.\n\nExamples:\n  $ shardshift verify out/llama-megatron --against ./Llama-3.2-1B\n  $ shardshift verify out/llama-hf\n  $ shardshift verify out/llama-megatron --against ./Llama-3.2-1B --logits --prompt "The capital of France is" --generate 8')
     .action(runVerify);
 
   p.command('diff')

@@ -61,7 +61,7 @@ export interface ProgressDisplay {
 }
 
 /** One line rewritten in place on a TTY, cut to the terminal's width. */
-function statusLine(stream: NodeJS.WriteStream): { show(text: string): void; clear(): void } {
+export function statusLine(stream: NodeJS.WriteStream): { show(text: string): void; clear(): void } {
   let shown = false;
   return {
     show: (text) => {
