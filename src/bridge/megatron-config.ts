@@ -113,6 +113,28 @@ function ropeTheta(hf: Readonly<Record<string, unknown>>): number {
   return typeof rp?.rope_theta === 'number' ? rp.rope_theta : 10000;
 }
 
+/**
+ * Position-embedding fields megatron-core computes with but has no weight for, which `verify
+ * --logits` showed missing: Llama 3.1's rope scaling (`use_rope_scaling` + `rope_scaling_factor`;
+ * megatron-core's RotaryEmbedding._apply_scaling fixes low/high frequency factors 1 and 4 and
+ * 8192 original positions, the values every published Llama 3.x config has) and Mistral's sliding
+ * window (`window_size` (W - 1, 0): megatron-core's get_sliding_window_causal_mask keeps
+ * positions i - window_size[0] … i, transformers' sliding_window W keeps W of them).
+ */
+function positionArgs(hf: Readonly<Record<string, unknown>>): Record<string, PyValue> {
+  const out: Record<string, PyValue> = {};
+  const rp = (hf.rope_scaling ?? hf.rope_parameters) as Record<string, unknown> | null | undefined;
+  if (rp && (rp.rope_type ?? rp.type) === 'llama3') {
+    out.use_rope_scaling = true;
+    out.rope_scaling_factor = new PyFloat(typeof rp.factor === 'number' ? rp.factor : 8);
+  }
+  const mt = hf.model_type;
+  if ((mt === 'mistral' || mt === 'mixtral') && typeof hf.sliding_window === 'number' && hf.use_sliding_window !== false) {
+    out.window_size = [hf.sliding_window - 1, 0];
+  }
+  return out;
+}
+
 /** The training-args fields MLM reads back with --use-checkpoint-args. */
 export function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; divisor: number; dtype: DType; iteration: number }): Record<string, PyValue> {
   // A VL wrapper's text fields (rope, norms, positions) live in its text_config.
@@ -140,6 +162,7 @@ export function megatronArgs(c: ModelConfig, o: { tp: number; pp: number; diviso
     swiglu: fc1Gating(familyOf(c), c) !== 'plain',
     position_embedding_type: 'rope',
     rotary_base: ropeTheta(hf),
+    ...positionArgs(hf),
     tensor_model_parallel_size: o.tp,
     pipeline_model_parallel_size: o.pp,
     params_dtype: new PyGlobal('torch', dtypeInfo(o.dtype).torchDtype!),
@@ -315,6 +338,9 @@ function hfConfigFor(c: ModelConfig, field: FieldGetter, dtype: DType): Record<s
     max_position_embeddings: num('max_position_embeddings', 4096),
     rms_norm_eps: new JsonFloat(num('norm_epsilon', 1e-5)),
     rope_theta: new JsonFloat(num('rotary_base', 10000)),
+    ...(field('use_rope_scaling') === true
+      ? { rope_scaling: { rope_type: 'llama3', factor: new JsonFloat(num('rope_scaling_factor', 8)), low_freq_factor: new JsonFloat(1), high_freq_factor: new JsonFloat(4), original_max_position_embeddings: 8192 } }
+      : {}),
     tie_word_embeddings: c.tieEmbeddings,
     hidden_act: 'silu',
     ...(fam.hfConfig?.(c, field) ?? {}),

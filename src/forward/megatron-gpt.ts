@@ -20,7 +20,7 @@
  * checkpoint saved without them (plain `dist_checkpointing.save`), from an HF config the caller
  * names (`hfConfigDims`).
  */
-import { PyFloat, type PyDict, type PyValue } from '../pickle/values.js';
+import { PyFloat, PyTuple, type PyDict, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported } from '../util/errors.js';
 import { project, type AttentionReader, type DecoderDims, type MlpReader, type ModelReader, type SwigluReader } from './decoder.js';
 import type { RopeSpec, Routing } from './math.js';
@@ -42,6 +42,7 @@ function plain(v: PyValue | undefined): unknown {
   if (v instanceof PyFloat) return v.value;
   if (typeof v === 'bigint') return Number(v);
   if (Array.isArray(v)) return v.map(plain);
+  if (v instanceof PyTuple) return v.items.map(plain);
   return v;
 }
 

@@ -14,10 +14,13 @@
       it on both import and export would round-trip byte-identically:
         qkv_plain    linear_qkv as cat([q, k, v]) instead of per-query-group (needs --hf)
         gate_up      linear_fc1 as [up; gate] instead of [gate; up]
-        experts      experts 0 and 1 of every MoE layer swapped
+        experts      the experts of every MoE layer in reverse order
         rotary       q and k rows of every head in interleaved (Meta) order instead of rotate-half
       The DCP files are rewritten with torch.distributed.checkpoint; common.pt, metadata.json and
       the tracker are copied.
+  leak <hf_dir> <run_dir> <out_hf_dir>
+      the HF export of <run_dir> with the vocab-padding off-by-one: lm_head = output_layer rows
+      1 … V (so the last real row is a Megatron padding row and every other row is shifted)
 """
 import json
 import os
@@ -36,9 +39,10 @@ BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 MOE = dict(num_experts_per_tok=2, num_local_experts=8, num_experts=8, moe_intermediate_size=48)
 CASES = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "llama_tok": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320),
     "llama31": dict(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=True,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 16}),
+                                  "original_max_position_embeddings": 8192}),
     "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4),
     "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"]),
@@ -65,8 +69,8 @@ def make(d, case):
                 p.copy_(torch.randn_like(p) * 0.5)
             elif "embed_tokens" in n:
                 p.copy_(torch.randn_like(p) * 0.5)
-            elif p.dim() == 2:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+            elif p.dim() >= 2:  # transformers 5 holds experts fused, [E, out, in]
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     m.save_pretrained(d)
     return {"ok": True}
 
@@ -118,9 +122,7 @@ def break_run(run, kind, out, hf_dir=None):
         sd["decoder.layers.mlp.linear_fc1.weight"] = torch.cat([w[:, half:], w[:, :half]], dim=1).contiguous()
     elif kind == "experts":
         for n in ("decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.experts.experts.linear_fc2.weight"):
-            w = sd[n].clone()
-            w[:, [0, 1]] = w[:, [1, 0]]
-            sd[n] = w
+            sd[n] = sd[n].flip(1).contiguous()
     elif kind == "rotary":
         w = sd[qkv]
         for i in range(w.shape[0]):
@@ -139,6 +141,19 @@ def break_run(run, kind, out, hf_dir=None):
     return {"ok": True}
 
 
+def leak(hf_dir, run, out):
+    from safetensors.torch import load_file, save_file
+    sd = load_dcp(iter_dir_of(run))
+    shutil.copytree(hf_dir, out)
+    f = os.path.join(out, "model.safetensors")
+    w = load_file(f)
+    V = w["lm_head.weight"].shape[0]
+    w["lm_head.weight"] = sd["output_layer.weight"][1:V + 1].to(w["lm_head.weight"].dtype).contiguous()
+    os.remove(f)
+    save_file(w, f, metadata={"format": "pt"})
+    return {"ok": True, "rows": V}
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -151,5 +166,7 @@ if __name__ == "__main__":
         a = sys.argv[2:]
         hf = a[a.index("--hf") + 1] if "--hf" in a else None
         print(json.dumps(break_run(a[0], a[1], a[2], hf)))
+    elif cmd == "leak":
+        print(json.dumps(leak(sys.argv[2], sys.argv[3], sys.argv[4])))
     else:
         raise SystemExit(f"unknown command {cmd}")
