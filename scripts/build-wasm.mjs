@@ -1,5 +1,6 @@
 // Generates src/tensor/fma-kernel.wasm.ts: the WebAssembly SIMD kernel behind the exact fp32 LoRA
-// merge (see src/tensor/fma-kernel.ts for what it computes and why it is exact).
+// merge (see src/tensor/fma-kernel.ts for what it computes and why it is exact), and
+// src/tensor/matmul-kernel.wasm.ts: the reference forward pass's x · Wᵀ kernel (matmul-kernel.ts).
 //
 // The WAT is written here as a template because the inner loop is four copies of the same lane
 // group; `wabt` (a devDependency) assembles it, and the module's bytes are committed as base64 so
@@ -297,6 +298,80 @@ function assemble(name, source, features) {
 }
 const exact = assemble('fma-kernel.wat', wat, { simd: true });
 const fused = assemble('fma-kernel-fused.wat', fusedWat, { simd: true, relaxed_simd: true });
+// The forward pass's matmul: out[t, n] = Σ_k x[t, k] · w[n, k]. Each weight row is widened to fp32
+// once (bf16: the 16 bits shifted into the high half, which is exact) into a scratch row, then
+// dotted with every position's activations: four f32x4 accumulators (16 elements per step, enough
+// independent chains to hide the add latency), summed pairwise at the end.
+const matmulWat = `(module
+  (memory (export "memory") 1)
+  (func $widen (param $src i32) (param $dst i32) (param $k i32)
+    (local $i i32) (local $v v128)
+    (block $done (loop $l
+      (br_if $done (i32.gt_u (i32.add (local.get $i) (i32.const 8)) (local.get $k)))
+      (local.set $v (v128.load (i32.add (local.get $src) (i32.shl (local.get $i) (i32.const 1)))))
+      (v128.store (i32.add (local.get $dst) (i32.shl (local.get $i) (i32.const 2)))
+        (i32x4.shl (i32x4.extend_low_i16x8_u (local.get $v)) (i32.const 16)))
+      (v128.store offset=16 (i32.add (local.get $dst) (i32.shl (local.get $i) (i32.const 2)))
+        (i32x4.shl (i32x4.extend_high_i16x8_u (local.get $v)) (i32.const 16)))
+      (local.set $i (i32.add (local.get $i) (i32.const 8)))
+      (br $l)))
+    (block $done2 (loop $l2
+      (br_if $done2 (i32.ge_u (local.get $i) (local.get $k)))
+      (i32.store (i32.add (local.get $dst) (i32.shl (local.get $i) (i32.const 2)))
+        (i32.shl (i32.load16_u (i32.add (local.get $src) (i32.shl (local.get $i) (i32.const 1)))) (i32.const 16)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l2))))
+  (func $dot (param $a i32) (param $b i32) (param $k i32) (result f32)
+    (local $i i32) (local $o i32) (local $s0 v128) (local $s1 v128) (local $s2 v128) (local $s3 v128) (local $s f32)
+    (block $done (loop $l
+      (br_if $done (i32.gt_u (i32.add (local.get $i) (i32.const 16)) (local.get $k)))
+      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
+      ${range(4).map((g) => `(local.set $s${g} (f32x4.add (local.get $s${g}) (f32x4.mul
+        (v128.load offset=${16 * g} (i32.add (local.get $a) (local.get $o)))
+        (v128.load offset=${16 * g} (i32.add (local.get $b) (local.get $o))))))`).join('\n      ')}
+      (local.set $i (i32.add (local.get $i) (i32.const 16)))
+      (br $l)))
+    (local.set $s0 (f32x4.add (f32x4.add (local.get $s0) (local.get $s1)) (f32x4.add (local.get $s2) (local.get $s3))))
+    (local.set $s (f32.add
+      (f32.add (f32x4.extract_lane 0 (local.get $s0)) (f32x4.extract_lane 1 (local.get $s0)))
+      (f32.add (f32x4.extract_lane 2 (local.get $s0)) (f32x4.extract_lane 3 (local.get $s0)))))
+    (block $done2 (loop $l2
+      (br_if $done2 (i32.ge_u (local.get $i) (local.get $k)))
+      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
+      (local.set $s (f32.add (local.get $s) (f32.mul
+        (f32.load (i32.add (local.get $a) (local.get $o))) (f32.load (i32.add (local.get $b) (local.get $o))))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l2)))
+    (local.get $s))
+  ;; x: T×K f32; w: N×K (bf16 when $bf16, else f32); out: T×N f32; scratch: K f32.
+  (func (export "matmul") (param $x i32) (param $w i32) (param $out i32) (param $T i32) (param $K i32) (param $N i32) (param $bf16 i32) (param $scratch i32)
+    (local $n i32) (local $t i32) (local $row i32)
+    (block $dn (loop $ln
+      (br_if $dn (i32.ge_u (local.get $n) (local.get $N)))
+      (if (local.get $bf16)
+        (then
+          (call $widen (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 1))) (local.get $scratch) (local.get $K))
+          (local.set $row (local.get $scratch)))
+        (else (local.set $row (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 2))))))
+      (local.set $t (i32.const 0))
+      (block $dt (loop $lt
+        (br_if $dt (i32.ge_u (local.get $t) (local.get $T)))
+        (f32.store
+          (i32.add (local.get $out) (i32.shl (i32.add (i32.mul (local.get $t) (local.get $N)) (local.get $n)) (i32.const 2)))
+          (call $dot (i32.add (local.get $x) (i32.shl (i32.mul (local.get $t) (local.get $K)) (i32.const 2))) (local.get $row) (local.get $K)))
+        (local.set $t (i32.add (local.get $t) (i32.const 1)))
+        (br $lt)))
+      (local.set $n (i32.add (local.get $n) (i32.const 1)))
+      (br $ln))))
+)
+`;
+const matmul = assemble('matmul-kernel.wat', matmulWat, { simd: true });
+const matmulText = `// Generated by scripts/build-wasm.mjs (the WAT is there); do not edit.
+/** The forward pass's x · Wᵀ kernel (WebAssembly SIMD, f32x4; bf16 rows widened in the kernel), ${matmul.length} bytes. */
+export const MATMUL_KERNEL_WASM = '${matmul.toString('base64')}';
+`;
+const matmulTarget = join(root, 'src', 'tensor', 'matmul-kernel.wasm.ts');
+
 const text = `// Generated by scripts/build-wasm.mjs (the WAT is there); do not edit.
 /** The exact fp32 FMA-chain kernel (WebAssembly SIMD, f64 lanes), ${exact.length} bytes. */
 export const FMA_KERNEL_WASM = '${exact.toString('base64')}';
@@ -315,11 +390,19 @@ if (process.argv.includes('--check')) {
   } catch {
     // missing: stale
   }
-  if (old !== text) {
-    console.error(`${target} is stale: run node scripts/build-wasm.mjs`);
+  let oldMatmul = '';
+  try {
+    oldMatmul = readFileSync(matmulTarget, 'utf8');
+  } catch {
+    // missing: stale
+  }
+  if (old !== text || oldMatmul !== matmulText) {
+    console.error(`${old !== text ? target : matmulTarget} is stale: run node scripts/build-wasm.mjs`);
     process.exit(1);
   }
 } else {
   writeFileSync(target, text);
+  writeFileSync(matmulTarget, matmulText);
+  console.log(`wrote ${matmulTarget} (${matmul.length} bytes of wasm)`);
   console.log(`wrote ${target} (${exact.length} + ${fused.length} bytes of wasm)`);
 }

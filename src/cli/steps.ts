@@ -6,6 +6,8 @@ import { partLine } from './partition.js';
 import { pushLine } from './push.js';
 import { describePlan } from './convert.js';
 import { formatBytes } from '../util/size.js';
+import { formatLogitsReport } from './verify.js';
+import { EXIT_VERIFY_FAILED } from './exit.js';
 import { readdir } from 'node:fs/promises';
 
 export async function runStepsList(): Promise<void> {
@@ -40,7 +42,8 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
   // One conversion: end the JSON events and say whether it resumed.
   await rep.watch(Promise.resolve(r));
   if (f.json) {
-    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome, ...(r.push ? { push: r.push } : {}) }, null, 2) + '\n');
+    process.stdout.write(JSON.stringify({ step: name, params, plan: r.plan, seconds: r.seconds, bytesWritten: r.bytesWritten, dryRun: !!f.dryRun, outcome: r.outcome, ...(r.push ? { push: r.push } : {}), ...(r.logits ? { logits: r.logits } : {}) }, null, 2) + '\n');
+    if (r.logits && !r.logits.ok) process.exitCode = EXIT_VERIFY_FAILED;
     return;
   }
   if (f.dryRun) {
@@ -54,6 +57,10 @@ export async function runStepsRun(name: string, overrides: string[], f: { config
     return;
   }
   process.stdout.write(`${name}: wrote ${r.plan.target.path} (${formatBytes(r.bytesWritten)} in ${r.seconds.toFixed(2)} s)\n`);
+  if (r.logits) {
+    process.stdout.write(formatLogitsReport(r.logits));
+    if (!r.logits.ok) process.exitCode = EXIT_VERIFY_FAILED;
+  }
   if (r.push) process.stdout.write(pushLine(r.push));
 }
 

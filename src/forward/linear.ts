@@ -1,10 +1,11 @@
 /**
- * `y = x · Wᵀ` for a weight matrix read from the checkpoint in row blocks: each block is read while
- * the previous one is multiplied, so the pass runs at the pace of the slower of disk and CPU, and
- * memory holds two blocks whatever the matrix's size. The multiplications go to the worker pool
- * when it has threads (`tensor/matmul-pool.ts`), inline otherwise.
+ * `y = x · Wᵀ` for a weight matrix read from the checkpoint in row blocks: each block is read
+ * (into one of the store's two shared read slots) while the previous one is multiplied, so the
+ * pass runs at the pace of the slower of disk and CPU, and memory holds two blocks whatever the
+ * matrix's size. The multiplications (WebAssembly SIMD, `tensor/matmul-kernel.ts`) go to the
+ * worker pool when it has threads (`tensor/matmul-pool.ts`), inline otherwise.
  */
-import { matmulRows } from '../tensor/matmul-pool.js';
+import { matmulRows, sharedF32 } from '../tensor/matmul-pool.js';
 import type { WeightRef, WeightStore } from './weights.js';
 
 /**
@@ -15,20 +16,24 @@ export async function linear(store: WeightStore, w: WeightRef, x: Float32Array, 
   if (x.length !== T * K) throw new Error(`internal: ${w.name} takes ${K} inputs, activations have ${x.length / T}`);
   const [r0, r1] = range ?? [0, N];
   const n = r1 - r0;
-  const out = new Float32Array(T * n);
+  const xs = sharedF32(T * K);
+  xs.set(x);
+  const out = sharedF32(T * n);
   const per = store.rowsPerBlock(K);
   const blocks: Array<[number, number]> = [];
   for (let s = r0; s < r1; s += per) blocks.push([s, Math.min(r1, s + per)]);
-  let next = blocks.length ? store.rows(w, blocks[0]![0], blocks[0]![1] - blocks[0]![0]) : undefined;
-  const pending: Array<Promise<void>> = [];
+  const read = (b: number) => store.rawRows(w, blocks[b]![0], blocks[b]![1] - blocks[b]![0], (b % 2) as 0 | 1);
+  let next = blocks.length ? read(0) : undefined;
+  let inFlight: Promise<void> | undefined;
   for (let b = 0; b < blocks.length; b++) {
     const [s, e] = blocks[b]!;
     const rows = await next!;
-    next = b + 1 < blocks.length ? store.rows(w, blocks[b + 1]![0], blocks[b + 1]![1] - blocks[b + 1]![0]) : undefined;
-    pending.push(matmulRows(x, T, K, rows, e - s, out, n, s - r0));
-    // At most two blocks in flight on the pool beside the one being read.
-    if (pending.length >= 2) await pending.shift();
+    const job = matmulRows(xs, T, K, rows.bytes, rows.dtype, e - s, out, n, s - r0);
+    // Block b + 1 goes into the slot block b - 1 used: wait for that multiplication first.
+    await inFlight;
+    inFlight = job;
+    next = b + 1 < blocks.length ? read(b + 1) : undefined;
   }
-  await Promise.all(pending);
+  await inFlight;
   return out;
 }

@@ -4,12 +4,14 @@
  * fsdp_dtensor) run through its training args. Formats and architectures without a reference
  * forward are refused by name.
  */
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { detectFormat, openCheckpoint } from '../checkpoints/registry.js';
 import { commonArgs, openMegatron } from '../megatron/checkpoint.js';
 import { readTextFile } from '../io/file.js';
 import { badInput, unsupported } from '../util/errors.js';
 import type { ModelReader } from './decoder.js';
+import type { Routing } from './math.js';
 import { HF_DENSE_ARCHITECTURES, hfDense } from './hf-dense.js';
 import { HF_MOE_ARCHITECTURES, hfMoe } from './hf-moe.js';
 import { hfDims, hfNum, type HfConfig } from './hf-config.js';
@@ -66,17 +68,16 @@ export function hfConfigShape(cfg: HfConfig, file: string): MegatronShape {
   const mt = String(cfg.model_type);
   const experts = mt === 'mixtral' ? hfNum(cfg, 'num_local_experts', file) : mt === 'qwen3_moe' ? hfNum(cfg, cfg.num_experts === undefined ? 'num_local_experts' : 'num_experts', file) : 0;
   const dense = new Set(Array.isArray(cfg.mlp_only_layers) ? (cfg.mlp_only_layers as number[]) : []);
+  const rule: Routing['rule'] = mt === 'mixtral' || cfg.norm_topk_prob === true ? 'softmax-topk-renorm' : 'softmax-topk';
   return {
     dims: hfDims(cfg, file),
     layers: hfNum(cfg, 'num_hidden_layers', file),
     qkvBias: mt === 'qwen2' || cfg.attention_bias === true,
     qkNorm: mt === 'qwen3' || mt === 'qwen3_moe',
     tied: cfg.tie_word_embeddings === true,
-    ...(experts > 0
-      ? { moe: { experts, routing: { topK: hfNum(cfg, 'num_experts_per_tok', file), rule: mt === 'mixtral' || cfg.norm_topk_prob === true ? 'softmax-topk-renorm' : 'softmax-topk' }, isMoe: (i: number) => !dense.has(i) } }
-      : {}),
+    ...(experts > 0 ? { moe: { experts, routing: { topK: hfNum(cfg, 'num_experts_per_tok', file), rule }, isMoe: (i: number) => !dense.has(i) } } : {}),
     from: `${file} (no training args in the checkpoint)`,
-  } as MegatronShape;
+  };
 }
 
 export async function openForForward(path: string, opts: OpenForwardOptions): Promise<OpenedModel> {
@@ -117,10 +118,5 @@ export async function openForForward(path: string, opts: OpenForwardOptions): Pr
 }
 
 async function exists(file: string): Promise<boolean> {
-  try {
-    await readTextFile(file);
-    return true;
-  } catch {
-    return false;
-  }
+  return stat(file).then((s) => s.isFile(), () => false);
 }

@@ -57,16 +57,39 @@ export class WeightStore {
 
   /** Rows [r0, r0 + n) of the matrix (or elements of the vector) `r`, as fp32. */
   async rows(r: WeightRef, r0: number, n: number): Promise<Float32Array> {
+    const { bytes, dtype } = await this.rawRows(r, r0, n);
+    return toF32(bytes, dtype);
+  }
+
+  /**
+   * Two reusable shared read buffers for matrix blocks (`linear` alternates them), so a pass
+   * allocates nothing per block: a 70B pass would otherwise leave gigabytes of garbage buffers
+   * for a garbage collector that sees only a few megabytes of heap.
+   */
+  private readonly slots: Array<SharedArrayBuffer | undefined> = [undefined, undefined];
+
+  /**
+   * The same rows as raw bytes in the checkpoint's dtype (the matmul kernel widens them itself);
+   * with `slot`, read into that shared buffer (valid until the slot's next read).
+   */
+  async rawRows(r: WeightRef, r0: number, n: number, slot?: 0 | 1): Promise<{ bytes: Uint8Array; dtype: DType }> {
     const t = this.tensor(r.name);
     const inner = this.shape(r);
     const rest = inner.slice(1);
     const start = [...r.lead, r0, ...rest.map(() => 0)];
     const size = [...r.lead.map(() => 1), n, ...rest];
     const numel = size.reduce((a, b) => a * b, 1);
-    const raw = new Uint8Array(byteLength(t.dtype, numel));
+    const len = byteLength(t.dtype, numel);
+    let raw: Uint8Array;
+    if (slot === undefined) raw = new Uint8Array(len);
+    else {
+      let buf = this.slots[slot];
+      if (!buf || buf.byteLength < len) this.slots[slot] = buf = new SharedArrayBuffer(Math.max(len, Math.min(this.blockBytes, 2 * len)));
+      raw = new Uint8Array(buf, 0, len);
+    }
     await t.read({ start, size }, raw);
     this.bytesRead += raw.byteLength;
-    return toF32(raw, t.dtype);
+    return { bytes: raw, dtype: t.dtype };
   }
 
   /** A whole vector (or small matrix) of the stack. */

@@ -3,6 +3,7 @@
  * file, every entry that cannot be carried — built and checked before a byte is written, then run
  * through the bounded-memory executor into an atomic output.
  */
+import type { LogitsReport } from './logits.js';
 import type { PushResult } from '../hub/push.js';
 import type { Skipped } from '../bridge/map.js';
 import { stat } from 'node:fs/promises';
@@ -61,6 +62,8 @@ export interface ConvertResult {
   readonly outcome: 'dry-run' | OutputOutcome;
   /** The hub commit, when the step pushed its output (`push_to_hub`). */
   readonly push?: PushResult;
+  /** The logits comparison, when the step ran one (`verify_logits`). */
+  readonly logits?: LogitsReport;
 }
 
 /** File extensions of single-file checkpoints, by the format they name. */

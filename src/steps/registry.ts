@@ -13,6 +13,7 @@ import { join, resolve } from 'node:path';
 import { stat } from 'node:fs/promises';
 import { openHubSource, type HubSource } from '../plan/hub-source.js';
 import { iterationTarget, pushOutput } from '../plan/push.js';
+import { verifyLogits } from '../plan/logits.js';
 import { looksLikeModelId } from '../hub/repo.js';
 import { ShardshiftError, badInput, ioError, isErrno, usage } from '../util/errors.js';
 import { UnpicklingError } from '../pickle/index.js';
@@ -110,6 +111,18 @@ const COMMON: Record<string, ParamSpec> = {
   overwrite: { type: 'bool', description: 'replace an existing output (never the source)', default: false },
 };
 
+/** The keys of the HF ↔ Megatron steps that check the finished output's logits against the source. */
+const LOGITS: Record<string, ParamSpec> = {
+  verify_logits: { type: 'bool', description: 'after converting, run verify --logits on the output against the source (exit 3 when the logits disagree)', default: false },
+  verify_positions: { type: 'int', description: 'with verify_logits: positions compared', default: 8 },
+};
+
+/** `r` with its logits comparison when `verify_logits` asks (never for a dry run or a part run). */
+async function logitsChecked(r: ConvertResult, src: string, p: StepParams): Promise<ConvertResult> {
+  if (!p.verify_logits || r.outcome === 'dry-run' || r.outcome === 'part-written') return r;
+  return { ...r, logits: await verifyLogits(r.plan.target.path, { against: src, positions: p.verify_positions as number, maxMemory: p.max_memory as number }) };
+}
+
 /** The hub keys every converting step takes. */
 const PUSH: Record<string, ParamSpec> = {
   push_to_hub: { type: 'string', description: 'upload the finished output to the hub as one commit: org/name[@branch] (with iterations=: each checkpoint to its own branch, [<branch>-]<iter_*>)', default: null },
@@ -118,7 +131,8 @@ const PUSH: Record<string, ParamSpec> = {
 
 /** `r` with its output pushed when `push_to_hub` asks (a dry run or a part run pushes nothing). */
 async function pushed(r: ConvertResult, p: StepParams, ctx: StepContext, target = p.push_to_hub as string | null): Promise<ConvertResult> {
-  if (!target || r.outcome === 'dry-run' || r.outcome === 'part-written') return r;
+  // An output whose logits disagree with the source's is not published.
+  if (!target || r.outcome === 'dry-run' || r.outcome === 'part-written' || r.logits?.ok === false) return r;
   return { ...r, push: await pushOutput(r.plan.target.path, target, { createRepo: p.create_repo as boolean, env: ctx.env }) };
 }
 
@@ -141,6 +155,7 @@ const hfToMegatron: Step = {
     iteration: { type: 'int', description: 'iteration number of the output', default: 0 },
     ckpt_format: { type: 'string', description: 'Megatron checkpoint format', default: 'torch_dist', choices: [...CKPT_FORMATS] },
     max_disk: { type: 'size', description: 'a hub model id: most bytes of source on disk at once (tensor ranges fetched as read, deleted once read); default: shards into the HF cache, kept', default: null },
+    ...LOGITS,
     ...PUSH,
     ...COMMON,
   },
@@ -156,7 +171,8 @@ const hfToMegatron: Step = {
     try {
       if (!onDisk && looksLikeModelId(id) && !offline) hub = await openHubSource(id, { env: ctx.env, maxDisk, spoolDir: `${resolve(out)}.source-spool`, log: ctx.log, onEvent: (e) => (e.kind === 'downloaded' ? ctx.log?.(`downloaded ${id}/${e.file}`) : undefined) });
       const src = hub ? hub.dir : await ctx.resolveModel(id, 'all');
-      return await pushed(await convertHfToMegatron(src, out, { weights: hub?.source,
+      if (p.verify_logits && hub) throw usage('verify_logits needs the source on local disk (a streamed hub source is not kept to read again)');
+      return await pushed(await logitsChecked(await convertHfToMegatron(src, out, { weights: hub?.source,
       dtype: dtypeOf(p),
       tp: p['parallel.tp'] as number,
       pp: p['parallel.pp'] as number,
@@ -170,7 +186,7 @@ const hfToMegatron: Step = {
       overwrite: p.overwrite as boolean,
       dryRun: ctx.dryRun,
       onProgress: ctx.onProgress,
-      }), p, ctx);
+      }), src, p), p, ctx);
     } finally {
       await hub?.source.close();
     }
@@ -187,6 +203,7 @@ const megatronToHf: Step = {
     hf_path: { type: 'string', description: 'output HF directory (default: <output base>/<checkpoint>-hf)', default: null },
     dtype: { ...DTYPE, default: null, description: 'weight dtype of the output (default: the HF config\'s torch_dtype, else bfloat16)' },
     quantize: { type: 'string', description: 'write the weights the hub stores quantized in that layout (mxfp4: GPT-OSS experts, as transformers\' quantize_to_mxfp4; fp8: DeepSeek-V3\'s block-scaled weights)', default: null, choices: ['mxfp4', 'fp8'] },
+    ...LOGITS,
     ...PUSH,
     ...COMMON,
   },
@@ -204,7 +221,8 @@ const megatronToHf: Step = {
       onProgress: ctx.onProgress,
     });
     const run = String(p.megatron_path);
-    if (p.iterations === null) return pushed(await one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false), p, ctx);
+    if (p.iterations === null) return pushed(await logitsChecked(await one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false), run, p), p, ctx);
+    if (p.verify_logits) throw usage('verify_logits checks one conversion; with iterations=, run verify --logits on the outputs you care about');
     // Many saves of one run, one output each (hf_path/<iter_*>, or <base>/<run>-<iter_*>-hf): a
     // finished output of the same conversion is kept (verified, not redone), a partial one resumed.
     const items: BatchItem[] = [];

@@ -1,58 +1,82 @@
 /**
- * Runs a block of the reference forward's matmul (`matmul.ts`) on the task pool: activations and
- * weight rows are copied into one SharedArrayBuffer, a worker writes the products into it, and the
- * result is copied out. Small blocks (and a pool with no threads) run inline.
+ * Runs blocks of the reference forward's matmul (`matmul-kernel.ts`) on the task pool. The
+ * activations, the weight rows (raw, in the checkpoint's dtype, read straight into a shared
+ * buffer) and the output are SharedArrayBuffers the workers read and write in place, so the main
+ * thread copies nothing; each worker takes a share of the block's rows. Small blocks, and a pool
+ * with no threads, run inline.
  */
-import { matmulRowsJs } from './matmul.js';
+import type { DType } from './dtype.js';
+import { byteLength } from './dtype.js';
+import { matmulWasm } from './matmul-kernel.js';
 import { poolThreads, runOnPool, type PoolTask } from './pool.js';
 
-/** A worker's share: out = x · wᵀ, all three in `arena` (fp32, at the given element offsets). */
+/** A worker's share: rows [n0, n0 + N) of the block in `w` against all of `x`, into `out`. */
 export interface MatmulTask extends PoolTask {
   readonly kind: 'matmul';
-  readonly arena: SharedArrayBuffer;
   readonly T: number;
   readonly K: number;
   readonly N: number;
-  readonly x: number;
-  readonly w: number;
-  readonly out: number;
+  readonly dtype: DType;
+  readonly x: SharedArrayBuffer;
+  readonly w: SharedArrayBuffer;
+  readonly wOffset: number;
+  readonly out: SharedArrayBuffer;
+  readonly outStride: number;
+  /** Element offset in `out` of this share's first column. */
+  readonly outCol: number;
 }
 
 /** Multiply-adds below which a block is not worth the trip to a worker. */
-const POOL_MIN_MACS = 1 << 18;
+const POOL_MIN_MACS = 1 << 20;
 
 export function runMatmulTask(t: MatmulTask): number {
-  const f = new Float32Array(t.arena);
-  matmulRowsJs(f.subarray(t.x, t.x + t.T * t.K), t.T, t.K, f.subarray(t.w, t.w + t.N * t.K), t.N, f.subarray(t.out, t.out + t.T * t.N), t.N, 0);
+  const w = new Uint8Array(t.w, t.wOffset, byteLength(t.dtype, t.N * t.K));
+  matmulWasm(new Float32Array(t.x, 0, t.T * t.K), t.T, t.K, w, t.dtype, t.N, new Float32Array(t.out), t.outStride, t.outCol);
   return t.T * t.N;
 }
 
-/** out[t * outStride + outCol + n] = Σ_k x[t, k] · w[n, k] for the N rows of `w`. */
-export async function matmulRows(x: Float32Array, T: number, K: number, w: Float32Array, N: number, out: Float32Array, outStride: number, outCol: number): Promise<void> {
+/** Shared views the pool path needs: `x` and `out` over SharedArrayBuffers, `w` a view of one. */
+export interface SharedOperands {
+  readonly x: Float32Array;
+  readonly w: Uint8Array;
+  readonly out: Float32Array;
+}
+
+export function sharedF32(n: number): Float32Array {
+  return new Float32Array(new SharedArrayBuffer(4 * n));
+}
+
+/**
+ * out[t * outStride + outCol + n] = Σ_k x[t, k] · w[n, k] for the N rows of `w` (raw bytes of
+ * `dtype`). On the pool when `x`, `w` and `out` live in SharedArrayBuffers and the block is big.
+ */
+export async function matmulRows(x: Float32Array, T: number, K: number, w: Uint8Array, dtype: DType, N: number, out: Float32Array, outStride: number, outCol: number): Promise<void> {
   const threads = poolThreads();
-  if (threads <= 0 || T * K * N < POOL_MIN_MACS) {
-    matmulRowsJs(x, T, K, w, N, out, outStride, outCol);
+  const shared = x.buffer instanceof SharedArrayBuffer && w.buffer instanceof SharedArrayBuffer && out.buffer instanceof SharedArrayBuffer && x.byteOffset === 0 && out.byteOffset === 0;
+  if (threads <= 0 || !shared || T * K * N < POOL_MIN_MACS) {
+    matmulWasm(x, T, K, w, dtype, N, out, outStride, outCol);
     return;
   }
-  // One task per thread, splitting the rows, so every core works on each block.
-  const parts = Math.min(threads, Math.ceil(N / 8));
+  const parts = Math.min(threads, Math.ceil(N / 16));
   const per = Math.ceil(N / parts);
-  const jobs: Array<Promise<void>> = [];
-  for (let p = 0; p < parts; p++) {
-    const n0 = p * per;
+  const rowBytes = byteLength(dtype, K);
+  const jobs: Array<Promise<number>> = [];
+  for (let n0 = 0; n0 < N; n0 += per) {
     const n = Math.min(N, n0 + per) - n0;
-    if (n <= 0) break;
-    const arena = new SharedArrayBuffer(4 * (T * K + n * K + T * n));
-    const f = new Float32Array(arena);
-    f.set(x, 0);
-    f.set(w.subarray(n0 * K, (n0 + n) * K), T * K);
-    const task: MatmulTask = { kind: 'matmul', arena, T, K, N: n, x: 0, w: T * K, out: T * K + n * K };
-    jobs.push(
-      runOnPool(task).then(() => {
-        const r = f.subarray(task.out, task.out + T * n);
-        for (let t = 0; t < T; t++) out.set(r.subarray(t * n, (t + 1) * n), t * outStride + outCol + n0);
-      }),
-    );
+    const task: MatmulTask = {
+        kind: 'matmul',
+        T,
+        K,
+        N: n,
+        dtype,
+        x: x.buffer as SharedArrayBuffer,
+        w: w.buffer as SharedArrayBuffer,
+        wOffset: w.byteOffset + n0 * rowBytes,
+        out: out.buffer as SharedArrayBuffer,
+        outStride,
+        outCol: outCol + n0,
+    };
+    jobs.push(runOnPool(task));
   }
   await Promise.all(jobs);
 }

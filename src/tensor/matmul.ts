@@ -1,9 +1,7 @@
 /**
- * The reference forward pass's one heavy kernel: `out[t, n] = Σ_k x[t, k] · w[n, k]` for a block
- * of weight rows against every prompt position at once (so each weight row is read from memory
- * once per layer, whatever the number of positions). Accumulates in float64 (JS numbers), so the
- * result is at least as accurate as torch's fp32 GEMM it is compared with; the WASM SIMD kernel
- * (`matmul-kernel.ts`) is the fast path with four fp32 lanes and a float64 final sum.
+ * The plain-JavaScript statement of the reference forward's matmul, `out[t, n] = Σ_k x[t, k] ·
+ * w[n, k]` (float64 sums): what the WebAssembly kernel (`matmul-kernel.ts`) computes, kept as the
+ * specification its unit test checks it against.
  */
 
 /**

@@ -215,3 +215,18 @@ test('bad input: vocabularies that differ, too many positions, no reference forw
   assert.match(noAgainst.stderr, /needs --against/);
   for (const r of [vocab, long, un, noTok, lg, noAgainst]) assert.doesNotMatch(r.stderr, /undefined|\n\s+at /);
 });
+
+test('the steps take verify_logits=true: both directions report the comparison (text and JSON)', async () => {
+  const hf = await model('qwen2');
+  const meg = join(tmp, 'step.megatron');
+  const r = await runCli(['steps', 'run', 'convert/hf_to_megatron', `hf_model_id=${hf}`, `megatron_path=${meg}`, 'dtype=float32', 'verify_logits=true', 'verify_positions=5']);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.match(r.stdout, /logits agree: .* computes the same model as/);
+  assert.equal(r.stdout.match(/^ {2}\d {5,}/gm)?.length, 5, 'five positions compared');
+  const back = join(tmp, 'step.hf');
+  const j = await runCli(['steps', 'run', 'convert/megatron_to_hf', `megatron_path=${meg}`, `hf_path=${back}`, `hf_model_id=${hf}`, 'dtype=float32', 'verify_logits=true', '--json']);
+  assert.equal(j.code, 0, j.stdout + j.stderr);
+  const out = JSON.parse(j.stdout) as { logits: LogitsReport };
+  assert.equal(out.logits.ok, true);
+  assert.equal(out.logits.comparison.maxAbs, 0);
+});
