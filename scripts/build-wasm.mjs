@@ -298,10 +298,11 @@ function assemble(name, source, features) {
 }
 const exact = assemble('fma-kernel.wat', wat, { simd: true });
 const fused = assemble('fma-kernel-fused.wat', fusedWat, { simd: true, relaxed_simd: true });
-// The forward pass's matmul: out[t, n] = Σ_k x[t, k] · w[n, k]. Each weight row is widened to fp32
-// once (bf16: the 16 bits shifted into the high half, which is exact) into a scratch row, then
-// dotted with every position's activations: four f32x4 accumulators (16 elements per step, enough
-// independent chains to hide the add latency), summed pairwise at the end.
+// The forward pass's matmul: out[t, n] = Σ_k x[t, k] · w[n, k]. Weight rows are widened to fp32
+// four at a time (bf16: the 16 bits shifted into the high half, which is exact) into scratch rows,
+// then dotted with every position's activations, the four rows together: one f32x4 accumulator per
+// row (four independent chains), one load of x per four multiply-adds; lanes summed pairwise at
+// the end. The last N mod 4 rows go through a single-row dot with four accumulators.
 const matmulWat = `(module
   (memory (export "memory") 1)
   (func $widen (param $src i32) (param $dst i32) (param $k i32)
@@ -343,26 +344,67 @@ const matmulWat = `(module
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
       (br $l2)))
     (local.get $s))
-  ;; x: T×K f32; w: N×K (bf16 when $bf16, else f32); out: T×N f32; scratch: K f32.
+  ;; Four rows at once against one position: one load of x feeds four multiply-adds (a row's
+  ;; dot product would load x and w once each per multiply-add and wait on memory).
+  (func $dot4 (param $a i32) (param $r0 i32) (param $r1 i32) (param $r2 i32) (param $r3 i32) (param $k i32) (param $out i32)
+    (local $i i32) (local $o i32) (local $xv v128) (local $xs f32)
+    (local $a0 v128) (local $a1 v128) (local $a2 v128) (local $a3 v128)
+    (local $s0 f32) (local $s1 f32) (local $s2 f32) (local $s3 f32)
+    (block $done (loop $l
+      (br_if $done (i32.gt_u (i32.add (local.get $i) (i32.const 4)) (local.get $k)))
+      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
+      (local.set $xv (v128.load (i32.add (local.get $a) (local.get $o))))
+      ${range(4).map((r) => `(local.set $a${r} (f32x4.add (local.get $a${r}) (f32x4.mul (local.get $xv) (v128.load (i32.add (local.get $r${r}) (local.get $o))))))`).join('\n      ')}
+      (local.set $i (i32.add (local.get $i) (i32.const 4)))
+      (br $l)))
+    ${range(4).map((r) => `(local.set $s${r} (f32.add
+      (f32.add (f32x4.extract_lane 0 (local.get $a${r})) (f32x4.extract_lane 1 (local.get $a${r})))
+      (f32.add (f32x4.extract_lane 2 (local.get $a${r})) (f32x4.extract_lane 3 (local.get $a${r})))))`).join('\n    ')}
+    (block $done2 (loop $l2
+      (br_if $done2 (i32.ge_u (local.get $i) (local.get $k)))
+      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
+      (local.set $xs (f32.load (i32.add (local.get $a) (local.get $o))))
+      ${range(4).map((r) => `(local.set $s${r} (f32.add (local.get $s${r}) (f32.mul (local.get $xs) (f32.load (i32.add (local.get $r${r}) (local.get $o))))))`).join('\n      ')}
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l2)))
+    ${range(4).map((r) => `(f32.store offset=${4 * r} (local.get $out) (local.get $s${r}))`).join('\n    ')})
+  (func $row (param $w i32) (param $n i32) (param $K i32) (param $bf16 i32) (param $scratch i32) (result i32)
+    (if (result i32) (local.get $bf16)
+      (then
+        (call $widen (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 1))) (local.get $scratch) (local.get $K))
+        (local.get $scratch))
+      (else (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 2))))))
+  ;; x: T×K f32; w: N×K (bf16 when $bf16, else f32); out: T×N f32; scratch: 4·K f32.
   (func (export "matmul") (param $x i32) (param $w i32) (param $out i32) (param $T i32) (param $K i32) (param $N i32) (param $bf16 i32) (param $scratch i32)
-    (local $n i32) (local $t i32) (local $row i32)
+    (local $n i32) (local $t i32) (local $r0 i32) (local $r1 i32) (local $r2 i32) (local $r3 i32) (local $kb i32) (local $row i32)
+    (local.set $kb (i32.shl (local.get $K) (i32.const 2)))
     (block $dn (loop $ln
-      (br_if $dn (i32.ge_u (local.get $n) (local.get $N)))
-      (if (local.get $bf16)
-        (then
-          (call $widen (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 1))) (local.get $scratch) (local.get $K))
-          (local.set $row (local.get $scratch)))
-        (else (local.set $row (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 2))))))
+      (br_if $dn (i32.gt_u (i32.add (local.get $n) (i32.const 4)) (local.get $N)))
+      ${range(4).map((r) => `(local.set $r${r} (call $row (local.get $w) (i32.add (local.get $n) (i32.const ${r})) (local.get $K) (local.get $bf16) (i32.add (local.get $scratch) (i32.mul (local.get $kb) (i32.const ${r})))))`).join('\n      ')}
       (local.set $t (i32.const 0))
       (block $dt (loop $lt
         (br_if $dt (i32.ge_u (local.get $t) (local.get $T)))
-        (f32.store
-          (i32.add (local.get $out) (i32.shl (i32.add (i32.mul (local.get $t) (local.get $N)) (local.get $n)) (i32.const 2)))
-          (call $dot (i32.add (local.get $x) (i32.shl (i32.mul (local.get $t) (local.get $K)) (i32.const 2))) (local.get $row) (local.get $K)))
+        (call $dot4 (i32.add (local.get $x) (i32.mul (local.get $t) (local.get $kb)))
+          (local.get $r0) (local.get $r1) (local.get $r2) (local.get $r3) (local.get $K)
+          (i32.add (local.get $out) (i32.shl (i32.add (i32.mul (local.get $t) (local.get $N)) (local.get $n)) (i32.const 2))))
         (local.set $t (i32.add (local.get $t) (i32.const 1)))
         (br $lt)))
+      (local.set $n (i32.add (local.get $n) (i32.const 4)))
+      (br $ln)))
+    ;; The last N mod 4 rows one at a time.
+    (block $dn1 (loop $ln1
+      (br_if $dn1 (i32.ge_u (local.get $n) (local.get $N)))
+      (local.set $row (call $row (local.get $w) (local.get $n) (local.get $K) (local.get $bf16) (local.get $scratch)))
+      (local.set $t (i32.const 0))
+      (block $dt1 (loop $lt1
+        (br_if $dt1 (i32.ge_u (local.get $t) (local.get $T)))
+        (f32.store
+          (i32.add (local.get $out) (i32.shl (i32.add (i32.mul (local.get $t) (local.get $N)) (local.get $n)) (i32.const 2)))
+          (call $dot (i32.add (local.get $x) (i32.mul (local.get $t) (local.get $kb))) (local.get $row) (local.get $K)))
+        (local.set $t (i32.add (local.get $t) (i32.const 1)))
+        (br $lt1)))
       (local.set $n (i32.add (local.get $n) (i32.const 1)))
-      (br $ln))))
+      (br $ln1))))
 )
 `;
 const matmul = assemble('matmul-kernel.wat', matmulWat, { simd: true });

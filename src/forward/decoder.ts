@@ -20,6 +20,11 @@ export interface DecoderDims {
   readonly headDim: number;
   /** The real vocabulary (logits beyond it, e.g. Megatron's padding rows, are not computed). */
   readonly vocab: number;
+  /**
+   * Set when only the padded vocabulary is known (Megatron-LM args without `vocab_size`): the
+   * other side's vocabulary, if not larger, is taken as the real one.
+   */
+  readonly vocabPaddedOnly?: boolean;
   readonly eps: number;
   readonly rope: RopeSpec;
   readonly maxPositions: number;
@@ -71,8 +76,9 @@ export interface ForwardProgress {
   readonly layers: number;
 }
 
-/** Logits [T, vocab] for `tokens` at positions 0 … T-1. */
-export async function forwardLogits(m: ModelReader, tokens: readonly number[], onLayer?: (p: ForwardProgress) => void): Promise<Float32Array> {
+/** Logits [T, vocab] for `tokens` at positions 0 … T-1 (`vocab`: the model's own unless given). */
+export async function forwardLogits(m: ModelReader, tokens: readonly number[], opts: { vocab?: number; onLayer?: (p: ForwardProgress) => void } = {}): Promise<Float32Array> {
+  const onLayer = opts.onLayer;
   const { dims, store } = m;
   const T = tokens.length;
   const H = dims.hidden;
@@ -97,7 +103,7 @@ export async function forwardLogits(m: ModelReader, tokens: readonly number[], o
     onLayer?.({ layer: i + 1, layers: m.layers });
   }
   const hn = rmsNorm(x, H, await store.whole(m.finalNorm), dims.eps);
-  return linear(store, m.lmHead, hn, T, [0, dims.vocab]);
+  return linear(store, m.lmHead, hn, T, [0, opts.vocab ?? dims.vocab]);
 }
 
 async function swigluMlp(store: WeightStore, r: SwigluReader, x: Float32Array, T: number): Promise<Float32Array> {

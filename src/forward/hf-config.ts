@@ -26,6 +26,7 @@ export function hfDims(cfg: HfConfig, file: string): DecoderDims {
   const partial = typeof rp?.partial_rotary_factor === 'number' ? rp.partial_rotary_factor : hfNum(cfg, 'partial_rotary_factor', file, 1);
   const rotaryDim = Math.floor(headDim * partial);
   if (cfg.hidden_act !== undefined && cfg.hidden_act !== 'silu') throw unsupported(`${file}: hidden_act ${JSON.stringify(cfg.hidden_act)}; the reference forward computes SwiGLU (silu)`, file);
+  if (cfg.attention_bias === true && cfg.model_type !== 'qwen2') throw unsupported(`${file}: attention_bias (an o_proj bias) has no reference forward yet`, file);
   if (cfg.mlp_bias === true) throw unsupported(`${file}: mlp_bias is set; the reference forward has no MLP biases`, file);
   const window = (cfg.use_sliding_window ?? true) && typeof cfg.sliding_window === 'number' ? cfg.sliding_window : undefined;
   if (window !== undefined && cfg.model_type !== 'mistral' && cfg.model_type !== 'mixtral') {

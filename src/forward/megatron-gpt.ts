@@ -70,6 +70,10 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
   const scale = get('moe_router_topk_scaling_factor');
   if (scale !== undefined && scale !== null && scale !== 1) refuse('moe_router_topk_scaling_factor');
   if (get('multi_latent_attention') === true) refuse('multi-latent attention');
+  if (flag('rotary_interleaved')) refuse('rotary_interleaved (RoFormer-style pairs)');
+  if (flag('qk_l2_norm')) refuse('qk_l2_norm');
+  const groups = get('moe_router_num_groups');
+  if (typeof groups === 'number' && groups > 1) refuse('group-limited routing (moe_router_num_groups)');
   if (num('mtp_num_layers', 0) > 0) refuse('multi-token prediction layers');
 
   const hidden = num('hidden_size');
@@ -84,7 +88,9 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
   };
   const experts = num('num_experts', 0);
   const freq = get('moe_layer_freq') ?? 1;
+  if (!Array.isArray(freq) && typeof freq !== 'number') refuse(`moe_layer_freq ${JSON.stringify(freq)} (a list or an interval is read)`);
   const isMoe = Array.isArray(freq) ? (i: number) => freq[i] === 1 : (i: number) => i % (freq as number) === 0;
+  const vocab = get('vocab_size');
   const window = get('window_size');
   return {
     dims: {
@@ -92,7 +98,8 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
       heads,
       kvHeads: flag('group_query_attention') ? num('num_query_groups') : heads,
       headDim,
-      vocab: num('vocab_size', num('padded_vocab_size', 0)),
+      vocab: typeof vocab === 'number' ? vocab : num('padded_vocab_size'),
+      ...(typeof vocab === 'number' ? {} : { vocabPaddedOnly: true }),
       eps: num('norm_epsilon', 1e-5),
       rope,
       maxPositions: num('max_position_embeddings', Number.MAX_SAFE_INTEGER),

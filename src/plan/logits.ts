@@ -12,7 +12,7 @@
  * docs in the README).
  */
 import { compareLogits, type LogitsComparison } from '../forward/compare.js';
-import { forwardLogits, type ForwardProgress } from '../forward/decoder.js';
+import { forwardLogits, type DecoderDims, type ForwardProgress } from '../forward/decoder.js';
 import { openForForward, type OpenedModel } from '../forward/open.js';
 import { loadTokenizer, type TextTokenizer } from '../forward/tokenizer.js';
 import type { DType } from '../tensor/dtype.js';
@@ -85,6 +85,16 @@ function toleranceFor(a: DType, b: DType): LogitsTolerance & { basis: string } {
   return { ...DEFAULT_TOLERANCE[coarse], basis: `${a} vs ${b}: the ${coarse} rounding bound` };
 }
 
+/**
+ * The vocabulary both sides share: equal real vocabularies, or a side that knows only its padded
+ * vocabulary (Megatron-LM args without `vocab_size`) taking the other's real one when it fits.
+ */
+function agreedVocab(a: DecoderDims, b: DecoderDims): number | undefined {
+  if (a.vocabPaddedOnly === b.vocabPaddedOnly) return a.vocab === b.vocab ? a.vocab : undefined;
+  const [padded, real] = a.vocabPaddedOnly ? [a, b] : [b, a];
+  return real.vocab <= padded.vocab ? real.vocab : undefined;
+}
+
 function defaultTokens(vocab: number, n: number): number[] {
   // Spread over the vocabulary (a multiplicative walk), so many embedding rows are exercised.
   return Array.from({ length: n }, (_x, i) => (1 + i * 7919) % vocab);
@@ -92,7 +102,7 @@ function defaultTokens(vocab: number, n: number): number[] {
 
 export async function verifyLogits(out: string, opts: LogitsOptions): Promise<LogitsReport> {
   const maxMemory = opts.maxMemory ?? 1 << 30;
-  // Two row blocks in flight (one read, one multiplied), each raw + fp32, plus the pool's copies.
+  // Two read slots of one block each; each worker's kernel memory holds its share of a block.
   const blockBytes = Math.max(1 << 16, Math.floor(maxMemory / 8));
   const src = await openForForward(opts.against, { blockBytes, hfModel: opts.hfModel });
   let dst: OpenedModel | undefined;
@@ -100,7 +110,8 @@ export async function verifyLogits(out: string, opts: LogitsOptions): Promise<Lo
     dst = await openForForward(out, { blockBytes, hfModel: opts.hfModel });
     const a = src.model.dims;
     const b = dst.model.dims;
-    if (a.vocab !== b.vocab) throw badInput(`the vocabularies differ: ${opts.against} has ${a.vocab} tokens (${src.config}), ${out} has ${b.vocab} (${dst.config})`, out);
+    const vocab = agreedVocab(a, b);
+    if (vocab === undefined) throw badInput(`the vocabularies differ: ${opts.against} has ${a.vocab} tokens (${src.config}), ${out} has ${b.vocab} (${dst.config})`, out);
     let tok: TextTokenizer | undefined;
     let tokens: number[];
     if (opts.tokens && opts.prompt !== undefined) throw usage('give --tokens or --prompt, not both');
@@ -108,29 +119,29 @@ export async function verifyLogits(out: string, opts: LogitsOptions): Promise<Lo
     else if (opts.prompt !== undefined || opts.generate) {
       tok = (await loadTokenizer(src.model.store.source.root)) ?? (await loadTokenizer(dst.model.store.source.root));
       if (opts.prompt !== undefined && !tok) throw badInput(`--prompt needs a tokenizer.json beside ${opts.against} or ${out}; give --tokens instead`, opts.against);
-      tokens = opts.prompt !== undefined ? tok!.encode(opts.prompt) : defaultTokens(a.vocab, opts.positions ?? DEFAULT_POSITIONS);
-    } else tokens = defaultTokens(a.vocab, opts.positions ?? DEFAULT_POSITIONS);
+      tokens = opts.prompt !== undefined ? tok!.encode(opts.prompt) : defaultTokens(vocab, opts.positions ?? DEFAULT_POSITIONS);
+    } else tokens = defaultTokens(vocab, opts.positions ?? DEFAULT_POSITIONS);
     if (opts.positions !== undefined && tokens.length > opts.positions) tokens = tokens.slice(0, opts.positions);
     if (tokens.length === 0) throw usage('no tokens to run (an empty prompt?)');
-    const bad = tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= a.vocab);
-    if (bad !== undefined) throw usage(`token id ${bad} is outside the vocabulary (0 … ${a.vocab - 1})`);
+    const bad = tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
+    if (bad !== undefined) throw usage(`token id ${bad} is outside the vocabulary (0 … ${vocab - 1})`);
     const maxPos = Math.min(a.maxPositions, b.maxPositions);
     const total = tokens.length + (opts.generate ?? 0);
     if (total > maxPos) throw usage(`${tokens.length} prompt positions${opts.generate ? ` + ${opts.generate} generated` : ''} exceed the model's ${maxPos} positions`);
 
     const run = async (m: OpenedModel, side: 'source' | 'output', ids: number[], step: number, steps: number) =>
-      forwardLogits(m.model, ids, (p: ForwardProgress) => opts.onProgress?.({ side, step, steps, ...p }));
+      forwardLogits(m.model, ids, { vocab, onLayer: (p: ForwardProgress) => opts.onProgress?.({ side, step, steps, ...p }) });
     const steps = 1 + (opts.generate ?? 0);
     const t0 = performance.now();
     const refLogits = await run(src, 'source', tokens, 1, steps);
     const t1 = performance.now();
     const outLogits = await run(dst, 'output', tokens, 1, steps);
     const t2 = performance.now();
-    const comparison = compareLogits(refLogits, outLogits, tokens, a.vocab);
+    const comparison = compareLogits(refLogits, outLogits, tokens, vocab);
 
     let generated: LogitsReport['generated'];
     if (opts.generate) {
-      const last = (l: Float32Array, T: number) => argmaxRow(l, T - 1, a.vocab);
+      const last = (l: Float32Array, T: number) => argmaxRow(l, T - 1, vocab);
       const gs = [last(refLogits, tokens.length)];
       const go = [last(outLogits, tokens.length)];
       for (let s = 1; s < opts.generate; s++) {

@@ -1,6 +1,6 @@
 /**
  * The reference forward pass's x · Wᵀ in WebAssembly SIMD (`matmul-kernel.wasm.ts`, WAT in
- * `scripts/build-wasm.mjs`): four f32x4 accumulators per dot product, bf16 weight rows widened
+ * `scripts/build-wasm.mjs`): four weight rows against one position at a time, an f32x4 accumulator each, bf16 weight rows widened
  * to fp32 inside the kernel (exact: a bf16 is the high half of an fp32), other dtypes cast to fp32
  * first. One instance per thread, its memory grown to the largest block seen.
  *
@@ -47,7 +47,7 @@ export function matmulWasm(x: Float32Array, T: number, K: number, w: Uint8Array,
   const wOff = align(xOff + T * K * 4);
   const oOff = align(wOff + raw.byteLength);
   const sOff = align(oOff + T * N * 4);
-  const need = sOff + K * 4;
+  const need = sOff + 4 * K * 4;
   const have = k.memory.buffer.byteLength;
   if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
   const mem = k.memory.buffer;
