@@ -39,23 +39,35 @@ export interface Qkv {
   readonly v: Float32Array;
 }
 
-export interface AttentionReader {
-  readonly norm: WeightRef;
+/**
+ * The attention of one tensor-parallel rank (or of the whole model: one shard): its query and
+ * key/value heads, and the rows of the output projection that take its heads (a row-parallel
+ * linear, [hidden, heads·hd]); the shards' outputs are summed, as the all-reduce does.
+ */
+export interface AttentionShard {
+  readonly heads: number;
+  readonly kvHeads: number;
   qkv(x: Float32Array, T: number): Promise<Qkv>;
-  /** Per-head RMSNorm weights on q and k (Qwen3), when the model has them. */
-  readonly qNorm?: WeightRef;
-  readonly kNorm?: WeightRef;
   readonly out: WeightRef;
 }
 
-/** One SwiGLU MLP: gate and up projections of the normed input, and the down projection. */
+export interface AttentionReader {
+  readonly norm: WeightRef;
+  readonly shards: readonly AttentionShard[];
+  /** Per-head RMSNorm weights on q and k (Qwen3), when the model has them. */
+  readonly qNorm?: WeightRef;
+  readonly kNorm?: WeightRef;
+}
+
+/** One SwiGLU MLP (or one tensor-parallel rank's share of it): gate and up of the normed input, and the down projection. */
 export interface SwigluReader {
   gateUp(x: Float32Array, T: number): Promise<{ gate: Float32Array; up: Float32Array }>;
   readonly down: WeightRef;
 }
 
 export type MlpReader =
-  | { readonly kind: 'dense'; readonly norm: WeightRef; readonly mlp: SwigluReader }
+  /** `shards`: the MLP, or its tensor-parallel ranks' shares (their outputs summed). */
+  | { readonly kind: 'dense'; readonly norm: WeightRef; readonly shards: readonly SwigluReader[] }
   | { readonly kind: 'moe'; readonly norm: WeightRef; readonly router: WeightRef; readonly experts: number; readonly routing: Routing; expert(e: number): SwigluReader };
 
 export interface ModelReader {
@@ -63,12 +75,22 @@ export interface ModelReader {
   readonly describe: string;
   readonly dims: DecoderDims;
   readonly store: WeightStore;
-  readonly embedding: WeightRef;
+  /** The embedding rows of `tokens` ([T, hidden]). */
+  embed(tokens: readonly number[]): Promise<Float32Array>;
   readonly layers: number;
   attention(i: number): AttentionReader;
   mlp(i: number): MlpReader;
   readonly finalNorm: WeightRef;
-  readonly lmHead: WeightRef;
+  /** Logits [T, vocab] of the final hidden states. */
+  head(x: Float32Array, T: number, vocab: number): Promise<Float32Array>;
+}
+
+/** `embed` and `head` of a model whose embedding and output layer are whole matrices. */
+export function wholeEnds(store: WeightStore, embedding: WeightRef, lmHead: WeightRef): Pick<ModelReader, 'embed' | 'head'> {
+  return {
+    embed: (tokens) => store.gather(embedding, tokens),
+    head: (x, T, vocab) => linear(store, lmHead, x, T, [0, vocab]),
+  };
 }
 
 export interface ForwardProgress {
@@ -84,26 +106,43 @@ export async function forwardLogits(m: ModelReader, tokens: readonly number[], o
   const H = dims.hidden;
   const inv = invFreq(dims.rope);
   const positions = tokens.map((_t, i) => i);
-  let x = await store.gather(m.embedding, tokens);
+  let x = await m.embed(tokens);
+  const hd = dims.headDim;
   for (let i = 0; i < m.layers; i++) {
     const a = m.attention(i);
     const h = rmsNorm(x, H, await store.whole(a.norm), dims.eps);
-    const { q, k, v } = await a.qkv(h, T);
-    const hd = dims.headDim;
-    const qn = a.qNorm ? rmsNorm(q, hd, await store.whole(a.qNorm), dims.eps) : q;
-    const kn = a.kNorm ? rmsNorm(k, hd, await store.whole(a.kNorm), dims.eps) : k;
-    applyRope(qn, T, dims.heads, hd, inv, positions);
-    applyRope(kn, T, dims.kvHeads, hd, inv, positions);
-    const o = attention(qn, kn, v, T, dims.heads, dims.kvHeads, hd, dims.slidingWindow);
-    addInto(x, await linear(store, a.out, o, T));
+    const qNorm = a.qNorm && (await store.whole(a.qNorm));
+    const kNorm = a.kNorm && (await store.whole(a.kNorm));
+    // Each shard's heads attend on their own; the output projections' partial sums add up.
+    const partials: Float32Array[] = [];
+    for (const sh of a.shards) {
+      const { q, k, v } = await sh.qkv(h, T);
+      const qn = qNorm ? rmsNorm(q, hd, qNorm, dims.eps) : q;
+      const kn = kNorm ? rmsNorm(k, hd, kNorm, dims.eps) : k;
+      applyRope(qn, T, sh.heads, hd, inv, positions);
+      applyRope(kn, T, sh.kvHeads, hd, inv, positions);
+      partials.push(await linear(store, sh.out, attention(qn, kn, v, T, sh.heads, sh.kvHeads, hd, dims.slidingWindow), T));
+    }
+    addAll(x, partials);
     const mr = m.mlp(i);
     const h2 = rmsNorm(x, H, await store.whole(mr.norm), dims.eps);
-    if (mr.kind === 'dense') addInto(x, await swigluMlp(store, mr.mlp, h2, T));
-    else x = await moe(store, mr, h2, T, x, H);
+    if (mr.kind === 'dense') {
+      const parts: Float32Array[] = [];
+      for (const sh of mr.shards) parts.push(await swigluMlp(store, sh, h2, T));
+      addAll(x, parts);
+    } else x = await moe(store, mr, h2, T, x, H);
     onLayer?.({ layer: i + 1, layers: m.layers });
   }
   const hn = rmsNorm(x, H, await store.whole(m.finalNorm), dims.eps);
-  return linear(store, m.lmHead, hn, T, [0, opts.vocab ?? dims.vocab]);
+  return m.head(hn, T, opts.vocab ?? dims.vocab);
+}
+
+/** x += Σ partials, the partials summed first (in shard order), as a tensor-parallel all-reduce adds them. */
+function addAll(x: Float32Array, partials: readonly Float32Array[]): void {
+  if (partials.length === 1) return addInto(x, partials[0]!);
+  const sum = Float32Array.from(partials[0]!);
+  for (const p of partials.slice(1)) addInto(sum, p);
+  addInto(x, sum);
 }
 
 async function swigluMlp(store: WeightStore, r: SwigluReader, x: Float32Array, T: number): Promise<Float32Array> {

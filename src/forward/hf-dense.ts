@@ -6,7 +6,7 @@
  * `down_proj` (`down(silu(gate(x)) · up(x))`); `lm_head` or, with `tie_word_embeddings`, the
  * embedding.
  */
-import { project, type AttentionReader, type ModelReader, type SwigluReader } from './decoder.js';
+import { project, wholeEnds, type AttentionReader, type ModelReader, type SwigluReader } from './decoder.js';
 import { hfDims, hfNum, type HfConfig } from './hf-config.js';
 import { ref, type WeightStore } from './weights.js';
 
@@ -18,17 +18,24 @@ export function hfAttention(store: WeightStore, cfg: HfConfig, i: number): Atten
   const bias = cfg.model_type === 'qwen2' || cfg.model_type === 'qwen2_moe' || cfg.attention_bias === true;
   const qkNorm = cfg.model_type === 'qwen3' || cfg.model_type === 'qwen3_moe';
   const b = (n: string) => (bias ? ref(`${p}.${n}_proj.bias`) : undefined);
+  const heads = hfNum(cfg, 'num_attention_heads', 'config.json');
   return {
     norm: ref(`model.layers.${i}.input_layernorm.weight`),
-    async qkv(x, T) {
-      return {
-        q: await project(store, ref(`${p}.q_proj.weight`), x, T, b('q')),
-        k: await project(store, ref(`${p}.k_proj.weight`), x, T, b('k')),
-        v: await project(store, ref(`${p}.v_proj.weight`), x, T, b('v')),
-      };
-    },
+    shards: [
+      {
+        heads,
+        kvHeads: hfNum(cfg, 'num_key_value_heads', 'config.json', heads),
+        async qkv(x, T) {
+          return {
+            q: await project(store, ref(`${p}.q_proj.weight`), x, T, b('q')),
+            k: await project(store, ref(`${p}.k_proj.weight`), x, T, b('k')),
+            v: await project(store, ref(`${p}.v_proj.weight`), x, T, b('v')),
+          };
+        },
+        out: ref(`${p}.o_proj.weight`),
+      },
+    ],
     ...(qkNorm ? { qNorm: ref(`${p}.q_norm.weight`), kNorm: ref(`${p}.k_norm.weight`) } : {}),
-    out: ref(`${p}.o_proj.weight`),
   };
 }
 
@@ -43,12 +50,11 @@ export function hfSwiglu(store: WeightStore, prefix: string, names = { gate: 'ga
 }
 
 /** Embedding, final norm and head (tied to the embedding when the config says so). */
-export function hfEnds(store: WeightStore, cfg: HfConfig, file: string): Pick<ModelReader, 'embedding' | 'finalNorm' | 'lmHead' | 'layers'> {
+export function hfEnds(store: WeightStore, cfg: HfConfig, file: string): Pick<ModelReader, 'embed' | 'head' | 'finalNorm' | 'layers'> {
   const tied = cfg.tie_word_embeddings === true;
   return {
-    embedding: ref('model.embed_tokens.weight'),
+    ...wholeEnds(store, ref('model.embed_tokens.weight'), ref(tied ? 'model.embed_tokens.weight' : 'lm_head.weight')),
     finalNorm: ref('model.norm.weight'),
-    lmHead: ref(tied ? 'model.embed_tokens.weight' : 'lm_head.weight'),
     layers: hfNum(cfg, 'num_hidden_layers', file),
   };
 }
@@ -61,6 +67,6 @@ export function hfDense(store: WeightStore, cfg: HfConfig, file: string): ModelR
     store,
     ...hfEnds(store, cfg, file),
     attention: (i) => hfAttention(store, cfg, i),
-    mlp: (i) => ({ kind: 'dense', norm: ref(`model.layers.${i}.post_attention_layernorm.weight`), mlp: hfSwiglu(store, `model.layers.${i}.mlp`) }),
+    mlp: (i) => ({ kind: 'dense', norm: ref(`model.layers.${i}.post_attention_layernorm.weight`), shards: [hfSwiglu(store, `model.layers.${i}.mlp`)] }),
   };
 }

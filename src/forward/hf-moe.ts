@@ -31,7 +31,7 @@ export function hfMoe(store: WeightStore, cfg: HfConfig, file: string): ModelRea
     attention: (i) => hfAttention(store, cfg, i),
     mlp(i): MlpReader {
       const norm = ref(`model.layers.${i}.post_attention_layernorm.weight`);
-      if (!isMoe(i)) return { kind: 'dense', norm, mlp: hfSwiglu(store, `model.layers.${i}.mlp`) };
+      if (!isMoe(i)) return { kind: 'dense', norm, shards: [hfSwiglu(store, `model.layers.${i}.mlp`)] };
       const p = mixtral ? `model.layers.${i}.block_sparse_moe` : `model.layers.${i}.mlp`;
       return {
         kind: 'moe',

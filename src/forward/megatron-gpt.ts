@@ -22,7 +22,7 @@
  */
 import { PyFloat, PyTuple, type PyDict, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported } from '../util/errors.js';
-import { project, type AttentionReader, type DecoderDims, type MlpReader, type ModelReader, type SwigluReader } from './decoder.js';
+import { project, wholeEnds, type AttentionReader, type DecoderDims, type MlpReader, type ModelReader, type SwigluReader } from './decoder.js';
 import type { RopeSpec, Routing } from './math.js';
 import { ref, type WeightRef, type WeightStore } from './weights.js';
 
@@ -114,7 +114,8 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
   };
 }
 
-export function megatronGpt(store: WeightStore, s: MegatronShape): ModelReader {
+/** `layout`: how the checkpoint keeps the model (torch_dist, or fsdp_dtensor's description). */
+export function megatronGpt(store: WeightStore, s: MegatronShape, layout = 'torch_dist'): ModelReader {
   const file = store.source.path;
   const stacked = store.has('decoder.layers.self_attention.linear_qkv.weight');
   /** Layer i's tensor `rest` (a leading layer axis, or per-layer names), with further leading indices. */
@@ -126,26 +127,27 @@ export function megatronGpt(store: WeightStore, s: MegatronShape): ModelReader {
   };
   const { heads, kvHeads, headDim: hd } = s.dims;
   const r = heads / kvHeads;
+  /** linear_qkv's output split per query group into q, k and v. */
+  const qkv = async (i: number, x: Float32Array, T: number) => {
+    const fused = await project(store, L(i, 'self_attention.linear_qkv.weight'), x, T, s.qkvBias ? L(i, 'self_attention.linear_qkv.bias') : undefined);
+    const q = new Float32Array(T * heads * hd);
+    const k = new Float32Array(T * kvHeads * hd);
+    const v = new Float32Array(T * kvHeads * hd);
+    const width = kvHeads * (r + 2) * hd;
+    for (let t = 0; t < T; t++) {
+      for (let g = 0; g < kvHeads; g++) {
+        const o = t * width + g * (r + 2) * hd;
+        q.set(fused.subarray(o, o + r * hd), (t * heads + g * r) * hd);
+        k.set(fused.subarray(o + r * hd, o + (r + 1) * hd), (t * kvHeads + g) * hd);
+        v.set(fused.subarray(o + (r + 1) * hd, o + (r + 2) * hd), (t * kvHeads + g) * hd);
+      }
+    }
+    return { q, k, v };
+  };
   const attention = (i: number): AttentionReader => ({
     norm: either(i, 'self_attention.linear_qkv.layer_norm_weight', 'input_layernorm.weight'),
-    async qkv(x, T) {
-      const fused = await project(store, L(i, 'self_attention.linear_qkv.weight'), x, T, s.qkvBias ? L(i, 'self_attention.linear_qkv.bias') : undefined);
-      const q = new Float32Array(T * heads * hd);
-      const k = new Float32Array(T * kvHeads * hd);
-      const v = new Float32Array(T * kvHeads * hd);
-      const width = kvHeads * (r + 2) * hd;
-      for (let t = 0; t < T; t++) {
-        for (let g = 0; g < kvHeads; g++) {
-          const o = t * width + g * (r + 2) * hd;
-          q.set(fused.subarray(o, o + r * hd), (t * heads + g * r) * hd);
-          k.set(fused.subarray(o + r * hd, o + (r + 1) * hd), (t * kvHeads + g) * hd);
-          v.set(fused.subarray(o + (r + 1) * hd, o + (r + 2) * hd), (t * kvHeads + g) * hd);
-        }
-      }
-      return { q, k, v };
-    },
+    shards: [{ heads, kvHeads, qkv: (x, T) => qkv(i, x, T), out: L(i, 'self_attention.linear_proj.weight') }],
     ...(s.qkNorm ? { qNorm: L(i, 'self_attention.q_layernorm.weight'), kNorm: L(i, 'self_attention.k_layernorm.weight') } : {}),
-    out: L(i, 'self_attention.linear_proj.weight'),
   });
   const glu = (fc1: WeightRef, fc2: WeightRef): SwigluReader => ({
     async gateUp(x, T) {
@@ -164,7 +166,7 @@ export function megatronGpt(store: WeightStore, s: MegatronShape): ModelReader {
   });
   const mlp = (i: number): MlpReader => {
     const norm = either(i, 'mlp.linear_fc1.layer_norm_weight', 'pre_mlp_layernorm.weight');
-    if (!s.moe?.isMoe(i)) return { kind: 'dense', norm, mlp: glu(L(i, 'mlp.linear_fc1.weight'), L(i, 'mlp.linear_fc2.weight')) };
+    if (!s.moe?.isMoe(i)) return { kind: 'dense', norm, shards: [glu(L(i, 'mlp.linear_fc1.weight'), L(i, 'mlp.linear_fc2.weight'))] };
     const grouped = has(i, 'mlp.experts.experts.linear_fc1.weight');
     return {
       kind: 'moe',
@@ -180,14 +182,13 @@ export function megatronGpt(store: WeightStore, s: MegatronShape): ModelReader {
   };
   const tied = s.tied || !store.has('output_layer.weight');
   return {
-    describe: `GPTModel (megatron-core ${store.source.metadata.get('layout') ?? 'torch_dist'})`,
+    describe: `GPTModel (megatron-core ${layout})`,
     dims: s.dims,
     store,
-    embedding: ref('embedding.word_embeddings.weight'),
+    ...wholeEnds(store, ref('embedding.word_embeddings.weight'), ref(tied ? 'embedding.word_embeddings.weight' : 'output_layer.weight')),
     layers: s.layers,
     attention,
     mlp,
     finalNorm: ref('decoder.final_layernorm.weight'),
-    lmHead: ref(tied ? 'embedding.word_embeddings.weight' : 'output_layer.weight'),
   };
 }

@@ -1,8 +1,9 @@
 /**
  * Opens a checkpoint for a reference forward pass by its own format's semantics: a Hugging Face
  * model directory through its `config.json` architecture, a Megatron torch_dist (or
- * fsdp_dtensor) run through its training args. Formats and architectures without a reference
- * forward are refused by name.
+ * fsdp_dtensor) run through its training args, NxD rank files rank by rank with the HF config
+ * named by `--hf-model`. Formats and architectures without a reference forward are refused by
+ * name.
  */
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -16,6 +17,8 @@ import { HF_DENSE_ARCHITECTURES, hfDense } from './hf-dense.js';
 import { HF_MOE_ARCHITECTURES, hfMoe } from './hf-moe.js';
 import { hfDims, hfNum, type HfConfig } from './hf-config.js';
 import { argsShape, megatronGpt, type MegatronShape } from './megatron-gpt.js';
+import { nxdLlama, nxdStore } from './nxd-llama.js';
+import { isNxdPath, openNxdShards } from '../nxd/shards.js';
 import { WeightStore } from './weights.js';
 
 export const REFERENCE_ARCHITECTURES: readonly string[] = [...HF_DENSE_ARCHITECTURES, ...HF_MOE_ARCHITECTURES];
@@ -81,8 +84,19 @@ export function hfConfigShape(cfg: HfConfig, file: string): MegatronShape {
 }
 
 export async function openForForward(path: string, opts: OpenForwardOptions): Promise<OpenedModel> {
+  if (await isNxdPath(path)) {
+    const file = join(opts.hfModel ?? path, 'config.json');
+    if (!(await exists(file))) throw badInput(`${path}: NxD shards carry no model config; name the model's HF directory with --hf-model`, path);
+    const cfg = await readConfig(file);
+    const shards = await openNxdShards(path);
+    try {
+      return { model: nxdLlama(nxdStore(shards, path, opts.blockBytes), shards.tp, cfg, file), config: file, close: () => shards.close() };
+    } catch (e) {
+      await shards.close();
+      throw e;
+    }
+  }
   const format = (await detectFormat(path)).name;
-  if (format === 'nxd') throw unsupported(`${path}: NxD checkpoints have no reference forward pass yet (convert to HF and verify that)`, path);
   if (format === 'megatron') {
     const m = await openMegatron(path);
     try {
@@ -99,7 +113,7 @@ export async function openForForward(path: string, opts: OpenForwardOptions): Pr
         shape = hfConfigShape(await readConfig(file), file);
       }
       const store = new WeightStore(m.source, opts.blockBytes);
-      return { model: megatronGpt(store, shape), config: shape.from, close: () => m.source.close() };
+      return { model: megatronGpt(store, shape, m.source.metadata.get('layout')), config: shape.from, close: () => m.source.close() };
     } catch (e) {
       await m.source.close();
       throw e;

@@ -12,7 +12,6 @@
 import { castBytes } from '../tensor/cast.js';
 import { byteLength, type DType } from '../tensor/dtype.js';
 import { badInput, unsupported } from '../util/errors.js';
-import type { CheckpointSource } from '../formats/types.js';
 import type { SourceTensor } from '../lazy/types.js';
 
 export interface WeightRef {
@@ -23,13 +22,22 @@ export interface WeightRef {
 
 export const ref = (name: string, ...lead: number[]): WeightRef => ({ name, lead });
 
+/** Where weights come from: an opened checkpoint, or an index over several (NxD's rank files). */
+export interface WeightSource {
+  /** The path the user named (for messages). */
+  readonly path: string;
+  /** The directory side files (tokenizer.json) are looked for in. */
+  readonly root: string;
+  readonly tensors: ReadonlyMap<string, SourceTensor>;
+}
+
 const READABLE: readonly DType[] = ['F32', 'F16', 'BF16', 'F8_E4M3', 'F8_E5M2'];
 
 export class WeightStore {
   /** Bytes read so far (the bench reports them). */
   bytesRead = 0;
   constructor(
-    readonly source: CheckpointSource,
+    readonly source: WeightSource,
     /** Largest fp32 block (bytes) one read may produce. */
     readonly blockBytes: number,
   ) {}

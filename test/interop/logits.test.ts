@@ -230,3 +230,24 @@ test('the steps take verify_logits=true: both directions report the comparison (
   assert.equal(out.logits.ok, true);
   assert.equal(out.logits.comparison.maxAbs, 0);
 });
+
+test('NxD shards are read rank by rank (each rank\'s heads, partial sums all-reduced): verify --logits passes on HF → NxD', async () => {
+  for (const [c, flags] of [
+    ['llama', ['--tp', '4', '--pp', '2', '--qkv-linear', '--kv-size-multiplier', '2', '--hw-backend', 'trn1']],
+    ['qwen3', ['--tp', '2', '--pp', '3', '--qkv-linear', '--fuse-qkv', '--xser']],
+    ['mistral', ['--tp', '2']],
+  ] as const) {
+    const hf = await model(c);
+    const nxd = join(tmp, `${c}.nxd`);
+    const conv = await runCli(['convert', '-q', '--to', 'nxd', hf, nxd, ...flags]);
+    assert.equal(conv.code, 0, conv.stderr);
+    const r = await verify(nxd, hf, '--hf-model', hf);
+    assert.equal(r.code, 0, `${c} ${flags.join(' ')}: ${r.stdout}${r.stderr}`);
+    assert.match(r.report!.output.describe, /NxD, tp \d/);
+    // Summing the ranks' partials reorders the sums: close, not bit-identical.
+    assert.ok(r.report!.comparison.maxAbs < 1e-5 * r.report!.comparison.scale, JSON.stringify(r.report!.comparison.maxAbs));
+  }
+  const noCfg = await verify(join(tmp, 'mistral.nxd'), await model('mistral'));
+  assert.equal(noCfg.code, 1);
+  assert.match(noCfg.stderr, /NxD shards carry no model config; name the model's HF directory with --hf-model/);
+});
