@@ -1,8 +1,9 @@
 /**
  * Opens a checkpoint for a reference forward pass by its own format's semantics: a Hugging Face
  * model directory through its `config.json` architecture, a Megatron torch_dist (or
- * fsdp_dtensor) run through its training args, NxD rank files rank by rank with the HF config
- * named by `--hf-model`. Formats and architectures without a reference forward are refused by
+ * fsdp_dtensor) run through its training args, legacy Megatron rank files and NxD rank files
+ * rank by rank (the latter with the HF config
+ * named by `--hf-model`). Formats and architectures without a reference forward are refused by
  * name.
  */
 import { stat } from 'node:fs/promises';
@@ -18,6 +19,7 @@ import { HF_MOE_ARCHITECTURES, hfMoe } from './hf-moe.js';
 import { hfDims, hfNum, type HfConfig } from './hf-config.js';
 import { argsShape, megatronGpt, type MegatronShape } from './megatron-gpt.js';
 import { nxdLlama, nxdStore } from './nxd-llama.js';
+import { isLegacyRun, openLegacyForward } from './megatron-legacy.js';
 import { isNxdPath, openNxdShards } from '../nxd/shards.js';
 import { WeightStore } from './weights.js';
 
@@ -96,13 +98,11 @@ export async function openForForward(path: string, opts: OpenForwardOptions): Pr
       throw e;
     }
   }
+  if (await isLegacyRun(path)) return openLegacyForward(path, opts.blockBytes);
   const format = (await detectFormat(path)).name;
   if (format === 'megatron') {
     const m = await openMegatron(path);
     try {
-      if (String(m.backend.sharded_backend).includes('legacy')) {
-        throw unsupported(`${path}: legacy per-rank files (--ckpt-format torch) have no reference forward: their global view is assembled by shardshift's own TP split, which would make the check circular; verify a torch_dist copy`, path);
-      }
       const args = commonArgs(m.common);
       let shape: MegatronShape;
       if (args) shape = argsShape(args, join(m.resolved.iterDir, 'common.pt'));

@@ -4,7 +4,8 @@
  *   supported architecture (Llama, Llama 3.1 rope scaling + tied, Mistral sliding window, Qwen2
  *   biases, Qwen3 q/k norms, Mixtral, Qwen3-MoE with and without norm_topk_prob);
  * - the megatron-core reference forward equals megatron-core's own CPU forward for checkpoints
- *   megatron-core saved (TP 2 × PP 2, TP 2 with q/k norm, qkv bias + tied, MoE under EP 2 / TP 2);
+ *   megatron-core saved (TP 2 × PP 2, TP 2 with q/k norm, qkv bias + tied, MoE under EP 2 / TP 2,
+ *   and legacy rank files read rank by rank); NxD and legacy outputs of shardshift pass;
  * - verify --logits passes on correct conversions (both directions, F32 and BF16) and FAILS (exit
  *   3) on conversions a byte-identical round trip cannot catch: plain [q; k; v], [up; gate], the experts
  *   in reverse order, interleaved rotary rows, a vocab-padding off-by-one in the HF export;
@@ -181,7 +182,7 @@ test('the text report: per-position table, tolerance and a greedy continuation d
   assert.doesNotMatch(r.stdout + r.stderr, /undefined/);
 });
 
-test('bad input: vocabularies that differ, too many positions, no reference forward, --prompt without a tokenizer, legacy rank files', async () => {
+test('bad input: vocabularies that differ, too many positions, no reference forward, --prompt without a tokenizer, legacy MoE rank files', async () => {
   const a = await model('llama');
   const b = await model('llama_tok');
   const vocab = await verify(b, a);
@@ -204,11 +205,11 @@ test('bad input: vocabularies that differ, too many positions, no reference forw
   assert.equal(noTok.code, 1);
   assert.match(noTok.stderr, /--prompt needs a tokenizer\.json/);
 
-  const legacy = join(tmp, 'legacy');
-  await convertHfToMegatron(a, legacy, { dtype: 'F32', ckptFormat: 'torch' });
-  const lg = await verify(legacy, a);
+  const moe = join(tmp, 'legacy-moe');
+  await convertHfToMegatron(await model('mixtral'), moe, { dtype: 'F32', ckptFormat: 'torch', ep: 2 });
+  const lg = await verify(moe, await model('mixtral'));
   assert.equal(lg.code, 1);
-  assert.match(lg.stderr, /legacy per-rank files .* have no reference forward/);
+  assert.match(lg.stderr, /legacy MoE rank files have no reference forward yet/);
 
   const noAgainst = await runCli(['verify', a, '--logits']);
   assert.equal(noAgainst.code, 2);
@@ -250,4 +251,29 @@ test('NxD shards are read rank by rank (each rank\'s heads, partial sums all-red
   const noCfg = await verify(join(tmp, 'mistral.nxd'), await model('mistral'));
   assert.equal(noCfg.code, 1);
   assert.match(noCfg.stderr, /NxD shards carry no model config; name the model's HF directory with --hf-model/);
+});
+
+test('legacy rank files are read rank by rank: megatron-core\'s own TP 2 × PP 2 save gives its logits, and shardshift\'s legacy outputs pass', async () => {
+  const run = join(tmp, 'mc-legacy');
+  await runOracle('megatron_oracle.py', ['save_legacy', run, 'qwen2', '--tp', '2', '--pp', '2'], { timeoutMs: 240_000 });
+  const rows = [
+    [1, 5, 9, 13, 2, 96, 40, 7],
+    [3, 3, 80, 11, 0, 64, 22, 95],
+  ];
+  for (let b = 0; b < 2; b++) {
+    const ref = JSON.parse(await runOracle('logits_oracle.py', ['saved_logits', join(run, 'logits.pt'), String(b)])) as number[][];
+    const d = maxDiff(ref, await ours(run, rows[b]!));
+    assert.ok(d <= 1e-5, `row ${b}: max |Δ| ${d} against megatron-core's legacy model`);
+  }
+  for (const [c, flags] of [
+    ['qwen3', ['--tp', '2', '--pp', '3']],
+    ['llama31', ['--tp', '2']],
+  ] as const) {
+    const hf = await model(c);
+    const out = join(tmp, `${c}.legacy`);
+    await convertHfToMegatron(hf, out, { dtype: 'F32', ckptFormat: 'torch', tp: Number(flags[1]), ...(flags.length > 2 ? { pp: Number(flags[3]) } : {}) });
+    const r = await verify(out, hf);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(r.report!.output.describe, /legacy rank files, tp 2/);
+  }
 });

@@ -240,6 +240,8 @@ def legacy_worker(rank, world, init_file, run_dir, case, tied, tp, pp):
         vocab_size=100, make_vocab_size_divisible_by=64, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=not tied, add_qkv_bias=c["bias"],
         qk_layernorm=c["qk"], params_dtype=torch.float32, ckpt_format="torch", iteration=5,
+        # The model-shape fields Megatron-LM's argparse always records (verify --logits reads them).
+        norm_epsilon=c["eps"], position_embedding_type="rope", rotary_base=int(c["rope_theta"]), rotary_percent=1.0,
     )
     state = {
         "args": args, "checkpoint_version": 3.0, "iteration": 5,
