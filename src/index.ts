@@ -16,6 +16,8 @@ export { mergeLora, type MergeLoraOptions } from './plan/lora-convert.js';
 export { exportMbAdapterToPeft, mergeMbToHf, mergeMbToMegatron, type MbLoraOptions } from './plan/lora-mb.js';
 export { convertHfToNxd, convertNxdToHf, type NxdConvertOptions } from './plan/nxd-convert.js';
 export { verifyOutput, diffCheckpoints, type VerifyReport, type DiffReport, type CheckProgress } from './plan/verify.js';
+export { verifyLogits, DEFAULT_TOLERANCE, type LogitsOptions, type LogitsReport, type LogitsTolerance, type SideReport } from './plan/logits.js';
+export type { LogitsComparison, PositionComparison } from './forward/compare.js';
 export { parseIterations, selectIterations, type IterationChoice, type RunIteration } from './plan/iterations.js';
 export { runStep, type RunStepOptions } from './steps/run.js';
 export { listSteps, getStep, BatchRun, type BatchItem, type Step, type StepParams } from './steps/registry.js';

@@ -24,7 +24,7 @@ after(async () => {
 });
 
 test('the entry point exports a function for every CLI command', () => {
-  for (const name of ['inspectCheckpoint', 'convert', 'convertHfToMegatron', 'convertMegatronToHf', 'convertDcpToHf', 'mergeLora', 'mergeMbToHf', 'mergeMbToMegatron', 'exportMbAdapterToPeft', 'convertHfToNxd', 'convertNxdToHf', 'verifyOutput', 'diffCheckpoints', 'runStep', 'listSteps', 'resolveModel', 'track'] as const) {
+  for (const name of ['inspectCheckpoint', 'convert', 'convertHfToMegatron', 'convertMegatronToHf', 'convertDcpToHf', 'mergeLora', 'mergeMbToHf', 'mergeMbToMegatron', 'exportMbAdapterToPeft', 'convertHfToNxd', 'convertNxdToHf', 'verifyOutput', 'verifyLogits', 'diffCheckpoints', 'runStep', 'listSteps', 'resolveModel', 'track'] as const) {
     assert.equal(typeof api[name], 'function', name);
   }
   assert.ok(api.listSteps().some((s) => s.name === 'convert/nxd'), 'every step is registered for library callers');
