@@ -59,7 +59,8 @@ export function hfEnds(store: WeightStore, cfg: HfConfig, file: string): Pick<Mo
   };
 }
 
-export function hfDense(store: WeightStore, cfg: HfConfig, file: string): ModelReader {
+/** Everything but the MLP, shared by the dense and MoE readers. */
+export function hfDecoder(store: WeightStore, cfg: HfConfig, file: string): Omit<ModelReader, 'mlp'> {
   const arch = String((cfg.architectures as unknown[] | undefined)?.[0]);
   return {
     describe: `${arch} (Hugging Face)`,
@@ -67,6 +68,12 @@ export function hfDense(store: WeightStore, cfg: HfConfig, file: string): ModelR
     store,
     ...hfEnds(store, cfg, file),
     attention: (i) => hfAttention(store, cfg, i),
+  };
+}
+
+export function hfDense(store: WeightStore, cfg: HfConfig, file: string): ModelReader {
+  return {
+    ...hfDecoder(store, cfg, file),
     mlp: (i) => ({ kind: 'dense', norm: ref(`model.layers.${i}.post_attention_layernorm.weight`), shards: [hfSwiglu(store, `model.layers.${i}.mlp`)] }),
   };
 }

@@ -7,14 +7,13 @@
  */
 import { unsupported } from '../util/errors.js';
 import type { ModelReader, MlpReader } from './decoder.js';
-import { hfAttention, hfEnds, hfSwiglu } from './hf-dense.js';
-import { hfDims, hfNum, type HfConfig } from './hf-config.js';
+import { hfDecoder, hfSwiglu } from './hf-dense.js';
+import { hfNum, type HfConfig } from './hf-config.js';
 import { ref, type WeightStore } from './weights.js';
 
 export const HF_MOE_ARCHITECTURES = ['MixtralForCausalLM', 'Qwen3MoeForCausalLM'] as const;
 
 export function hfMoe(store: WeightStore, cfg: HfConfig, file: string): ModelReader {
-  const arch = String((cfg.architectures as unknown[] | undefined)?.[0]);
   const mixtral = cfg.model_type === 'mixtral';
   const experts = hfNum(cfg, mixtral || cfg.num_experts === undefined ? 'num_local_experts' : 'num_experts', file);
   const topK = hfNum(cfg, 'num_experts_per_tok', file);
@@ -24,11 +23,7 @@ export function hfMoe(store: WeightStore, cfg: HfConfig, file: string): ModelRea
   const isMoe = (i: number) => !dense.has(i) && experts > 0 && (i + 1) % step === 0;
   const rule = mixtral || cfg.norm_topk_prob === true ? 'softmax-topk-renorm' : 'softmax-topk';
   return {
-    describe: `${arch} (Hugging Face)`,
-    dims: hfDims(cfg, file),
-    store,
-    ...hfEnds(store, cfg, file),
-    attention: (i) => hfAttention(store, cfg, i),
+    ...hfDecoder(store, cfg, file),
     mlp(i): MlpReader {
       const norm = ref(`model.layers.${i}.post_attention_layernorm.weight`);
       if (!isMoe(i)) return { kind: 'dense', norm, shards: [hfSwiglu(store, `model.layers.${i}.mlp`)] };

@@ -22,7 +22,7 @@
  */
 import { PyFloat, PyTuple, type PyDict, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported } from '../util/errors.js';
-import { project, wholeEnds, type AttentionReader, type DecoderDims, type MlpReader, type ModelReader, type SwigluReader } from './decoder.js';
+import { project, wholeEnds, type AttentionReader, type DecoderDims, type MlpReader, type ModelReader, type Qkv, type SwigluReader } from './decoder.js';
 import type { RopeSpec, Routing } from './math.js';
 import { ref, type WeightRef, type WeightStore } from './weights.js';
 
@@ -115,6 +115,28 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
 }
 
 /** `layout`: how the checkpoint keeps the model (torch_dist, or fsdp_dtensor's description). */
+/**
+ * linear_qkv's output ([T, groups · (r + 2) · hd]) split per query group — its r query heads,
+ * then its key head, then its value head (`SelfAttention.get_query_key_value_tensors`) — into
+ * q [T, groups · r · hd], k and v [T, groups · hd].
+ */
+export function splitQueryGroups(fused: Float32Array, T: number, groups: number, r: number, hd: number): Qkv {
+  const nq = groups * r;
+  const q = new Float32Array(T * nq * hd);
+  const k = new Float32Array(T * groups * hd);
+  const v = new Float32Array(T * groups * hd);
+  const width = groups * (r + 2) * hd;
+  for (let t = 0; t < T; t++) {
+    for (let g = 0; g < groups; g++) {
+      const o = t * width + g * (r + 2) * hd;
+      q.set(fused.subarray(o, o + r * hd), (t * nq + g * r) * hd);
+      k.set(fused.subarray(o + r * hd, o + (r + 1) * hd), (t * groups + g) * hd);
+      v.set(fused.subarray(o + (r + 1) * hd, o + (r + 2) * hd), (t * groups + g) * hd);
+    }
+  }
+  return { q, k, v };
+}
+
 export function megatronGpt(store: WeightStore, s: MegatronShape, layout = 'torch_dist'): ModelReader {
   const file = store.source.path;
   const stacked = store.has('decoder.layers.self_attention.linear_qkv.weight');
@@ -127,23 +149,8 @@ export function megatronGpt(store: WeightStore, s: MegatronShape, layout = 'torc
   };
   const { heads, kvHeads, headDim: hd } = s.dims;
   const r = heads / kvHeads;
-  /** linear_qkv's output split per query group into q, k and v. */
-  const qkv = async (i: number, x: Float32Array, T: number) => {
-    const fused = await project(store, L(i, 'self_attention.linear_qkv.weight'), x, T, s.qkvBias ? L(i, 'self_attention.linear_qkv.bias') : undefined);
-    const q = new Float32Array(T * heads * hd);
-    const k = new Float32Array(T * kvHeads * hd);
-    const v = new Float32Array(T * kvHeads * hd);
-    const width = kvHeads * (r + 2) * hd;
-    for (let t = 0; t < T; t++) {
-      for (let g = 0; g < kvHeads; g++) {
-        const o = t * width + g * (r + 2) * hd;
-        q.set(fused.subarray(o, o + r * hd), (t * heads + g * r) * hd);
-        k.set(fused.subarray(o + r * hd, o + (r + 1) * hd), (t * kvHeads + g) * hd);
-        v.set(fused.subarray(o + (r + 1) * hd, o + (r + 2) * hd), (t * kvHeads + g) * hd);
-      }
-    }
-    return { q, k, v };
-  };
+  const qkv = async (i: number, x: Float32Array, T: number) =>
+    splitQueryGroups(await project(store, L(i, 'self_attention.linear_qkv.weight'), x, T, s.qkvBias ? L(i, 'self_attention.linear_qkv.bias') : undefined), T, kvHeads, r, hd);
   const attention = (i: number): AttentionReader => ({
     norm: either(i, 'self_attention.linear_qkv.layer_norm_weight', 'input_layernorm.weight'),
     shards: [{ heads, kvHeads, qkv: (x, T) => qkv(i, x, T), out: L(i, 'self_attention.linear_proj.weight') }],

@@ -28,7 +28,7 @@ import { PyDict, TensorRef, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported } from '../util/errors.js';
 import { project, type AttentionShard, type ModelReader, type SwigluReader } from './decoder.js';
 import { linear } from './linear.js';
-import { argsShape, type MegatronShape } from './megatron-gpt.js';
+import { argsShape, splitQueryGroups, type MegatronShape } from './megatron-gpt.js';
 import { ref, WeightStore, type WeightRef } from './weights.js';
 
 const RANK_DIR = /^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$/;
@@ -127,20 +127,7 @@ function legacyGpt(store: WeightStore, s: MegatronShape, tp: number, pp: number,
     kvHeads: groups,
     async qkv(x, T) {
       const fused = await project(store, L(t, i, 'self_attention.linear_qkv.weight'), x, T, s.qkvBias ? L(t, i, 'self_attention.linear_qkv.bias') : undefined);
-      const nq = groups * r;
-      const q = new Float32Array(T * nq * hd);
-      const k = new Float32Array(T * groups * hd);
-      const v = new Float32Array(T * groups * hd);
-      const width = groups * (r + 2) * hd;
-      for (let p = 0; p < T; p++) {
-        for (let g = 0; g < groups; g++) {
-          const o = p * width + g * (r + 2) * hd;
-          q.set(fused.subarray(o, o + r * hd), (p * nq + g * r) * hd);
-          k.set(fused.subarray(o + r * hd, o + (r + 1) * hd), (p * groups + g) * hd);
-          v.set(fused.subarray(o + (r + 1) * hd, o + (r + 2) * hd), (p * groups + g) * hd);
-        }
-      }
-      return { q, k, v };
+      return splitQueryGroups(fused, T, groups, r, hd);
     },
     out: L(t, i, 'self_attention.linear_proj.weight'),
   });
