@@ -302,7 +302,8 @@ const fused = assemble('fma-kernel-fused.wat', fusedWat, { simd: true, relaxed_s
 // four at a time (bf16: the 16 bits shifted into the high half, which is exact) into scratch rows,
 // then dotted with every position's activations, the four rows together: one f32x4 accumulator per
 // row (four independent chains), one load of x per four multiply-adds; lanes summed pairwise at
-// the end. The last N mod 4 rows go through a single-row dot with four accumulators.
+// the end. The last N mod 4 rows go through the same four-row dot (so the sums do not depend on
+// how rows were split into blocks or worker shares).
 const matmulWat = `(module
   (memory (export "memory") 1)
   (func $widen (param $src i32) (param $dst i32) (param $k i32)
@@ -322,28 +323,6 @@ const matmulWat = `(module
         (i32.shl (i32.load16_u (i32.add (local.get $src) (i32.shl (local.get $i) (i32.const 1)))) (i32.const 16)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
       (br $l2))))
-  (func $dot (param $a i32) (param $b i32) (param $k i32) (result f32)
-    (local $i i32) (local $o i32) (local $s0 v128) (local $s1 v128) (local $s2 v128) (local $s3 v128) (local $s f32)
-    (block $done (loop $l
-      (br_if $done (i32.gt_u (i32.add (local.get $i) (i32.const 16)) (local.get $k)))
-      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
-      ${range(4).map((g) => `(local.set $s${g} (f32x4.add (local.get $s${g}) (f32x4.mul
-        (v128.load offset=${16 * g} (i32.add (local.get $a) (local.get $o)))
-        (v128.load offset=${16 * g} (i32.add (local.get $b) (local.get $o))))))`).join('\n      ')}
-      (local.set $i (i32.add (local.get $i) (i32.const 16)))
-      (br $l)))
-    (local.set $s0 (f32x4.add (f32x4.add (local.get $s0) (local.get $s1)) (f32x4.add (local.get $s2) (local.get $s3))))
-    (local.set $s (f32.add
-      (f32.add (f32x4.extract_lane 0 (local.get $s0)) (f32x4.extract_lane 1 (local.get $s0)))
-      (f32.add (f32x4.extract_lane 2 (local.get $s0)) (f32x4.extract_lane 3 (local.get $s0)))))
-    (block $done2 (loop $l2
-      (br_if $done2 (i32.ge_u (local.get $i) (local.get $k)))
-      (local.set $o (i32.shl (local.get $i) (i32.const 2)))
-      (local.set $s (f32.add (local.get $s) (f32.mul
-        (f32.load (i32.add (local.get $a) (local.get $o))) (f32.load (i32.add (local.get $b) (local.get $o))))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $l2)))
-    (local.get $s))
   ;; Four rows at once against one position: one load of x feeds four multiply-adds (a row's
   ;; dot product would load x and w once each per multiply-add and wait on memory).
   (func $dot4 (param $a i32) (param $r0 i32) (param $r1 i32) (param $r2 i32) (param $r3 i32) (param $k i32) (param $out i32)
@@ -374,7 +353,7 @@ const matmulWat = `(module
         (call $widen (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 1))) (local.get $scratch) (local.get $K))
         (local.get $scratch))
       (else (i32.add (local.get $w) (i32.shl (i32.mul (local.get $n) (local.get $K)) (i32.const 2))))))
-  ;; x: T×K f32; w: N×K (bf16 when $bf16, else f32); out: T×N f32; scratch: 4·K f32.
+  ;; x: T×K f32; w: N×K (bf16 when $bf16, else f32); out: T×N f32; scratch: 4·K + 4 f32.
   (func (export "matmul") (param $x i32) (param $w i32) (param $out i32) (param $T i32) (param $K i32) (param $N i32) (param $bf16 i32) (param $scratch i32)
     (local $n i32) (local $t i32) (local $r0 i32) (local $r1 i32) (local $r2 i32) (local $r3 i32) (local $kb i32) (local $row i32)
     (local.set $kb (i32.shl (local.get $K) (i32.const 2)))
@@ -391,16 +370,21 @@ const matmulWat = `(module
         (br $lt)))
       (local.set $n (i32.add (local.get $n) (i32.const 4)))
       (br $ln)))
-    ;; The last N mod 4 rows one at a time.
+    ;; The last N mod 4 rows one at a time, through the same four-row dot (the row given four
+    ;; times, the first result kept), so every output element is summed in the same order however
+    ;; the rows were split into blocks and worker shares.
     (block $dn1 (loop $ln1
       (br_if $dn1 (i32.ge_u (local.get $n) (local.get $N)))
       (local.set $row (call $row (local.get $w) (local.get $n) (local.get $K) (local.get $bf16) (local.get $scratch)))
       (local.set $t (i32.const 0))
       (block $dt1 (loop $lt1
         (br_if $dt1 (i32.ge_u (local.get $t) (local.get $T)))
+        (call $dot4 (i32.add (local.get $x) (i32.mul (local.get $t) (local.get $kb)))
+          (local.get $row) (local.get $row) (local.get $row) (local.get $row) (local.get $K)
+          (i32.add (local.get $scratch) (i32.shl (local.get $kb) (i32.const 2))))
         (f32.store
           (i32.add (local.get $out) (i32.shl (i32.add (i32.mul (local.get $t) (local.get $N)) (local.get $n)) (i32.const 2)))
-          (call $dot (i32.add (local.get $x) (i32.mul (local.get $t) (local.get $kb))) (local.get $row) (local.get $K)))
+          (f32.load (i32.add (local.get $scratch) (i32.shl (local.get $kb) (i32.const 2)))))
         (local.set $t (i32.add (local.get $t) (i32.const 1)))
         (br $lt1)))
       (local.set $n (i32.add (local.get $n) (i32.const 1)))

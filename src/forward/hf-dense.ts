@@ -13,18 +13,18 @@ import { ref, type WeightStore } from './weights.js';
 export const HF_DENSE_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] as const;
 
 /** Attention of layer i under transformers' names (shared with the MoE readers). */
-export function hfAttention(store: WeightStore, cfg: HfConfig, i: number): AttentionReader {
+export function hfAttention(store: WeightStore, cfg: HfConfig, i: number, file: string): AttentionReader {
   const p = `model.layers.${i}.self_attn`;
   const bias = cfg.model_type === 'qwen2' || cfg.model_type === 'qwen2_moe' || cfg.attention_bias === true;
   const qkNorm = cfg.model_type === 'qwen3' || cfg.model_type === 'qwen3_moe';
   const b = (n: string) => (bias ? ref(`${p}.${n}_proj.bias`) : undefined);
-  const heads = hfNum(cfg, 'num_attention_heads', 'config.json');
+  const heads = hfNum(cfg, 'num_attention_heads', file);
   return {
     norm: ref(`model.layers.${i}.input_layernorm.weight`),
     shards: [
       {
         heads,
-        kvHeads: hfNum(cfg, 'num_key_value_heads', 'config.json', heads),
+        kvHeads: hfNum(cfg, 'num_key_value_heads', file, heads),
         async qkv(x, T) {
           return {
             q: await project(store, ref(`${p}.q_proj.weight`), x, T, b('q')),
@@ -67,7 +67,7 @@ export function hfDecoder(store: WeightStore, cfg: HfConfig, file: string): Omit
     dims: hfDims(cfg, file),
     store,
     ...hfEnds(store, cfg, file),
-    attention: (i) => hfAttention(store, cfg, i),
+    attention: (i) => hfAttention(store, cfg, i, file),
   };
 }
 

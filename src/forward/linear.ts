@@ -29,6 +29,9 @@ export async function linear(store: WeightStore, w: WeightRef, x: Float32Array, 
     const [s, e] = blocks[b]!;
     const rows = await next!;
     const job = matmulRows(xs, T, K, rows.bytes, rows.dtype, e - s, out, n, s - r0);
+    // Awaited below; marked handled now so a failure while the next read is pending is reported
+    // through that await, not as an unhandled rejection.
+    job.catch(() => undefined);
     // Block b + 1 goes into the slot block b - 1 used: wait for that multiplication first.
     await inFlight;
     inFlight = job;

@@ -71,6 +71,14 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
   if (scale !== undefined && scale !== null && scale !== 1) refuse('moe_router_topk_scaling_factor');
   if (get('multi_latent_attention') === true) refuse('multi-latent attention');
   if (flag('rotary_interleaved')) refuse('rotary_interleaved (RoFormer-style pairs)');
+  // Settings that change the forward and are not modelled here: refused rather than ignored.
+  for (const k of ['window_attn_skip_freq', 'moe_expert_capacity_factor', 'rotary_seq_len_interpolation_factor', 'softmax_scale', 'no_rope_freq', 'attention_output_gate', 'glu_linear_offset', 'activation_func_clamp_value', 'moe_apply_probs_on_input', 'qk_clip', 'mrope_section']) {
+    const v = get(k);
+    if (v !== undefined && v !== null && v !== false && v !== 0) refuse(k);
+  }
+  const softmaxType = get('softmax_type');
+  if (softmaxType !== undefined && softmaxType !== null && softmaxType !== 'vanilla') refuse(`softmax_type ${JSON.stringify(softmaxType)}`);
+  if (get('moe_router_load_balancing_type') === 'sinkhorn') refuse('the sinkhorn router');
   if (flag('qk_l2_norm')) refuse('qk_l2_norm');
   const groups = get('moe_router_num_groups');
   if (typeof groups === 'number' && groups > 1) refuse('group-limited routing (moe_router_num_groups)');
@@ -114,7 +122,6 @@ export function argsShape(args: PyDict, file: string): MegatronShape {
   };
 }
 
-/** `layout`: how the checkpoint keeps the model (torch_dist, or fsdp_dtensor's description). */
 /**
  * linear_qkv's output ([T, groups · (r + 2) · hd]) split per query group — its r query heads,
  * then its key head, then its value head (`SelfAttention.get_query_key_value_tensors`) — into
@@ -137,6 +144,7 @@ export function splitQueryGroups(fused: Float32Array, T: number, groups: number,
   return { q, k, v };
 }
 
+/** `layout`: how the checkpoint keeps the model (torch_dist, or fsdp_dtensor's description). */
 export function megatronGpt(store: WeightStore, s: MegatronShape, layout = 'torch_dist'): ModelReader {
   const file = store.source.path;
   const stacked = store.has('decoder.layers.self_attention.linear_qkv.weight');
@@ -187,7 +195,8 @@ export function megatronGpt(store: WeightStore, s: MegatronShape, layout = 'torc
           : glu(L(i, `mlp.experts.local_experts.${e}.linear_fc1.weight`), L(i, `mlp.experts.local_experts.${e}.linear_fc2.weight`)),
     };
   };
-  const tied = s.tied || !store.has('output_layer.weight');
+  if (!s.tied && !store.has('output_layer.weight')) throw badInput(`${file}: the training args say the output layer is untied, but there is no output_layer.weight`, file, 'output_layer.weight');
+  const tied = s.tied && !store.has('output_layer.weight');
   return {
     describe: `GPTModel (megatron-core ${layout})`,
     dims: s.dims,

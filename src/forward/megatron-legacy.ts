@@ -84,7 +84,10 @@ export async function openLegacyForward(path: string, blockBytes: number): Promi
     const pp = num('pipeline_model_parallel_size', 1);
     if (num('expert_model_parallel_size', 1) > 1 || num('num_experts', 0) > 0) throw unsupported(`${path}: legacy MoE rank files have no reference forward yet; verify a torch_dist copy`, path);
     if (args.get('virtual_pipeline_model_parallel_size') !== null && args.get('virtual_pipeline_model_parallel_size') !== undefined) throw unsupported(`${path}: virtual pipeline stages have no reference forward yet`, path);
-    if (args.get('decoder_first_pipeline_num_layers') || args.get('decoder_last_pipeline_num_layers')) throw unsupported(`${path}: uneven pipeline stages have no reference forward yet`, path);
+    for (const k of ['decoder_first_pipeline_num_layers', 'decoder_last_pipeline_num_layers', 'pipeline_model_parallel_layout', 'account_for_embedding_in_pipeline_split', 'account_for_loss_in_pipeline_split']) {
+      const v = args.get(k);
+      if (v !== undefined && v !== null && v !== false) throw unsupported(`${path}: ${k} (uneven pipeline stages) has no reference forward yet`, path);
+    }
     if (dirs.length !== tp * pp) throw badInput(`${iterDir}: ${dirs.length} rank directories for tensor_model_parallel_size ${tp} × pipeline_model_parallel_size ${pp}`, iterDir);
     const shape = argsShape(args, argFile);
     const tensors = new Map<string, SourceTensor>();
@@ -171,7 +174,9 @@ function legacyGpt(store: WeightStore, s: MegatronShape, tp: number, pp: number,
       let v0 = 0;
       for (const t of ranks) {
         if (v0 >= vocab) break;
-        const w = need(t, last, tied ? emb : 'output_layer.weight');
+        // A tied model on one stage computes with its embedding; on several, megatron-core gives the
+        // last stage its own output_layer (gpt_model.py: skip_weight_param_allocation only on the first).
+        const w = tied ? need(t, last, pp > 1 ? 'output_layer.weight' : emb) : need(t, last, 'output_layer.weight');
         const n = Math.min(store.shape(w)[0]!, vocab - v0);
         const y = await linear(store, w, x, T, [0, n]);
         for (let p = 0; p < T; p++) out.set(y.subarray(p * n, (p + 1) * n), p * vocab + v0);

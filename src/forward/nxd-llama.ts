@@ -104,15 +104,20 @@ export function nxdLlama(store: WeightStore, tp: number, cfg: HfConfig, file: st
   };
 
   const embedName = 'model.embed_tokens.weight';
-  const tied = cfg.tie_word_embeddings === true && !has(0, 'lm_head.weight');
+  // Refused before any pass runs: what the reader cannot compute.
+  if (!has(0, 'lm_head.weight')) throw unsupported(`${path}: no lm_head in the NxD shards (tied embeddings): it has no NxD reference forward yet`, path);
+  const [er, ec] = store.shape(need(0, embedName)) as [number, number];
+  const vocabSplit = ec === dims.hidden && er * tp === dims.vocab;
+  if (!vocabSplit && !(er === dims.vocab && ec * tp === dims.hidden)) {
+    throw badInput(`${path}: ${embedName} is [${er}, ${ec}] on each of ${tp} ranks; neither a vocabulary nor a hidden split of [${dims.vocab}, ${dims.hidden}]`, path, embedName);
+  }
   return {
     describe: `${arch} (NxD, tp ${tp})`,
     dims,
     store,
     async embed(tokens) {
-      const [er, ec] = store.shape(need(0, embedName)) as [number, number];
       const H = dims.hidden;
-      if (ec === H && er * tp === dims.vocab) {
+      if (vocabSplit) {
         // Vocabulary rows split over the ranks.
         const out = new Float32Array(tokens.length * H);
         for (let t = 0; t < tokens.length; t++) {
@@ -121,14 +126,11 @@ export function nxdLlama(store: WeightStore, tp: number, cfg: HfConfig, file: st
         }
         return out;
       }
-      if (er === dims.vocab && ec * tp === H) {
-        // Hidden columns split over the ranks (shard_across_embedding).
-        const parts = await Promise.all(ranks.map((r) => store.gather(ref(at(r, embedName)), tokens)));
-        const out = new Float32Array(tokens.length * H);
-        for (let t = 0; t < tokens.length; t++) parts.forEach((p, r) => out.set(p.subarray(t * ec, (t + 1) * ec), t * H + r * ec));
-        return out;
-      }
-      throw badInput(`${path}: ${embedName} is [${er}, ${ec}] on each of ${tp} ranks; neither a vocabulary nor a hidden split of [${dims.vocab}, ${H}]`, path, embedName);
+      // Hidden columns split over the ranks (shard_across_embedding).
+      const parts = await Promise.all(ranks.map((r) => store.gather(ref(at(r, embedName)), tokens)));
+      const out = new Float32Array(tokens.length * H);
+      for (let t = 0; t < tokens.length; t++) parts.forEach((p, r) => out.set(p.subarray(t * ec, (t + 1) * ec), t * H + r * ec));
+      return out;
     },
     layers: hfNum(cfg, 'num_hidden_layers', file),
     attention: (i) => ({
@@ -139,7 +141,6 @@ export function nxdLlama(store: WeightStore, tp: number, cfg: HfConfig, file: st
     mlp: (i) => ({ kind: 'dense', norm: need(0, `model.layers.${i}.post_attention_layernorm.weight`), shards: ranks.map((r) => mlpShard(i, r)) }),
     finalNorm: need(0, 'model.norm.weight'),
     async head(x, T, vocab) {
-      if (tied) throw unsupported(`${path}: tied embeddings without an lm_head in NxD shards have no reference forward yet`, path);
       // Column-parallel: each rank's slice of the vocabulary, concatenated.
       const out = new Float32Array(T * vocab);
       let v0 = 0;

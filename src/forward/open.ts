@@ -11,6 +11,10 @@ import { join } from 'node:path';
 import { detectFormat, openCheckpoint } from '../checkpoints/registry.js';
 import { commonArgs, openMegatron } from '../megatron/checkpoint.js';
 import { readTextFile } from '../io/file.js';
+import type { CheckpointSource } from '../formats/types.js';
+import { fp8SchemeOf, withFp8Dequantized } from '../formats/fp8-block.js';
+import { withMxfp4Dequantized } from '../formats/mxfp4.js';
+import { packQuantizedSchemeOf, withInt4Dequantized } from '../formats/pack-quantized.js';
 import { badInput, unsupported } from '../util/errors.js';
 import type { ModelReader } from './decoder.js';
 import type { Routing } from './math.js';
@@ -73,6 +77,7 @@ export function hfConfigShape(cfg: HfConfig, file: string): MegatronShape {
   const mt = String(cfg.model_type);
   const experts = mt === 'mixtral' ? hfNum(cfg, 'num_local_experts', file) : mt === 'qwen3_moe' ? hfNum(cfg, cfg.num_experts === undefined ? 'num_local_experts' : 'num_experts', file) : 0;
   const dense = new Set(Array.isArray(cfg.mlp_only_layers) ? (cfg.mlp_only_layers as number[]) : []);
+  const step = mt === 'qwen3_moe' ? hfNum(cfg, 'decoder_sparse_step', file, 1) : 1;
   const rule: Routing['rule'] = mt === 'mixtral' || cfg.norm_topk_prob === true ? 'softmax-topk-renorm' : 'softmax-topk';
   return {
     dims: hfDims(cfg, file),
@@ -80,7 +85,7 @@ export function hfConfigShape(cfg: HfConfig, file: string): MegatronShape {
     qkvBias: mt === 'qwen2' || cfg.attention_bias === true,
     qkNorm: mt === 'qwen3' || mt === 'qwen3_moe',
     tied: cfg.tie_word_embeddings === true,
-    ...(experts > 0 ? { moe: { experts, routing: { topK: hfNum(cfg, 'num_experts_per_tok', file), rule }, isMoe: (i: number) => !dense.has(i) } } : {}),
+    ...(experts > 0 ? { moe: { experts, routing: { topK: hfNum(cfg, 'num_experts_per_tok', file), rule }, isMoe: (i: number) => !dense.has(i) && (i + 1) % step === 0 } } : {}),
     from: `${file} (no training args in the checkpoint)`,
   };
 }
@@ -119,16 +124,34 @@ export async function openForForward(path: string, opts: OpenForwardOptions): Pr
       throw e;
     }
   }
-  const src = await openCheckpoint(path);
+  let src = await openCheckpoint(path);
   try {
     const file = join(src.root, 'config.json');
     const cfg = await readConfig(file);
+    src = await dequantized(src, cfg, file);
     const store = new WeightStore(src, opts.blockBytes);
     return { model: hfReader(store, cfg, file), config: file, close: () => src.close() };
   } catch (e) {
     await src.close();
     throw e;
   }
+}
+
+/** Quantization methods whose weights are read as their references dequantise them. */
+const READ_QUANTIZED = ['fp8', 'compressed-tensors', 'mxfp4'];
+
+/**
+ * The source with its quantized weights read as bf16 the way the reference dequantises them (FP8
+ * with its block scales, compressed-tensors INT4, MXFP4: the format layer's views, the same the
+ * conversion reads through); any other quantization method is refused by name.
+ */
+async function dequantized(src: CheckpointSource, cfg: HfConfig, file: string): Promise<CheckpointSource> {
+  const q = cfg.quantization_config as Record<string, unknown> | undefined | null;
+  const method = q && typeof q === 'object' ? q.quant_method : undefined;
+  if (method !== undefined && !READ_QUANTIZED.includes(method as string)) {
+    throw unsupported(`${file}: quantization_config quant_method ${JSON.stringify(method)} has no reference forward (${READ_QUANTIZED.join(', ')} weights are read dequantised)`, file);
+  }
+  return withInt4Dequantized(withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(cfg, file)), packQuantizedSchemeOf(cfg, file));
 }
 
 async function exists(file: string): Promise<boolean> {

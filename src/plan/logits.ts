@@ -103,7 +103,8 @@ function defaultTokens(vocab: number, n: number): number[] {
 export async function verifyLogits(out: string, opts: LogitsOptions): Promise<LogitsReport> {
   const maxMemory = opts.maxMemory ?? 1 << 30;
   // Two read slots of one block each; each worker's kernel memory holds its share of a block.
-  const blockBytes = Math.max(1 << 16, Math.floor(maxMemory / 8));
+  // Capped at 512 MiB: a block must fit a worker's WebAssembly memory (4 GiB) with room to spare.
+  const blockBytes = Math.min(512 << 20, Math.max(1 << 16, Math.floor(maxMemory / 8)));
   const src = await openForForward(opts.against, { blockBytes, hfModel: opts.hfModel });
   let dst: OpenedModel | undefined;
   try {
@@ -115,6 +116,7 @@ export async function verifyLogits(out: string, opts: LogitsOptions): Promise<Lo
     let tok: TextTokenizer | undefined;
     let tokens: number[];
     if (opts.tokens && opts.prompt !== undefined) throw usage('give --tokens or --prompt, not both');
+    if (opts.tokens && opts.positions !== undefined) throw usage('--positions sets the length of the default tokens or caps a prompt; with --tokens, the list is the positions');
     if (opts.tokens) tokens = [...opts.tokens];
     else if (opts.prompt !== undefined || opts.generate) {
       tok = (await loadTokenizer(src.model.store.source.root)) ?? (await loadTokenizer(dst.model.store.source.root));

@@ -118,9 +118,9 @@ const LOGITS: Record<string, ParamSpec> = {
 };
 
 /** `r` with its logits comparison when `verify_logits` asks (never for a dry run or a part run). */
-async function logitsChecked(r: ConvertResult, src: string, p: StepParams): Promise<ConvertResult> {
+async function logitsChecked(r: ConvertResult, src: string, p: StepParams, hfModel?: string): Promise<ConvertResult> {
   if (!p.verify_logits || r.outcome === 'dry-run' || r.outcome === 'part-written') return r;
-  return { ...r, logits: await verifyLogits(r.plan.target.path, { against: src, positions: p.verify_positions as number, maxMemory: p.max_memory as number }) };
+  return { ...r, logits: await verifyLogits(r.plan.target.path, { against: src, positions: p.verify_positions as number, maxMemory: p.max_memory as number, hfModel }) };
 }
 
 /** The hub keys every converting step takes. */
@@ -221,7 +221,7 @@ const megatronToHf: Step = {
       onProgress: ctx.onProgress,
     });
     const run = String(p.megatron_path);
-    if (p.iterations === null) return pushed(await logitsChecked(await one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false), run, p), p, ctx);
+    if (p.iterations === null) return pushed(await logitsChecked(await one(run, (p.hf_path as string | null) ?? join(defaultOutputBase(ctx.env), `${outputStem(run)}-hf`), false), run, p, ref), p, ctx);
     if (p.verify_logits) throw usage('verify_logits checks one conversion; with iterations=, run verify --logits on the outputs you care about');
     // Many saves of one run, one output each (hf_path/<iter_*>, or <base>/<run>-<iter_*>-hf): a
     // finished output of the same conversion is kept (verified, not redone), a partial one resumed.

@@ -29,7 +29,8 @@ function instance(): MatmulExports {
   return kernel;
 }
 
-const align = (n: number) => (n + 15) & ~15;
+/** Rounds up to 16 bytes (arithmetic, not bitwise: offsets may pass 2^31). */
+const align = (n: number) => Math.ceil(n / 16) * 16;
 
 /**
  * out[t * outStride + outCol + n] = Σ_k x[t, k] · w[n, k]; `w` holds N rows of K elements of
@@ -47,7 +48,8 @@ export function matmulWasm(x: Float32Array, T: number, K: number, w: Uint8Array,
   const wOff = align(xOff + T * K * 4);
   const oOff = align(wOff + raw.byteLength);
   const sOff = align(oOff + T * N * 4);
-  const need = sOff + 4 * K * 4;
+  const need = sOff + (4 * K + 4) * 4;
+  if (need > 4 * 2 ** 30 - 65536) throw new RangeError(`matmul block of ${need} bytes exceeds WebAssembly's 4 GiB memory (internal: blocks are capped below that)`);
   const have = k.memory.buffer.byteLength;
   if (need > have) k.memory.grow(Math.ceil((need - have) / 65536));
   const mem = k.memory.buffer;

@@ -277,3 +277,29 @@ test('legacy rank files are read rank by rank: megatron-core\'s own TP 2 × PP 2
     assert.match(r.report!.output.describe, /legacy rank files, tp 2/);
   }
 });
+
+test('an FP8 block-scaled HF source is read with its scales (as the conversion dequantises it): its Megatron conversion passes; other quantization methods are refused by name', async () => {
+  const fp8 = join(tmp, 'llama-fp8');
+  const q = JSON.parse(await runOracle('logits_oracle.py', ['fp8', await model('llama'), fp8])) as { quantized: number };
+  assert.ok(q.quantized > 0);
+  const meg = join(tmp, 'llama-fp8.megatron');
+  await convertHfToMegatron(fp8, meg, { dtype: 'F32' });
+  const r = await verify(meg, fp8);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.equal(r.report!.comparison.maxAbs, 0, 'the dequantised values, widened exactly, on both sides');
+  const gptq = join(tmp, 'llama-gptq');
+  await cp(await model('llama'), gptq, { recursive: true });
+  const cfg = JSON.parse(await readFile(join(gptq, 'config.json'), 'utf8')) as Record<string, unknown>;
+  await writeFile(join(gptq, 'config.json'), JSON.stringify({ ...cfg, quantization_config: { quant_method: 'gptq', bits: 4 } }));
+  const g = await verify(gptq, await model('llama'));
+  assert.equal(g.code, 1);
+  assert.match(g.stderr, /quant_method "gptq" has no reference forward/);
+});
+
+test('legacy rank files of a tied model at PP > 1 need the last stage\'s output_layer, as megatron-core keeps one', async () => {
+  const run = join(tmp, 'mc-legacy-tied');
+  await runOracle('megatron_oracle.py', ['save_legacy', run, 'llama', '--tp', '2', '--pp', '2', '--tied'], { timeoutMs: 240_000 });
+  const ref = JSON.parse(await runOracle('logits_oracle.py', ['saved_logits', join(run, 'logits.pt'), '0'])) as number[][];
+  const d = maxDiff(ref, await ours(run, [1, 5, 9, 13, 2, 96, 40, 7]));
+  assert.ok(d <= 1e-5, `max |Δ| ${d} against megatron-core's tied legacy model`);
+});

@@ -18,6 +18,11 @@
         rotary       q and k rows of every head in interleaved (Meta) order instead of rotate-half
       The DCP files are rewritten with torch.distributed.checkpoint; common.pt, metadata.json and
       the tracker are copied.
+  fp8 <hf_dir> <out_hf_dir>
+      the model with its linear weights block-quantized to FP8 as DeepSeek-V3's hub stores them
+      (Megatron-Bridge's quantizer as deepseek_oracle.py copies it, 128x128 blocks,
+      `weight_scale_inv`; every q/k/v/o and MLP projection) and the config's
+      `quantization_config` saying so
   leak <hf_dir> <run_dir> <out_hf_dir>
       the HF export of <run_dir> with the vocab-padding off-by-one: lm_head = output_layer rows
       1 … V (so the last real row is a Megatron padding row and every other row is shifted)
@@ -154,6 +159,33 @@ def leak(hf_dir, run, out):
     return {"ok": True, "rows": V}
 
 
+def fp8(hf_dir, out):
+    import re
+    from safetensors.torch import load_file, save_file
+    sys.path.insert(0, os.path.dirname(__file__))
+    from deepseek_oracle import quantize_fp8_2d_blocks
+    linear = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+    sd, res, n = load_file(os.path.join(hf_dir, "model.safetensors")), {}, 0
+    for k, v in sd.items():
+        if linear.search(k):
+            res[k], res[k + "_scale_inv"] = quantize_fp8_2d_blocks(v)
+            n += 1
+        else:
+            res[k] = v
+    os.makedirs(out, exist_ok=True)
+    save_file(res, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    r = {"ok": True, "quantized": n}
+    for f in os.listdir(hf_dir):
+        if f.endswith(".json"):
+            shutil.copy(os.path.join(hf_dir, f), os.path.join(out, f))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return r
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -166,6 +198,8 @@ if __name__ == "__main__":
         a = sys.argv[2:]
         hf = a[a.index("--hf") + 1] if "--hf" in a else None
         print(json.dumps(break_run(a[0], a[1], a[2], hf)))
+    elif cmd == "fp8":
+        print(json.dumps(fp8(sys.argv[2], sys.argv[3])))
     elif cmd == "leak":
         print(json.dumps(leak(sys.argv[2], sys.argv[3], sys.argv[4])))
     else:

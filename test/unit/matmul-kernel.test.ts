@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { matmulRowsJs } from '../../src/tensor/matmul.js';
 import { matmulWasm } from '../../src/tensor/matmul-kernel.js';
-import { matmulRows } from '../../src/tensor/matmul-pool.js';
+import { matmulRows, sharedF32 } from '../../src/tensor/matmul-pool.js';
 import { castBytes } from '../../src/tensor/cast.js';
 import { workerTuning } from '../../src/tensor/pool.js';
 import type { DType } from '../../src/tensor/dtype.js';
@@ -46,18 +46,27 @@ test('matmulWasm equals the JS statement (relative 1e-5) for F32, BF16, F16 and 
   );
 });
 
-test('the pool path gives the same bits as the inline kernel', async () => {
+test('the pool path (shared operands, 2 worker shares of 150 rows: 2 tail rows each) gives the same bits as the inline kernel, and so does any split into blocks', async () => {
   const [T, K, N] = [8, 1024, 300];
   const x = rand(T * K, 3);
   const { raw } = rowsIn(rand(N * K, 4), 'BF16');
   const inline = new Float32Array(T * N);
   matmulWasm(x, T, K, raw, 'BF16', N, inline, N, 0);
+  // Split at an odd row: each part ends in rows outside a group of four.
+  const split = new Float32Array(T * N);
+  matmulWasm(x, T, K, raw.subarray(0, 2 * 7 * K), 'BF16', 7, split, N, 0);
+  matmulWasm(x, T, K, raw.subarray(2 * 7 * K), 'BF16', N - 7, split, N, 7);
+  assert.deepEqual(split, inline);
   const saved = workerTuning.castThreads;
   workerTuning.castThreads = 2;
   try {
-    const pooled = new Float32Array(T * N);
-    await matmulRows(x, T, K, raw, 'BF16', N, pooled, N, 0);
-    assert.deepEqual(pooled, inline);
+    const xs = sharedF32(T * K);
+    xs.set(x);
+    const ws = new Uint8Array(new SharedArrayBuffer(raw.byteLength));
+    ws.set(raw);
+    const pooled = sharedF32(T * N);
+    await matmulRows(xs, T, K, ws, 'BF16', N, pooled, N, 0);
+    assert.deepEqual(Float32Array.from(pooled), inline);
   } finally {
     workerTuning.castThreads = saved;
   }
