@@ -303,3 +303,13 @@ test('legacy rank files of a tied model at PP > 1 need the last stage\'s output_
   const d = maxDiff(ref, await ours(run, [1, 5, 9, 13, 2, 96, 40, 7]));
   assert.ok(d <= 1e-5, `max |Δ| ${d} against megatron-core's tied legacy model`);
 });
+
+test('Megatron-FSDP fsdp_dtensor outputs (per-layer keys) pass', async () => {
+  const hf = await model('qwen3');
+  const out = join(tmp, 'qwen3.fsdp');
+  await convertHfToMegatron(hf, out, { dtype: 'F32', ckptFormat: 'fsdp_dtensor' });
+  const r = await verify(out, hf);
+  assert.equal(r.code, 0, r.stdout + r.stderr);
+  assert.match(r.report!.output.describe, /fsdp_dtensor/);
+  assert.equal(r.report!.comparison.maxAbs, 0);
+});
