@@ -11,6 +11,7 @@
  */
 import { addBias, addInto, applyRope, attention, invFreq, rmsNorm, route, swiglu, type RopeSpec, type Routing } from './math.js';
 import { linear } from './linear.js';
+import { badInput } from '../util/errors.js';
 import type { WeightRef, WeightStore } from './weights.js';
 
 export interface DecoderDims {
@@ -83,6 +84,40 @@ export interface ModelReader {
   readonly finalNorm: WeightRef;
   /** Logits [T, vocab] of the final hidden states. */
   head(x: Float32Array, T: number, vocab: number): Promise<Float32Array>;
+}
+
+/**
+ * The embedding rows of `tokens` from a vocabulary-parallel embedding: `slices[r]` holds rows
+ * r · rows … (r + 1) · rows - 1 (megatron-core's VocabParallelEmbedding, NxD's ParallelEmbedding).
+ */
+export async function vocabParallelEmbed(store: WeightStore, slices: readonly WeightRef[], tokens: readonly number[], hidden: number): Promise<Float32Array> {
+  const rows = store.shape(slices[0]!)[0]!;
+  const out = new Float32Array(tokens.length * hidden);
+  for (let t = 0; t < tokens.length; t++) {
+    const id = tokens[t]!;
+    const slice = slices[Math.floor(id / rows)];
+    if (!slice) throw badInput(`token id ${id} is outside the ${rows * slices.length} rows of ${slices[0]!.name}'s slices`, store.source.path, slices[0]!.name);
+    out.set(await store.gather(slice, [id % rows]), t * hidden);
+  }
+  return out;
+}
+
+/**
+ * Logits [T, vocab] of a column-parallel output layer: each slice's rows in order, the first
+ * `vocab` of them (padding rows beyond it are not computed).
+ */
+export async function columnParallelHead(store: WeightStore, slices: readonly WeightRef[], x: Float32Array, T: number, vocab: number): Promise<Float32Array> {
+  const out = new Float32Array(T * vocab);
+  let v0 = 0;
+  for (const w of slices) {
+    if (v0 >= vocab) break;
+    const n = Math.min(store.shape(w)[0]!, vocab - v0);
+    const y = await linear(store, w, x, T, [0, n]);
+    for (let t = 0; t < T; t++) out.set(y.subarray(t * n, (t + 1) * n), t * vocab + v0);
+    v0 += n;
+  }
+  if (v0 < vocab) throw badInput(`${store.source.path}: the slices of ${slices[0]!.name} hold ${v0} of the ${vocab} vocabulary rows`, store.source.path, slices[0]!.name);
+  return out;
 }
 
 /** `embed` and `head` of a model whose embedding and output layer are whole matrices. */

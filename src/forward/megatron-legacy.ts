@@ -10,7 +10,7 @@
  * - `linear_fc1` holds the rank's [gate_r; up_r] (the swiglu halves are split per rank), the
  *   row-parallel `linear_fc2` a partial sum;
  * - `embedding.word_embeddings` is vocab-parallel (rank r: rows r · Vp/tp …), `output_layer`
- *   column-parallel over the padded vocabulary (or, tied, the last stage's embedding copy);
+ *   column-parallel over the padded vocabulary (or, tied on a single stage, the embedding);
  * - pipeline stage p numbers its layers from 0; its first global layer is p · num_layers / pp.
  *
  * The shape comes from the `args` every rank file carries. Expert-parallel (MoE) rank files,
@@ -26,7 +26,7 @@ import { MEGATRON_GLOBALS, resolveIteration } from '../megatron/run-dir.js';
 import { RankTensor } from '../nxd/shards.js';
 import { PyDict, TensorRef, type PyValue } from '../pickle/values.js';
 import { badInput, unsupported } from '../util/errors.js';
-import { project, type AttentionShard, type ModelReader, type SwigluReader } from './decoder.js';
+import { columnParallelHead, project, vocabParallelEmbed, type AttentionShard, type ModelReader, type SwigluReader } from './decoder.js';
 import { linear } from './linear.js';
 import { argsShape, splitQueryGroups, type MegatronShape } from './megatron-gpt.js';
 import { ref, WeightStore, type WeightRef } from './weights.js';
@@ -145,21 +145,13 @@ function legacyGpt(store: WeightStore, s: MegatronShape, tp: number, pp: number,
     };
   };
   const emb = 'embedding.word_embeddings.weight';
-  // Untied, or tied with the last stage's own copy (pp > 1): output_layer; tied on one stage: the embedding.
+  // No output_layer on the last stage: the model is tied (and, on one stage, computes with its embedding).
   const tied = !has(0, last, 'output_layer.weight');
   return {
     describe: `GPTModel (megatron-core legacy rank files, tp ${tp} × pp ${pp})`,
     dims: s.dims,
     store,
-    async embed(tokens) {
-      const rows = store.shape(need(0, 0, emb))[0]!;
-      const out = new Float32Array(tokens.length * H);
-      for (let p = 0; p < tokens.length; p++) {
-        const id = tokens[p]!;
-        out.set(await store.gather(need(Math.floor(id / rows), 0, emb), [id % rows]), p * H);
-      }
-      return out;
-    },
+    embed: (tokens) => vocabParallelEmbed(store, ranks.map((t) => need(t, 0, emb)), tokens, H),
     layers: s.layers,
     attention: (i) => ({
       norm: either(i, 'self_attention.linear_qkv.layer_norm_weight', 'input_layernorm.weight'),
@@ -168,21 +160,9 @@ function legacyGpt(store: WeightStore, s: MegatronShape, tp: number, pp: number,
     }),
     mlp: (i) => ({ kind: 'dense', norm: either(i, 'mlp.linear_fc1.layer_norm_weight', 'pre_mlp_layernorm.weight'), shards: ranks.map((t) => mlpShard(i, t)) }),
     finalNorm: need(0, last, 'decoder.final_layernorm.weight'),
-    async head(x, T, vocab) {
-      // Column-parallel over the padded vocabulary; the real rows are the first `vocab`.
-      const out = new Float32Array(T * vocab);
-      let v0 = 0;
-      for (const t of ranks) {
-        if (v0 >= vocab) break;
-        // A tied model on one stage computes with its embedding; on several, megatron-core gives the
-        // last stage its own output_layer (gpt_model.py: skip_weight_param_allocation only on the first).
-        const w = tied ? need(t, last, pp > 1 ? 'output_layer.weight' : emb) : need(t, last, 'output_layer.weight');
-        const n = Math.min(store.shape(w)[0]!, vocab - v0);
-        const y = await linear(store, w, x, T, [0, n]);
-        for (let p = 0; p < T; p++) out.set(y.subarray(p * n, (p + 1) * n), p * vocab + v0);
-        v0 += n;
-      }
-      return out;
-    },
+    // Column-parallel over the padded vocabulary; the real rows are the first `vocab`. A tied model
+    // on one stage computes with its embedding; on several, megatron-core gives the last stage its
+    // own output_layer (gpt_model.py: skip_weight_param_allocation only on the first).
+    head: (x, T, vocab) => columnParallelHead(store, ranks.map((t) => need(t, last, tied && pp === 1 ? emb : 'output_layer.weight')), x, T, vocab),
   };
 }

@@ -21,7 +21,7 @@
 import { badInput, unsupported } from '../util/errors.js';
 import type { SourceTensor } from '../lazy/types.js';
 import type { NxdShards } from '../nxd/shards.js';
-import { project, type AttentionShard, type ModelReader, type SwigluReader } from './decoder.js';
+import { columnParallelHead, project, vocabParallelEmbed, type AttentionShard, type ModelReader, type SwigluReader } from './decoder.js';
 import { hfDims, hfNum, type HfConfig } from './hf-config.js';
 import { linear } from './linear.js';
 import { ref, WeightStore, type WeightRef } from './weights.js';
@@ -116,17 +116,9 @@ export function nxdLlama(store: WeightStore, tp: number, cfg: HfConfig, file: st
     dims,
     store,
     async embed(tokens) {
-      const H = dims.hidden;
-      if (vocabSplit) {
-        // Vocabulary rows split over the ranks.
-        const out = new Float32Array(tokens.length * H);
-        for (let t = 0; t < tokens.length; t++) {
-          const id = tokens[t]!;
-          out.set(await store.gather(ref(at(Math.floor(id / er), embedName)), [id % er]), t * H);
-        }
-        return out;
-      }
+      if (vocabSplit) return vocabParallelEmbed(store, ranks.map((r) => ref(at(r, embedName))), tokens, dims.hidden);
       // Hidden columns split over the ranks (shard_across_embedding).
+      const H = dims.hidden;
       const parts = await Promise.all(ranks.map((r) => store.gather(ref(at(r, embedName)), tokens)));
       const out = new Float32Array(tokens.length * H);
       for (let t = 0; t < tokens.length; t++) parts.forEach((p, r) => out.set(p.subarray(t * ec, (t + 1) * ec), t * H + r * ec));
@@ -140,20 +132,7 @@ export function nxdLlama(store: WeightStore, tp: number, cfg: HfConfig, file: st
     }),
     mlp: (i) => ({ kind: 'dense', norm: need(0, `model.layers.${i}.post_attention_layernorm.weight`), shards: ranks.map((r) => mlpShard(i, r)) }),
     finalNorm: need(0, 'model.norm.weight'),
-    async head(x, T, vocab) {
-      // Column-parallel: each rank's slice of the vocabulary, concatenated.
-      const out = new Float32Array(T * vocab);
-      let v0 = 0;
-      for (const r of ranks) {
-        const w = need(r, 'lm_head.weight');
-        const n = Math.min(rows(w), vocab - v0);
-        if (n <= 0) break;
-        const y = await linear(store, w, x, T, [0, n]);
-        for (let t = 0; t < T; t++) out.set(y.subarray(t * n, (t + 1) * n), t * vocab + v0);
-        v0 += n;
-      }
-      if (v0 < vocab) throw badInput(`${path}: lm_head's slices hold ${v0} of the ${vocab} vocabulary rows`, path, 'lm_head.weight');
-      return out;
-    },
+    // Column-parallel: each rank's slice of the vocabulary, concatenated.
+    head: (x, T, vocab) => columnParallelHead(store, ranks.map((r) => need(r, 'lm_head.weight')), x, T, vocab),
   };
 }

@@ -6,10 +6,10 @@
  * named by `--hf-model`). Formats and architectures without a reference forward are refused by
  * name.
  */
-import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { detectFormat, openCheckpoint } from '../checkpoints/registry.js';
 import { commonArgs, openMegatron } from '../megatron/checkpoint.js';
+import { isFile } from '../megatron/run-dir.js';
 import { readTextFile } from '../io/file.js';
 import type { CheckpointSource } from '../formats/types.js';
 import { fp8SchemeOf, withFp8Dequantized } from '../formats/fp8-block.js';
@@ -93,7 +93,7 @@ export function hfConfigShape(cfg: HfConfig, file: string): MegatronShape {
 export async function openForForward(path: string, opts: OpenForwardOptions): Promise<OpenedModel> {
   if (await isNxdPath(path)) {
     const file = join(opts.hfModel ?? path, 'config.json');
-    if (!(await exists(file))) throw badInput(`${path}: NxD shards carry no model config; name the model's HF directory with --hf-model`, path);
+    if (!(await isFile(file))) throw badInput(`${path}: NxD shards carry no model config; name the model's HF directory with --hf-model`, path);
     const cfg = await readConfig(file);
     const shards = await openNxdShards(path);
     try {
@@ -114,7 +114,7 @@ export async function openForForward(path: string, opts: OpenForwardOptions): Pr
       else {
         const dir = opts.hfModel ?? join(m.resolved.iterDir, 'hf');
         const file = join(dir, 'config.json');
-        if (!opts.hfModel && !(await exists(file))) throw badInput(`${path}: no training args in common.pt and no hf/config.json; name the model's HF directory with --hf-model`, path);
+        if (!opts.hfModel && !(await isFile(file))) throw badInput(`${path}: no training args in common.pt and no hf/config.json; name the model's HF directory with --hf-model`, path);
         shape = hfConfigShape(await readConfig(file), file);
       }
       const store = new WeightStore(m.source, opts.blockBytes);
@@ -154,6 +154,3 @@ async function dequantized(src: CheckpointSource, cfg: HfConfig, file: string): 
   return withInt4Dequantized(withFp8Dequantized(withMxfp4Dequantized(src), fp8SchemeOf(cfg, file)), packQuantizedSchemeOf(cfg, file));
 }
 
-async function exists(file: string): Promise<boolean> {
-  return stat(file).then((s) => s.isFile(), () => false);
-}

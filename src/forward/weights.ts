@@ -10,7 +10,7 @@
  * axis), the leading indices that select one matrix or vector of the stack.
  */
 import { castBytes } from '../tensor/cast.js';
-import { byteLength, type DType } from '../tensor/dtype.js';
+import { byteLength, numelOf, type DType } from '../tensor/dtype.js';
 import { badInput, unsupported } from '../util/errors.js';
 import type { SourceTensor } from '../lazy/types.js';
 
@@ -86,8 +86,7 @@ export class WeightStore {
     const rest = inner.slice(1);
     const start = [...r.lead, r0, ...rest.map(() => 0)];
     const size = [...r.lead.map(() => 1), n, ...rest];
-    const numel = size.reduce((a, b) => a * b, 1);
-    const len = byteLength(t.dtype, numel);
+    const len = byteLength(t.dtype, numelOf(size));
     let raw: Uint8Array;
     if (slot === undefined) raw = new Uint8Array(len);
     else {
